@@ -1,0 +1,457 @@
+//! The isolation launcher: the only module of the workspace that spawns
+//! processes. It starts one interpreter per sandbox under gVisor (`runsc run`
+//! on a generated OCI bundle), bubblewrap, or nothing (development only), and
+//! hands back its stdio pipes.
+#![allow(clippy::disallowed_methods)]
+
+mod bwrap;
+mod cgroup;
+pub mod flags;
+mod gvisor;
+mod rootfs;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::agent::{EffectiveLimits, Runtime};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+
+pub use cgroup::CgroupParent;
+pub use rootfs::SandboxRoot;
+
+/// How sessions are isolated (`SESSION_ISOLATION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IsolationKind {
+    /// gVisor: `runsc run` with the ptrace platform, one sandbox per session.
+    Gvisor,
+    /// bubblewrap namespaces: the fallback when runsc is absent.
+    Bwrap,
+    /// No isolation at all: development only, refused when ENV=production.
+    None,
+}
+
+impl IsolationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationKind::Gvisor => "gvisor",
+            IsolationKind::Bwrap => "bwrap",
+            IsolationKind::None => "none",
+        }
+    }
+}
+
+/// The uid and gid every sandboxed interpreter runs as.
+pub const SANDBOX_UID: u32 = 65534;
+
+/// Where the workspace appears inside the sandbox.
+pub const SANDBOX_WORKSPACE: &str = "/workspace";
+
+/// What the launcher needs to know about the host.
+#[derive(Debug, Clone)]
+pub struct LauncherConfig {
+    pub kind: IsolationKind,
+    /// Directory for bundles, the runsc state root and the sandbox root skeleton.
+    pub state_dir: PathBuf,
+    pub runsc_path: PathBuf,
+    pub runsc_platform: String,
+    /// Extra runsc global flags (each checked against the deny list).
+    pub runsc_extra_flags: Vec<String>,
+    pub bwrap_path: PathBuf,
+    pub python_path: PathBuf,
+    pub node_path: PathBuf,
+    pub bash_path: PathBuf,
+}
+
+/// Everything about one sandbox to start.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Unique among live sandboxes; becomes a container id and cgroup name.
+    pub sandbox_id: String,
+    pub runtime: Runtime,
+    /// The host directory mounted read-write at [`SANDBOX_WORKSPACE`].
+    pub workspace: PathBuf,
+    pub limits: EffectiveLimits,
+}
+
+/// Why a sandbox could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{0}")]
+    Config(String),
+    #[error("could not start {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not prepare the sandbox: {0}")]
+    Prepare(String),
+}
+
+/// Starts sandboxes. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    inner: Arc<LauncherInner>,
+}
+
+#[derive(Debug)]
+struct LauncherInner {
+    config: LauncherConfig,
+    root: SandboxRoot,
+    cgroups: CgroupParent,
+    runsc_root: PathBuf,
+    bundles: PathBuf,
+}
+
+impl Launcher {
+    /// Checks the host (binaries, flags), builds the sandbox root skeleton and
+    /// reaps sandboxes a previous agent left behind.
+    pub async fn new(config: LauncherConfig) -> Result<Self, LaunchError> {
+        for flag in &config.runsc_extra_flags {
+            flags::check_runsc_flag(flag).map_err(|e| LaunchError::Config(e.to_string()))?;
+        }
+        let required: Vec<(&str, &Path)> = match config.kind {
+            IsolationKind::Gvisor => vec![("runsc", config.runsc_path.as_path())],
+            IsolationKind::Bwrap => vec![("bwrap", config.bwrap_path.as_path())],
+            IsolationKind::None => vec![],
+        };
+        for (name, path) in required {
+            if resolve_binary(path).is_none() {
+                return Err(LaunchError::Config(format!(
+                    "{name} not found at {} (SESSION_ISOLATION={}): install it with `make deps` \
+                     (apt-get install -y {}) or choose another isolation",
+                    path.display(),
+                    config.kind.as_str(),
+                    if name == "runsc" { "runsc" } else { "bubblewrap" },
+                )));
+            }
+        }
+        let state = &config.state_dir;
+        let runsc_root = state.join("runsc");
+        let bundles = state.join("bundles");
+        for dir in [state.as_path(), &runsc_root, &bundles] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| LaunchError::Prepare(format!("{}: {e}", dir.display())))?;
+        }
+        let root = SandboxRoot::prepare(&state.join("root"))
+            .map_err(|e| LaunchError::Prepare(format!("sandbox root: {e}")))?;
+        let cgroups = CgroupParent::discover("session-agent");
+        let launcher = Launcher { inner: Arc::new(LauncherInner { config, root, cgroups, runsc_root, bundles }) };
+        launcher.reap_leftovers().await;
+        Ok(launcher)
+    }
+
+    pub fn kind(&self) -> IsolationKind {
+        self.inner.config.kind
+    }
+
+    /// The interpreter command line of a runtime (driver passed inline).
+    fn argv(&self, runtime: Runtime, limits: &EffectiveLimits) -> Vec<String> {
+        let c = &self.inner.config;
+        match runtime {
+            Runtime::Python => vec![
+                c.python_path.display().to_string(),
+                "-E".into(),
+                "-s".into(),
+                "-c".into(),
+                crate::kernels::PYTHON_DRIVER.into(),
+            ],
+            Runtime::Node => vec![
+                c.node_path.display().to_string(),
+                // Leave room for the runtime's own memory outside the V8 heap.
+                format!("--max-old-space-size={}", (limits.memory_mb * 3 / 4).max(16)),
+                "-e".into(),
+                crate::kernels::NODE_DRIVER.into(),
+            ],
+            Runtime::Bash => vec![
+                c.bash_path.display().to_string(),
+                "--norc".into(),
+                "--noprofile".into(),
+                "-c".into(),
+                crate::kernels::BASH_DRIVER.into(),
+            ],
+        }
+    }
+
+    /// The environment of a fresh interpreter: nothing from the agent's own.
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("HOME".into(), SANDBOX_WORKSPACE.into()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("PYTHONIOENCODING".into(), "utf-8".into()),
+        ]
+    }
+
+    /// Starts a sandbox running the runtime's kernel driver.
+    pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, LaunchError> {
+        let argv = self.argv(spec.runtime, &spec.limits);
+        let env = self.env();
+        let inner = &self.inner;
+        let (mut cmd, cleanup) = match inner.config.kind {
+            IsolationKind::Gvisor => {
+                let cgroups_path = inner.cgroups.child_path(&spec.sandbox_id);
+                let bundle = gvisor::write_bundle(
+                    &inner.bundles,
+                    &inner.root,
+                    spec,
+                    &argv,
+                    &env,
+                    &cgroups_path,
+                )?;
+                let mut cmd = Command::new(&inner.config.runsc_path);
+                cmd.args(self.runsc_global_flags()?)
+                    .arg("run")
+                    .arg("--bundle")
+                    .arg(&bundle)
+                    .arg(&spec.sandbox_id);
+                (cmd, Cleanup::Bundle(bundle))
+            }
+            IsolationKind::Bwrap => {
+                let cgroup = inner.cgroups.create(&spec.sandbox_id, &spec.limits);
+                let cmd = bwrap::command(&inner.config.bwrap_path, &inner.root, spec, &argv, &env);
+                (cmd, Cleanup::Cgroup(cgroup))
+            }
+            IsolationKind::None => {
+                let cgroup = inner.cgroups.create(&spec.sandbox_id, &spec.limits);
+                let mut cmd = bwrap::prlimit_wrapper(&spec.limits, spec.runtime);
+                cmd.arg("--").args(&argv);
+                cmd.env_clear().envs(env).current_dir(&spec.workspace);
+                (cmd, Cleanup::Cgroup(cgroup))
+            }
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            what: format!("{} sandbox", inner.config.kind.as_str()),
+            source,
+        })?;
+        if let (Cleanup::Cgroup(Some(cg)), Some(pid)) = (&cleanup, child.id()) {
+            cg.add_process(pid);
+        }
+        let stdio = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+            (Some(i), Some(o), Some(e)) => Stdio3 { stdin: i, stdout: o, stderr: e },
+            _ => return Err(LaunchError::Prepare("sandbox stdio pipes missing".into())),
+        };
+        Ok(Sandbox {
+            id: spec.sandbox_id.clone(),
+            launcher: self.clone(),
+            child,
+            stdio: Some(stdio),
+            cleanup,
+        })
+    }
+
+    fn runsc_global_flags(&self) -> Result<Vec<String>, LaunchError> {
+        let c = &self.inner.config;
+        let mut flags = vec![
+            format!("--root={}", self.inner.runsc_root.display()),
+            format!("--platform={}", c.runsc_platform),
+            "--network=none".to_owned(),
+        ];
+        flags.extend(c.runsc_extra_flags.iter().cloned());
+        for f in &flags {
+            flags::check_runsc_flag(f).map_err(|e| LaunchError::Config(e.to_string()))?;
+        }
+        Ok(flags)
+    }
+
+    async fn runsc(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        let root = format!("--root={}", self.inner.runsc_root.display());
+        let fut = Command::new(&self.inner.config.runsc_path)
+            .arg(root)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(20), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "runsc timed out")),
+        }
+    }
+
+    /// Destroys every gVisor container in the agent's runsc root: the ones a
+    /// previous agent left behind when it was killed.
+    async fn reap_leftovers(&self) {
+        if self.inner.config.kind != IsolationKind::Gvisor {
+            return;
+        }
+        let Ok(out) = self.runsc(&["list", "-quiet"]).await else { return };
+        for id in String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()) {
+            tracing::warn!(sandbox = id, "destroying a sandbox left by a previous agent");
+            let _ = self.runsc(&["delete", "-force", id]).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.inner.bundles);
+        let _ = std::fs::create_dir_all(&self.inner.bundles);
+    }
+
+    /// Removes the agent's cgroup parent (called once at shutdown).
+    pub fn cleanup_host_state(&self) {
+        self.inner.cgroups.remove_parent();
+    }
+}
+
+enum Cleanup {
+    Bundle(PathBuf),
+    Cgroup(Option<cgroup::Cgroup>),
+}
+
+struct Stdio3 {
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    stderr: ChildStderr,
+}
+
+/// How a sandbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code of the launcher process (128+signal when killed by one).
+    pub code: Option<i32>,
+}
+
+impl ExitInfo {
+    /// A SIGKILL nobody in the agent sent: the memory limit's OOM kill.
+    pub fn killed_by_sigkill(&self) -> bool {
+        self.code == Some(137)
+    }
+}
+
+/// A running sandbox. Dropping it kills the launcher process; call
+/// [`Sandbox::destroy`] for an orderly teardown.
+pub struct Sandbox {
+    pub id: String,
+    launcher: Launcher,
+    child: Child,
+    stdio: Option<Stdio3>,
+    cleanup: Cleanup,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Takes the interpreter's stdin, stdout and stderr (once).
+    pub fn take_stdio(&mut self) -> Option<(ChildStdin, ChildStdout, ChildStderr)> {
+        self.stdio.take().map(|s| (s.stdin, s.stdout, s.stderr))
+    }
+
+    /// Sends SIGINT to every process of the sandbox (Ctrl-C semantics).
+    pub async fn interrupt(&self) {
+        match self.launcher.kind() {
+            IsolationKind::Gvisor => {
+                if let Err(e) = self.launcher.runsc(&["kill", "-all", &self.id, "INT"]).await {
+                    tracing::warn!(sandbox = %self.id, error = %e, "runsc kill INT failed");
+                }
+            }
+            IsolationKind::Bwrap | IsolationKind::None => {
+                if let Some(pid) = self.child.id() {
+                    signal_tree(pid, rustix::process::Signal::INT, self.launcher.kind() == IsolationKind::Bwrap);
+                }
+            }
+        }
+    }
+
+    /// Non-blocking check whether the sandbox has exited.
+    pub fn try_exit(&mut self) -> Option<ExitInfo> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(exit_info(status)),
+            _ => None,
+        }
+    }
+
+    /// Waits up to `limit` for the sandbox to exit on its own.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitInfo> {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) => Some(exit_info(status)),
+            _ => None,
+        }
+    }
+
+    /// Kills every process of the sandbox and removes its host state.
+    /// (`runsc kill KILL` and waiting for `runsc run` to exit takes ~1.5 s;
+    /// `runsc delete --force` after a SIGINT was seen to stall 5 s, so it is
+    /// only the fallback.)
+    pub async fn destroy(mut self) {
+        drop(self.stdio.take());
+        if self.try_exit().is_none() {
+            match self.launcher.kind() {
+                IsolationKind::Gvisor => {
+                    if let Err(e) = self.launcher.runsc(&["kill", &self.id, "KILL"]).await {
+                        tracing::warn!(sandbox = %self.id, error = %e, "runsc kill failed");
+                    }
+                }
+                IsolationKind::Bwrap | IsolationKind::None => {
+                    if let Some(pid) = self.child.id() {
+                        signal_tree(pid, rustix::process::Signal::KILL, false);
+                    }
+                }
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            tracing::warn!(sandbox = %self.id, "sandbox did not exit after SIGKILL; forcing its deletion");
+            if self.launcher.kind() == IsolationKind::Gvisor {
+                let _ = self.launcher.runsc(&["delete", "-force", &self.id]).await;
+            }
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+        match &self.cleanup {
+            Cleanup::Bundle(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::Cgroup(Some(cg)) => cg.remove(),
+            Cleanup::Cgroup(None) => {}
+        }
+    }
+}
+
+fn exit_info(status: std::process::ExitStatus) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    ExitInfo { code: status.code().or_else(|| status.signal().map(|s| 128 + s)) }
+}
+
+/// Signals `pid` and all its descendants (optionally sparing the bwrap
+/// supervisor processes, which would tear the sandbox down on SIGINT).
+fn signal_tree(pid: u32, signal: rustix::process::Signal, spare_bwrap: bool) {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() && pids.len() < 4096 {
+        let p = pids[i];
+        let path = format!("/proc/{p}/task/{p}/children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            pids.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
+        }
+        i += 1;
+    }
+    for p in pids {
+        if spare_bwrap && is_bwrap(p) {
+            continue;
+        }
+        let Ok(raw) = i32::try_from(p) else { continue };
+        if let Some(pid) = rustix::process::Pid::from_raw(raw) {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+}
+
+fn is_bwrap(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "bwrap")
+}
+
+/// Finds an executable: an absolute path as is, a bare name on PATH.
+pub fn resolve_binary(path: &Path) -> Option<PathBuf> {
+    if path.is_absolute() {
+        return path.is_file().then(|| path.to_path_buf());
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths).map(|d| d.join(path)).find(|p| p.is_file())
+}

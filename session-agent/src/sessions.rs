@@ -1,0 +1,663 @@
+//! Sessions: one sandboxed kernel and one workspace each, addressed by the
+//! session id and guarded by the session's token; ended by DELETE, TTL, idle
+//! timeout or agent shutdown, always destroying sandbox and workspace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use shared::ErrorCode;
+use shared::agent::{
+    CreateSessionRequest, EffectiveLimits, Limits, Runtime, SessionInfo, StepMode, StepRequest,
+    StepResult, StepStatus, validate_id,
+};
+use shared::server::ApiError;
+use subtle::ConstantTimeEq;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::isolation::{Launcher, SandboxSpec};
+use crate::kernels::{ExecRequest, Kernel, OutputEvent};
+use crate::pool::{WarmPool, WarmSandbox};
+use crate::workspace::Workspace;
+
+/// Minimum length of a session token (a 256-bit token is 43+ characters).
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Session policy: defaults, maximums and timeouts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub defaults: EffectiveLimits,
+    pub maximums: EffectiveLimits,
+    pub auth_bypass: bool,
+    pub max_sessions: usize,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub default_idle_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub interrupt_grace: Duration,
+    pub workspace_root: PathBuf,
+}
+
+impl Settings {
+    /// Applies defaults and refuses anything above a maximum, naming it.
+    pub fn resolve_limits(&self, req: Option<&Limits>) -> Result<EffectiveLimits, ApiError> {
+        let req = req.cloned().unwrap_or_default();
+        let d = &self.defaults;
+        let m = &self.maximums;
+        let pick = |name: &str, v: Option<u64>, default: u64, max: u64, min: u64| -> Result<u64, ApiError> {
+            let v = v.unwrap_or(default);
+            if v > max {
+                return Err(ApiError::new(ErrorCode::LimitExceeded, format!("limits.{name} = {v} is above the maximum of {max}")));
+            }
+            if v < min {
+                return Err(ApiError::new(ErrorCode::InvalidArgument, format!("limits.{name} = {v} is below the minimum of {min}")));
+            }
+            Ok(v)
+        };
+        Ok(EffectiveLimits {
+            memory_mb: pick("memoryMb", req.memory_mb, d.memory_mb, m.memory_mb, 64)?,
+            cpu_millicores: pick("cpuMillicores", req.cpu_millicores, d.cpu_millicores, m.cpu_millicores, 10)?,
+            max_processes: pick("maxProcesses", req.max_processes, d.max_processes, m.max_processes, 8)?,
+            disk_mb: pick("diskMb", req.disk_mb, d.disk_mb, m.disk_mb, 1)?,
+            timeout_ms: pick("timeoutMs", req.timeout_ms, d.timeout_ms, m.timeout_ms, 1)?,
+            max_output_bytes: pick("maxOutputBytes", req.max_output_bytes, d.max_output_bytes, m.max_output_bytes, 1)?,
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// SHA-256 of a token: compared in constant time, the token itself is not kept.
+#[derive(Clone)]
+struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    fn of(token: &str) -> Self {
+        TokenDigest(Sha256::digest(token.as_bytes()).into())
+    }
+
+    fn matches(&self, presented: Option<&str>) -> bool {
+        let Some(p) = presented else { return false };
+        bool::from(Self::of(p).0.ct_eq(&self.0))
+    }
+}
+
+/// One live session.
+pub struct Session {
+    pub id: String,
+    pub runtime: Runtime,
+    pub limits: EffectiveLimits,
+    token: Option<TokenDigest>,
+    env: BTreeMap<String, String>,
+    pub workspace: Workspace,
+    /// `None` once the interpreter died and could not be restarted.
+    kernel: Arc<AsyncMutex<Option<Kernel>>>,
+    /// Cancelled when the session ends; a running step stops.
+    ended: CancellationToken,
+    created_ms: u64,
+    expires_ms: u64,
+    idle_timeout_ms: u64,
+    last_used_ms: AtomicU64,
+    steps: AtomicU64,
+    restarts: AtomicU64,
+    warm: bool,
+    destroyed: AtomicBool,
+    isolation: &'static str,
+}
+
+impl Session {
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            session_id: self.id.clone(),
+            runtime: self.runtime,
+            isolation: self.isolation.to_owned(),
+            limits: self.limits,
+            created_at_ms: self.created_ms,
+            expires_at_ms: self.expires_ms,
+            last_used_at_ms: self.last_used_ms.load(Ordering::Relaxed),
+            warm: self.warm,
+            steps: self.steps.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn expired(&self, now: u64) -> Option<&'static str> {
+        if now >= self.expires_ms {
+            Some("ttl")
+        } else if now.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= self.idle_timeout_ms
+            && self.kernel.try_lock().is_ok()
+        {
+            Some("idle")
+        } else {
+            None
+        }
+    }
+}
+
+enum Slot {
+    Creating,
+    Ready(Arc<Session>),
+}
+
+/// All sessions of this agent.
+pub struct SessionManager {
+    settings: Settings,
+    launcher: Launcher,
+    pool: Arc<WarmPool>,
+    slots: Mutex<HashMap<String, Slot>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// A step holding its session's kernel.
+pub struct StepRun {
+    session: Arc<Session>,
+    kernel: OwnedMutexGuard<Option<Kernel>>,
+    req: StepRequest,
+}
+
+impl SessionManager {
+    pub fn new(settings: Settings, launcher: Launcher, pool: Arc<WarmPool>, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(SessionManager {
+            settings,
+            launcher,
+            pool,
+            slots: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn pool(&self) -> &Arc<WarmPool> {
+        &self.pool
+    }
+
+    pub fn launcher(&self) -> &Launcher {
+        &self.launcher
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Number of live sessions.
+    pub fn count(&self) -> usize {
+        self.slots().values().filter(|s| matches!(s, Slot::Ready(_))).count()
+    }
+
+    /// Starts a sandbox with `limits` and a fresh workspace (a cold start).
+    pub async fn start_cold(&self, runtime: Runtime, limits: EffectiveLimits) -> Result<WarmSandbox, String> {
+        let sandbox_id = format!("sa-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let workspace = Workspace::create(&self.settings.workspace_root, &sandbox_id, limits.disk_mb)
+            .map_err(|e| format!("workspace: {e}"))?;
+        let spec = SandboxSpec { sandbox_id, runtime, workspace: workspace.host_path.clone(), limits };
+        match Kernel::start(&self.launcher, &spec, self.settings.ready_timeout, self.settings.interrupt_grace).await {
+            Ok(kernel) => Ok(WarmSandbox { kernel, workspace }),
+            Err(e) => {
+                workspace.destroy();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// `POST /v1/sessions`.
+    pub async fn create(&self, req: CreateSessionRequest) -> Result<SessionInfo, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::new(ErrorCode::ShuttingDown, "the agent is shutting down"));
+        }
+        validate_id("sessionId", &req.session_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+        let runtime = Runtime::parse(&req.runtime).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnknownRuntime,
+                format!("unknown runtime {:?}; available: python, node, bash", req.runtime),
+            )
+        })?;
+        let token = match (&req.token, self.settings.auth_bypass) {
+            (Some(t), _) if t.len() < MIN_TOKEN_LEN => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("token must be at least {MIN_TOKEN_LEN} characters"),
+                ));
+            }
+            (Some(t), _) => Some(TokenDigest::of(t)),
+            (None, true) => None,
+            (None, false) => {
+                return Err(ApiError::new(ErrorCode::InvalidArgument, "token is required (auth is enforced)"));
+            }
+        };
+        let limits = self.settings.resolve_limits(req.limits.as_ref())?;
+        let env = req.env.clone().unwrap_or_default();
+        validate_env(&env)?;
+        let ttl = req.ttl_seconds.map(Duration::from_secs).unwrap_or(self.settings.default_ttl);
+        if ttl > self.settings.max_ttl || ttl.is_zero() {
+            return Err(ApiError::new(
+                ErrorCode::LimitExceeded,
+                format!("ttlSeconds must be between 1 and {}", self.settings.max_ttl.as_secs()),
+            ));
+        }
+        let idle = req.idle_timeout_seconds.map(Duration::from_secs).unwrap_or(self.settings.default_idle_timeout);
+        if idle.is_zero() {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "idleTimeoutSeconds must be at least 1"));
+        }
+
+        {
+            let mut slots = self.slots();
+            if slots.contains_key(&req.session_id) {
+                return Err(ApiError::new(ErrorCode::SessionExists, format!("session {} already exists", req.session_id)));
+            }
+            if slots.len() >= self.settings.max_sessions {
+                return Err(ApiError::new(
+                    ErrorCode::CapacityExhausted,
+                    format!("the agent holds its maximum of {} sessions", self.settings.max_sessions),
+                ));
+            }
+            slots.insert(req.session_id.clone(), Slot::Creating);
+        }
+        match self.provision(runtime, limits, &env).await {
+            Ok((warm, sandbox)) => {
+                let now = now_ms();
+                let session = Arc::new(Session {
+                    id: req.session_id.clone(),
+                    runtime,
+                    limits,
+                    token,
+                    env,
+                    workspace: sandbox.workspace,
+                    kernel: Arc::new(AsyncMutex::new(Some(sandbox.kernel))),
+                    ended: CancellationToken::new(),
+                    created_ms: now,
+                    expires_ms: now + ttl.as_millis() as u64,
+                    idle_timeout_ms: idle.as_millis() as u64,
+                    last_used_ms: AtomicU64::new(now),
+                    steps: AtomicU64::new(0),
+                    restarts: AtomicU64::new(0),
+                    warm,
+                    destroyed: AtomicBool::new(false),
+                    isolation: self.launcher.kind().as_str(),
+                });
+                if self.launcher.kind() == crate::isolation::IsolationKind::None {
+                    tracing::warn!(session = %session.id, "INSECURE: session runs without isolation (SESSION_ISOLATION=none)");
+                }
+                if token_is_none(&session) {
+                    tracing::warn!(session = %session.id, "session created without a token (SESSION_AGENT_AUTH_BYPASS=true)");
+                }
+                tracing::info!(session = %session.id, runtime = %runtime, warm, "session created");
+                let info = session.info();
+                self.slots().insert(req.session_id, Slot::Ready(session));
+                if self.shutdown.is_cancelled() {
+                    // Shutdown raced the creation: tear it down like the rest.
+                    let _ = self.end(&info.session_id, "shutdown").await;
+                    return Err(ApiError::new(ErrorCode::ShuttingDown, "the agent is shutting down"));
+                }
+                Ok(info)
+            }
+            Err(e) => {
+                self.slots().remove(&req.session_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// A sandbox for a new session: from the warm pool when the session uses
+    /// the default limits, otherwise (or when the pool is empty) a cold start.
+    async fn provision(
+        &self,
+        runtime: Runtime,
+        limits: EffectiveLimits,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(bool, WarmSandbox), ApiError> {
+        if limits == self.settings.defaults {
+            if let Some(mut warm) = self.pool.claim(runtime) {
+                match warm.kernel.set_env(env, self.settings.ready_timeout).await {
+                    Ok(()) => return Ok((true, warm)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a warm sandbox was dead; starting a cold one");
+                        warm.kernel.destroy().await;
+                        warm.workspace.destroy();
+                    }
+                }
+            }
+        }
+        let mut sandbox = self
+            .start_cold(runtime, limits)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::SandboxStartFailed, format!("could not start the sandbox: {e}")))?;
+        if !env.is_empty() {
+            if let Err(e) = sandbox.kernel.set_env(env, self.settings.ready_timeout).await {
+                sandbox.kernel.destroy().await;
+                sandbox.workspace.destroy();
+                return Err(ApiError::new(ErrorCode::SandboxStartFailed, e.to_string()));
+            }
+        }
+        Ok((false, sandbox))
+    }
+
+    /// Finds a session and checks the presented token.
+    pub fn authorize(&self, id: &str, token: Option<&str>) -> Result<Arc<Session>, ApiError> {
+        let session = match self.slots().get(id) {
+            Some(Slot::Ready(s)) => s.clone(),
+            _ => return Err(ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"))),
+        };
+        if let Some(digest) = &session.token {
+            if !self.settings.auth_bypass && !digest.matches(token) {
+                return Err(ApiError::new(ErrorCode::Unauthorized, "missing or wrong X-Session-Token"));
+            }
+        }
+        Ok(session)
+    }
+
+    /// Sessions visible to the caller: all with auth bypass, otherwise the
+    /// ones the presented token opens (a token is scoped to one session).
+    pub fn list(&self, token: Option<&str>) -> Vec<SessionInfo> {
+        let slots = self.slots();
+        let mut out: Vec<SessionInfo> = slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(s) => Some(s),
+                Slot::Creating => None,
+            })
+            .filter(|s| self.settings.auth_bypass || s.token.as_ref().is_some_and(|d| d.matches(token)))
+            .map(|s| s.info())
+            .collect();
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        out
+    }
+
+    /// Validates a step and takes the session's kernel for it.
+    pub fn begin_step(&self, req: StepRequest, token: Option<&str>) -> Result<StepRun, ApiError> {
+        validate_id("stepId", &req.step_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+        let session = self.authorize(&req.session_id, token)?;
+        let mode = req.mode.unwrap_or_default();
+        if mode == StepMode::Handler && session.runtime == Runtime::Bash {
+            return Err(ApiError::new(ErrorCode::UnsupportedMode, "handler mode is available for python and node"));
+        }
+        if session.runtime == Runtime::Bash && req.code.contains('\0') {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "bash code cannot contain NUL bytes"));
+        }
+        if let Some(t) = req.timeout_ms {
+            if t > self.settings.maximums.timeout_ms || t == 0 {
+                return Err(ApiError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("timeoutMs must be between 1 and {}", self.settings.maximums.timeout_ms),
+                ));
+            }
+        }
+        let kernel = session.kernel.clone().try_lock_owned().map_err(|_| {
+            ApiError::new(ErrorCode::SessionBusy, format!("session {} is running another step", session.id))
+        })?;
+        if kernel.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::SandboxUnavailable,
+                format!("session {}'s sandbox is gone and could not be restarted; delete it", session.id),
+            ));
+        }
+        session.touch();
+        Ok(StepRun { session, kernel, req })
+    }
+
+    /// Runs a step to its end, restarting the interpreter when it died.
+    pub async fn run_step(&self, mut run: StepRun, sink: Option<mpsc::Sender<OutputEvent>>) -> StepResult {
+        let started = std::time::Instant::now();
+        let session = run.session.clone();
+        let limits = session.limits;
+        let timeout = Duration::from_millis(run.req.timeout_ms.unwrap_or(limits.timeout_ms));
+        let exec = ExecRequest {
+            code: &run.req.code,
+            mode: run.req.mode.unwrap_or_default(),
+            event: run.req.event.as_ref(),
+            timeout,
+            max_output: usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX),
+        };
+        let outcome = match run.kernel.as_mut() {
+            Some(kernel) => kernel.execute(&exec, sink.as_ref(), &session.ended).await,
+            None => unreachable_kernel(),
+        };
+        drop(sink);
+        let mut state_lost = false;
+        if outcome.kernel_dead {
+            state_lost = true;
+            if let Some(old) = run.kernel.take() {
+                // Teardown of the dead sandbox overlaps the restart.
+                self.tasks.spawn(old.destroy());
+            }
+            if !session.ended.is_cancelled() {
+                session.restarts.fetch_add(1, Ordering::Relaxed);
+                *run.kernel = self.restart(&session).await;
+            }
+        }
+        session.steps.fetch_add(1, Ordering::Relaxed);
+        session.touch();
+        let result = StepResult {
+            session_id: session.id.clone(),
+            step_id: run.req.step_id.clone(),
+            status: outcome.status,
+            stdout: outcome.stdout,
+            stderr: outcome.stderr,
+            result: outcome.result,
+            error: outcome.error,
+            duration_ms: started.elapsed().as_millis() as u64,
+            truncated: outcome.truncated,
+            state_lost,
+        };
+        tracing::info!(session = %session.id, step = %result.step_id, status = ?result.status,
+            duration_ms = result.duration_ms, "step finished");
+        result
+    }
+
+    /// A fresh interpreter on the session's existing workspace.
+    async fn restart(&self, session: &Session) -> Option<Kernel> {
+        let spec = SandboxSpec {
+            sandbox_id: format!("sa-{}", hex::encode(rand::random::<[u8; 8]>())),
+            runtime: session.runtime,
+            workspace: session.workspace.host_path.clone(),
+            limits: session.limits,
+        };
+        let started =
+            Kernel::start(&self.launcher, &spec, self.settings.ready_timeout, self.settings.interrupt_grace).await;
+        match started {
+            Ok(mut k) => {
+                if let Err(e) = k.set_env(&session.env, self.settings.ready_timeout).await {
+                    tracing::warn!(session = %session.id, error = %e, "restarted interpreter refused its environment");
+                    k.destroy().await;
+                    return None;
+                }
+                tracing::warn!(session = %session.id, "interpreter restarted; session state was lost");
+                Some(k)
+            }
+            Err(e) => {
+                tracing::error!(session = %session.id, error = %e, "could not restart the interpreter");
+                None
+            }
+        }
+    }
+
+    /// Ends a session: stops a running step, destroys sandbox and workspace.
+    pub async fn end(&self, id: &str, reason: &'static str) -> Result<(), ApiError> {
+        let session = match self.slots().remove(id) {
+            Some(Slot::Ready(s)) => s,
+            Some(Slot::Creating) => {
+                // Not ours to remove yet: put it back.
+                self.slots().insert(id.to_owned(), Slot::Creating);
+                return Err(ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}")));
+            }
+            None => return Err(ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"))),
+        };
+        self.destroy(session, reason).await;
+        Ok(())
+    }
+
+    /// Stops the session at once (a running step ends) and tears its sandbox
+    /// and workspace down in a tracked task; agent shutdown waits for it.
+    async fn destroy(&self, session: Arc<Session>, reason: &'static str) {
+        if session.destroyed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        session.ended.cancel();
+        tracing::info!(session = %session.id, reason, "session ended");
+        self.tasks.spawn(async move {
+            let kernel = session.kernel.lock().await.take();
+            if let Some(k) = kernel {
+                k.destroy().await;
+            }
+            session.workspace.destroy();
+            tracing::debug!(session = %session.id, "session sandbox and workspace destroyed");
+        });
+    }
+
+    /// Ends sessions past their TTL or idle timeout; runs until shutdown.
+    pub async fn run_reaper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = now_ms();
+            let due: Vec<(String, &'static str)> = self
+                .slots()
+                .values()
+                .filter_map(|s| match s {
+                    Slot::Ready(s) => s.expired(now).map(|why| (s.id.clone(), why)),
+                    Slot::Creating => None,
+                })
+                .collect();
+            for (id, why) in due {
+                let _ = self.end(&id, why).await;
+            }
+        }
+    }
+
+    /// Spawns a tracked task.
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(fut);
+    }
+
+    /// Ends every session (agent shutdown) and waits for tracked tasks.
+    pub async fn shutdown_all(&self) {
+        let all: Vec<Arc<Session>> = self
+            .slots()
+            .drain()
+            .filter_map(|(_, s)| match s {
+                Slot::Ready(s) => Some(s),
+                Slot::Creating => None,
+            })
+            .collect();
+        futures::future::join_all(all.into_iter().map(|s| self.destroy(s, "shutdown"))).await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+fn token_is_none(s: &Session) -> bool {
+    s.token.is_none()
+}
+
+fn unreachable_kernel() -> crate::kernels::ExecOutcome {
+    // begin_step refuses sessions without a kernel; keep a coded answer anyway.
+    crate::kernels::ExecOutcome {
+        status: StepStatus::Killed,
+        stdout: String::new(),
+        stderr: String::new(),
+        result: None,
+        error: None,
+        truncated: false,
+        kernel_dead: true,
+    }
+}
+
+/// Environment names must be shell identifiers; values must not hold NUL.
+fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in env {
+        let ok_name = !k.is_empty()
+            && k.len() <= 256
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok_name {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, format!("env name {k:?} is not [A-Za-z_][A-Za-z0-9_]*")));
+        }
+        if v.contains('\0') {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, format!("env {k} contains a NUL byte")));
+        }
+    }
+    if env.len() > 256 {
+        return Err(ApiError::new(ErrorCode::InvalidArgument, "at most 256 env variables"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let l = EffectiveLimits {
+            memory_mb: 512,
+            cpu_millicores: 1000,
+            max_processes: 64,
+            disk_mb: 256,
+            timeout_ms: 30_000,
+            max_output_bytes: 1 << 20,
+        };
+        Settings {
+            defaults: l,
+            maximums: EffectiveLimits { memory_mb: 2048, ..l },
+            auth_bypass: false,
+            max_sessions: 4,
+            default_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(600),
+            default_idle_timeout: Duration::from_secs(60),
+            ready_timeout: Duration::from_secs(5),
+            interrupt_grace: Duration::from_secs(1),
+            workspace_root: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn limits_above_maximum_name_the_limit() {
+        let s = settings();
+        let e = s.resolve_limits(Some(&Limits { memory_mb: Some(4096), ..Default::default() })).unwrap_err();
+        assert_eq!(e.code, ErrorCode::LimitExceeded);
+        assert!(e.message.contains("memoryMb"), "{}", e.message);
+        let ok = s.resolve_limits(Some(&Limits { memory_mb: Some(1024), ..Default::default() })).unwrap();
+        assert_eq!(ok.memory_mb, 1024);
+        assert_eq!(ok.timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn token_digest_compare() {
+        let d = TokenDigest::of("a".repeat(40).as_str());
+        assert!(d.matches(Some(&"a".repeat(40))));
+        assert!(!d.matches(Some(&"a".repeat(39))));
+        assert!(!d.matches(None));
+    }
+
+    #[test]
+    fn env_names() {
+        let mut env = BTreeMap::new();
+        env.insert("GOOD_1".to_owned(), "v".to_owned());
+        assert!(validate_env(&env).is_ok());
+        env.insert("1BAD".to_owned(), "v".to_owned());
+        assert!(validate_env(&env).is_err());
+        let mut env = BTreeMap::new();
+        env.insert("X; rm -rf /".to_owned(), "v".to_owned());
+        assert!(validate_env(&env).is_err());
+    }
+}

@@ -1,0 +1,319 @@
+//! Wire types of the session agent API (`/v1/...` on `SESSION_AGENT_ADDR`).
+//! camelCase JSON, following the seed README's session-agent contract.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The header that carries the per-session token.
+pub const SESSION_TOKEN_HEADER: &str = "x-session-token";
+
+/// A language runtime a session can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Python,
+    Node,
+    Bash,
+}
+
+impl Runtime {
+    /// Every runtime, in a stable order.
+    pub const ALL: [Runtime; 3] = [Runtime::Python, Runtime::Node, Runtime::Bash];
+
+    /// The lowercase wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Python => "python",
+            Runtime::Node => "node",
+            Runtime::Bash => "bash",
+        }
+    }
+
+    /// Parses a wire name; `None` for anything unknown.
+    pub fn parse(name: &str) -> Option<Runtime> {
+        Runtime::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Resource limits of a session. Every field is optional on input; the agent
+/// fills defaults and refuses values above its maximums.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Memory of the whole sandbox, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU quota in millicores (1000 = one core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millicores: Option<u64>,
+    /// Maximum number of processes/threads inside the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_processes: Option<u64>,
+    /// Size of the workspace, MiB (also the largest file that can be written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
+    /// Default step timeout, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Output cap per stream per step, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
+}
+
+/// Limits after defaults were applied: what the sandbox actually runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveLimits {
+    pub memory_mb: u64,
+    pub cpu_millicores: u64,
+    pub max_processes: u64,
+    pub disk_mb: u64,
+    pub timeout_ms: u64,
+    pub max_output_bytes: u64,
+}
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSessionRequest {
+    pub session_id: String,
+    /// Runtime name; kept as a string so an unknown one gets a coded 400.
+    pub runtime: String,
+    /// The per-session token; required unless the agent runs with auth bypass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    /// Environment variables for the interpreter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Lifetime of the session, seconds (agent default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    /// The session ends after this long without a request, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+}
+
+/// A session as the agent reports it. Never carries the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub runtime: Runtime,
+    /// `gvisor`, `bwrap` or `none`.
+    pub isolation: String,
+    pub limits: EffectiveLimits,
+    /// Unix milliseconds.
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub last_used_at_ms: u64,
+    /// Whether the sandbox came from the warm pool.
+    pub warm: bool,
+    /// Steps run so far.
+    pub steps: u64,
+    /// Times the interpreter was restarted (state lost) in this session.
+    pub restarts: u64,
+}
+
+/// `GET /v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionList {
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// How a step's code is run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepMode {
+    /// Run the code; the value of a final expression is the result.
+    #[default]
+    Eval,
+    /// Run the code, then call `handler(event)`; its return value is the result.
+    Handler,
+}
+
+/// `POST /v1/steps`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StepRequest {
+    pub session_id: String,
+    pub step_id: String,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<StepMode>,
+    /// The argument of `handler(event)` in handler mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<serde_json::Value>,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// The code ran to completion.
+    Ok,
+    /// The code raised an exception (or bash exited non-zero); the session is usable.
+    Error,
+    /// The step ran past its timeout and was interrupted.
+    Timeout,
+    /// The sandbox died during the step (memory limit, crash); it was restarted.
+    Killed,
+}
+
+/// An exception or failure raised by the step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepError {
+    /// Exception type (`ZeroDivisionError`, `TypeError`), or one of the
+    /// agent's codes: `Timeout`, `MemoryError`, `SandboxExited`, `ExitStatus`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    #[serde(default)]
+    pub traceback: String,
+}
+
+/// The result of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepResult {
+    pub session_id: String,
+    pub step_id: String,
+    pub status: StepStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// The value of the final expression (eval) or of `handler(event)`.
+    pub result: Option<serde_json::Value>,
+    pub error: Option<StepError>,
+    pub duration_ms: u64,
+    /// stdout or stderr went over the cap and was cut.
+    pub truncated: bool,
+    /// The interpreter was restarted: variables from earlier steps are gone
+    /// (workspace files remain).
+    pub state_lost: bool,
+}
+
+/// One event of a streamed step (`Accept: text/event-stream`). The SSE event
+/// name is the variant name; `data` is this JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputChunk {
+    pub data: String,
+}
+
+/// SSE event names of a streamed step.
+pub mod sse_event {
+    pub const STDOUT: &str = "stdout";
+    pub const STDERR: &str = "stderr";
+    pub const RESULT: &str = "result";
+    pub const ERROR: &str = "error";
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub status: String,
+    pub isolation: String,
+    pub sessions: usize,
+    /// Idle sandboxes per runtime in the warm pool.
+    pub warm_pool: BTreeMap<String, usize>,
+    pub version: String,
+}
+
+/// An entry of a workspace directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    /// Path relative to the workspace root, `/`-separated.
+    pub path: String,
+    /// `file`, `dir` or `other` (symlinks and special files are listed, never followed).
+    pub kind: String,
+    pub size: u64,
+    /// Unix milliseconds.
+    pub modified_ms: u64,
+}
+
+/// `GET /v1/sessions/{id}/files[/{dir}]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileList {
+    pub files: Vec<FileEntry>,
+}
+
+/// Checks a client-chosen id (session or step): 1-128 of `[A-Za-z0-9._-]`,
+/// not starting with `.`. Ids become file and cgroup names, so nothing else.
+pub fn validate_id(kind: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("{kind} must be 1-128 characters"));
+    }
+    if id.starts_with('.') {
+        return Err(format!("{kind} must not start with '.'"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!("{kind} may contain only letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("sessionId", "session-1").is_ok());
+        assert!(validate_id("sessionId", "a.b_c-D9").is_ok());
+        for bad in ["", "..", ".x", "a/b", "a b", "ä", &"x".repeat(129)] {
+            assert!(validate_id("sessionId", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn step_result_wire_format_is_pinned() {
+        let r = StepResult {
+            session_id: "s".into(),
+            step_id: "1".into(),
+            status: StepStatus::Error,
+            stdout: "a\n".into(),
+            stderr: String::new(),
+            result: None,
+            error: Some(StepError {
+                kind: "ZeroDivisionError".into(),
+                message: "division by zero".into(),
+                traceback: "tb".into(),
+            }),
+            duration_ms: 3,
+            truncated: false,
+            state_lost: false,
+        };
+        expect_test::expect![[r#"{"sessionId":"s","stepId":"1","status":"error","stdout":"a\n","stderr":"","result":null,"error":{"type":"ZeroDivisionError","message":"division by zero","traceback":"tb"},"durationMs":3,"truncated":false,"stateLost":false}"#]]
+        .assert_eq(&serde_json::to_string(&r).unwrap());
+    }
+
+    #[test]
+    fn create_request_refuses_unknown_fields() {
+        let err = serde_json::from_str::<CreateSessionRequest>(
+            r#"{"sessionId":"s","runtime":"python","tokn":"x"}"#,
+        );
+        assert!(err.is_err());
+        let ok: CreateSessionRequest =
+            serde_json::from_str(r#"{"sessionId":"s","runtime":"python","limits":{"memoryMb":64}}"#)
+                .unwrap();
+        assert_eq!(ok.limits.unwrap().memory_mb, Some(64));
+    }
+}

@@ -1,0 +1,197 @@
+//! The one error contract of every plane: a stable machine-readable code, a
+//! human message and the request id, mapped to exactly one HTTP status.
+
+use serde::{Deserialize, Serialize};
+
+/// Every error code any plane may return. Adding a variant forces a decision
+/// about its HTTP status in [`ErrorCode::http_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not valid JSON or does not match the expected shape.
+    InvalidJson,
+    /// A field has a value outside what is accepted.
+    InvalidArgument,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
+    /// The body is larger than the configured limit.
+    PayloadTooLarge,
+    /// No or wrong credential.
+    Unauthorized,
+    /// The route does not exist.
+    RouteNotFound,
+    /// The method is not allowed on this route.
+    MethodNotAllowed,
+    /// The session does not exist (or is not visible to the caller).
+    SessionNotFound,
+    /// A session with this id already exists.
+    SessionExists,
+    /// The session is running another step.
+    SessionBusy,
+    /// The runtime is not one the service offers.
+    UnknownRuntime,
+    /// The step mode is not supported by this runtime.
+    UnsupportedMode,
+    /// A requested limit is above the maximum allowed.
+    LimitExceeded,
+    /// A file path escapes the session workspace.
+    PathOutsideWorkspace,
+    /// The file does not exist in the workspace.
+    FileNotFound,
+    /// The path names a directory or a special file where a file was expected.
+    NotAFile,
+    /// The workspace is out of space.
+    WorkspaceFull,
+    /// The agent holds as many sessions as it is allowed to.
+    CapacityExhausted,
+    /// The sandbox could not be started.
+    SandboxStartFailed,
+    /// The sandbox or the agent is unreachable or not ready.
+    SandboxUnavailable,
+    /// The service is shutting down.
+    ShuttingDown,
+    /// An unexpected failure inside the service (a bug, never bad input).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status this code is always returned with.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidJson
+            | Self::InvalidArgument
+            | Self::UnknownRuntime
+            | Self::UnsupportedMode
+            | Self::LimitExceeded
+            | Self::PathOutsideWorkspace
+            | Self::NotAFile => 400,
+            Self::Unauthorized => 401,
+            Self::RouteNotFound | Self::SessionNotFound | Self::FileNotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::SessionExists | Self::SessionBusy => 409,
+            Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::WorkspaceFull => 507,
+            Self::CapacityExhausted => 429,
+            Self::Internal | Self::SandboxStartFailed => 500,
+            Self::SandboxUnavailable | Self::ShuttingDown => 503,
+        }
+    }
+
+    /// The snake_case wire name of the code (pinned against serde by a test).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidArgument => "invalid_argument",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::SessionNotFound => "session_not_found",
+            Self::SessionExists => "session_exists",
+            Self::SessionBusy => "session_busy",
+            Self::UnknownRuntime => "unknown_runtime",
+            Self::UnsupportedMode => "unsupported_mode",
+            Self::LimitExceeded => "limit_exceeded",
+            Self::PathOutsideWorkspace => "path_outside_workspace",
+            Self::FileNotFound => "file_not_found",
+            Self::NotAFile => "not_a_file",
+            Self::WorkspaceFull => "workspace_full",
+            Self::CapacityExhausted => "capacity_exhausted",
+            Self::SandboxStartFailed => "sandbox_start_failed",
+            Self::SandboxUnavailable => "sandbox_unavailable",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: &[ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidArgument,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::Unauthorized,
+        ErrorCode::RouteNotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::SessionNotFound,
+        ErrorCode::SessionExists,
+        ErrorCode::SessionBusy,
+        ErrorCode::UnknownRuntime,
+        ErrorCode::UnsupportedMode,
+        ErrorCode::LimitExceeded,
+        ErrorCode::PathOutsideWorkspace,
+        ErrorCode::FileNotFound,
+        ErrorCode::NotAFile,
+        ErrorCode::WorkspaceFull,
+        ErrorCode::CapacityExhausted,
+        ErrorCode::SandboxStartFailed,
+        ErrorCode::SandboxUnavailable,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+    ];
+
+    #[test]
+    fn as_str_matches_serde_name() {
+        for code in ALL {
+            let json = serde_json::to_value(code).unwrap();
+            assert_eq!(json.as_str().unwrap(), code.as_str());
+        }
+    }
+
+    #[test]
+    fn wire_names_and_statuses_are_pinned() {
+        let table: Vec<String> = ALL
+            .iter()
+            .map(|c| format!("{} {}", c.http_status(), c.as_str()))
+            .collect();
+        expect_test::expect![[r#"
+            400 invalid_json
+            400 invalid_argument
+            415 unsupported_media_type
+            413 payload_too_large
+            401 unauthorized
+            404 route_not_found
+            405 method_not_allowed
+            404 session_not_found
+            409 session_exists
+            409 session_busy
+            400 unknown_runtime
+            400 unsupported_mode
+            400 limit_exceeded
+            400 path_outside_workspace
+            404 file_not_found
+            400 not_a_file
+            507 workspace_full
+            429 capacity_exhausted
+            500 sandbox_start_failed
+            503 sandbox_unavailable
+            503 shutting_down
+            500 internal"#]]
+        .assert_eq(&table.join("\n"));
+    }
+
+    #[test]
+    fn only_internal_failures_are_5xx_below_503() {
+        for code in ALL {
+            let status = code.http_status();
+            if status == 500 {
+                assert!(matches!(code, ErrorCode::Internal | ErrorCode::SandboxStartFailed));
+            }
+        }
+    }
+}

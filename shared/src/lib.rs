@@ -1,0 +1,15 @@
+//! Shared contracts of the sandboxed code execution service: the error enum,
+//! wire types, ids, typed clients and server glue used by every plane.
+
+pub mod agent;
+pub mod env;
+pub mod error;
+pub mod telemetry;
+
+#[cfg(feature = "server")]
+pub mod server;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+pub use error::{ErrorBody, ErrorCode};

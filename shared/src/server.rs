@@ -1,0 +1,215 @@
+//! axum glue shared by every plane: the coded error response, a JSON
+//! extractor whose rejections use the error contract, request ids, and a
+//! server loop with TCP_NODELAY and graceful shutdown.
+
+use axum::{
+    Json, Router,
+    extract::{FromRequest, Request, rejection::JsonRejection},
+    http::{HeaderValue, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    serve::ListenerExt,
+};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ErrorBody, ErrorCode};
+
+/// The request id header, set on every response and propagated downstream.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// An error on its way to becoming an HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::warn!(code = self.code.as_str(), message = %self.message, "request failed");
+        }
+        let body = ErrorBody {
+            code: self.code,
+            message: self.message,
+            request_id: current_request_id(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The id of the request being handled, if inside [`request_id_layer`].
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Middleware: takes `x-request-id` from the request (or makes one), makes it
+/// visible to error bodies and logs, and echoes it on the response.
+pub async fn request_id_layer(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id);
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), tracing::Instrument::instrument(next.run(req), span))
+        .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+fn new_request_id() -> String {
+    let bytes: [u8; 12] = rand::random();
+    hex::encode(bytes)
+}
+
+/// JSON body extractor whose every rejection is a coded [`ApiError`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "expected a body with Content-Type: application/json",
+        ),
+        JsonRejection::JsonDataError(e) => ApiError::new(ErrorCode::InvalidJson, e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => ApiError::new(ErrorCode::InvalidJson, e.body_text()),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(ErrorCode::PayloadTooLarge, "request body is larger than the limit")
+        }
+        other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
+    }
+}
+
+/// Fallback for unknown routes.
+pub async fn route_not_found() -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, "no such route")
+}
+
+/// Rewrites axum's plain-text 405 into the error contract.
+pub async fn method_not_allowed_layer(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED
+        && !resp.headers().contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
+        let mut out =
+            ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route").into_response();
+        if let Some(allow) = allow {
+            out.headers_mut().insert(axum::http::header::ALLOW, allow);
+        }
+        return out;
+    }
+    resp
+}
+
+/// Adds the shared layers (request ids, coded 404/405) to a router.
+pub fn with_common_layers(router: Router) -> Router {
+    router
+        .fallback(route_not_found)
+        .layer(axum::middleware::from_fn(method_not_allowed_layer))
+        .layer(axum::middleware::from_fn(request_id_layer))
+}
+
+/// Serves `router` on `listener` with TCP_NODELAY on every accepted socket
+/// until `shutdown` is cancelled, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Parses `:9000`, `0.0.0.0:9000` or `127.0.0.1:9000` into a bindable address
+/// (a bare `:port` binds every interface, as Go's listeners do).
+pub fn parse_listen_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
+    let full = if let Some(port) = addr.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else {
+        addr.to_owned()
+    };
+    full.parse()
+        .map_err(|e| format!("invalid listen address {addr:?}: {e} (expected host:port or :port)"))
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+            }
+        }
+        _ => {
+            // Without signal handlers, Ctrl-C is still honoured.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addr() {
+        assert_eq!(parse_listen_addr(":9000").unwrap().to_string(), "0.0.0.0:9000");
+        assert_eq!(parse_listen_addr("127.0.0.1:1").unwrap().to_string(), "127.0.0.1:1");
+        assert!(parse_listen_addr("nope").is_err());
+    }
+}
