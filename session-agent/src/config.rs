@@ -39,7 +39,7 @@ pub struct Config {
     #[arg(long, env = "SESSION_AGENT_RUNSC_PLATFORM", default_value = "ptrace")]
     pub runsc_platform: String,
     /// Extra runsc global flags, space-separated; isolation-weakening ones are refused.
-    #[arg(long, env = "SESSION_AGENT_RUNSC_FLAGS", default_value = "")]
+    #[arg(long, env = "SESSION_AGENT_RUNSC_FLAGS", default_value = "", allow_hyphen_values = true)]
     pub runsc_flags: String,
     /// The bwrap binary.
     #[arg(long, env = "SESSION_AGENT_BWRAP", default_value = "bwrap")]
@@ -206,7 +206,7 @@ mod tests {
 
     #[test]
     fn weakening_runsc_flags_are_refused_at_start() {
-        let e = parse(&["--runsc-flags", "--overlay --network=host"]).validate().unwrap_err();
+        let e = parse(&["--runsc-flags=--overlay --network=host"]).validate().unwrap_err();
         assert!(e.contains("SESSION_AGENT_RUNSC_FLAGS"), "{e}");
     }
 

@@ -128,9 +128,10 @@ impl Workspace {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err(e)),
             }
-            let next = dir.open_dir_nofollow(Path::new(part)).map_err(io_err)?;
-            std::os::unix::fs::fchown(&next, Some(SANDBOX_UID), Some(SANDBOX_UID)).map_err(io_err)?;
-            dir = next;
+            // The directory fd may be O_PATH, so chown by name, not by fd.
+            rustix::fs::chownat(&dir, Path::new(part), Some(sandbox_uid()), Some(sandbox_gid()), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_err(e.into()))?;
+            dir = dir.open_dir_nofollow(Path::new(part)).map_err(io_err)?;
         }
         let mut opts = OpenOptions::new();
         opts.write(true).create(true).truncate(true).mode(0o644).custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK);
@@ -156,6 +157,14 @@ impl Workspace {
             root.remove_file(&path).map_err(io_err)
         }
     }
+}
+
+fn sandbox_uid() -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(SANDBOX_UID)
+}
+
+fn sandbox_gid() -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(SANDBOX_UID)
 }
 
 mod libc_flags {

@@ -188,7 +188,7 @@ mod tests {
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.user().uid(), 65534);
         assert_eq!(p.user().gid(), 65534);
-        assert_eq!(p.no_new_privileges(), &Some(true));
+        assert_eq!(p.no_new_privileges(), Some(true));
         let caps = p.capabilities().as_ref().unwrap();
         for set in [caps.bounding(), caps.effective(), caps.inheritable(), caps.permitted(), caps.ambient()] {
             assert!(set.as_ref().unwrap().is_empty());
@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn root_is_readonly_skeleton_and_workspace_is_the_only_rw_bind() {
         let (_tmp, spec) = sample();
-        assert_eq!(spec.root().as_ref().unwrap().readonly(), &Some(true));
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
         let rw_binds: Vec<String> = spec
             .mounts()
             .as_ref()

@@ -520,7 +520,7 @@ impl Scan {
             self.found = true;
             self.after_mark(&pending[i + self.mark.len()..]);
         } else {
-            let keep = self.pending.len().min(self.mark.len() - 1);
+            let keep = partial_mark_suffix(&self.pending, &self.mark);
             let emit_len = self.pending.len() - keep;
             let head: Vec<u8> = self.pending.drain(..emit_len).collect();
             self.emit(&head, sink, wrap).await;
@@ -588,6 +588,13 @@ impl Scan {
     }
 }
 
+/// Length of the longest suffix of `data` that is a proper prefix of `mark`:
+/// the bytes to hold back because the mark may continue in the next read.
+fn partial_mark_suffix(data: &[u8], mark: &[u8]) -> usize {
+    let longest = data.len().min(mark.len().saturating_sub(1));
+    (1..=longest).rev().find(|&k| data.ends_with(&mark[..k])).unwrap_or(0)
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || haystack.len() < needle.len() {
         return None;
@@ -623,6 +630,19 @@ mod tests {
         assert_eq!(s.after, b"later");
         let text: String = ev.iter().map(|e| match e { OutputEvent::Stdout(s) | OutputEvent::Stderr(s) => s.as_str() }).collect();
         assert_eq!(text, "hello ");
+    }
+
+    #[tokio::test]
+    async fn output_is_forwarded_at_once_unless_it_may_start_a_mark() {
+        let (tx, mut rx) = mpsc::channel(10);
+        let mut s = Scan::new(b"\x1e\x1eSA:n:".to_vec(), 100, true);
+        s.feed(b"0\n", Some(&tx), OutputEvent::Stdout).await;
+        assert_eq!(rx.try_recv().unwrap(), OutputEvent::Stdout("0\n".into()));
+        s.feed(b"1\x1e", Some(&tx), OutputEvent::Stdout).await;
+        assert_eq!(rx.try_recv().unwrap(), OutputEvent::Stdout("1".into()));
+        assert!(rx.try_recv().is_err(), "a possible mark start is held back");
+        assert_eq!(partial_mark_suffix(b"ab\x1e\x1eS", b"\x1e\x1eSA:"), 3);
+        assert_eq!(partial_mark_suffix(b"abc", b"\x1e\x1eSA:"), 0);
     }
 
     #[tokio::test]

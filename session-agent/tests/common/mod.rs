@@ -1,0 +1,148 @@
+//! Test harness: a real session agent on an ephemeral loopback port, real
+//! sandboxes (gVisor unless SESSION_ISOLATION says otherwise).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use shared::agent::{CreateSessionRequest, Limits, StepRequest, StepResult};
+use shared::client::AgentClient;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestAgent {
+    pub base: String,
+    pub port: u16,
+    pub client: AgentClient,
+    pub http: reqwest::Client,
+    pub isolation: String,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub state: tempfile::TempDir,
+}
+
+/// The isolation the tests use: SESSION_ISOLATION, default gvisor. A missing
+/// runsc fails the test with the way to install it, never a silent skip.
+pub fn isolation() -> String {
+    let iso = std::env::var("SESSION_ISOLATION").unwrap_or_else(|_| "gvisor".into());
+    let needed = match iso.as_str() {
+        "gvisor" => Some(("runsc", "runsc")),
+        "bwrap" => Some(("bwrap", "bubblewrap")),
+        _ => None,
+    };
+    if let Some((bin, pkg)) = needed {
+        assert!(
+            session_agent::isolation::resolve_binary(std::path::Path::new(bin)).is_some(),
+            "{bin} is not installed: run `make deps` (apt-get install -y {pkg}) or set SESSION_ISOLATION"
+        );
+    }
+    iso
+}
+
+impl TestAgent {
+    pub async fn start(extra: &[&str]) -> TestAgent {
+        let iso = isolation();
+        let state = tempfile::Builder::new().prefix("sa-test-").tempdir_in("/tmp").expect("tempdir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let mut args = vec![
+            "session-agent".to_owned(),
+            "--isolation".into(),
+            iso.clone(),
+            "--state-dir".into(),
+            state.path().display().to_string(),
+            "--interrupt-grace-ms".into(),
+            "1500".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = session_agent::Config::parse_from(args);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(session_agent::serve(listener, config, shutdown.clone()));
+        let base = format!("http://127.0.0.1:{port}");
+        let client = AgentClient::new(&base).unwrap();
+        let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
+        for _ in 0..200 {
+            if client.health().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let health = client.health().await.expect("agent did not come up");
+        eprintln!("isolation used: {}", health.isolation);
+        assert_eq!(health.isolation, iso);
+        TestAgent { base, port, client, http, isolation: iso, shutdown, handle: Some(handle), state }
+    }
+
+    /// Stops the agent and returns once every sandbox is destroyed.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("agent task").expect("agent stopped with an error");
+        }
+    }
+
+    pub async fn session(&self, id: &str, runtime: &str, token: &str) -> Value {
+        self.session_with(id, runtime, token, None).await
+    }
+
+    pub async fn session_with(&self, id: &str, runtime: &str, token: &str, limits: Option<Limits>) -> Value {
+        let req = CreateSessionRequest {
+            session_id: id.into(),
+            runtime: runtime.into(),
+            token: Some(token.into()),
+            limits,
+            env: None,
+            ttl_seconds: None,
+            idle_timeout_seconds: None,
+        };
+        let info = self.client.create_session(&req).await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+        serde_json::to_value(info).unwrap()
+    }
+
+    pub async fn step(&self, session: &str, token: &str, code: &str) -> StepResult {
+        self.step_req(session, token, code, None).await
+    }
+
+    pub async fn step_req(&self, session: &str, token: &str, code: &str, timeout_ms: Option<u64>) -> StepResult {
+        let req = StepRequest {
+            session_id: session.into(),
+            step_id: format!("st-{}", rand_id()),
+            code: code.into(),
+            timeout_ms,
+            mode: None,
+            event: None,
+        };
+        self.client.step(&req, Some(token)).await.unwrap_or_else(|e| panic!("step on {session}: {e}"))
+    }
+
+    /// A raw request, for bad-input tests: (status, json body).
+    pub async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> (u16, Value) {
+        let mut rb = self.http.request(method.parse().unwrap(), format!("{}{}", self.base, path));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        if let Some(b) = body {
+            rb = rb.body(b);
+        }
+        let resp = rb.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+        (status, json)
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn rand_id() -> String {
+    hex::encode(rand::random::<[u8; 6]>())
+}
+
+/// A fresh 256-bit token.
+pub fn token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
