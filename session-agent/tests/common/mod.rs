@@ -132,6 +132,27 @@ impl TestAgent {
     }
 }
 
+impl TestAgent {
+    /// A request written byte for byte on a TCP socket, so no client library
+    /// normalizes the path (`%2e%2e` stays as sent): (status, json body).
+    pub async fn raw_tcp(&self, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nx-session-token: {token}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(body).await.unwrap();
+        let mut resp = Vec::new();
+        sock.read_to_end(&mut resp).await.unwrap();
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or_else(|_| json!({"raw": body})))
+    }
+}
+
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();

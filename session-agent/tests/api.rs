@@ -1,0 +1,281 @@
+//! The agent's HTTP contract against real sandboxes: tokens, bad input,
+//! files and traversal, busy sessions, TTL and idle timeouts, the warm pool.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestAgent, token};
+use serde_json::json;
+use shared::ErrorCode;
+use shared::agent::{CreateSessionRequest, StepRequest, StepStatus};
+
+fn step_body(session: &str, code: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"sessionId": session, "stepId": "x1", "code": code})).unwrap()
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+#[tokio::test]
+async fn token_checks() {
+    let agent = TestAgent::start(&[]).await;
+    let (ta, tb) = (token(), token());
+    agent.session("a", "python", &ta).await;
+    agent.session("b", "python", &tb).await;
+    let body = step_body("a", "1 + 1");
+
+    let (s, e) = agent.raw("POST", "/v1/steps", &[JSON], Some(body.clone())).await;
+    assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")), "missing token: {e}");
+    let wrong = token();
+    let (s, _) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &wrong)], Some(body.clone())).await;
+    assert_eq!(s, 401, "wrong token");
+    let (s, _) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &tb)], Some(body.clone())).await;
+    assert_eq!(s, 401, "another session's token");
+    let (s, r) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &ta)], Some(body)).await;
+    assert_eq!((s, r["result"].clone()), (200, json!(2)));
+
+    // Files, get and delete need the token too.
+    for (m, p) in [("GET", "/v1/sessions/a"), ("GET", "/v1/sessions/a/files"), ("PUT", "/v1/sessions/a/files/x"), ("DELETE", "/v1/sessions/a")] {
+        let (s, _) = agent.raw(m, p, &[("x-session-token", &tb)], Some(b"x".to_vec())).await;
+        assert_eq!(s, 401, "{m} {p} with another session's token");
+    }
+    // A listing shows only the session the token opens.
+    let list = agent.client.list_sessions(Some(&ta)).await.unwrap();
+    assert_eq!(list.sessions.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>(), vec!["a"]);
+    assert!(agent.client.list_sessions(None).await.unwrap().sessions.is_empty());
+
+    // Tokens are required and must be long; header and body must agree.
+    let (s, e) = agent.raw("POST", "/v1/sessions", &[JSON], Some(br#"{"sessionId":"c","runtime":"python"}"#.to_vec())).await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("invalid_argument")));
+    let (s, _) = agent
+        .raw("POST", "/v1/sessions", &[JSON], Some(br#"{"sessionId":"c","runtime":"python","token":"short"}"#.to_vec()))
+        .await;
+    assert_eq!(s, 400);
+    let b = serde_json::to_vec(&json!({"sessionId": "c", "runtime": "python", "token": token()})).unwrap();
+    let (s, _) = agent.raw("POST", "/v1/sessions", &[JSON, ("x-session-token", &ta)], Some(b)).await;
+    assert_eq!(s, 401);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn auth_bypass_accepts_tokenless_sessions() {
+    let agent = TestAgent::start(&["--auth-bypass", "true"]).await;
+    let (s, _) = agent.raw("POST", "/v1/sessions", &[JSON], Some(br#"{"sessionId":"c","runtime":"bash"}"#.to_vec())).await;
+    assert_eq!(s, 201);
+    let (s, r) = agent.raw("POST", "/v1/steps", &[JSON], Some(step_body("c", "echo hi"))).await;
+    assert_eq!((s, r["stdout"].as_str()), (200, Some("hi\n")));
+    assert_eq!(agent.client.list_sessions(None).await.unwrap().sessions.len(), 1);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_coded_4xx() {
+    let agent = TestAgent::start(&["--max-body-bytes", "65536"]).await;
+    let t = token();
+    agent.session("a", "python", &t).await;
+    let auth = ("x-session-token", t.as_str());
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+        ("POST", "/v1/steps", vec![JSON, auth], b"{not json".to_vec(), 400, "invalid_json"),
+        ("POST", "/v1/steps", vec![JSON, auth], br#"{"sessionId":"a"}"#.to_vec(), 400, "invalid_json"),
+        ("POST", "/v1/steps", vec![JSON, auth], br#"{"sessionId":"a","stepId":"s","code":"1","bogus":1}"#.to_vec(), 400, "invalid_json"),
+        ("POST", "/v1/steps", vec![auth], step_body("a", "1"), 415, "unsupported_media_type"),
+        ("POST", "/v1/steps", vec![JSON, auth], step_body("nope", "1"), 404, "session_not_found"),
+        ("POST", "/v1/steps", vec![JSON, auth], serde_json::to_vec(&json!({"sessionId":"a","stepId":"../x","code":"1"})).unwrap(), 400, "invalid_argument"),
+        ("POST", "/v1/steps", vec![JSON, auth], serde_json::to_vec(&json!({"sessionId":"a","stepId":"s","code":"1","timeoutMs": 100_000_000})).unwrap(), 400, "limit_exceeded"),
+        ("POST", "/v1/steps", vec![JSON, auth], step_body("a", &"x".repeat(70_000)), 413, "payload_too_large"),
+        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"r","runtime":"cobol","token":token()})).unwrap(), 400, "unknown_runtime"),
+        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"a","runtime":"python","token":token()})).unwrap(), 409, "session_exists"),
+        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"m","runtime":"python","token":token(),"limits":{"memoryMb": 1_000_000}})).unwrap(), 400, "limit_exceeded"),
+        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"m","runtime":"python","token":token(),"limits":{"gpus": 1}})).unwrap(), 400, "invalid_json"),
+        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"a/b","runtime":"python","token":token()})).unwrap(), 400, "invalid_argument"),
+        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"e","runtime":"python","token":token(),"env":{"BAD NAME":"1"}})).unwrap(), 400, "invalid_argument"),
+        ("GET", "/v1/sessions/nope", vec![auth], vec![], 404, "session_not_found"),
+        ("DELETE", "/v1/sessions/nope", vec![auth], vec![], 404, "session_not_found"),
+        ("GET", "/v1/nothing", vec![], vec![], 404, "route_not_found"),
+        ("PATCH", "/v1/steps", vec![], vec![], 405, "method_not_allowed"),
+    ];
+    for (method, path, headers, body, status, code) in cases {
+        let (s, e) = agent.raw(method, path, &headers, Some(body)).await;
+        assert_eq!(s, status, "{method} {path}: {e}");
+        assert_eq!(e["code"].as_str(), Some(code), "{method} {path}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        assert!(e["request_id"].as_str().is_some(), "{e}");
+    }
+    // Nothing was left half-done, and the agent still works.
+    let list = agent.client.list_sessions(Some(&t)).await.unwrap();
+    assert_eq!(list.sessions.len(), 1);
+    assert_eq!(agent.client.health().await.unwrap().sessions, 1);
+    assert_eq!(agent.step("a", &t, "6 * 7").await.result, Some(json!(42)));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn files_api_and_traversal() {
+    let agent = TestAgent::start(&[]).await;
+    let t = token();
+    agent.session("f", "python", &t).await;
+    let c = &agent.client;
+    c.write_file("f", "data/in.txt", "from the api", Some(&t)).await.unwrap();
+    let r = agent.step("f", &t, "open('data/in.txt').read()").await;
+    assert_eq!(r.result, Some(json!("from the api")));
+    let r = agent.step("f", &t, "open('data/in.txt', 'a').write('!')\nopen('out.bin', 'wb').write(bytes(range(256)))").await;
+    assert_eq!(r.status, StepStatus::Ok, "{r:?}");
+    assert_eq!(c.read_file("f", "data/in.txt", Some(&t)).await.unwrap(), "from the api!".as_bytes());
+    assert_eq!(c.read_file("f", "out.bin", Some(&t)).await.unwrap().to_vec(), (0..=255u8).collect::<Vec<_>>());
+    let root = c.list_files("f", "", Some(&t)).await.unwrap();
+    let names: Vec<_> = root.files.iter().map(|f| (f.path.as_str(), f.kind.as_str())).collect();
+    assert_eq!(names, vec![("data", "dir"), ("out.bin", "file")]);
+    let sub = c.list_files("f", "data", Some(&t)).await.unwrap();
+    assert_eq!(sub.files[0].path, "data/in.txt");
+    assert_eq!(sub.files[0].size, 13);
+    c.delete_file("f", "out.bin", Some(&t)).await.unwrap();
+    assert_eq!(c.read_file("f", "out.bin", Some(&t)).await.unwrap_err().code(), Some(ErrorCode::FileNotFound));
+
+    // Escapes, in every encoding, planted symlinks and special files.
+    agent
+        .step("f", &t, "import os\nos.symlink('/etc/passwd', 'abs')\nos.symlink('../../..', 'up')")
+        .await;
+    for path in [
+        "/v1/sessions/f/files/..%2F..%2Fetc%2Fpasswd",
+        "/v1/sessions/f/files/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/sessions/f/files/data/..%2f..%2f..%2fetc%2fshadow",
+        "/v1/sessions/f/files/%2Fetc%2Fpasswd",
+        "/v1/sessions/f/files/abs",
+        "/v1/sessions/f/files/up/etc/passwd",
+    ] {
+        for method in ["GET", "PUT", "DELETE"] {
+            if method == "DELETE" && path.ends_with("/abs") {
+                continue; // deleting the link itself is allowed
+            }
+            let (s, e) = agent.raw_tcp(method, path, &t, b"pwned").await;
+            assert_eq!(s, 400, "{method} {path}: {e}");
+            assert_eq!(e["code"].as_str(), Some("path_outside_workspace"), "{method} {path}: {e}");
+        }
+    }
+    // gVisor keeps FIFOs inside the sandbox; plant one on the host side, as
+    // a bwrap or `none` sandbox could, and check the agent does not hang.
+    let ws = std::fs::read_dir(agent.state.path().join("workspaces")).unwrap().next().unwrap().unwrap().path();
+    rustix::fs::mknodat(rustix::fs::CWD, &ws.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o644), 0).unwrap();
+    let (s, e) = agent.raw("GET", "/v1/sessions/f/files/fifo", &[("x-session-token", t.as_str())], None).await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("not_a_file")), "{e}");
+    // The host's files are untouched.
+    assert!(std::fs::read_to_string("/etc/passwd").unwrap().contains("root:"));
+    // Deleting a symlink removes the link, not its target.
+    c.delete_file("f", "abs", Some(&t)).await.unwrap();
+    assert!(std::path::Path::new("/etc/passwd").exists());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
+    let agent = TestAgent::start(&[]).await;
+    let t = token();
+    agent.session("busy", "python", &t).await;
+    let slow = {
+        let client = agent.client.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            let req = StepRequest {
+                session_id: "busy".into(),
+                step_id: "slow".into(),
+                code: "import time\ntime.sleep(20)".into(),
+                timeout_ms: None,
+                mode: None,
+                event: None,
+            };
+            client.step(&req, Some(&t)).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, e) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &t)], Some(step_body("busy", "1"))).await;
+    assert_eq!((s, e["code"].as_str()), (409, Some("session_busy")), "{e}");
+    let started = std::time::Instant::now();
+    agent.client.delete_session("busy", Some(&t)).await.unwrap();
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status, StepStatus::Killed, "{r:?}");
+    assert_eq!(r.error.unwrap().kind, "SessionEnded");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let e = agent.client.get_session("busy", Some(&t)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::SessionNotFound));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn ttl_and_idle_timeout_end_sessions() {
+    let agent = TestAgent::start(&[]).await;
+    let t = token();
+    for (id, ttl, idle) in [("ttl", Some(2), None), ("idle", None, Some(2))] {
+        let req = CreateSessionRequest {
+            session_id: id.into(),
+            runtime: "bash".into(),
+            token: Some(t.clone()),
+            limits: None,
+            env: None,
+            ttl_seconds: ttl,
+            idle_timeout_seconds: idle,
+        };
+        agent.client.create_session(&req).await.unwrap();
+    }
+    let ws_root = agent.state.path().join("workspaces");
+    assert_eq!(std::fs::read_dir(&ws_root).unwrap().count(), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ttl_gone = agent.client.get_session("ttl", Some(&t)).await.is_err();
+        let idle_gone = agent.client.get_session("idle", Some(&t)).await.is_err();
+        if ttl_gone && idle_gone {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "sessions did not expire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Workspaces are wiped once teardown finishes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&ws_root).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "workspaces were not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn warm_pool_is_claimed_once_and_refilled() {
+    let agent = TestAgent::start(&["--warm-pool", "python=1,bash=1"]).await;
+    let wait_full = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = agent.client.health().await.unwrap();
+            if h.warm_pool.get("python") == Some(&1) && h.warm_pool.get("bash") == Some(&1) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "pool did not fill: {:?}", h.warm_pool);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_full().await;
+    let t = token();
+    let info = agent.session("w1", "python", &t).await;
+    assert_eq!(info["warm"], json!(true));
+    // Custom limits never take a pooled sandbox.
+    let limits = shared::agent::Limits { memory_mb: Some(256), ..Default::default() };
+    let info = agent.session_with("w2", "python", &t, Some(limits)).await;
+    assert_eq!(info["warm"], json!(false));
+    // The pool refills, and a session's env reaches a warm interpreter.
+    wait_full().await;
+    let req = CreateSessionRequest {
+        session_id: "w3".into(),
+        runtime: "python".into(),
+        token: Some(t.clone()),
+        limits: None,
+        env: Some([("GREETING".to_owned(), "hej".to_owned())].into()),
+        ttl_seconds: None,
+        idle_timeout_seconds: None,
+    };
+    let info = agent.client.create_session(&req).await.unwrap();
+    assert!(info.warm);
+    let r = agent.step("w3", &t, "import os\nos.environ['GREETING']").await;
+    assert_eq!(r.result, Some(json!("hej")));
+    // Each session has its own sandbox: w1's state is not in w3.
+    agent.step("w1", &t, "secret = 1").await;
+    assert_eq!(agent.step("w3", &t, "secret").await.error.unwrap().kind, "NameError");
+    agent.stop().await;
+}
