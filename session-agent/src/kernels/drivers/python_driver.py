@@ -120,11 +120,14 @@ def _serve():
                 _state["running"] = False
         except BaseException as exc:  # the session survives any exception of the step
             _state["running"] = False
+            message = str(exc)
+            if not message and isinstance(exc, MemoryError):
+                message = "cannot allocate memory: the sandbox's memory limit was reached"
             payload = {
                 "status": "error",
                 "error": {
                     "type": type(exc).__name__,
-                    "message": str(exc),
+                    "message": message,
                     "traceback": _traceback(exc),
                 },
             }

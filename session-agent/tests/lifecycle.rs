@@ -1,0 +1,194 @@
+//! The agent as a real process: SIGTERM reaps every sandbox it started, and
+//! a restart after kill -9 destroys what the dead agent left behind.
+#![allow(clippy::disallowed_methods)] // the test runs the agent binary and runsc
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::token;
+use serde_json::json;
+use shared::agent::CreateSessionRequest;
+use shared::client::AgentClient;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_agent(state: &Path, port: u16, pool: &str) -> Child {
+    let iso = common::isolation();
+    Command::new(env!("CARGO_BIN_EXE_session-agent"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SESSION_AGENT_ADDR", format!("127.0.0.1:{port}"))
+        .env("SESSION_AGENT_STATE_DIR", state)
+        .env("SESSION_ISOLATION", iso)
+        .env("SESSION_AGENT_WARM_POOL", pool)
+        // A canary in the agent's own environment must never reach a sandbox.
+        .env("AGENT_SECRET_CANARY", "canary-8d1f0b7e")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn session-agent")
+}
+
+async fn wait_healthy(client: &AgentClient) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.health().await.is_err() {
+        assert!(Instant::now() < deadline, "agent did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sandboxes still known to runsc under this agent's state dir.
+fn runsc_containers(state: &Path) -> Vec<String> {
+    if common::isolation() != "gvisor" {
+        return vec![];
+    }
+    let out = Command::new("runsc")
+        .arg(format!("--root={}", state.join("runsc").display()))
+        .args(["list", "-quiet"])
+        .output()
+        .expect("runsc list");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+}
+
+/// Host processes whose command line mentions this agent's state dir.
+fn processes_under(state: &Path) -> Vec<String> {
+    let needle = state.display().to_string();
+    let mut out = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) {
+                out.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    out
+}
+
+fn mounts_under(state: &Path) -> Vec<String> {
+    let needle = format!("{}/", state.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| mp.starts_with(&needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn create(client: &AgentClient, id: &str, runtime: &str, t: &str) {
+    let req = CreateSessionRequest {
+        session_id: id.into(),
+        runtime: runtime.into(),
+        token: Some(t.into()),
+        limits: None,
+        env: None,
+        ttl_seconds: None,
+        idle_timeout_seconds: None,
+    };
+    client.create_session(&req).await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+}
+
+#[tokio::test]
+async fn sigterm_reaps_every_sandbox() {
+    let state = tempfile::Builder::new().prefix("sa-life-").tempdir_in("/tmp").unwrap();
+    let port = free_port();
+    let mut child = spawn_agent(state.path(), port, "python=1");
+    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
+    wait_healthy(&client).await;
+    let t = token();
+    create(&client, "a", "python", &t).await;
+    create(&client, "b", "bash", &t).await;
+    // The agent's environment does not leak into the sandbox.
+    let req = shared::agent::StepRequest {
+        session_id: "a".into(),
+        step_id: "env".into(),
+        code: "import os\n[k for k in os.environ] + [open('/proc/1/environ','rb').read().decode(errors='replace')]".into(),
+        timeout_ms: None,
+        mode: None,
+        event: None,
+    };
+    let r = client.step(&req, Some(&t)).await.unwrap();
+    assert!(!serde_json::to_string(&r.result).unwrap().contains("canary"), "{:?}", r.result);
+    // Wait for the warm sandbox too, so three sandboxes are live.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.health().await.unwrap().warm_pool.get("python") != Some(&1) {
+        assert!(Instant::now() < deadline, "pool did not fill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if common::isolation() == "gvisor" {
+        assert_eq!(runsc_containers(state.path()).len(), 3);
+    }
+    assert!(!processes_under(state.path()).is_empty());
+    assert_eq!(mounts_under(state.path()).len(), 3);
+
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "agent did not stop within 30 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "agent exited with {status}");
+    assert_eq!(runsc_containers(state.path()), Vec::<String>::new(), "containers left after SIGTERM");
+    assert_eq!(processes_under(state.path()), Vec::<String>::new(), "processes left after SIGTERM");
+    assert_eq!(mounts_under(state.path()), Vec::<String>::new(), "workspace mounts left after SIGTERM");
+}
+
+#[tokio::test]
+async fn restart_after_kill_9_destroys_leftovers() {
+    let state = tempfile::Builder::new().prefix("sa-kill-").tempdir_in("/tmp").unwrap();
+    let port = free_port();
+    let mut child = spawn_agent(state.path(), port, "");
+    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
+    wait_healthy(&client).await;
+    let t = token();
+    create(&client, "orphan", "python", &t).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The dead agent's sandbox outlives it...
+    assert_eq!(mounts_under(state.path()).len(), 1);
+    if common::isolation() == "gvisor" {
+        assert_eq!(runsc_containers(state.path()).len(), 1);
+    }
+    // ...until the next agent on the same state dir starts.
+    let port = free_port();
+    let mut child = spawn_agent(state.path(), port, "");
+    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
+    wait_healthy(&client).await;
+    assert_eq!(runsc_containers(state.path()), Vec::<String>::new());
+    assert_eq!(mounts_under(state.path()), Vec::<String>::new());
+    let leftovers: Vec<String> =
+        processes_under(state.path()).into_iter().filter(|p| !p.contains("session-agent")).collect();
+    assert_eq!(leftovers, Vec::<String>::new());
+    // And it works.
+    create(&client, "fresh", "python", &t).await;
+    let req = shared::agent::StepRequest {
+        session_id: "fresh".into(),
+        step_id: "1".into(),
+        code: "1 + 1".into(),
+        timeout_ms: None,
+        mode: None,
+        event: None,
+    };
+    assert_eq!(client.step(&req, Some(&t)).await.unwrap().result, Some(json!(2)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Clean up after the second kill -9 with a third, orderly agent.
+    let port = free_port();
+    let mut child = spawn_agent(state.path(), port, "");
+    wait_healthy(&AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap()).await;
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
+    child.wait().unwrap();
+}
