@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Configuration, from flags or environment variables.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "control-plane", version, about = "Control plane: the authenticated REST API agents call")]
+#[command(
+    name = "control-plane",
+    version,
+    about = "Control plane: the authenticated REST API agents call"
+)]
 pub struct Config {
     /// Listen address (`:8080` binds every interface).
     #[arg(long, env = "CONTROL_PLANE_ADDR", default_value = ":8080")]

@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Configuration, from flags or environment variables.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "data-plane", version, about = "Data plane: runtime registry, sandbox provisioning and session routing (internal API)")]
+#[command(
+    name = "data-plane",
+    version,
+    about = "Data plane: runtime registry, sandbox provisioning and session routing (internal API)"
+)]
 pub struct Config {
     /// Listen address (`:8081` binds every interface).
     #[arg(long, env = "DATA_PLANE_ADDR", default_value = ":8081")]

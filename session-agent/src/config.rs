@@ -12,7 +12,11 @@ use crate::sessions::Settings;
 
 /// Session agent configuration.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "session-agent", version, about = "Runs session steps in gVisor sandboxes")]
+#[command(
+    name = "session-agent",
+    version,
+    about = "Runs session steps in gVisor sandboxes"
+)]
 pub struct Config {
     /// Listen address (`:9000` binds every interface).
     #[arg(long, env = "SESSION_AGENT_ADDR", default_value = ":9000")]
@@ -27,7 +31,11 @@ pub struct Config {
     #[arg(long, env = "SESSION_ISOLATION", value_enum, default_value = "gvisor")]
     pub isolation: IsolationKind,
     /// Agent state: runsc root, bundles, the sandbox root skeleton.
-    #[arg(long, env = "SESSION_AGENT_STATE_DIR", default_value = "/run/session-agent")]
+    #[arg(
+        long,
+        env = "SESSION_AGENT_STATE_DIR",
+        default_value = "/run/session-agent"
+    )]
     pub state_dir: PathBuf,
     /// Where session workspaces are mounted (default: <state dir>/workspaces).
     #[arg(long, env = "WORKSPACE_ROOT")]
@@ -39,7 +47,12 @@ pub struct Config {
     #[arg(long, env = "SESSION_AGENT_RUNSC_PLATFORM", default_value = "ptrace")]
     pub runsc_platform: String,
     /// Extra runsc global flags, space-separated; isolation-weakening ones are refused.
-    #[arg(long, env = "SESSION_AGENT_RUNSC_FLAGS", default_value = "", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "SESSION_AGENT_RUNSC_FLAGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
     pub runsc_flags: String,
     /// The bwrap binary.
     #[arg(long, env = "SESSION_AGENT_BWRAP", default_value = "bwrap")]
@@ -57,19 +70,31 @@ pub struct Config {
     #[arg(long, env = "SESSION_AGENT_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,
     /// Default session TTL, seconds.
-    #[arg(long, env = "SESSION_AGENT_DEFAULT_TTL_SECONDS", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "SESSION_AGENT_DEFAULT_TTL_SECONDS",
+        default_value_t = 3600
+    )]
     pub default_ttl_seconds: u64,
     /// Longest TTL a session may ask for, seconds.
     #[arg(long, env = "SESSION_AGENT_MAX_TTL_SECONDS", default_value_t = 86_400)]
     pub max_ttl_seconds: u64,
     /// Default idle timeout, seconds.
-    #[arg(long, env = "SESSION_AGENT_IDLE_TIMEOUT_SECONDS", default_value_t = 900)]
+    #[arg(
+        long,
+        env = "SESSION_AGENT_IDLE_TIMEOUT_SECONDS",
+        default_value_t = 900
+    )]
     pub idle_timeout_seconds: u64,
     /// How long a new interpreter may take to answer, milliseconds.
     #[arg(long, env = "SESSION_AGENT_READY_TIMEOUT_MS", default_value_t = 30_000)]
     pub ready_timeout_ms: u64,
     /// After a timeout's SIGINT, how long the interpreter has to stop before it is killed.
-    #[arg(long, env = "SESSION_AGENT_INTERRUPT_GRACE_MS", default_value_t = 1_000)]
+    #[arg(
+        long,
+        env = "SESSION_AGENT_INTERRUPT_GRACE_MS",
+        default_value_t = 1_000
+    )]
     pub interrupt_grace_ms: u64,
     /// Largest request body (code, files), bytes.
     #[arg(long, env = "SESSION_AGENT_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -84,7 +109,11 @@ pub struct Config {
     #[arg(long, env = "SESSION_AGENT_MAX_MEMORY_MB", default_value_t = 4096)]
     pub max_memory_mb: u64,
     /// Default step timeout, milliseconds.
-    #[arg(long, env = "SESSION_AGENT_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "SESSION_AGENT_DEFAULT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
     pub default_timeout_ms: u64,
     /// Longest step timeout, milliseconds.
     #[arg(long, env = "SESSION_AGENT_MAX_TIMEOUT_MS", default_value_t = 600_000)]
@@ -94,8 +123,13 @@ pub struct Config {
 impl Config {
     /// Refuses unsafe or malformed settings, naming the variable.
     pub fn validate(&self) -> Result<(), String> {
-        shared::server::parse_listen_addr(&self.addr).map_err(|e| format!("SESSION_AGENT_ADDR: {e}"))?;
-        shared::env::refuse_in_production(&self.environment, "SESSION_AGENT_AUTH_BYPASS", self.auth_bypass)?;
+        shared::server::parse_listen_addr(&self.addr)
+            .map_err(|e| format!("SESSION_AGENT_ADDR: {e}"))?;
+        shared::env::refuse_in_production(
+            &self.environment,
+            "SESSION_AGENT_AUTH_BYPASS",
+            self.auth_bypass,
+        )?;
         shared::env::refuse_in_production(
             &self.environment,
             "SESSION_ISOLATION=none",
@@ -103,12 +137,20 @@ impl Config {
         )?;
         crate::pool::parse_targets(&self.warm_pool)?;
         for flag in self.runsc_flag_list() {
-            crate::isolation::flags::check_runsc_flag(&flag).map_err(|e| format!("SESSION_AGENT_RUNSC_FLAGS: {e}"))?;
+            crate::isolation::flags::check_runsc_flag(&flag)
+                .map_err(|e| format!("SESSION_AGENT_RUNSC_FLAGS: {e}"))?;
         }
         if self.isolation != IsolationKind::None {
-            for (var, path) in [("SESSION_AGENT_PYTHON", &self.python), ("SESSION_AGENT_NODE", &self.node), ("SESSION_AGENT_BASH", &self.bash)] {
+            for (var, path) in [
+                ("SESSION_AGENT_PYTHON", &self.python),
+                ("SESSION_AGENT_NODE", &self.node),
+                ("SESSION_AGENT_BASH", &self.bash),
+            ] {
                 if !path.starts_with("/usr") {
-                    return Err(format!("{var}={} must be under /usr: only /usr is visible inside sandboxes", path.display()));
+                    return Err(format!(
+                        "{var}={} must be under /usr: only /usr is visible inside sandboxes",
+                        path.display()
+                    ));
                 }
             }
         }
@@ -116,13 +158,19 @@ impl Config {
             return Err("SESSION_AGENT_MAX_SESSIONS must be at least 1".into());
         }
         if self.default_memory_mb > self.max_memory_mb {
-            return Err("SESSION_AGENT_DEFAULT_MEMORY_MB is above SESSION_AGENT_MAX_MEMORY_MB".into());
+            return Err(
+                "SESSION_AGENT_DEFAULT_MEMORY_MB is above SESSION_AGENT_MAX_MEMORY_MB".into(),
+            );
         }
         if self.default_timeout_ms > self.max_timeout_ms {
-            return Err("SESSION_AGENT_DEFAULT_TIMEOUT_MS is above SESSION_AGENT_MAX_TIMEOUT_MS".into());
+            return Err(
+                "SESSION_AGENT_DEFAULT_TIMEOUT_MS is above SESSION_AGENT_MAX_TIMEOUT_MS".into(),
+            );
         }
         if self.default_ttl_seconds > self.max_ttl_seconds {
-            return Err("SESSION_AGENT_DEFAULT_TTL_SECONDS is above SESSION_AGENT_MAX_TTL_SECONDS".into());
+            return Err(
+                "SESSION_AGENT_DEFAULT_TTL_SECONDS is above SESSION_AGENT_MAX_TTL_SECONDS".into(),
+            );
         }
         if self.output_limit_bytes == 0 || self.output_limit_bytes > 64 * 1024 * 1024 {
             return Err("SESSION_AGENT_OUTPUT_LIMIT_BYTES must be between 1 and 64 MiB".into());
@@ -131,11 +179,16 @@ impl Config {
     }
 
     fn runsc_flag_list(&self) -> Vec<String> {
-        self.runsc_flags.split_whitespace().map(str::to_owned).collect()
+        self.runsc_flags
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn workspace_root(&self) -> PathBuf {
-        self.workspace_root.clone().unwrap_or_else(|| self.state_dir.join("workspaces"))
+        self.workspace_root
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("workspaces"))
     }
 
     pub fn launcher_config(&self) -> LauncherConfig {
@@ -196,23 +249,43 @@ mod tests {
 
     #[test]
     fn bypass_and_none_are_refused_in_production() {
-        let e = parse(&["--env", "production", "--auth-bypass", "true"]).validate().unwrap_err();
+        let e = parse(&["--env", "production", "--auth-bypass", "true"])
+            .validate()
+            .unwrap_err();
         assert!(e.contains("SESSION_AGENT_AUTH_BYPASS"), "{e}");
-        let e = parse(&["--env", "production", "--isolation", "none"]).validate().unwrap_err();
+        let e = parse(&["--env", "production", "--isolation", "none"])
+            .validate()
+            .unwrap_err();
         assert!(e.contains("SESSION_ISOLATION"), "{e}");
-        assert!(parse(&["--env", "dev", "--auth-bypass", "true"]).validate().is_ok());
+        assert!(
+            parse(&["--env", "dev", "--auth-bypass", "true"])
+                .validate()
+                .is_ok()
+        );
         assert!(parse(&["--env", "production"]).validate().is_ok());
     }
 
     #[test]
     fn weakening_runsc_flags_are_refused_at_start() {
-        let e = parse(&["--runsc-flags=--overlay --network=host"]).validate().unwrap_err();
+        let e = parse(&["--runsc-flags=--overlay --network=host"])
+            .validate()
+            .unwrap_err();
         assert!(e.contains("SESSION_AGENT_RUNSC_FLAGS"), "{e}");
     }
 
     #[test]
     fn bad_pool_and_addr() {
-        assert!(parse(&["--warm-pool", "cobol=1"]).validate().unwrap_err().contains("WARM_POOL"));
-        assert!(parse(&["--addr", "x"]).validate().unwrap_err().contains("SESSION_AGENT_ADDR"));
+        assert!(
+            parse(&["--warm-pool", "cobol=1"])
+                .validate()
+                .unwrap_err()
+                .contains("WARM_POOL")
+        );
+        assert!(
+            parse(&["--addr", "x"])
+                .validate()
+                .unwrap_err()
+                .contains("SESSION_AGENT_ADDR")
+        );
     }
 }

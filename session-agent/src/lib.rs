@@ -31,24 +31,38 @@ use crate::sessions::SessionManager;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let addr = shared::server::parse_listen_addr(&config.addr).map_err(anyhow::Error::msg)?;
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     serve(listener, config, shutdown).await
 }
 
 /// Serves the agent on an already bound listener (tests bind port 0) until
 /// `shutdown`; then ends every session and destroys every sandbox it started.
-pub async fn serve(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     if config.auth_bypass {
-        tracing::warn!("SESSION_AGENT_AUTH_BYPASS=true: session tokens are NOT checked (development only)");
+        tracing::warn!(
+            "SESSION_AGENT_AUTH_BYPASS=true: session tokens are NOT checked (development only)"
+        );
     }
     if config.isolation == isolation::IsolationKind::None {
         tracing::warn!("SESSION_ISOLATION=none: code runs WITHOUT a sandbox (development only)");
     }
-    let launcher = Launcher::new(config.launcher_config()).await.context("preparing the sandbox launcher")?;
+    let launcher = Launcher::new(config.launcher_config())
+        .await
+        .context("preparing the sandbox launcher")?;
     let settings = config.settings();
-    std::fs::create_dir_all(&settings.workspace_root)
-        .with_context(|| format!("creating WORKSPACE_ROOT {}", settings.workspace_root.display()))?;
+    std::fs::create_dir_all(&settings.workspace_root).with_context(|| {
+        format!(
+            "creating WORKSPACE_ROOT {}",
+            settings.workspace_root.display()
+        )
+    })?;
     workspace::reap_workspaces(&settings.workspace_root);
     let targets = pool::parse_targets(&config.warm_pool).map_err(anyhow::Error::msg)?;
     let pool = WarmPool::new(targets);
@@ -70,7 +84,12 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: Cancellation
     }
     background.close();
 
-    let router = api::router(api::AppState { sessions: sessions.clone() }, config.max_body_bytes);
+    let router = api::router(
+        api::AppState {
+            sessions: sessions.clone(),
+        },
+        config.max_body_bytes,
+    );
     tracing::info!(addr = %listener.local_addr()?, isolation = config.isolation.as_str(), "session agent listening");
     let served = shared::server::serve(listener, router, shutdown.clone()).await;
 

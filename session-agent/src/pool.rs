@@ -35,7 +35,9 @@ pub fn parse_targets(spec: &str) -> Result<BTreeMap<Runtime, usize>, String> {
             .parse()
             .map_err(|_| format!("SESSION_AGENT_WARM_POOL: {count:?} is not a count"))?;
         if count > 64 {
-            return Err(format!("SESSION_AGENT_WARM_POOL: {count} idle sandboxes per runtime is more than 64"));
+            return Err(format!(
+                "SESSION_AGENT_WARM_POOL: {count} idle sandboxes per runtime is more than 64"
+            ));
         }
         out.insert(runtime, count);
     }
@@ -52,7 +54,11 @@ pub struct WarmPool {
 
 impl WarmPool {
     pub fn new(targets: BTreeMap<Runtime, usize>) -> Arc<Self> {
-        Arc::new(WarmPool { targets, idle: Mutex::new(BTreeMap::new()), wake: Notify::new() })
+        Arc::new(WarmPool {
+            targets,
+            idle: Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+        })
     }
 
     /// Takes an idle sandbox, if one is ready, and wakes the filler.
@@ -73,7 +79,9 @@ impl WarmPool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Runtime, VecDeque<WarmSandbox>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn missing(&self) -> Option<Runtime> {
@@ -133,7 +141,10 @@ impl WarmPool {
 
     /// Destroys every idle sandbox.
     pub async fn drain(&self) {
-        let all: Vec<WarmSandbox> = std::mem::take(&mut *self.lock()).into_values().flatten().collect();
+        let all: Vec<WarmSandbox> = std::mem::take(&mut *self.lock())
+            .into_values()
+            .flatten()
+            .collect();
         futures::future::join_all(all.into_iter().map(|w| async move {
             w.kernel.destroy().await;
             w.workspace.destroy();
@@ -152,7 +163,11 @@ mod tests {
         assert_eq!(t.get(&Runtime::Python), Some(&2));
         assert_eq!(t.get(&Runtime::Node), Some(&1));
         assert!(parse_targets("").unwrap().is_empty());
-        assert!(parse_targets("ruby=1").unwrap_err().contains("unknown runtime"));
+        assert!(
+            parse_targets("ruby=1")
+                .unwrap_err()
+                .contains("unknown runtime")
+        );
         assert!(parse_targets("python").is_err());
         assert!(parse_targets("python=x").is_err());
     }

@@ -49,29 +49,61 @@ impl Settings {
         let req = req.cloned().unwrap_or_default();
         let d = &self.defaults;
         let m = &self.maximums;
-        let pick = |name: &str, v: Option<u64>, default: u64, max: u64, min: u64| -> Result<u64, ApiError> {
+        let pick = |name: &str,
+                    v: Option<u64>,
+                    default: u64,
+                    max: u64,
+                    min: u64|
+         -> Result<u64, ApiError> {
             let v = v.unwrap_or(default);
             if v > max {
-                return Err(ApiError::new(ErrorCode::LimitExceeded, format!("limits.{name} = {v} is above the maximum of {max}")));
+                return Err(ApiError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("limits.{name} = {v} is above the maximum of {max}"),
+                ));
             }
             if v < min {
-                return Err(ApiError::new(ErrorCode::InvalidArgument, format!("limits.{name} = {v} is below the minimum of {min}")));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("limits.{name} = {v} is below the minimum of {min}"),
+                ));
             }
             Ok(v)
         };
         Ok(EffectiveLimits {
             memory_mb: pick("memoryMb", req.memory_mb, d.memory_mb, m.memory_mb, 64)?,
-            cpu_millicores: pick("cpuMillicores", req.cpu_millicores, d.cpu_millicores, m.cpu_millicores, 10)?,
-            max_processes: pick("maxProcesses", req.max_processes, d.max_processes, m.max_processes, 8)?,
+            cpu_millicores: pick(
+                "cpuMillicores",
+                req.cpu_millicores,
+                d.cpu_millicores,
+                m.cpu_millicores,
+                10,
+            )?,
+            max_processes: pick(
+                "maxProcesses",
+                req.max_processes,
+                d.max_processes,
+                m.max_processes,
+                8,
+            )?,
             disk_mb: pick("diskMb", req.disk_mb, d.disk_mb, m.disk_mb, 1)?,
             timeout_ms: pick("timeoutMs", req.timeout_ms, d.timeout_ms, m.timeout_ms, 1)?,
-            max_output_bytes: pick("maxOutputBytes", req.max_output_bytes, d.max_output_bytes, m.max_output_bytes, 1)?,
+            max_output_bytes: pick(
+                "maxOutputBytes",
+                req.max_output_bytes,
+                d.max_output_bytes,
+                m.max_output_bytes,
+                1,
+            )?,
         })
     }
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// SHA-256 of a token: compared in constant time, the token itself is not kept.
@@ -135,7 +167,8 @@ impl Session {
     fn expired(&self, now: u64) -> Option<&'static str> {
         if now >= self.expires_ms {
             Some("ttl")
-        } else if now.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= self.idle_timeout_ms
+        } else if now.saturating_sub(self.last_used_ms.load(Ordering::Relaxed))
+            >= self.idle_timeout_ms
             && self.kernel.try_lock().is_ok()
         {
             Some("idle")
@@ -168,7 +201,12 @@ pub struct StepRun {
 }
 
 impl SessionManager {
-    pub fn new(settings: Settings, launcher: Launcher, pool: Arc<WarmPool>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        settings: Settings,
+        launcher: Launcher,
+        pool: Arc<WarmPool>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(SessionManager {
             settings,
             launcher,
@@ -192,21 +230,43 @@ impl SessionManager {
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
-        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Number of live sessions.
     pub fn count(&self) -> usize {
-        self.slots().values().filter(|s| matches!(s, Slot::Ready(_))).count()
+        self.slots()
+            .values()
+            .filter(|s| matches!(s, Slot::Ready(_)))
+            .count()
     }
 
     /// Starts a sandbox with `limits` and a fresh workspace (a cold start).
-    pub async fn start_cold(&self, runtime: Runtime, limits: EffectiveLimits) -> Result<WarmSandbox, String> {
+    pub async fn start_cold(
+        &self,
+        runtime: Runtime,
+        limits: EffectiveLimits,
+    ) -> Result<WarmSandbox, String> {
         let sandbox_id = format!("sa-{}", hex::encode(rand::random::<[u8; 8]>()));
-        let workspace = Workspace::create(&self.settings.workspace_root, &sandbox_id, limits.disk_mb)
-            .map_err(|e| format!("workspace: {e}"))?;
-        let spec = SandboxSpec { sandbox_id, runtime, workspace: workspace.host_path.clone(), limits };
-        match Kernel::start(&self.launcher, &spec, self.settings.ready_timeout, self.settings.interrupt_grace).await {
+        let workspace =
+            Workspace::create(&self.settings.workspace_root, &sandbox_id, limits.disk_mb)
+                .map_err(|e| format!("workspace: {e}"))?;
+        let spec = SandboxSpec {
+            sandbox_id,
+            runtime,
+            workspace: workspace.host_path.clone(),
+            limits,
+        };
+        match Kernel::start(
+            &self.launcher,
+            &spec,
+            self.settings.ready_timeout,
+            self.settings.interrupt_grace,
+        )
+        .await
+        {
             Ok(kernel) => Ok(WarmSandbox { kernel, workspace }),
             Err(e) => {
                 workspace.destroy();
@@ -218,13 +278,20 @@ impl SessionManager {
     /// `POST /v1/sessions`.
     pub async fn create(&self, req: CreateSessionRequest) -> Result<SessionInfo, ApiError> {
         if self.shutdown.is_cancelled() {
-            return Err(ApiError::new(ErrorCode::ShuttingDown, "the agent is shutting down"));
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the agent is shutting down",
+            ));
         }
-        validate_id("sessionId", &req.session_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+        validate_id("sessionId", &req.session_id)
+            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
         let runtime = Runtime::parse(&req.runtime).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::UnknownRuntime,
-                format!("unknown runtime {:?}; available: python, node, bash", req.runtime),
+                format!(
+                    "unknown runtime {:?}; available: python, node, bash",
+                    req.runtime
+                ),
             )
         })?;
         let token = match (&req.token, self.settings.auth_bypass) {
@@ -237,33 +304,54 @@ impl SessionManager {
             (Some(t), _) => Some(TokenDigest::of(t)),
             (None, true) => None,
             (None, false) => {
-                return Err(ApiError::new(ErrorCode::InvalidArgument, "token is required (auth is enforced)"));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "token is required (auth is enforced)",
+                ));
             }
         };
         let limits = self.settings.resolve_limits(req.limits.as_ref())?;
         let env = req.env.clone().unwrap_or_default();
         validate_env(&env)?;
-        let ttl = req.ttl_seconds.map(Duration::from_secs).unwrap_or(self.settings.default_ttl);
+        let ttl = req
+            .ttl_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(self.settings.default_ttl);
         if ttl > self.settings.max_ttl || ttl.is_zero() {
             return Err(ApiError::new(
                 ErrorCode::LimitExceeded,
-                format!("ttlSeconds must be between 1 and {}", self.settings.max_ttl.as_secs()),
+                format!(
+                    "ttlSeconds must be between 1 and {}",
+                    self.settings.max_ttl.as_secs()
+                ),
             ));
         }
-        let idle = req.idle_timeout_seconds.map(Duration::from_secs).unwrap_or(self.settings.default_idle_timeout);
+        let idle = req
+            .idle_timeout_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(self.settings.default_idle_timeout);
         if idle.is_zero() {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, "idleTimeoutSeconds must be at least 1"));
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "idleTimeoutSeconds must be at least 1",
+            ));
         }
 
         {
             let mut slots = self.slots();
             if slots.contains_key(&req.session_id) {
-                return Err(ApiError::new(ErrorCode::SessionExists, format!("session {} already exists", req.session_id)));
+                return Err(ApiError::new(
+                    ErrorCode::SessionExists,
+                    format!("session {} already exists", req.session_id),
+                ));
             }
             if slots.len() >= self.settings.max_sessions {
                 return Err(ApiError::new(
                     ErrorCode::CapacityExhausted,
-                    format!("the agent holds its maximum of {} sessions", self.settings.max_sessions),
+                    format!(
+                        "the agent holds its maximum of {} sessions",
+                        self.settings.max_sessions
+                    ),
                 ));
             }
             slots.insert(req.session_id.clone(), Slot::Creating);
@@ -302,7 +390,10 @@ impl SessionManager {
                 if self.shutdown.is_cancelled() {
                     // Shutdown raced the creation: tear it down like the rest.
                     let _ = self.end(&info.session_id, "shutdown").await;
-                    return Err(ApiError::new(ErrorCode::ShuttingDown, "the agent is shutting down"));
+                    return Err(ApiError::new(
+                        ErrorCode::ShuttingDown,
+                        "the agent is shutting down",
+                    ));
                 }
                 Ok(info)
             }
@@ -321,28 +412,33 @@ impl SessionManager {
         limits: EffectiveLimits,
         env: &BTreeMap<String, String>,
     ) -> Result<(bool, WarmSandbox), ApiError> {
-        if limits == self.settings.defaults {
-            if let Some(mut warm) = self.pool.claim(runtime) {
-                match warm.kernel.set_env(env, self.settings.ready_timeout).await {
-                    Ok(()) => return Ok((true, warm)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a warm sandbox was dead; starting a cold one");
-                        warm.kernel.destroy().await;
-                        warm.workspace.destroy();
-                    }
+        if limits == self.settings.defaults
+            && let Some(mut warm) = self.pool.claim(runtime)
+        {
+            match warm.kernel.set_env(env, self.settings.ready_timeout).await {
+                Ok(()) => return Ok((true, warm)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a warm sandbox was dead; starting a cold one");
+                    warm.kernel.destroy().await;
+                    warm.workspace.destroy();
                 }
             }
         }
-        let mut sandbox = self
-            .start_cold(runtime, limits)
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::SandboxStartFailed, format!("could not start the sandbox: {e}")))?;
-        if !env.is_empty() {
-            if let Err(e) = sandbox.kernel.set_env(env, self.settings.ready_timeout).await {
-                sandbox.kernel.destroy().await;
-                sandbox.workspace.destroy();
-                return Err(ApiError::new(ErrorCode::SandboxStartFailed, e.to_string()));
-            }
+        let mut sandbox = self.start_cold(runtime, limits).await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::SandboxStartFailed,
+                format!("could not start the sandbox: {e}"),
+            )
+        })?;
+        if !env.is_empty()
+            && let Err(e) = sandbox
+                .kernel
+                .set_env(env, self.settings.ready_timeout)
+                .await
+        {
+            sandbox.kernel.destroy().await;
+            sandbox.workspace.destroy();
+            return Err(ApiError::new(ErrorCode::SandboxStartFailed, e.to_string()));
         }
         Ok((false, sandbox))
     }
@@ -351,12 +447,21 @@ impl SessionManager {
     pub fn authorize(&self, id: &str, token: Option<&str>) -> Result<Arc<Session>, ApiError> {
         let session = match self.slots().get(id) {
             Some(Slot::Ready(s)) => s.clone(),
-            _ => return Err(ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"))),
-        };
-        if let Some(digest) = &session.token {
-            if !self.settings.auth_bypass && !digest.matches(token) {
-                return Err(ApiError::new(ErrorCode::Unauthorized, "missing or wrong X-Session-Token"));
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::SessionNotFound,
+                    format!("no session {id}"),
+                ));
             }
+        };
+        if let Some(digest) = &session.token
+            && !self.settings.auth_bypass
+            && !digest.matches(token)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong X-Session-Token",
+            ));
         }
         Ok(session)
     }
@@ -371,7 +476,9 @@ impl SessionManager {
                 Slot::Ready(s) => Some(s),
                 Slot::Creating => None,
             })
-            .filter(|s| self.settings.auth_bypass || s.token.as_ref().is_some_and(|d| d.matches(token)))
+            .filter(|s| {
+                self.settings.auth_bypass || s.token.as_ref().is_some_and(|d| d.matches(token))
+            })
             .map(|s| s.info())
             .collect();
         out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
@@ -380,38 +487,62 @@ impl SessionManager {
 
     /// Validates a step and takes the session's kernel for it.
     pub fn begin_step(&self, req: StepRequest, token: Option<&str>) -> Result<StepRun, ApiError> {
-        validate_id("stepId", &req.step_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+        validate_id("stepId", &req.step_id)
+            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
         let session = self.authorize(&req.session_id, token)?;
         let mode = req.mode.unwrap_or_default();
         if mode == StepMode::Handler && session.runtime == Runtime::Bash {
-            return Err(ApiError::new(ErrorCode::UnsupportedMode, "handler mode is available for python and node"));
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMode,
+                "handler mode is available for python and node",
+            ));
         }
         if session.runtime == Runtime::Bash && req.code.contains('\0') {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, "bash code cannot contain NUL bytes"));
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "bash code cannot contain NUL bytes",
+            ));
         }
-        if let Some(t) = req.timeout_ms {
-            if t > self.settings.maximums.timeout_ms || t == 0 {
-                return Err(ApiError::new(
-                    ErrorCode::LimitExceeded,
-                    format!("timeoutMs must be between 1 and {}", self.settings.maximums.timeout_ms),
-                ));
-            }
+        if let Some(t) = req.timeout_ms
+            && (t > self.settings.maximums.timeout_ms || t == 0)
+        {
+            return Err(ApiError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "timeoutMs must be between 1 and {}",
+                    self.settings.maximums.timeout_ms
+                ),
+            ));
         }
         let kernel = session.kernel.clone().try_lock_owned().map_err(|_| {
-            ApiError::new(ErrorCode::SessionBusy, format!("session {} is running another step", session.id))
+            ApiError::new(
+                ErrorCode::SessionBusy,
+                format!("session {} is running another step", session.id),
+            )
         })?;
         if kernel.is_none() {
             return Err(ApiError::new(
                 ErrorCode::SandboxUnavailable,
-                format!("session {}'s sandbox is gone and could not be restarted; delete it", session.id),
+                format!(
+                    "session {}'s sandbox is gone and could not be restarted; delete it",
+                    session.id
+                ),
             ));
         }
         session.touch();
-        Ok(StepRun { session, kernel, req })
+        Ok(StepRun {
+            session,
+            kernel,
+            req,
+        })
     }
 
     /// Runs a step to its end, restarting the interpreter when it died.
-    pub async fn run_step(&self, mut run: StepRun, sink: Option<mpsc::Sender<OutputEvent>>) -> StepResult {
+    pub async fn run_step(
+        &self,
+        mut run: StepRun,
+        sink: Option<mpsc::Sender<OutputEvent>>,
+    ) -> StepResult {
         let started = std::time::Instant::now();
         let session = run.session.clone();
         let limits = session.limits;
@@ -467,8 +598,13 @@ impl SessionManager {
             workspace: session.workspace.host_path.clone(),
             limits: session.limits,
         };
-        let started =
-            Kernel::start(&self.launcher, &spec, self.settings.ready_timeout, self.settings.interrupt_grace).await;
+        let started = Kernel::start(
+            &self.launcher,
+            &spec,
+            self.settings.ready_timeout,
+            self.settings.interrupt_grace,
+        )
+        .await;
         match started {
             Ok(mut k) => {
                 if let Err(e) = k.set_env(&session.env, self.settings.ready_timeout).await {
@@ -493,9 +629,17 @@ impl SessionManager {
             Some(Slot::Creating) => {
                 // Not ours to remove yet: put it back.
                 self.slots().insert(id.to_owned(), Slot::Creating);
-                return Err(ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}")));
+                return Err(ApiError::new(
+                    ErrorCode::SessionNotFound,
+                    format!("no session {id}"),
+                ));
             }
-            None => return Err(ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"))),
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::SessionNotFound,
+                    format!("no session {id}"),
+                ));
+            }
         };
         self.destroy(session, reason).await;
         Ok(())
@@ -591,14 +735,23 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
             && !k.as_bytes()[0].is_ascii_digit()
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !ok_name {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, format!("env name {k:?} is not [A-Za-z_][A-Za-z0-9_]*")));
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("env name {k:?} is not [A-Za-z_][A-Za-z0-9_]*"),
+            ));
         }
         if v.contains('\0') {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, format!("env {k} contains a NUL byte")));
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("env {k} contains a NUL byte"),
+            ));
         }
     }
     if env.len() > 256 {
-        return Err(ApiError::new(ErrorCode::InvalidArgument, "at most 256 env variables"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "at most 256 env variables",
+        ));
     }
     Ok(())
 }
@@ -618,7 +771,10 @@ mod tests {
         };
         Settings {
             defaults: l,
-            maximums: EffectiveLimits { memory_mb: 2048, ..l },
+            maximums: EffectiveLimits {
+                memory_mb: 2048,
+                ..l
+            },
             auth_bypass: false,
             max_sessions: 4,
             default_ttl: Duration::from_secs(60),
@@ -633,10 +789,20 @@ mod tests {
     #[test]
     fn limits_above_maximum_name_the_limit() {
         let s = settings();
-        let e = s.resolve_limits(Some(&Limits { memory_mb: Some(4096), ..Default::default() })).unwrap_err();
+        let e = s
+            .resolve_limits(Some(&Limits {
+                memory_mb: Some(4096),
+                ..Default::default()
+            }))
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::LimitExceeded);
         assert!(e.message.contains("memoryMb"), "{}", e.message);
-        let ok = s.resolve_limits(Some(&Limits { memory_mb: Some(1024), ..Default::default() })).unwrap();
+        let ok = s
+            .resolve_limits(Some(&Limits {
+                memory_mb: Some(1024),
+                ..Default::default()
+            }))
+            .unwrap();
         assert_eq!(ok.memory_mb, 1024);
         assert_eq!(ok.timeout_ms, 30_000);
     }

@@ -27,17 +27,28 @@ impl Workspace {
     pub fn create(root: &Path, id: &str, size_mb: u64) -> io::Result<Workspace> {
         let host_path = root.join(id);
         std::fs::create_dir_all(&host_path)?;
-        let data = std::ffi::CString::new(format!("size={size_mb}m,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_UID}"))
-            .map_err(io::Error::other)?;
+        let data = std::ffi::CString::new(format!(
+            "size={size_mb}m,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_UID}"
+        ))
+        .map_err(io::Error::other)?;
         let flags = rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV;
-        let mounted = match rustix::mount::mount("tmpfs", &host_path, "tmpfs", flags, Some(data.as_c_str())) {
+        let mounted = match rustix::mount::mount(
+            "tmpfs",
+            &host_path,
+            "tmpfs",
+            flags,
+            Some(data.as_c_str()),
+        ) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(path = %host_path.display(), error = %e,
                     "cannot mount a tmpfs workspace; using a plain directory (not size-limited, on disk)");
                 let dir = std::fs::File::open(&host_path)?;
                 std::os::unix::fs::fchown(&dir, Some(SANDBOX_UID), Some(SANDBOX_UID))?;
-                std::fs::set_permissions(&host_path, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+                std::fs::set_permissions(
+                    &host_path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                )?;
                 false
             }
         };
@@ -46,15 +57,16 @@ impl Workspace {
 
     /// Unmounts (discarding the tmpfs contents) and removes the directory.
     pub fn destroy(&self) {
-        if self.mounted {
-            if let Err(e) = rustix::mount::unmount(&self.host_path, rustix::mount::UnmountFlags::DETACH) {
-                tracing::warn!(path = %self.host_path.display(), error = %e, "unmounting workspace failed");
-            }
+        if self.mounted
+            && let Err(e) =
+                rustix::mount::unmount(&self.host_path, rustix::mount::UnmountFlags::DETACH)
+        {
+            tracing::warn!(path = %self.host_path.display(), error = %e, "unmounting workspace failed");
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.host_path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.host_path.display(), error = %e, "removing workspace failed");
-            }
+        if let Err(e) = std::fs::remove_dir_all(&self.host_path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.host_path.display(), error = %e, "removing workspace failed");
         }
     }
 
@@ -67,22 +79,41 @@ impl Workspace {
     pub fn list(&self, rel: &str) -> Result<Vec<FileEntry>, ApiError> {
         let path = clean_path(rel, true)?;
         let root = self.dir()?;
-        let dir = if path.as_os_str().is_empty() { root } else { root.open_dir_nofollow(&path).map_err(io_err)? };
+        let dir = if path.as_os_str().is_empty() {
+            root
+        } else {
+            root.open_dir_nofollow(&path).map_err(io_err)?
+        };
         let mut out = Vec::new();
         for entry in dir.entries().map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let meta = entry.metadata().map_err(io_err)?;
             let ft = meta.file_type();
-            let kind = if ft.is_file() { "file" } else if ft.is_dir() { "dir" } else { "other" };
+            let kind = if ft.is_file() {
+                "file"
+            } else if ft.is_dir() {
+                "dir"
+            } else {
+                "other"
+            };
             let modified_ms = meta
                 .modified()
                 .ok()
                 .and_then(|t| t.into_std().duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0);
-            let full = if path.as_os_str().is_empty() { name } else { format!("{}/{name}", path.display()) };
-            out.push(FileEntry { path: full, kind: kind.into(), size: meta.len(), modified_ms });
+            let full = if path.as_os_str().is_empty() {
+                name
+            } else {
+                format!("{}/{name}", path.display())
+            };
+            out.push(FileEntry {
+                path: full,
+                kind: kind.into(),
+                size: meta.len(),
+                modified_ms,
+            });
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
@@ -105,11 +136,19 @@ impl Workspace {
         let path = clean_path(rel, false)?;
         let mut opts = OpenOptions::new();
         // O_NONBLOCK: a FIFO planted by the sandbox must not hang the agent.
-        opts.read(true).custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK);
-        let file = self.dir()?.open_with(&path, &opts).map_err(io_err)?.into_std();
+        opts.read(true)
+            .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK);
+        let file = self
+            .dir()?
+            .open_with(&path, &opts)
+            .map_err(io_err)?
+            .into_std();
         let meta = file.metadata().map_err(io_err)?;
         if !meta.is_file() {
-            return Err(ApiError::new(ErrorCode::NotAFile, format!("{rel} is not a regular file")));
+            return Err(ApiError::new(
+                ErrorCode::NotAFile,
+                format!("{rel} is not a regular file"),
+            ));
         }
         Ok(file)
     }
@@ -129,15 +168,28 @@ impl Workspace {
                 Err(e) => return Err(io_err(e)),
             }
             // The directory fd may be O_PATH, so chown by name, not by fd.
-            rustix::fs::chownat(&dir, Path::new(part), Some(sandbox_uid()), Some(sandbox_gid()), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| io_err(e.into()))?;
+            rustix::fs::chownat(
+                &dir,
+                Path::new(part),
+                Some(sandbox_uid()),
+                Some(sandbox_gid()),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_err(e.into()))?;
             dir = dir.open_dir_nofollow(Path::new(part)).map_err(io_err)?;
         }
         let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true).mode(0o644).custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK);
+        opts.write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK);
         let file = dir.open_with(last, &opts).map_err(io_err)?.into_std();
         if !file.metadata().map_err(io_err)?.is_file() {
-            return Err(ApiError::new(ErrorCode::NotAFile, format!("{rel} is not a regular file")));
+            return Err(ApiError::new(
+                ErrorCode::NotAFile,
+                format!("{rel} is not a regular file"),
+            ));
         }
         std::os::unix::fs::fchown(&file, Some(SANDBOX_UID), Some(SANDBOX_UID)).map_err(io_err)?;
         use std::io::Write;
@@ -183,7 +235,10 @@ impl OpenDirNoFollow for Dir {
     fn open_dir_nofollow(&self, path: &Path) -> io::Result<Dir> {
         let meta = self.symlink_metadata(path)?;
         if meta.file_type().is_symlink() {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a symlink is not a directory here"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a symlink is not a directory here",
+            ));
         }
         self.open_dir(path)
     }
@@ -197,65 +252,94 @@ fn bad_path(msg: &str) -> ApiError {
 /// bounded length. `.` and empty segments are dropped.
 pub fn clean_path(rel: &str, allow_root: bool) -> Result<PathBuf, ApiError> {
     if rel.len() > 4096 {
-        return Err(ApiError::new(ErrorCode::InvalidArgument, "path is longer than 4096 bytes"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "path is longer than 4096 bytes",
+        ));
     }
     if rel.contains('\0') {
         return Err(bad_path("path contains a NUL byte"));
     }
     if rel.starts_with('/') {
-        return Err(bad_path("absolute paths are refused: paths are relative to the workspace"));
+        return Err(bad_path(
+            "absolute paths are refused: paths are relative to the workspace",
+        ));
     }
     let mut out = PathBuf::new();
     for comp in Path::new(rel).components() {
         match comp {
             Component::Normal(part) => {
                 if part.len() > 255 {
-                    return Err(ApiError::new(ErrorCode::InvalidArgument, "a path segment is longer than 255 bytes"));
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        "a path segment is longer than 255 bytes",
+                    ));
                 }
                 out.push(part);
             }
             Component::CurDir => {}
-            Component::ParentDir => return Err(bad_path("'..' is refused: paths must stay inside the workspace")),
-            Component::RootDir | Component::Prefix(_) => return Err(bad_path("absolute paths are refused")),
+            Component::ParentDir => {
+                return Err(bad_path(
+                    "'..' is refused: paths must stay inside the workspace",
+                ));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(bad_path("absolute paths are refused"));
+            }
         }
     }
     if out.as_os_str().is_empty() && !allow_root {
-        return Err(ApiError::new(ErrorCode::InvalidArgument, "a file path is required"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "a file path is required",
+        ));
     }
     Ok(out)
 }
 
 fn io_err(e: io::Error) -> ApiError {
     match e.kind() {
-        io::ErrorKind::NotFound => ApiError::new(ErrorCode::FileNotFound, "no such file in the workspace"),
+        io::ErrorKind::NotFound => {
+            ApiError::new(ErrorCode::FileNotFound, "no such file in the workspace")
+        }
         // cap-std reports a path that leads outside the directory (through a
         // symlink or otherwise) as PermissionDenied; the agent runs as root, so
         // nothing else inside the workspace is denied.
-        io::ErrorKind::PermissionDenied => bad_path("the path leads outside the workspace (symlinks out are refused)"),
+        io::ErrorKind::PermissionDenied => {
+            bad_path("the path leads outside the workspace (symlinks out are refused)")
+        }
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
             ApiError::new(ErrorCode::WorkspaceFull, "the workspace is full")
         }
         io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory => {
             ApiError::new(ErrorCode::NotAFile, format!("wrong kind of file: {e}"))
         }
-        io::ErrorKind::DirectoryNotEmpty => ApiError::new(ErrorCode::InvalidArgument, e.to_string()),
+        io::ErrorKind::DirectoryNotEmpty => {
+            ApiError::new(ErrorCode::InvalidArgument, e.to_string())
+        }
         _ if e.raw_os_error() == Some(40) => bad_path("the path goes through a symlink"), // ELOOP
-        _ if e.raw_os_error() == Some(28) => ApiError::new(ErrorCode::WorkspaceFull, "the workspace is full"), // ENOSPC
-        _ if e.raw_os_error() == Some(6) => ApiError::new(ErrorCode::NotAFile, "not a regular file"), // ENXIO (FIFO)
+        _ if e.raw_os_error() == Some(28) => {
+            ApiError::new(ErrorCode::WorkspaceFull, "the workspace is full")
+        } // ENOSPC
+        _ if e.raw_os_error() == Some(6) => {
+            ApiError::new(ErrorCode::NotAFile, "not a regular file")
+        } // ENXIO (FIFO)
         _ => ApiError::new(ErrorCode::Internal, format!("workspace I/O failed: {e}")),
     }
 }
 
 /// Unmounts and removes workspaces a previous agent left under `root`.
 pub fn reap_workspaces(root: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let prefix = format!("{}/", root.display());
     for line in mounts.lines() {
-        if let Some(mp) = line.split(' ').nth(4) {
-            if mp.starts_with(&prefix) {
-                tracing::warn!(path = mp, "unmounting a workspace left by a previous agent");
-                let _ = rustix::mount::unmount(mp, rustix::mount::UnmountFlags::DETACH);
-            }
+        if let Some(mp) = line.split(' ').nth(4)
+            && mp.starts_with(&prefix)
+        {
+            tracing::warn!(path = mp, "unmounting a workspace left by a previous agent");
+            let _ = rustix::mount::unmount(mp, rustix::mount::UnmountFlags::DETACH);
         }
     }
     if let Ok(entries) = std::fs::read_dir(root) {
@@ -276,7 +360,10 @@ mod tests {
             assert_eq!(err.code, ErrorCode::PathOutsideWorkspace, "{bad}");
         }
         assert_eq!(clean_path("./a//b/", false).unwrap(), PathBuf::from("a/b"));
-        assert_eq!(clean_path("", false).unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(
+            clean_path("", false).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
         assert!(clean_path("", true).unwrap().as_os_str().is_empty());
     }
 
@@ -284,7 +371,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("ws");
         std::fs::create_dir(&path).unwrap();
-        (tmp, Workspace { host_path: path, mounted: false })
+        (
+            tmp,
+            Workspace {
+                host_path: path,
+                mounted: false,
+            },
+        )
     }
 
     #[test]
@@ -298,10 +391,22 @@ mod tests {
             let e = ws.open_read(p).unwrap_err();
             assert_eq!(e.code, ErrorCode::PathOutsideWorkspace, "{p}: {e}");
         }
-        assert_eq!(ws.open_read("dirlink/secret").unwrap_err().code, ErrorCode::PathOutsideWorkspace);
-        assert_eq!(ws.write("dirlink/new", b"x").unwrap_err().code, ErrorCode::PathOutsideWorkspace);
-        assert_eq!(ws.write("abs", b"x").unwrap_err().code, ErrorCode::PathOutsideWorkspace);
-        assert_eq!(ws.list("dirlink").unwrap_err().code, ErrorCode::PathOutsideWorkspace);
+        assert_eq!(
+            ws.open_read("dirlink/secret").unwrap_err().code,
+            ErrorCode::PathOutsideWorkspace
+        );
+        assert_eq!(
+            ws.write("dirlink/new", b"x").unwrap_err().code,
+            ErrorCode::PathOutsideWorkspace
+        );
+        assert_eq!(
+            ws.write("abs", b"x").unwrap_err().code,
+            ErrorCode::PathOutsideWorkspace
+        );
+        assert_eq!(
+            ws.list("dirlink").unwrap_err().code,
+            ErrorCode::PathOutsideWorkspace
+        );
         assert!(!tmp.path().join("new").exists());
         // Deleting the link removes the link, not the target.
         ws.delete("rel").unwrap();
@@ -314,7 +419,10 @@ mod tests {
         ws.write("a/b/c.txt", b"hello").unwrap();
         let mut s = String::new();
         use std::io::Read;
-        ws.open_read("a/b/c.txt").unwrap().read_to_string(&mut s).unwrap();
+        ws.open_read("a/b/c.txt")
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
         assert_eq!(s, "hello");
         let list = ws.list("a").unwrap();
         assert_eq!(list.len(), 1);
@@ -322,6 +430,9 @@ mod tests {
         assert_eq!(list[0].kind, "dir");
         assert_eq!(ws.open_read("a").unwrap_err().code, ErrorCode::NotAFile);
         ws.delete("a").unwrap();
-        assert_eq!(ws.open_read("a/b/c.txt").unwrap_err().code, ErrorCode::FileNotFound);
+        assert_eq!(
+            ws.open_read("a/b/c.txt").unwrap_err().code,
+            ErrorCode::FileNotFound
+        );
     }
 }

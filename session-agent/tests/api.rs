@@ -1,5 +1,6 @@
 //! The agent's HTTP contract against real sandboxes: tokens, bad input,
 //! files and traversal, busy sessions, TTL and idle timeouts, the warm pool.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 
@@ -24,35 +25,103 @@ async fn token_checks() {
     agent.session("b", "python", &tb).await;
     let body = step_body("a", "1 + 1");
 
-    let (s, e) = agent.raw("POST", "/v1/steps", &[JSON], Some(body.clone())).await;
-    assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")), "missing token: {e}");
+    let (s, e) = agent
+        .raw("POST", "/v1/steps", &[JSON], Some(body.clone()))
+        .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (401, Some("unauthorized")),
+        "missing token: {e}"
+    );
     let wrong = token();
-    let (s, _) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &wrong)], Some(body.clone())).await;
+    let (s, _) = agent
+        .raw(
+            "POST",
+            "/v1/steps",
+            &[JSON, ("x-session-token", &wrong)],
+            Some(body.clone()),
+        )
+        .await;
     assert_eq!(s, 401, "wrong token");
-    let (s, _) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &tb)], Some(body.clone())).await;
+    let (s, _) = agent
+        .raw(
+            "POST",
+            "/v1/steps",
+            &[JSON, ("x-session-token", &tb)],
+            Some(body.clone()),
+        )
+        .await;
     assert_eq!(s, 401, "another session's token");
-    let (s, r) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &ta)], Some(body)).await;
+    let (s, r) = agent
+        .raw(
+            "POST",
+            "/v1/steps",
+            &[JSON, ("x-session-token", &ta)],
+            Some(body),
+        )
+        .await;
     assert_eq!((s, r["result"].clone()), (200, json!(2)));
 
     // Files, get and delete need the token too.
-    for (m, p) in [("GET", "/v1/sessions/a"), ("GET", "/v1/sessions/a/files"), ("PUT", "/v1/sessions/a/files/x"), ("DELETE", "/v1/sessions/a")] {
-        let (s, _) = agent.raw(m, p, &[("x-session-token", &tb)], Some(b"x".to_vec())).await;
+    for (m, p) in [
+        ("GET", "/v1/sessions/a"),
+        ("GET", "/v1/sessions/a/files"),
+        ("PUT", "/v1/sessions/a/files/x"),
+        ("DELETE", "/v1/sessions/a"),
+    ] {
+        let (s, _) = agent
+            .raw(m, p, &[("x-session-token", &tb)], Some(b"x".to_vec()))
+            .await;
         assert_eq!(s, 401, "{m} {p} with another session's token");
     }
     // A listing shows only the session the token opens.
     let list = agent.client.list_sessions(Some(&ta)).await.unwrap();
-    assert_eq!(list.sessions.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>(), vec!["a"]);
-    assert!(agent.client.list_sessions(None).await.unwrap().sessions.is_empty());
+    assert_eq!(
+        list.sessions
+            .iter()
+            .map(|s| s.session_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a"]
+    );
+    assert!(
+        agent
+            .client
+            .list_sessions(None)
+            .await
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
 
     // Tokens are required and must be long; header and body must agree.
-    let (s, e) = agent.raw("POST", "/v1/sessions", &[JSON], Some(br#"{"sessionId":"c","runtime":"python"}"#.to_vec())).await;
+    let (s, e) = agent
+        .raw(
+            "POST",
+            "/v1/sessions",
+            &[JSON],
+            Some(br#"{"sessionId":"c","runtime":"python"}"#.to_vec()),
+        )
+        .await;
     assert_eq!((s, e["code"].as_str()), (400, Some("invalid_argument")));
     let (s, _) = agent
-        .raw("POST", "/v1/sessions", &[JSON], Some(br#"{"sessionId":"c","runtime":"python","token":"short"}"#.to_vec()))
+        .raw(
+            "POST",
+            "/v1/sessions",
+            &[JSON],
+            Some(br#"{"sessionId":"c","runtime":"python","token":"short"}"#.to_vec()),
+        )
         .await;
     assert_eq!(s, 400);
-    let b = serde_json::to_vec(&json!({"sessionId": "c", "runtime": "python", "token": token()})).unwrap();
-    let (s, _) = agent.raw("POST", "/v1/sessions", &[JSON, ("x-session-token", &ta)], Some(b)).await;
+    let b = serde_json::to_vec(&json!({"sessionId": "c", "runtime": "python", "token": token()}))
+        .unwrap();
+    let (s, _) = agent
+        .raw(
+            "POST",
+            "/v1/sessions",
+            &[JSON, ("x-session-token", &ta)],
+            Some(b),
+        )
+        .await;
     assert_eq!(s, 401);
     agent.stop().await;
 }
@@ -60,11 +129,34 @@ async fn token_checks() {
 #[tokio::test]
 async fn auth_bypass_accepts_tokenless_sessions() {
     let agent = TestAgent::start(&["--auth-bypass", "true"]).await;
-    let (s, _) = agent.raw("POST", "/v1/sessions", &[JSON], Some(br#"{"sessionId":"c","runtime":"bash"}"#.to_vec())).await;
+    let (s, _) = agent
+        .raw(
+            "POST",
+            "/v1/sessions",
+            &[JSON],
+            Some(br#"{"sessionId":"c","runtime":"bash"}"#.to_vec()),
+        )
+        .await;
     assert_eq!(s, 201);
-    let (s, r) = agent.raw("POST", "/v1/steps", &[JSON], Some(step_body("c", "echo hi"))).await;
+    let (s, r) = agent
+        .raw(
+            "POST",
+            "/v1/steps",
+            &[JSON],
+            Some(step_body("c", "echo hi")),
+        )
+        .await;
     assert_eq!((s, r["stdout"].as_str()), (200, Some("hi\n")));
-    assert_eq!(agent.client.list_sessions(None).await.unwrap().sessions.len(), 1);
+    assert_eq!(
+        agent
+            .client
+            .list_sessions(None)
+            .await
+            .unwrap()
+            .sessions
+            .len(),
+        1
+    );
     agent.stop().await;
 }
 
@@ -74,7 +166,16 @@ async fn bad_input_gets_coded_4xx() {
     let t = token();
     agent.session("a", "python", &t).await;
     let auth = ("x-session-token", t.as_str());
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+    // (method, path, headers, body, expected status, expected code)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case<'_>> = vec![
         ("POST", "/v1/steps", vec![JSON, auth], b"{not json".to_vec(), 400, "invalid_json"),
         ("POST", "/v1/steps", vec![JSON, auth], br#"{"sessionId":"a"}"#.to_vec(), 400, "invalid_json"),
         ("POST", "/v1/steps", vec![JSON, auth], br#"{"sessionId":"a","stepId":"s","code":"1","bogus":1}"#.to_vec(), 400, "invalid_json"),
@@ -115,25 +216,56 @@ async fn files_api_and_traversal() {
     let t = token();
     agent.session("f", "python", &t).await;
     let c = &agent.client;
-    c.write_file("f", "data/in.txt", "from the api", Some(&t)).await.unwrap();
+    c.write_file("f", "data/in.txt", "from the api", Some(&t))
+        .await
+        .unwrap();
     let r = agent.step("f", &t, "open('data/in.txt').read()").await;
     assert_eq!(r.result, Some(json!("from the api")));
-    let r = agent.step("f", &t, "open('data/in.txt', 'a').write('!')\nopen('out.bin', 'wb').write(bytes(range(256)))").await;
+    let r = agent
+        .step(
+            "f",
+            &t,
+            "open('data/in.txt', 'a').write('!')\nopen('out.bin', 'wb').write(bytes(range(256)))",
+        )
+        .await;
     assert_eq!(r.status, StepStatus::Ok, "{r:?}");
-    assert_eq!(c.read_file("f", "data/in.txt", Some(&t)).await.unwrap(), "from the api!".as_bytes());
-    assert_eq!(c.read_file("f", "out.bin", Some(&t)).await.unwrap().to_vec(), (0..=255u8).collect::<Vec<_>>());
+    assert_eq!(
+        c.read_file("f", "data/in.txt", Some(&t)).await.unwrap(),
+        "from the api!".as_bytes()
+    );
+    assert_eq!(
+        c.read_file("f", "out.bin", Some(&t))
+            .await
+            .unwrap()
+            .to_vec(),
+        (0..=255u8).collect::<Vec<_>>()
+    );
     let root = c.list_files("f", "", Some(&t)).await.unwrap();
-    let names: Vec<_> = root.files.iter().map(|f| (f.path.as_str(), f.kind.as_str())).collect();
+    let names: Vec<_> = root
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.kind.as_str()))
+        .collect();
     assert_eq!(names, vec![("data", "dir"), ("out.bin", "file")]);
     let sub = c.list_files("f", "data", Some(&t)).await.unwrap();
     assert_eq!(sub.files[0].path, "data/in.txt");
     assert_eq!(sub.files[0].size, 13);
     c.delete_file("f", "out.bin", Some(&t)).await.unwrap();
-    assert_eq!(c.read_file("f", "out.bin", Some(&t)).await.unwrap_err().code(), Some(ErrorCode::FileNotFound));
+    assert_eq!(
+        c.read_file("f", "out.bin", Some(&t))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::FileNotFound)
+    );
 
     // Escapes, in every encoding, planted symlinks and special files.
     agent
-        .step("f", &t, "import os\nos.symlink('/etc/passwd', 'abs')\nos.symlink('../../..', 'up')")
+        .step(
+            "f",
+            &t,
+            "import os\nos.symlink('/etc/passwd', 'abs')\nos.symlink('../../..', 'up')",
+        )
         .await;
     for path in [
         "/v1/sessions/f/files/..%2F..%2Fetc%2Fpasswd",
@@ -149,17 +281,44 @@ async fn files_api_and_traversal() {
             }
             let (s, e) = agent.raw_tcp(method, path, &t, b"pwned").await;
             assert_eq!(s, 400, "{method} {path}: {e}");
-            assert_eq!(e["code"].as_str(), Some("path_outside_workspace"), "{method} {path}: {e}");
+            assert_eq!(
+                e["code"].as_str(),
+                Some("path_outside_workspace"),
+                "{method} {path}: {e}"
+            );
         }
     }
     // gVisor keeps FIFOs inside the sandbox; plant one on the host side, as
     // a bwrap or `none` sandbox could, and check the agent does not hang.
-    let ws = std::fs::read_dir(agent.state.path().join("workspaces")).unwrap().next().unwrap().unwrap().path();
-    rustix::fs::mknodat(rustix::fs::CWD, &ws.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o644), 0).unwrap();
-    let (s, e) = agent.raw("GET", "/v1/sessions/f/files/fifo", &[("x-session-token", t.as_str())], None).await;
+    let ws = std::fs::read_dir(agent.state.path().join("workspaces"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        ws.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from(0o644),
+        0,
+    )
+    .unwrap();
+    let (s, e) = agent
+        .raw(
+            "GET",
+            "/v1/sessions/f/files/fifo",
+            &[("x-session-token", t.as_str())],
+            None,
+        )
+        .await;
     assert_eq!((s, e["code"].as_str()), (400, Some("not_a_file")), "{e}");
     // The host's files are untouched.
-    assert!(std::fs::read_to_string("/etc/passwd").unwrap().contains("root:"));
+    assert!(
+        std::fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .contains("root:")
+    );
     // Deleting a symlink removes the link, not its target.
     c.delete_file("f", "abs", Some(&t)).await.unwrap();
     assert!(std::path::Path::new("/etc/passwd").exists());
@@ -187,7 +346,14 @@ async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (s, e) = agent.raw("POST", "/v1/steps", &[JSON, ("x-session-token", &t)], Some(step_body("busy", "1"))).await;
+    let (s, e) = agent
+        .raw(
+            "POST",
+            "/v1/steps",
+            &[JSON, ("x-session-token", &t)],
+            Some(step_body("busy", "1")),
+        )
+        .await;
     assert_eq!((s, e["code"].as_str()), (409, Some("session_busy")), "{e}");
     let started = std::time::Instant::now();
     agent.client.delete_session("busy", Some(&t)).await.unwrap();
@@ -195,7 +361,11 @@ async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
     assert_eq!(r.status, StepStatus::Killed, "{r:?}");
     assert_eq!(r.error.unwrap().kind, "SessionEnded");
     assert!(started.elapsed() < Duration::from_secs(15));
-    let e = agent.client.get_session("busy", Some(&t)).await.unwrap_err();
+    let e = agent
+        .client
+        .get_session("busy", Some(&t))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::SessionNotFound));
     agent.stop().await;
 }
@@ -225,13 +395,19 @@ async fn ttl_and_idle_timeout_end_sessions() {
         if ttl_gone && idle_gone {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "sessions did not expire");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions did not expire"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Workspaces are wiped once teardown finishes.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::fs::read_dir(&ws_root).unwrap().count() > 0 {
-        assert!(std::time::Instant::now() < deadline, "workspaces were not removed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workspaces were not removed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     agent.stop().await;
@@ -247,7 +423,11 @@ async fn warm_pool_is_claimed_once_and_refilled() {
             if h.warm_pool.get("python") == Some(&1) && h.warm_pool.get("bash") == Some(&1) {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "pool did not fill: {:?}", h.warm_pool);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pool did not fill: {:?}",
+                h.warm_pool
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
@@ -256,7 +436,10 @@ async fn warm_pool_is_claimed_once_and_refilled() {
     let info = agent.session("w1", "python", &t).await;
     assert_eq!(info["warm"], json!(true));
     // Custom limits never take a pooled sandbox.
-    let limits = shared::agent::Limits { memory_mb: Some(256), ..Default::default() };
+    let limits = shared::agent::Limits {
+        memory_mb: Some(256),
+        ..Default::default()
+    };
     let info = agent.session_with("w2", "python", &t, Some(limits)).await;
     assert_eq!(info["warm"], json!(false));
     // The pool refills, and a session's env reaches a warm interpreter.
@@ -272,10 +455,15 @@ async fn warm_pool_is_claimed_once_and_refilled() {
     };
     let info = agent.client.create_session(&req).await.unwrap();
     assert!(info.warm);
-    let r = agent.step("w3", &t, "import os\nos.environ['GREETING']").await;
+    let r = agent
+        .step("w3", &t, "import os\nos.environ['GREETING']")
+        .await;
     assert_eq!(r.result, Some(json!("hej")));
     // Each session has its own sandbox: w1's state is not in w3.
     agent.step("w1", &t, "secret = 1").await;
-    assert_eq!(agent.step("w3", &t, "secret").await.error.unwrap().kind, "NameError");
+    assert_eq!(
+        agent.step("w3", &t, "secret").await.error.unwrap().kind,
+        "NameError"
+    );
     agent.stop().await;
 }

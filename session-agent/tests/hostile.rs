@@ -2,6 +2,7 @@
 //! Network probes run in a network namespace this test makes itself, where
 //! the outside addresses live on its loopback and are answered by fakes: a
 //! broken sandbox reaches a fake, never the internet.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // the tests spawn `unshare` and `ip` to build the namespace
 
 mod common;
@@ -23,15 +24,26 @@ async fn network_escape_attempts_reach_nothing() {
         let out = std::process::Command::new("unshare")
             .args(["--net", "--fork", "--"])
             .arg(exe)
-            .args(["--exact", "network_escape_attempts_reach_nothing", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "network_escape_attempts_reach_nothing",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(NETNS_CHILD, "1")
             .output()
             .expect("unshare (util-linux) must be installed");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         eprintln!("--- in the network namespace ---\n{stdout}\n{stderr}");
-        assert!(out.status.success(), "the network escape test failed inside its namespace");
-        assert!(stdout.contains("1 passed"), "the test did not run inside the namespace");
+        assert!(
+            out.status.success(),
+            "the network escape test failed inside its namespace"
+        );
+        assert!(
+            stdout.contains("1 passed"),
+            "the test did not run inside the namespace"
+        );
         return;
     }
     for args in [
@@ -39,7 +51,10 @@ async fn network_escape_attempts_reach_nothing() {
         vec!["addr", "add", "1.1.1.1/32", "dev", "lo"],
         vec!["addr", "add", "169.254.169.254/32", "dev", "lo"],
     ] {
-        let st = std::process::Command::new("ip").args(&args).status().expect("ip (iproute2)");
+        let st = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .expect("ip (iproute2)");
         assert!(st.success(), "ip {args:?}");
     }
     // Fakes for the outside world, counting every contact.
@@ -64,7 +79,9 @@ async fn network_escape_attempts_reach_nothing() {
         });
     }
     // The fakes are reachable from outside the sandbox: the probe can fail.
-    tokio::net::TcpStream::connect("1.1.1.1:53").await.expect("the fake must be reachable from the host side");
+    tokio::net::TcpStream::connect("1.1.1.1:53")
+        .await
+        .expect("the fake must be reachable from the host side");
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(contacts.swap(0, Ordering::SeqCst), 1);
 
@@ -98,15 +115,30 @@ results
         port = agent.port
     );
     let r = agent.step("net", &t, &code).await;
-    eprintln!("sandbox network probes: {}", r.result.as_ref().unwrap_or(&json!(null)));
+    eprintln!(
+        "sandbox network probes: {}",
+        r.result.as_ref().unwrap_or(&json!(null))
+    );
     assert_eq!(r.status, StepStatus::Ok, "{r:?}");
     let res = r.result.unwrap();
     for key in ["1.1.1.1:53", "169.254.169.254:80", "10.0.0.1:80"] {
-        assert_ne!(res[key], json!("CONNECTED"), "{key} reachable from the sandbox");
+        assert_ne!(
+            res[key],
+            json!("CONNECTED"),
+            "{key} reachable from the sandbox"
+        );
     }
-    assert_ne!(res[format!("127.0.0.1:{}", agent.port)], json!("CONNECTED"), "the agent's port is reachable");
+    assert_ne!(
+        res[format!("127.0.0.1:{}", agent.port)],
+        json!("CONNECTED"),
+        "the agent's port is reachable"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(contacts.load(Ordering::SeqCst), 0, "a fake outside address was contacted from the sandbox");
+    assert_eq!(
+        contacts.load(Ordering::SeqCst),
+        0,
+        "a fake outside address was contacted from the sandbox"
+    );
     // Still healthy.
     assert_eq!(agent.step("net", &t, "1 + 1").await.result, Some(json!(2)));
     agent.stop().await;
@@ -152,22 +184,46 @@ r
     assert_eq!(r.status, StepStatus::Ok, "{r:?}");
     let res = r.result.unwrap();
     eprintln!("sandbox file probes: {res}");
-    for key in ["read_shadow", "read_project", "list_home", "list_root_home", "list_var", "write_usr", "write_etc", "write_root", "write_bin", "mkdir_proc"] {
-        assert_ne!(res[key], json!("ALLOWED"), "{key} succeeded inside the sandbox");
+    for key in [
+        "read_shadow",
+        "read_project",
+        "list_home",
+        "list_root_home",
+        "list_var",
+        "write_usr",
+        "write_etc",
+        "write_root",
+        "write_bin",
+        "mkdir_proc",
+    ] {
+        assert_ne!(
+            res[key],
+            json!("ALLOWED"),
+            "{key} succeeded inside the sandbox"
+        );
     }
     let root: Vec<String> = serde_json::from_value(res["root"].clone()).unwrap();
     for forbidden in ["home", "root", "var", "work", "opt", "srv", "mnt"] {
-        assert!(!root.contains(&forbidden.to_owned()), "/{forbidden} visible in the sandbox: {root:?}");
+        assert!(
+            !root.contains(&forbidden.to_owned()),
+            "/{forbidden} visible in the sandbox: {root:?}"
+        );
     }
     let etc: Vec<String> = serde_json::from_value(res["etc"].clone()).unwrap();
-    assert!(!etc.iter().any(|e| e.contains("shadow") || e == "ssh"), "{etc:?}");
+    assert!(
+        !etc.iter().any(|e| e.contains("shadow") || e == "ssh"),
+        "{etc:?}"
+    );
     assert_eq!(res["uid"], json!([65534, 65534, 65534]));
     for line in res["capeff"].as_array().unwrap() {
         let line = line.as_str().unwrap();
         if line.starts_with("NoNewPrivs") {
             assert!(line.ends_with('1'), "{line}");
         } else {
-            assert!(line.ends_with("0000000000000000"), "capabilities left: {line}");
+            assert!(
+                line.ends_with("0000000000000000"),
+                "capabilities left: {line}"
+            );
         }
     }
     if agent.isolation == "gvisor" {
@@ -175,9 +231,15 @@ r
         let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         assert_ne!(res["kernel"].as_str().unwrap(), host.trim());
         let r = agent.step("fs", &t, "import subprocess\nsubprocess.run(['dmesg'], capture_output=True, text=True).stdout").await;
-        assert!(r.result.unwrap().as_str().unwrap().contains("gVisor"), "dmesg is not gVisor's");
+        assert!(
+            r.result.unwrap().as_str().unwrap().contains("gVisor"),
+            "dmesg is not gVisor's"
+        );
     }
-    assert!(!std::path::Path::new("/tmp/sandbox-private-marker").exists(), "the sandbox's /tmp is the host's");
+    assert!(
+        !std::path::Path::new("/tmp/sandbox-private-marker").exists(),
+        "the sandbox's /tmp is the host's"
+    );
     assert!(!std::path::Path::new("/usr/lib/pwned").exists());
     agent.stop().await;
 }
@@ -188,24 +250,48 @@ async fn fork_bomb_memory_hog_and_busy_loop_are_contained() {
     let t = token();
     // Counted forks: RLIMIT_NPROC stops them inside the sandbox with EAGAIN.
     // (Memory is generous here so the process limit, not memory, is what stops them.)
-    let counted = Limits { max_processes: Some(32), memory_mb: Some(2048), ..Default::default() };
-    agent.session_with("forks", "python", &t, Some(counted)).await;
+    let counted = Limits {
+        max_processes: Some(32),
+        memory_mb: Some(2048),
+        ..Default::default()
+    };
+    agent
+        .session_with("forks", "python", &t, Some(counted))
+        .await;
     let code = "import os, time\nn = 0\nerr = None\nwhile n < 1000:\n    try:\n        pid = os.fork()\n    except OSError as e:\n        err = type(e).__name__\n        break\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n    n += 1\n[n, err]";
     let r = agent.step_req("forks", &t, code, Some(20_000)).await;
-    eprintln!("counted forks: status={:?} result={:?} error={:?}", r.status, r.result, r.error);
+    eprintln!(
+        "counted forks: status={:?} result={:?} error={:?}",
+        r.status, r.result, r.error
+    );
     let res = r.result.expect("fork counter result");
     assert_eq!(res[1], json!("BlockingIOError"), "{res}");
     assert!(res[0].as_u64().unwrap() < 32, "{res}");
-    agent.client.delete_session("forks", Some(&t)).await.unwrap();
+    agent
+        .client
+        .delete_session("forks", Some(&t))
+        .await
+        .unwrap();
 
     // The classic bash bomb: whatever the step reports (fork failures, the
     // memory limit, the timeout), the sandbox holds it and the agent goes on.
-    let limits = Limits { max_processes: Some(64), ..Default::default() };
+    let limits = Limits {
+        max_processes: Some(64),
+        ..Default::default()
+    };
     agent.session_with("bomb", "bash", &t, Some(limits)).await;
     let r = agent
-        .step_req("bomb", &t, "bomb() { bomb | bomb & }; bomb 2>/dev/null; sleep 3; ls /proc | grep -c '^[0-9]'", Some(10_000))
+        .step_req(
+            "bomb",
+            &t,
+            "bomb() { bomb | bomb & }; bomb 2>/dev/null; sleep 3; ls /proc | grep -c '^[0-9]'",
+            Some(10_000),
+        )
         .await;
-    eprintln!("fork bomb: status={:?} stdout={:?} error={:?}", r.status, r.stdout, r.error);
+    eprintln!(
+        "fork bomb: status={:?} stdout={:?} error={:?}",
+        r.status, r.stdout, r.error
+    );
     if r.status == StepStatus::Ok {
         let procs: u64 = r.stdout.trim().parse().unwrap();
         assert!(procs <= 64 + 2, "{procs} processes under a limit of 64");
@@ -215,24 +301,49 @@ async fn fork_bomb_memory_hog_and_busy_loop_are_contained() {
     agent.session("mem", "python", &t).await;
     let r = agent.step("mem", &t, "x = bytearray(2 * 1024**3)").await;
     eprintln!("2 GiB: status={:?} error={:?}", r.status, r.error);
-    assert!(matches!(r.status, StepStatus::Error | StepStatus::Killed), "{r:?}");
+    assert!(
+        matches!(r.status, StepStatus::Error | StepStatus::Killed),
+        "{r:?}"
+    );
     assert_eq!(r.error.unwrap().kind, "MemoryError");
     // Python's MemoryError leaves the session usable.
-    assert_eq!(agent.step("mem", &t, "len(bytearray(10 * 1024**2))").await.result, Some(json!(10 * 1024 * 1024)));
+    assert_eq!(
+        agent
+            .step("mem", &t, "len(bytearray(10 * 1024**2))")
+            .await
+            .result,
+        Some(json!(10 * 1024 * 1024))
+    );
 
     agent.session("jsmem", "node", &t).await;
-    let r = agent.step_req("jsmem", &t, "const a = []; while (true) { a.push(Buffer.alloc(64 * 1024 * 1024, 1)); }", Some(20_000)).await;
+    let r = agent
+        .step_req(
+            "jsmem",
+            &t,
+            "const a = []; while (true) { a.push(Buffer.alloc(64 * 1024 * 1024, 1)); }",
+            Some(20_000),
+        )
+        .await;
     eprintln!("node hog: status={:?} error={:?}", r.status, r.error);
     assert_ne!(r.status, StepStatus::Ok);
-    assert_ne!(r.status, StepStatus::Timeout, "the memory limit, not the timeout, must stop it: {r:?}");
+    assert_ne!(
+        r.status,
+        StepStatus::Timeout,
+        "the memory limit, not the timeout, must stop it: {r:?}"
+    );
 
     agent.session("loop", "python", &t).await;
-    let r = agent.step_req("loop", &t, "while True: pass", Some(500)).await;
+    let r = agent
+        .step_req("loop", &t, "while True: pass", Some(500))
+        .await;
     assert_eq!(r.status, StepStatus::Timeout);
 
     // The agent is healthy and new sessions work.
     agent.session("after", "python", &t).await;
-    assert_eq!(agent.step("after", &t, "1 + 1").await.result, Some(json!(2)));
+    assert_eq!(
+        agent.step("after", &t, "1 + 1").await.result,
+        Some(json!(2))
+    );
     let h = agent.client.health().await.unwrap();
     assert_eq!(h.status, "ok");
     agent.stop().await;
@@ -245,8 +356,16 @@ async fn concurrent_sessions_cannot_see_each_other() {
     agent.session("alice", "python", &ta).await;
     agent.session("bob", "python", &tb).await;
     let (ra, rb) = tokio::join!(
-        agent.step("alice", &ta, "secret_a = 'alpha'\nopen('alice-only.txt', 'w').write('alpha')"),
-        agent.step("bob", &tb, "secret_b = 'bravo'\nopen('bob-only.txt', 'w').write('bravo')"),
+        agent.step(
+            "alice",
+            &ta,
+            "secret_a = 'alpha'\nopen('alice-only.txt', 'w').write('alpha')"
+        ),
+        agent.step(
+            "bob",
+            &tb,
+            "secret_b = 'bravo'\nopen('bob-only.txt', 'w').write('bravo')"
+        ),
     );
     assert_eq!((ra.status, rb.status), (StepStatus::Ok, StepStatus::Ok));
     let probe = r#"
@@ -269,7 +388,11 @@ for dirpath, dirs, files in os.walk("/"):
     // Only the sandbox's own processes are visible.
     assert!(ra["procs"].as_u64().unwrap() <= 3, "{ra}");
     // And the files API keeps them apart too.
-    let e = agent.client.read_file("alice", "bob-only.txt", Some(&ta)).await.unwrap_err();
+    let e = agent
+        .client
+        .read_file("alice", "bob-only.txt", Some(&ta))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(shared::ErrorCode::FileNotFound));
     agent.stop().await;
 }
@@ -278,7 +401,10 @@ for dirpath, dirs, files in os.walk("/"):
 async fn the_token_never_reaches_the_sandbox() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
-    let limits = Limits { memory_mb: Some(256), ..Default::default() };
+    let limits = Limits {
+        memory_mb: Some(256),
+        ..Default::default()
+    };
     agent.session_with("tok", "python", &t, Some(limits)).await;
     let code = format!(
         r#"
@@ -307,6 +433,10 @@ hits
     );
     let r = agent.step("tok", &t, &code).await;
     assert_eq!(r.status, StepStatus::Ok, "{r:?}");
-    assert_eq!(r.result, Some(json!([])), "the session token is visible inside the sandbox");
+    assert_eq!(
+        r.result,
+        Some(json!([])),
+        "the session token is visible inside the sandbox"
+    );
     agent.stop().await;
 }

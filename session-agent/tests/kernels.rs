@@ -1,5 +1,6 @@
 //! Steps in real sandboxes: state, results, exceptions, handler mode,
 //! timeouts, output caps and streaming, in every runtime.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 
@@ -21,36 +22,62 @@ async fn python_state_result_and_exception() {
     assert_eq!(r.result, Some(json!(42)));
     assert!(!r.state_lost);
 
-    let r = agent.step("py", &t, "import sys\nprint('warn', file=sys.stderr)\n{'x': x, 'l': [1, 2]}").await;
+    let r = agent
+        .step(
+            "py",
+            &t,
+            "import sys\nprint('warn', file=sys.stderr)\n{'x': x, 'l': [1, 2]}",
+        )
+        .await;
     assert_eq!(r.stderr, "warn\n");
     assert_eq!(r.stdout, "");
     assert_eq!(r.result, Some(json!({"x": 41, "l": [1, 2]})));
 
     // A value that is not JSON comes back as its repr; a statement has no result.
     let r = agent.step("py", &t, "class P: pass\nP").await;
-    assert!(r.result.unwrap().as_str().unwrap().contains("class '__main__.P'"));
+    assert!(
+        r.result
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .contains("class '__main__.P'")
+    );
     let r = agent.step("py", &t, "y = 1").await;
     assert_eq!(r.result, None);
 
-    let r = agent.step("py", &t, "def f():\n    return 1 / 0\nf()").await;
+    let r = agent
+        .step("py", &t, "def f():\n    return 1 / 0\nf()")
+        .await;
     assert_eq!(r.status, StepStatus::Error);
     let err = r.error.expect("error");
     assert_eq!(err.kind, "ZeroDivisionError");
     assert_eq!(err.message, "division by zero");
     assert!(err.traceback.contains("line 2, in f"), "{}", err.traceback);
-    assert!(!err.traceback.contains("<string>"), "driver frames leak: {}", err.traceback);
+    assert!(
+        !err.traceback.contains("<string>"),
+        "driver frames leak: {}",
+        err.traceback
+    );
 
     // The session survives the exception, with its state.
     let r = agent.step("py", &t, "x").await;
     assert_eq!(r.result, Some(json!(41)));
 
     // Subprocess output is captured on the right stream.
-    let r = agent.step("py", &t, "import subprocess\nsubprocess.run(['sh', '-c', 'echo out; echo err >&2'])\nNone").await;
+    let r = agent
+        .step(
+            "py",
+            &t,
+            "import subprocess\nsubprocess.run(['sh', '-c', 'echo out; echo err >&2'])\nNone",
+        )
+        .await;
     assert_eq!(r.stdout, "out\n", "{r:?}");
     assert_eq!(r.stderr, "err\n");
 
     // Top-level await works like in a notebook.
-    let r = agent.step("py", &t, "import asyncio\nawait asyncio.sleep(0)\n7").await;
+    let r = agent
+        .step("py", &t, "import asyncio\nawait asyncio.sleep(0)\n7")
+        .await;
     assert_eq!(r.result, Some(json!(7)), "{r:?}");
     agent.stop().await;
 }
@@ -62,8 +89,14 @@ async fn python_and_node_handler_mode() {
     agent.session("py", "python", &t).await;
     agent.session("js", "node", &t.clone()).await;
     for (sid, code) in [
-        ("py", "def handler(event):\n    return {'greeting': 'hi ' + event['name'], 'n': len(event['items'])}"),
-        ("js", "function handler(event) { return { greeting: 'hi ' + event.name, n: event.items.length }; }"),
+        (
+            "py",
+            "def handler(event):\n    return {'greeting': 'hi ' + event['name'], 'n': len(event['items'])}",
+        ),
+        (
+            "js",
+            "function handler(event) { return { greeting: 'hi ' + event.name, n: event.items.length }; }",
+        ),
     ] {
         let req = StepRequest {
             session_id: sid.into(),
@@ -75,7 +108,11 @@ async fn python_and_node_handler_mode() {
         };
         let r = agent.client.step(&req, Some(&t)).await.unwrap();
         assert_eq!(r.status, StepStatus::Ok, "{sid}: {r:?}");
-        assert_eq!(r.result, Some(json!({"greeting": "hi ada", "n": 3})), "{sid}");
+        assert_eq!(
+            r.result,
+            Some(json!({"greeting": "hi ada", "n": 3})),
+            "{sid}"
+        );
     }
     // Without a handler: a clear error, the session stays.
     let req = StepRequest {
@@ -97,11 +134,15 @@ async fn node_state_result_and_exception() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
     agent.session("js", "node", &t).await;
-    let r = agent.step("js", &t, "let x = 41; console.log('hello'); x + 1").await;
+    let r = agent
+        .step("js", &t, "let x = 41; console.log('hello'); x + 1")
+        .await;
     assert_eq!(r.status, StepStatus::Ok, "{r:?}");
     assert_eq!(r.stdout, "hello\n");
     assert_eq!(r.result, Some(json!(42)));
-    let r = agent.step("js", &t, "console.error('warn'); ({x, l: [1, 2]})").await;
+    let r = agent
+        .step("js", &t, "console.error('warn'); ({x, l: [1, 2]})")
+        .await;
     assert_eq!(r.stderr, "warn\n");
     assert_eq!(r.result, Some(json!({"x": 41, "l": [1, 2]})));
     let r = agent.step("js", &t, "null.boom").await;
@@ -112,7 +153,9 @@ async fn node_state_result_and_exception() {
     let r = agent.step("js", &t, "x").await;
     assert_eq!(r.result, Some(json!(41)));
     // Promises are awaited.
-    let r = agent.step("js", &t, "new Promise(r => setTimeout(() => r(x * 2), 10))").await;
+    let r = agent
+        .step("js", &t, "new Promise(r => setTimeout(() => r(x * 2), 10))")
+        .await;
     assert_eq!(r.result, Some(json!(82)), "{r:?}");
     agent.stop().await;
 }
@@ -122,10 +165,14 @@ async fn bash_state_and_exit_status() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
     agent.session("sh", "bash", &t).await;
-    let r = agent.step("sh", &t, "X=41\ncd /tmp\necho \"tab\there \\\\ back\"").await;
+    let r = agent
+        .step("sh", &t, "X=41\ncd /tmp\necho \"tab\there \\\\ back\"")
+        .await;
     assert_eq!(r.status, StepStatus::Ok, "{r:?}");
     assert_eq!(r.stdout, "tab\there \\ back\n");
-    let r = agent.step("sh", &t, "echo $((X + 1)) $PWD; echo oops >&2").await;
+    let r = agent
+        .step("sh", &t, "echo $((X + 1)) $PWD; echo oops >&2")
+        .await;
     assert_eq!(r.stdout, "42 /tmp\n");
     assert_eq!(r.stderr, "oops\n");
     let r = agent.step("sh", &t, "false").await;
@@ -155,11 +202,16 @@ async fn timeouts_interrupt_then_restart() {
     agent.step("py", &t, "kept = 'yes'").await;
 
     // An interruptible loop: interrupted, state kept.
-    let r = agent.step_req("py", &t, "while True:\n    pass", Some(300)).await;
+    let r = agent
+        .step_req("py", &t, "while True:\n    pass", Some(300))
+        .await;
     assert_eq!(r.status, StepStatus::Timeout, "{r:?}");
     assert!(!r.state_lost);
     assert_eq!(r.error.as_ref().unwrap().kind, "Timeout");
-    assert_eq!(agent.step("py", &t, "kept").await.result, Some(json!("yes")));
+    assert_eq!(
+        agent.step("py", &t, "kept").await.result,
+        Some(json!("yes"))
+    );
 
     // Code that swallows the interrupt: killed, restarted, state lost.
     let code = "import time\nwhile True:\n    try:\n        time.sleep(5)\n    except KeyboardInterrupt:\n        pass";
@@ -188,10 +240,17 @@ async fn timeouts_interrupt_then_restart() {
 async fn output_cap_truncates_each_stream() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
-    let limits = Limits { max_output_bytes: Some(64 * 1024), ..Default::default() };
+    let limits = Limits {
+        max_output_bytes: Some(64 * 1024),
+        ..Default::default()
+    };
     agent.session_with("py", "python", &t, Some(limits)).await;
     let r = agent
-        .step("py", &t, "import sys\nsys.stdout.write('a' * 3_000_000)\nsys.stderr.write('b' * 10)\n'done'")
+        .step(
+            "py",
+            &t,
+            "import sys\nsys.stdout.write('a' * 3_000_000)\nsys.stderr.write('b' * 10)\n'done'",
+        )
         .await;
     assert_eq!(r.status, StepStatus::Ok, "{:?}", r.error);
     assert!(r.truncated);
@@ -204,7 +263,9 @@ async fn output_cap_truncates_each_stream() {
 
     // The default cap is 1 MiB per stream.
     agent.session("py2", "python", &t).await;
-    let r = agent.step("py2", &t, "print('x' * (2 * 1024 * 1024))").await;
+    let r = agent
+        .step("py2", &t, "print('x' * (2 * 1024 * 1024))")
+        .await;
     assert!(r.truncated);
     assert_eq!(r.stdout.len(), 1024 * 1024);
     agent.stop().await;
@@ -254,7 +315,10 @@ async fn streaming_delivers_output_before_the_result() {
     // 200 ms sleeps followed it), not all at once with the result.
     let first = first_chunk_at.expect("stdout chunks");
     let last = result_at.unwrap();
-    assert!(first + std::time::Duration::from_millis(150) < last, "first chunk at {first:?}, result at {last:?}");
+    assert!(
+        first + std::time::Duration::from_millis(150) < last,
+        "first chunk at {first:?}, result at {last:?}"
+    );
     assert!(result.duration_ms >= 400);
     agent.stop().await;
 }

@@ -1,5 +1,6 @@
 //! The agent as a real process: SIGTERM reaps every sandbox it started, and
 //! a restart after kill -9 destroys what the dead agent left behind.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // the test runs the agent binary and runsc
 
 mod common;
@@ -14,7 +15,11 @@ use shared::agent::CreateSessionRequest;
 use shared::client::AgentClient;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn_agent(state: &Path, port: u16, pool: &str) -> Child {
@@ -52,7 +57,11 @@ fn runsc_containers(state: &Path) -> Vec<String> {
         .args(["list", "-quiet"])
         .output()
         .expect("runsc list");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Host processes whose command line mentions this agent's state dir.
@@ -95,12 +104,18 @@ async fn create(client: &AgentClient, id: &str, runtime: &str, t: &str) {
         ttl_seconds: None,
         idle_timeout_seconds: None,
     };
-    client.create_session(&req).await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+    client
+        .create_session(&req)
+        .await
+        .unwrap_or_else(|e| panic!("create {id}: {e}"));
 }
 
 #[tokio::test]
 async fn sigterm_reaps_every_sandbox() {
-    let state = tempfile::Builder::new().prefix("sa-life-").tempdir_in("/tmp").unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("sa-life-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let port = free_port();
     let mut child = spawn_agent(state.path(), port, "python=1");
     let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
@@ -118,7 +133,11 @@ async fn sigterm_reaps_every_sandbox() {
         event: None,
     };
     let r = client.step(&req, Some(&t)).await.unwrap();
-    assert!(!serde_json::to_string(&r.result).unwrap().contains("canary"), "{:?}", r.result);
+    assert!(
+        !serde_json::to_string(&r.result).unwrap().contains("canary"),
+        "{:?}",
+        r.result
+    );
     // Wait for the warm sandbox too, so three sandboxes are live.
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.health().await.unwrap().warm_pool.get("python") != Some(&1) {
@@ -131,24 +150,46 @@ async fn sigterm_reaps_every_sandbox() {
     assert!(!processes_under(state.path()).is_empty());
     assert_eq!(mounts_under(state.path()).len(), 3);
 
-    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < deadline, "agent did not stop within 30 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "agent did not stop within 30 s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "agent exited with {status}");
-    assert_eq!(runsc_containers(state.path()), Vec::<String>::new(), "containers left after SIGTERM");
-    assert_eq!(processes_under(state.path()), Vec::<String>::new(), "processes left after SIGTERM");
-    assert_eq!(mounts_under(state.path()), Vec::<String>::new(), "workspace mounts left after SIGTERM");
+    assert_eq!(
+        runsc_containers(state.path()),
+        Vec::<String>::new(),
+        "containers left after SIGTERM"
+    );
+    assert_eq!(
+        processes_under(state.path()),
+        Vec::<String>::new(),
+        "processes left after SIGTERM"
+    );
+    assert_eq!(
+        mounts_under(state.path()),
+        Vec::<String>::new(),
+        "workspace mounts left after SIGTERM"
+    );
 }
 
 #[tokio::test]
 async fn restart_after_kill_9_destroys_leftovers() {
-    let state = tempfile::Builder::new().prefix("sa-kill-").tempdir_in("/tmp").unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("sa-kill-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let port = free_port();
     let mut child = spawn_agent(state.path(), port, "");
     let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
@@ -169,8 +210,10 @@ async fn restart_after_kill_9_destroys_leftovers() {
     wait_healthy(&client).await;
     assert_eq!(runsc_containers(state.path()), Vec::<String>::new());
     assert_eq!(mounts_under(state.path()), Vec::<String>::new());
-    let leftovers: Vec<String> =
-        processes_under(state.path()).into_iter().filter(|p| !p.contains("session-agent")).collect();
+    let leftovers: Vec<String> = processes_under(state.path())
+        .into_iter()
+        .filter(|p| !p.contains("session-agent"))
+        .collect();
     assert_eq!(leftovers, Vec::<String>::new());
     // And it works.
     create(&client, "fresh", "python", &t).await;
@@ -182,13 +225,20 @@ async fn restart_after_kill_9_destroys_leftovers() {
         mode: None,
         event: None,
     };
-    assert_eq!(client.step(&req, Some(&t)).await.unwrap().result, Some(json!(2)));
+    assert_eq!(
+        client.step(&req, Some(&t)).await.unwrap().result,
+        Some(json!(2))
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     // Clean up after the second kill -9 with a third, orderly agent.
     let port = free_port();
     let mut child = spawn_agent(state.path(), port, "");
     wait_healthy(&AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap()).await;
-    rustix::process::kill_process(rustix::process::Pid::from_child(&child), rustix::process::Signal::TERM).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     child.wait().unwrap();
 }

@@ -265,7 +265,9 @@ pub fn validate_id(kind: &str, id: &str) -> Result<(), String> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        return Err(format!("{kind} may contain only letters, digits, '-', '_' and '.'"));
+        return Err(format!(
+            "{kind} may contain only letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -311,9 +313,10 @@ mod tests {
             r#"{"sessionId":"s","runtime":"python","tokn":"x"}"#,
         );
         assert!(err.is_err());
-        let ok: CreateSessionRequest =
-            serde_json::from_str(r#"{"sessionId":"s","runtime":"python","limits":{"memoryMb":64}}"#)
-                .unwrap();
+        let ok: CreateSessionRequest = serde_json::from_str(
+            r#"{"sessionId":"s","runtime":"python","limits":{"memoryMb":64}}"#,
+        )
+        .unwrap();
         assert_eq!(ok.limits.unwrap().memory_mb, Some(64));
     }
 }

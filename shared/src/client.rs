@@ -87,13 +87,22 @@ impl AgentClient {
     }
 
     /// `POST /v1/sessions`; the token in `req` is also sent as the header.
-    pub async fn create_session(&self, req: &CreateSessionRequest) -> Result<SessionInfo, ClientError> {
-        let rb = self.req(Method::POST, "/v1/sessions", req.token.as_deref()).json(req);
+    pub async fn create_session(
+        &self,
+        req: &CreateSessionRequest,
+    ) -> Result<SessionInfo, ClientError> {
+        let rb = self
+            .req(Method::POST, "/v1/sessions", req.token.as_deref())
+            .json(req);
         decode(rb.send().await?).await
     }
 
     /// `GET /v1/sessions/{id}`.
-    pub async fn get_session(&self, id: &str, token: Option<&str>) -> Result<SessionInfo, ClientError> {
+    pub async fn get_session(
+        &self,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<SessionInfo, ClientError> {
         let path = format!("/v1/sessions/{}", segment(id));
         decode(self.req(Method::GET, &path, token).send().await?).await
     }
@@ -110,8 +119,18 @@ impl AgentClient {
     }
 
     /// `POST /v1/steps`, waiting for the whole result.
-    pub async fn step(&self, req: &StepRequest, token: Option<&str>) -> Result<StepResult, ClientError> {
-        decode(self.req(Method::POST, "/v1/steps", token).json(req).send().await?).await
+    pub async fn step(
+        &self,
+        req: &StepRequest,
+        token: Option<&str>,
+    ) -> Result<StepResult, ClientError> {
+        decode(
+            self.req(Method::POST, "/v1/steps", token)
+                .json(req)
+                .send()
+                .await?,
+        )
+        .await
     }
 
     /// `POST /v1/steps` with `Accept: text/event-stream`.
@@ -134,14 +153,27 @@ impl AgentClient {
     }
 
     /// Lists a workspace directory (`""` is the root).
-    pub async fn list_files(&self, id: &str, dir: &str, token: Option<&str>) -> Result<FileList, ClientError> {
+    pub async fn list_files(
+        &self,
+        id: &str,
+        dir: &str,
+        token: Option<&str>,
+    ) -> Result<FileList, ClientError> {
         let path = files_path(id, dir);
         decode(self.req(Method::GET, &path, token).send().await?).await
     }
 
     /// Reads a workspace file.
-    pub async fn read_file(&self, id: &str, file: &str, token: Option<&str>) -> Result<Bytes, ClientError> {
-        let resp = self.req(Method::GET, &files_path(id, file), token).send().await?;
+    pub async fn read_file(
+        &self,
+        id: &str,
+        file: &str,
+        token: Option<&str>,
+    ) -> Result<Bytes, ClientError> {
+        let resp = self
+            .req(Method::GET, &files_path(id, file), token)
+            .send()
+            .await?;
         if !resp.status().is_success() {
             return Err(error_from(resp).await);
         }
@@ -156,13 +188,25 @@ impl AgentClient {
         body: impl Into<reqwest::Body>,
         token: Option<&str>,
     ) -> Result<(), ClientError> {
-        let rb = self.req(Method::PUT, &files_path(id, file), token).body(body);
+        let rb = self
+            .req(Method::PUT, &files_path(id, file), token)
+            .body(body);
         expect_empty(rb.send().await?).await
     }
 
     /// Deletes a workspace file or empty directory.
-    pub async fn delete_file(&self, id: &str, file: &str, token: Option<&str>) -> Result<(), ClientError> {
-        expect_empty(self.req(Method::DELETE, &files_path(id, file), token).send().await?).await
+    pub async fn delete_file(
+        &self,
+        id: &str,
+        file: &str,
+        token: Option<&str>,
+    ) -> Result<(), ClientError> {
+        expect_empty(
+            self.req(Method::DELETE, &files_path(id, file), token)
+                .send()
+                .await?,
+        )
+        .await
     }
 }
 
@@ -211,7 +255,10 @@ async fn error_from(resp: reqwest::Response) -> ClientError {
     let status = resp.status();
     match resp.bytes().await {
         Ok(bytes) => match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => ClientError::Api { status: status.as_u16(), body },
+            Ok(body) => ClientError::Api {
+                status: status.as_u16(),
+                body,
+            },
             Err(_) => ClientError::Protocol {
                 status: status.as_u16(),
                 detail: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
@@ -226,31 +273,39 @@ fn sse_events(
     body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
 ) -> impl Stream<Item = Result<StepEvent, ClientError>> {
     let body = Box::pin(body);
-    futures::stream::unfold((body, Vec::<u8>::new(), false), |(mut body, mut buf, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            if let Some(end) = find_event_end(&buf) {
-                let raw: Vec<u8> = buf.drain(..end.0 + end.1).collect();
-                match parse_event(&raw[..end.0]) {
-                    Some(ev) => return Some((ev, (body, buf, false))),
-                    None => continue,
+    futures::stream::unfold(
+        (body, Vec::<u8>::new(), false),
+        |(mut body, mut buf, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(end) = find_event_end(&buf) {
+                    let raw: Vec<u8> = buf.drain(..end.0 + end.1).collect();
+                    match parse_event(&raw[..end.0]) {
+                        Some(ev) => return Some((ev, (body, buf, false))),
+                        None => continue,
+                    }
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        return Some((Err(ClientError::Transport(e)), (body, buf, true)));
+                    }
+                    None => return None,
                 }
             }
-            match body.next().await {
-                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                Some(Err(e)) => return Some((Err(ClientError::Transport(e)), (body, buf, true))),
-                None => return None,
-            }
-        }
-    })
+        },
+    )
 }
 
 /// Position and length of the blank line that ends the first event.
 fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
@@ -279,10 +334,18 @@ fn parse_event(raw: &[u8]) -> Option<Result<StepEvent, ClientError>> {
         detail: format!("bad {name} event: {e}"),
     };
     Some(match name.as_str() {
-        sse_event::STDOUT => serde_json::from_str::<OutputChunk>(&data).map(|c| StepEvent::Stdout(c.data)).map_err(bad),
-        sse_event::STDERR => serde_json::from_str::<OutputChunk>(&data).map(|c| StepEvent::Stderr(c.data)).map_err(bad),
-        sse_event::RESULT => serde_json::from_str::<StepResult>(&data).map(|r| StepEvent::Result(Box::new(r))).map_err(bad),
-        sse_event::ERROR => serde_json::from_str::<ErrorBody>(&data).map(StepEvent::Error).map_err(bad),
+        sse_event::STDOUT => serde_json::from_str::<OutputChunk>(&data)
+            .map(|c| StepEvent::Stdout(c.data))
+            .map_err(bad),
+        sse_event::STDERR => serde_json::from_str::<OutputChunk>(&data)
+            .map(|c| StepEvent::Stderr(c.data))
+            .map_err(bad),
+        sse_event::RESULT => serde_json::from_str::<StepResult>(&data)
+            .map(|r| StepEvent::Result(Box::new(r)))
+            .map_err(bad),
+        sse_event::ERROR => serde_json::from_str::<ErrorBody>(&data)
+            .map(StepEvent::Error)
+            .map_err(bad),
         _ => return None,
     })
 }
@@ -293,7 +356,10 @@ mod tests {
 
     #[test]
     fn paths_are_encoded() {
-        assert_eq!(files_path("s 1", "a/b c/../d"), "/v1/sessions/s%201/files/a/b%20c/../d");
+        assert_eq!(
+            files_path("s 1", "a/b c/../d"),
+            "/v1/sessions/s%201/files/a/b%20c/../d"
+        );
         assert_eq!(files_path("s", ""), "/v1/sessions/s/files");
     }
 
@@ -301,12 +367,17 @@ mod tests {
     async fn sse_parsing_across_chunk_boundaries() {
         let chunks: Vec<reqwest::Result<Bytes>> = vec![
             Ok(Bytes::from_static(b"event: stdout\ndata: {\"da")),
-            Ok(Bytes::from_static(b"ta\":\"hi\\n\"}\n\nevent: stderr\r\ndata: {\"data\":\"e\"}\r\n\r\n")),
+            Ok(Bytes::from_static(
+                b"ta\":\"hi\\n\"}\n\nevent: stderr\r\ndata: {\"data\":\"e\"}\r\n\r\n",
+            )),
             Ok(Bytes::from_static(b": keep-alive\n\n")),
         ];
         let events: Vec<_> = sse_events(futures::stream::iter(chunks)).collect().await;
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0].as_ref().unwrap(), &StepEvent::Stdout("hi\n".into()));
+        assert_eq!(
+            events[0].as_ref().unwrap(),
+            &StepEvent::Stdout("hi\n".into())
+        );
         assert_eq!(events[1].as_ref().unwrap(), &StepEvent::Stderr("e".into()));
     }
 }

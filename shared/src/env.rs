@@ -2,13 +2,18 @@
 
 /// True when `ENV` names production (`production` or `prod`, any case).
 pub fn is_production(env: &str) -> bool {
-    matches!(env.trim().to_ascii_lowercase().as_str(), "production" | "prod")
+    matches!(
+        env.trim().to_ascii_lowercase().as_str(),
+        "production" | "prod"
+    )
 }
 
 /// Refuses a development-only flag in production, naming the variable.
 pub fn refuse_in_production(env: &str, flag: &str, enabled: bool) -> Result<(), String> {
     if enabled && is_production(env) {
-        return Err(format!("{flag} must not be enabled when ENV={env}: refusing to start"));
+        return Err(format!(
+            "{flag} must not be enabled when ENV={env}: refusing to start"
+        ));
     }
     Ok(())
 }

@@ -190,7 +190,10 @@ mod tests {
         for code in ALL {
             let status = code.http_status();
             if status == 500 {
-                assert!(matches!(code, ErrorCode::Internal | ErrorCode::SandboxStartFailed));
+                assert!(matches!(
+                    code,
+                    ErrorCode::Internal | ErrorCode::SandboxStartFailed
+                ));
             }
         }
     }

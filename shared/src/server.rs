@@ -32,7 +32,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -46,8 +49,8 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::warn!(code = self.code.as_str(), message = %self.message, "request failed");
         }
@@ -77,7 +80,10 @@ pub async fn request_id_layer(req: Request, next: Next) -> Response {
         .unwrap_or_else(new_request_id);
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let mut resp = REQUEST_ID
-        .scope(id.clone(), tracing::Instrument::instrument(next.run(req), span))
+        .scope(
+            id.clone(),
+            tracing::Instrument::instrument(next.run(req), span),
+        )
         .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
@@ -118,7 +124,10 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(e) => ApiError::new(ErrorCode::InvalidJson, e.body_text()),
         JsonRejection::JsonSyntaxError(e) => ApiError::new(ErrorCode::InvalidJson, e.body_text()),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(ErrorCode::PayloadTooLarge, "request body is larger than the limit")
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body is larger than the limit",
+            )
         }
         other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
     }
@@ -133,11 +142,16 @@ pub async fn route_not_found() -> ApiError {
 pub async fn method_not_allowed_layer(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED
-        && !resp.headers().contains_key(axum::http::header::CONTENT_TYPE)
+        && !resp
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE)
     {
         let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
-        let mut out =
-            ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route").into_response();
+        let mut out = ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            "method not allowed on this route",
+        )
+        .into_response();
         if let Some(allow) = allow {
             out.headers_mut().insert(axum::http::header::ALLOW, allow);
         }
@@ -208,8 +222,14 @@ mod tests {
 
     #[test]
     fn listen_addr() {
-        assert_eq!(parse_listen_addr(":9000").unwrap().to_string(), "0.0.0.0:9000");
-        assert_eq!(parse_listen_addr("127.0.0.1:1").unwrap().to_string(), "127.0.0.1:1");
+        assert_eq!(
+            parse_listen_addr(":9000").unwrap().to_string(),
+            "0.0.0.0:9000"
+        );
+        assert_eq!(
+            parse_listen_addr("127.0.0.1:1").unwrap().to_string(),
+            "127.0.0.1:1"
+        );
         assert!(parse_listen_addr("nope").is_err());
     }
 }

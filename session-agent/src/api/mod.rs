@@ -18,8 +18,8 @@ use axum::{
 use futures::StreamExt;
 use shared::ErrorCode;
 use shared::agent::{
-    CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER, SessionList, StepRequest,
-    StepResult, sse_event,
+    CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER, SessionList,
+    StepRequest, StepResult, sse_event,
 };
 use shared::server::{ApiError, ApiJson};
 use tokio::sync::{mpsc, oneshot};
@@ -39,7 +39,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/sessions", post(create_session).get(list_sessions))
-        .route("/v1/sessions/{session_id}", get(get_session).delete(delete_session))
+        .route(
+            "/v1/sessions/{session_id}",
+            get(get_session).delete(delete_session),
+        )
         .route("/v1/steps", post(run_step))
         .route("/v1/sessions/{session_id}/files", get(list_root))
         .route(
@@ -52,7 +55,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 fn token(headers: &HeaderMap) -> Option<&str> {
-    headers.get(SESSION_TOKEN_HEADER).and_then(|v| v.to_str().ok())
+    headers
+        .get(SESSION_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
 }
 
 async fn health(State(app): State<AppState>) -> Json<Health> {
@@ -71,17 +76,22 @@ async fn create_session(
     ApiJson(req): ApiJson<CreateSessionRequest>,
 ) -> Result<Response, ApiError> {
     // When both are given, the header must be the token being registered.
-    if let (Some(h), Some(b)) = (token(&headers), req.token.as_deref()) {
-        if h != b {
-            return Err(ApiError::new(ErrorCode::Unauthorized, "X-Session-Token does not match the body's token"));
-        }
+    if let (Some(h), Some(b)) = (token(&headers), req.token.as_deref())
+        && h != b
+    {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "X-Session-Token does not match the body's token",
+        ));
     }
     let info = app.sessions.create(req).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
 async fn list_sessions(State(app): State<AppState>, headers: HeaderMap) -> Json<SessionList> {
-    Json(SessionList { sessions: app.sessions.list(token(&headers)) })
+    Json(SessionList {
+        sessions: app.sessions.list(token(&headers)),
+    })
 }
 
 async fn get_session(
@@ -128,9 +138,9 @@ async fn run_step(
         let _ = done_tx.send(result);
     });
     let Some(out_rx) = out_rx else {
-        let result = done_rx
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "the step task ended without a result"))?;
+        let result = done_rx.await.map_err(|_| {
+            ApiError::new(ErrorCode::Internal, "the step task ended without a result")
+        })?;
         return Ok(Json(result).into_response());
     };
     let chunks = ReceiverStream::new(out_rx).map(|ev| {
@@ -138,11 +148,17 @@ async fn run_step(
             OutputEvent::Stdout(d) => (sse_event::STDOUT, d),
             OutputEvent::Stderr(d) => (sse_event::STDERR, d),
         };
-        Event::default().event(name).json_data(OutputChunk { data }).unwrap_or_default()
+        Event::default()
+            .event(name)
+            .json_data(OutputChunk { data })
+            .unwrap_or_default()
     });
     let last = futures::stream::once(async move {
         match done_rx.await {
-            Ok(result) => Event::default().event(sse_event::RESULT).json_data(result).unwrap_or_default(),
+            Ok(result) => Event::default()
+                .event(sse_event::RESULT)
+                .json_data(result)
+                .unwrap_or_default(),
             Err(_) => Event::default()
                 .event(sse_event::ERROR)
                 .json_data(shared::ErrorBody {
@@ -154,7 +170,9 @@ async fn run_step(
         }
     });
     let stream = chunks.chain(last).map(Ok::<_, Infallible>);
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 async fn list_root(
@@ -163,7 +181,9 @@ async fn list_root(
     headers: HeaderMap,
 ) -> Result<Json<FileList>, ApiError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
-    Ok(Json(FileList { files: s.workspace.list("")? }))
+    Ok(Json(FileList {
+        files: s.workspace.list("")?,
+    }))
 }
 
 async fn read_path(
@@ -173,14 +193,23 @@ async fn read_path(
 ) -> Result<Response, ApiError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
     if s.workspace.is_dir(&path)? {
-        return Ok(Json(FileList { files: s.workspace.list(&path)? }).into_response());
+        return Ok(Json(FileList {
+            files: s.workspace.list(&path)?,
+        })
+        .into_response());
     }
     let file = tokio::fs::File::from_std(s.workspace.open_read(&path)?);
     let len = file.metadata().await.map(|m| m.len()).ok();
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        body,
+    )
+        .into_response();
     if let Some(len) = len {
-        resp.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, len.into());
     }
     Ok(resp)
 }
@@ -194,7 +223,10 @@ async fn write_file(
     let s = app.sessions.authorize(&id, token(&headers))?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(ErrorCode::PayloadTooLarge, "file is larger than the body limit")
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "file is larger than the body limit",
+            )
         } else {
             ApiError::new(ErrorCode::InvalidArgument, e.body_text())
         }

@@ -34,20 +34,34 @@ pub fn command(
 ) -> Command {
     let mut cmd = prlimit_wrapper(&spec.limits, spec.runtime);
     cmd.arg("--").arg(bwrap);
-    cmd.args(["--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--clearenv"]);
+    cmd.args([
+        "--unshare-all",
+        "--die-with-parent",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+    ]);
     cmd.args(["--hostname", "sandbox"]);
     for dir in &root.system_dirs {
         cmd.arg("--ro-bind").arg(dir).arg(dir);
     }
-    for entry in std::fs::read_dir(&root.skeleton).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(&root.skeleton)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let path = entry.path();
         if let Ok(target) = std::fs::read_link(&path) {
-            cmd.arg("--symlink").arg(target).arg(Path::new("/").join(entry.file_name()));
+            cmd.arg("--symlink")
+                .arg(target)
+                .arg(Path::new("/").join(entry.file_name()));
         }
     }
     cmd.arg("--ro-bind").arg(&root.etc).arg("/etc");
     cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
-    cmd.arg("--bind").arg(&spec.workspace).arg(SANDBOX_WORKSPACE);
+    cmd.arg("--bind")
+        .arg(&spec.workspace)
+        .arg(SANDBOX_WORKSPACE);
     cmd.args(["--chdir", SANDBOX_WORKSPACE]);
     for (k, v) in env {
         cmd.arg("--setenv").arg(k).arg(v);

@@ -34,13 +34,20 @@ impl CgroupParent {
             .filter_map(|l| {
                 let mut parts = l.splitn(3, ':');
                 let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-                let wanted = if v1 { controllers.split(',').any(|c| c == "memory") } else { controllers.is_empty() };
+                let wanted = if v1 {
+                    controllers.split(',').any(|c| c == "memory")
+                } else {
+                    controllers.is_empty()
+                };
                 wanted.then(|| path.to_owned())
             })
             .next()
             .unwrap_or_else(|| "/".to_owned());
         let base = own.trim_end_matches('/');
-        CgroupParent { relative: format!("{base}/{name}"), v1 }
+        CgroupParent {
+            relative: format!("{base}/{name}"),
+            v1,
+        }
     }
 
     /// `linux.cgroupsPath` for a sandbox.
@@ -51,7 +58,10 @@ impl CgroupParent {
     fn dirs_for(&self, relative: &str) -> Vec<PathBuf> {
         let rel = relative.trim_start_matches('/');
         if self.v1 {
-            ["memory", "pids", "cpu"].iter().map(|c| Path::new(CGROUP_ROOT).join(c).join(rel)).collect()
+            ["memory", "pids", "cpu"]
+                .iter()
+                .map(|c| Path::new(CGROUP_ROOT).join(c).join(rel))
+                .collect()
         } else {
             vec![Path::new(CGROUP_ROOT).join(rel)]
         }

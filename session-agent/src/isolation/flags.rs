@@ -21,7 +21,12 @@ pub fn check_runsc_flag(flag: &str) -> Result<(), RefusedFlag> {
     let name = name.to_ascii_lowercase();
     let value = value.map(str::to_ascii_lowercase);
     let is_false = matches!(value.as_deref(), Some("false" | "0"));
-    let refuse = |reason| Err(RefusedFlag { flag: trimmed.to_owned(), reason });
+    let refuse = |reason| {
+        Err(RefusedFlag {
+            flag: trimmed.to_owned(),
+            reason,
+        })
+    };
     match name.as_str() {
         "network" if value.as_deref() != Some("none") => {
             refuse("sandboxes get no network but loopback (--network=none)")
@@ -30,7 +35,9 @@ pub fn check_runsc_flag(flag: &str) -> Result<(), RefusedFlag> {
         "allow-flag-override" if !is_false => {
             refuse("lets container annotations override runsc flags")
         }
-        "rootless" if !is_false => refuse("rootless mode drops the gofer's and sentry's privilege separation"),
+        "rootless" if !is_false => {
+            refuse("rootless mode drops the gofer's and sentry's privilege separation")
+        }
         "ignore-cgroups" if !is_false => refuse("without cgroups no memory or CPU limit applies"),
         "host-uds" if value.as_deref() != Some("none") => {
             refuse("host Unix sockets would be reachable from the sandbox")
@@ -123,7 +130,12 @@ mod tests {
 
     #[test]
     fn harmless_flags_pass() {
-        for ok in ["--platform=ptrace", "--overlay", "--watchdog-action=panic", "--num-network-channels=1"] {
+        for ok in [
+            "--platform=ptrace",
+            "--overlay",
+            "--watchdog-action=panic",
+            "--num-network-channels=1",
+        ] {
             assert!(check_runsc_flag(ok).is_ok(), "{ok}");
         }
     }

@@ -29,7 +29,8 @@ pub fn write_bundle(
     cgroups_path: &str,
 ) -> Result<PathBuf, LaunchError> {
     let dir = bundles.join(&spec.sandbox_id);
-    std::fs::create_dir_all(&dir).map_err(|e| LaunchError::Prepare(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| LaunchError::Prepare(format!("{}: {e}", dir.display())))?;
     let config = build_spec(root, spec, argv, env, cgroups_path)?;
     config
         .save(dir.join("config.json"))
@@ -61,9 +62,20 @@ pub fn build_spec(
         .map_err(oci_err)?;
     let process = ProcessBuilder::default()
         .terminal(false)
-        .user(UserBuilder::default().uid(SANDBOX_UID).gid(SANDBOX_UID).additional_gids(Vec::<u32>::new()).build().map_err(oci_err)?)
+        .user(
+            UserBuilder::default()
+                .uid(SANDBOX_UID)
+                .gid(SANDBOX_UID)
+                .additional_gids(Vec::<u32>::new())
+                .build()
+                .map_err(oci_err)?,
+        )
         .args(argv.to_vec())
-        .env(env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>())
+        .env(
+            env.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        )
         .cwd(SANDBOX_WORKSPACE)
         .capabilities(caps)
         .rlimits(rlimits(limits, spec.runtime)?)
@@ -78,11 +90,21 @@ pub fn build_spec(
         LinuxNamespaceType::Mount,
     ]
     .into_iter()
-    .map(|t| LinuxNamespaceBuilder::default().typ(t).build().map_err(oci_err))
+    .map(|t| {
+        LinuxNamespaceBuilder::default()
+            .typ(t)
+            .build()
+            .map_err(oci_err)
+    })
     .collect::<Result<Vec<_>, _>>()?;
     let memory_bytes = i64::try_from(limits.memory_mb * 1024 * 1024).unwrap_or(i64::MAX);
     let resources = LinuxResourcesBuilder::default()
-        .memory(LinuxMemoryBuilder::default().limit(memory_bytes).build().map_err(oci_err)?)
+        .memory(
+            LinuxMemoryBuilder::default()
+                .limit(memory_bytes)
+                .build()
+                .map_err(oci_err)?,
+        )
         .cpu(
             LinuxCpuBuilder::default()
                 .period(100_000u64)
@@ -90,7 +112,12 @@ pub fn build_spec(
                 .build()
                 .map_err(oci_err)?,
         )
-        .pids(LinuxPidsBuilder::default().limit(PIDS_CGROUP_LIMIT).build().map_err(oci_err)?)
+        .pids(
+            LinuxPidsBuilder::default()
+                .limit(PIDS_CGROUP_LIMIT)
+                .build()
+                .map_err(oci_err)?,
+        )
         .build()
         .map_err(oci_err)?;
     let linux = LinuxBuilder::default()
@@ -102,7 +129,13 @@ pub fn build_spec(
     SpecBuilder::default()
         .version("1.0.2")
         .hostname("sandbox")
-        .root(RootBuilder::default().path(&root.skeleton).readonly(true).build().map_err(oci_err)?)
+        .root(
+            RootBuilder::default()
+                .path(&root.skeleton)
+                .readonly(true)
+                .build()
+                .map_err(oci_err)?,
+        )
         .process(process)
         .mounts(mounts(root, spec)?)
         .linux(linux)
@@ -123,29 +156,62 @@ fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Result<Mount
 fn mounts(root: &SandboxRoot, spec: &SandboxSpec) -> Result<Vec<Mount>, LaunchError> {
     let ro = ["rbind", "ro", "nosuid", "nodev"];
     let mut out = vec![
-        mount("/proc", "proc", Path::new("proc"), &["nosuid", "noexec", "nodev"])?,
-        mount("/dev", "tmpfs", Path::new("tmpfs"), &["nosuid", "mode=755", "size=1m"])?,
-        mount("/sys", "tmpfs", Path::new("tmpfs"), &["ro", "nosuid", "noexec", "nodev", "size=0"])?,
-        mount("/tmp", "tmpfs", Path::new("tmpfs"), &["nosuid", "nodev", "mode=1777", "size=64m"])?,
+        mount(
+            "/proc",
+            "proc",
+            Path::new("proc"),
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mount(
+            "/dev",
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["nosuid", "mode=755", "size=1m"],
+        )?,
+        mount(
+            "/sys",
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["ro", "nosuid", "noexec", "nodev", "size=0"],
+        )?,
+        mount(
+            "/tmp",
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["nosuid", "nodev", "mode=1777", "size=64m"],
+        )?,
         mount("/etc", "bind", &root.etc, &ro)?,
     ];
     for dir in &root.system_dirs {
         let dest = dir.to_string_lossy().into_owned();
         out.push(mount(&dest, "bind", dir, &ro)?);
     }
-    out.push(mount(SANDBOX_WORKSPACE, "bind", &spec.workspace, &["rbind", "rw", "nosuid", "nodev"])?);
+    out.push(mount(
+        SANDBOX_WORKSPACE,
+        "bind",
+        &spec.workspace,
+        &["rbind", "rw", "nosuid", "nodev"],
+    )?);
     Ok(out)
 }
 
 fn rlimit(typ: PosixRlimitType, value: u64) -> Result<PosixRlimit, LaunchError> {
-    PosixRlimitBuilder::default().typ(typ).hard(value).soft(value).build().map_err(oci_err)
+    PosixRlimitBuilder::default()
+        .typ(typ)
+        .hard(value)
+        .soft(value)
+        .build()
+        .map_err(oci_err)
 }
 
 /// rlimits gVisor enforces inside the sandbox: processes (fork bombs fail
 /// with EAGAIN), file size (runsc has no disk quota), open files, no core
 /// dumps, and for Python the address space (allocations past the memory
 /// limit raise MemoryError instead of killing the sandbox).
-pub fn rlimits(limits: &EffectiveLimits, runtime: Runtime) -> Result<Vec<PosixRlimit>, LaunchError> {
+pub fn rlimits(
+    limits: &EffectiveLimits,
+    runtime: Runtime,
+) -> Result<Vec<PosixRlimit>, LaunchError> {
     let mut out = vec![
         rlimit(PosixRlimitType::RlimitNproc, limits.max_processes)?,
         rlimit(PosixRlimitType::RlimitFsize, limits.disk_mb * 1024 * 1024)?,
@@ -153,7 +219,10 @@ pub fn rlimits(limits: &EffectiveLimits, runtime: Runtime) -> Result<Vec<PosixRl
         rlimit(PosixRlimitType::RlimitCore, 0)?,
     ];
     if runtime == Runtime::Python {
-        out.push(rlimit(PosixRlimitType::RlimitAs, limits.memory_mb * 1024 * 1024)?);
+        out.push(rlimit(
+            PosixRlimitType::RlimitAs,
+            limits.memory_mb * 1024 * 1024,
+        )?);
     }
     Ok(out)
 }
@@ -178,7 +247,14 @@ mod tests {
                 max_output_bytes: 1024,
             },
         };
-        let oci = build_spec(&root, &spec, &["/usr/bin/python3".into()], &[("PATH".into(), "/usr/bin".into())], "/a/sb-1").unwrap();
+        let oci = build_spec(
+            &root,
+            &spec,
+            &["/usr/bin/python3".into()],
+            &[("PATH".into(), "/usr/bin".into())],
+            "/a/sb-1",
+        )
+        .unwrap();
         (tmp, oci)
     }
 
@@ -190,7 +266,13 @@ mod tests {
         assert_eq!(p.user().gid(), 65534);
         assert_eq!(p.no_new_privileges(), Some(true));
         let caps = p.capabilities().as_ref().unwrap();
-        for set in [caps.bounding(), caps.effective(), caps.inheritable(), caps.permitted(), caps.ambient()] {
+        for set in [
+            caps.bounding(),
+            caps.effective(),
+            caps.inheritable(),
+            caps.permitted(),
+            caps.ambient(),
+        ] {
             assert!(set.as_ref().unwrap().is_empty());
         }
         let env = p.env().as_ref().unwrap();
@@ -219,7 +301,10 @@ mod tests {
             .filter_map(|m| m.source().as_ref().map(|s| s.display().to_string()))
             .collect();
         for forbidden in ["/", "/home", "/root", "/var", "/etc"] {
-            assert!(!sources.iter().any(|s| s == forbidden), "{forbidden} must not be mounted");
+            assert!(
+                !sources.iter().any(|s| s == forbidden),
+                "{forbidden} must not be mounted"
+            );
         }
     }
 
@@ -229,14 +314,29 @@ mod tests {
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(linux.cgroups_path().as_ref().unwrap(), Path::new("/a/sb-1"));
         let res = linux.resources().as_ref().unwrap();
-        assert_eq!(res.memory().as_ref().unwrap().limit(), Some(256 * 1024 * 1024));
+        assert_eq!(
+            res.memory().as_ref().unwrap().limit(),
+            Some(256 * 1024 * 1024)
+        );
         assert_eq!(res.cpu().as_ref().unwrap().quota(), Some(50_000));
         let rl = spec.process().as_ref().unwrap().rlimits().as_ref().unwrap();
-        let nproc = rl.iter().find(|r| r.typ() == PosixRlimitType::RlimitNproc).unwrap();
+        let nproc = rl
+            .iter()
+            .find(|r| r.typ() == PosixRlimitType::RlimitNproc)
+            .unwrap();
         assert_eq!(nproc.hard(), 32);
-        let fsize = rl.iter().find(|r| r.typ() == PosixRlimitType::RlimitFsize).unwrap();
+        let fsize = rl
+            .iter()
+            .find(|r| r.typ() == PosixRlimitType::RlimitFsize)
+            .unwrap();
         assert_eq!(fsize.hard(), 16 * 1024 * 1024);
-        let ns: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        let ns: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
         assert!(ns.contains(&LinuxNamespaceType::Network));
     }
 }

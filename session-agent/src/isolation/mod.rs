@@ -124,7 +124,11 @@ impl Launcher {
                      (apt-get install -y {}) or choose another isolation",
                     path.display(),
                     config.kind.as_str(),
-                    if name == "runsc" { "runsc" } else { "bubblewrap" },
+                    if name == "runsc" {
+                        "runsc"
+                    } else {
+                        "bubblewrap"
+                    },
                 )));
             }
         }
@@ -138,7 +142,15 @@ impl Launcher {
         let root = SandboxRoot::prepare(&state.join("root"))
             .map_err(|e| LaunchError::Prepare(format!("sandbox root: {e}")))?;
         let cgroups = CgroupParent::discover("session-agent");
-        let launcher = Launcher { inner: Arc::new(LauncherInner { config, root, cgroups, runsc_root, bundles }) };
+        let launcher = Launcher {
+            inner: Arc::new(LauncherInner {
+                config,
+                root,
+                cgroups,
+                runsc_root,
+                bundles,
+            }),
+        };
         launcher.reap_leftovers().await;
         Ok(launcher)
     }
@@ -161,7 +173,10 @@ impl Launcher {
             Runtime::Node => vec![
                 c.node_path.display().to_string(),
                 // Leave room for the runtime's own memory outside the V8 heap.
-                format!("--max-old-space-size={}", (limits.memory_mb * 3 / 4).max(16)),
+                format!(
+                    "--max-old-space-size={}",
+                    (limits.memory_mb * 3 / 4).max(16)
+                ),
                 "-e".into(),
                 crate::kernels::NODE_DRIVER.into(),
             ],
@@ -236,7 +251,11 @@ impl Launcher {
             cg.add_process(pid);
         }
         let stdio = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
-            (Some(i), Some(o), Some(e)) => Stdio3 { stdin: i, stdout: o, stderr: e },
+            (Some(i), Some(o), Some(e)) => Stdio3 {
+                stdin: i,
+                stdout: o,
+                stderr: e,
+            },
             _ => return Err(LaunchError::Prepare("sandbox stdio pipes missing".into())),
         };
         Ok(Sandbox {
@@ -272,7 +291,10 @@ impl Launcher {
             .output();
         match tokio::time::timeout(Duration::from_secs(20), fut).await {
             Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "runsc timed out")),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "runsc timed out",
+            )),
         }
     }
 
@@ -282,9 +304,18 @@ impl Launcher {
         if self.inner.config.kind != IsolationKind::Gvisor {
             return;
         }
-        let Ok(out) = self.runsc(&["list", "-quiet"]).await else { return };
-        for id in String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()) {
-            tracing::warn!(sandbox = id, "destroying a sandbox left by a previous agent");
+        let Ok(out) = self.runsc(&["list", "-quiet"]).await else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
+            tracing::warn!(
+                sandbox = id,
+                "destroying a sandbox left by a previous agent"
+            );
             let _ = self.runsc(&["delete", "-force", id]).await;
         }
         let _ = std::fs::remove_dir_all(&self.inner.bundles);
@@ -334,7 +365,9 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -348,13 +381,21 @@ impl Sandbox {
     pub async fn interrupt(&self) {
         match self.launcher.kind() {
             IsolationKind::Gvisor => {
-                if let Err(e) = self.launcher.runsc(&["kill", "-all", &self.id, "INT"]).await {
+                if let Err(e) = self
+                    .launcher
+                    .runsc(&["kill", "-all", &self.id, "INT"])
+                    .await
+                {
                     tracing::warn!(sandbox = %self.id, error = %e, "runsc kill INT failed");
                 }
             }
             IsolationKind::Bwrap | IsolationKind::None => {
                 if let Some(pid) = self.child.id() {
-                    signal_tree(pid, rustix::process::Signal::INT, self.launcher.kind() == IsolationKind::Bwrap);
+                    signal_tree(
+                        pid,
+                        rustix::process::Signal::INT,
+                        self.launcher.kind() == IsolationKind::Bwrap,
+                    );
                 }
             }
         }
@@ -396,7 +437,10 @@ impl Sandbox {
                 }
             }
         }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(sandbox = %self.id, "sandbox did not exit after SIGKILL; forcing its deletion");
             if self.launcher.kind() == IsolationKind::Gvisor {
                 let _ = self.launcher.runsc(&["delete", "-force", &self.id]).await;
@@ -416,7 +460,9 @@ impl Sandbox {
 
 fn exit_info(status: std::process::ExitStatus) -> ExitInfo {
     use std::os::unix::process::ExitStatusExt;
-    ExitInfo { code: status.code().or_else(|| status.signal().map(|s| 128 + s)) }
+    ExitInfo {
+        code: status.code().or_else(|| status.signal().map(|s| 128 + s)),
+    }
 }
 
 /// Signals `pid` and all its descendants (optionally sparing the bwrap
@@ -428,7 +474,10 @@ fn signal_tree(pid: u32, signal: rustix::process::Signal, spare_bwrap: bool) {
         let p = pids[i];
         let path = format!("/proc/{p}/task/{p}/children");
         if let Ok(text) = std::fs::read_to_string(path) {
-            pids.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
+            pids.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse::<u32>().ok()),
+            );
         }
         i += 1;
     }
@@ -453,5 +502,7 @@ pub fn resolve_binary(path: &Path) -> Option<PathBuf> {
         return path.is_file().then(|| path.to_path_buf());
     }
     let paths = std::env::var_os("PATH")?;
-    std::env::split_paths(&paths).map(|d| d.join(path)).find(|p| p.is_file())
+    std::env::split_paths(&paths)
+        .map(|d| d.join(path))
+        .find(|p| p.is_file())
 }

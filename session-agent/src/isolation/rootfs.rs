@@ -53,17 +53,30 @@ impl SandboxRoot {
             }
         }
         write_etc(&etc)?;
-        Ok(SandboxRoot { skeleton, etc, system_dirs })
+        Ok(SandboxRoot {
+            skeleton,
+            etc,
+            system_dirs,
+        })
     }
 }
 
 fn write_etc(etc: &Path) -> io::Result<()> {
     let files: &[(&str, &str)] = &[
-        ("passwd", "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/workspace:/usr/sbin/nologin\n"),
+        (
+            "passwd",
+            "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/workspace:/usr/sbin/nologin\n",
+        ),
         ("group", "root:x:0:\nnogroup:x:65534:\n"),
-        ("hosts", "127.0.0.1 localhost sandbox\n::1 localhost sandbox\n"),
+        (
+            "hosts",
+            "127.0.0.1 localhost sandbox\n::1 localhost sandbox\n",
+        ),
         ("hostname", "sandbox\n"),
-        ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"),
+        (
+            "nsswitch.conf",
+            "passwd: files\ngroup: files\nhosts: files\n",
+        ),
         ("resolv.conf", ""),
     ];
     for (name, content) in files {
@@ -91,7 +104,10 @@ mod tests {
             .collect();
         names.sort();
         for n in &names {
-            assert!(MOUNT_POINTS.contains(&n.as_str()) || SYSTEM_ENTRIES.contains(&n.as_str()), "{n}");
+            assert!(
+                MOUNT_POINTS.contains(&n.as_str()) || SYSTEM_ENTRIES.contains(&n.as_str()),
+                "{n}"
+            );
         }
         let etc: Vec<String> = std::fs::read_dir(&root.etc)
             .unwrap()

@@ -87,7 +87,10 @@ pub struct Kernel {
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kernel").field("runtime", &self.runtime).field("sandbox", &self.sandbox.id).finish()
+        f.debug_struct("Kernel")
+            .field("runtime", &self.runtime)
+            .field("sandbox", &self.sandbox.id)
+            .finish()
     }
 }
 
@@ -161,7 +164,11 @@ impl Kernel {
 
     /// Sets environment variables in the interpreter. Also the readiness
     /// probe: an empty map round-trips through the driver.
-    pub async fn set_env(&mut self, env: &BTreeMap<String, String>, timeout: Duration) -> Result<(), KernelError> {
+    pub async fn set_env(
+        &mut self,
+        env: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<(), KernelError> {
         let nonce = new_nonce();
         let payload = match self.runtime {
             Runtime::Python | Runtime::Node => {
@@ -175,11 +182,15 @@ impl Kernel {
                 bash_request(&nonce, &code)
             }
         };
-        let raw = self.run_request(&payload, &nonce, timeout, 64 * 1024, None, None).await;
+        let raw = self
+            .run_request(&payload, &nonce, timeout, 64 * 1024, None, None)
+            .await;
         if raw.status_line.is_some() && !raw.gave_up {
             return Ok(());
         }
-        let detail = String::from_utf8_lossy(&raw.stderr[..raw.stderr.len().min(2048)]).trim().to_owned();
+        let detail = String::from_utf8_lossy(&raw.stderr[..raw.stderr.len().min(2048)])
+            .trim()
+            .to_owned();
         Err(KernelError::NotReady(if raw.eof {
             format!("the interpreter exited during start-up: {detail}")
         } else {
@@ -205,7 +216,16 @@ impl Kernel {
             })),
             Runtime::Bash => bash_request(&nonce, req.code),
         };
-        let raw = self.run_request(&payload, &nonce, req.timeout, req.max_output, sink, Some(cancel)).await;
+        let raw = self
+            .run_request(
+                &payload,
+                &nonce,
+                req.timeout,
+                req.max_output,
+                sink,
+                Some(cancel),
+            )
+            .await;
         self.outcome(raw, req)
     }
 
@@ -250,7 +270,11 @@ impl Kernel {
             let code = raw.exited.and_then(|e| e.code);
             let oom = raw.exited.is_some_and(|e| e.killed_by_sigkill())
                 || out.stderr.contains("JavaScript heap out of memory");
-            out.status = if raw.interrupted { StepStatus::Timeout } else { StepStatus::Killed };
+            out.status = if raw.interrupted {
+                StepStatus::Timeout
+            } else {
+                StepStatus::Killed
+            };
             out.error = Some(if oom {
                 StepError {
                     kind: "MemoryError".into(),
@@ -264,7 +288,8 @@ impl Kernel {
                     kind: "SandboxExited".into(),
                     message: format!(
                         "the interpreter exited{}; it was restarted and its state was lost",
-                        code.map(|c| format!(" with status {c}")).unwrap_or_default()
+                        code.map(|c| format!(" with status {c}"))
+                            .unwrap_or_default()
                     ),
                     traceback: String::new(),
                 }
@@ -277,7 +302,10 @@ impl Kernel {
             out.truncated = true;
             out.error = Some(StepError {
                 kind: "ResultTooLarge".into(),
-                message: format!("the result is larger than the output cap of {} bytes", req.max_output),
+                message: format!(
+                    "the result is larger than the output cap of {} bytes",
+                    req.max_output
+                ),
                 traceback: String::new(),
             });
             return out;
@@ -298,7 +326,9 @@ impl Kernel {
             out.status = StepStatus::Timeout;
             out.error = Some(StepError {
                 kind: "Timeout".into(),
-                message: format!("step exceeded its timeout of {timeout_ms} ms and was interrupted"),
+                message: format!(
+                    "step exceeded its timeout of {timeout_ms} ms and was interrupted"
+                ),
                 traceback: status.error.map(|e| e.traceback).unwrap_or_default(),
             });
             return out;
@@ -343,7 +373,16 @@ impl Kernel {
         let mark = format!("\x1e\x1eSA:{nonce}:").into_bytes();
         let mut out = Scan::new(mark.clone(), max_output, true);
         let mut err = Scan::new(mark, max_output, false);
-        let Kernel { sandbox, stdin, stdout, stderr, carry_out, carry_err, interrupt_grace, .. } = self;
+        let Kernel {
+            sandbox,
+            stdin,
+            stdout,
+            stderr,
+            carry_out,
+            carry_err,
+            interrupt_grace,
+            ..
+        } = self;
         let carried_out = std::mem::take(carry_out);
         let carried_err = std::mem::take(carry_err);
         out.feed(&carried_out, sink, OutputEvent::Stdout).await;
@@ -396,7 +435,11 @@ impl Kernel {
                 }
             }
         }
-        let exited = if eof { sandbox.wait_exit(Duration::from_secs(2)).await } else { None };
+        let exited = if eof {
+            sandbox.wait_exit(Duration::from_secs(2)).await
+        } else {
+            None
+        };
         out.flush(sink, OutputEvent::Stdout).await;
         err.flush(sink, OutputEvent::Stderr).await;
         *carry_out = std::mem::take(&mut out.after);
@@ -417,7 +460,13 @@ impl Kernel {
 
     /// Kills the sandbox and removes its host state.
     pub async fn destroy(self) {
-        let Kernel { sandbox, stdin, stdout, stderr, .. } = self;
+        let Kernel {
+            sandbox,
+            stdin,
+            stdout,
+            stderr,
+            ..
+        } = self;
         drop((stdin, stdout, stderr));
         sandbox.destroy().await;
     }
@@ -451,12 +500,11 @@ fn new_nonce() -> String {
 
 /// UTF-8 text of captured bytes; a character cut by truncation is dropped.
 fn lossy(bytes: &[u8], truncated: bool) -> String {
-    if truncated {
-        if let Err(e) = std::str::from_utf8(bytes) {
-            if e.error_len().is_none() {
-                return String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned();
-            }
-        }
+    if truncated
+        && let Err(e) = std::str::from_utf8(bytes)
+        && e.error_len().is_none()
+    {
+        return String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned();
     }
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -537,7 +585,11 @@ impl Scan {
             Some(j) => (&data[..j], Some(&data[j + 1..])),
             None => (data, None),
         };
-        let limit = if self.want_status { self.cap + STATUS_OVERHEAD } else { 0 };
+        let limit = if self.want_status {
+            self.cap + STATUS_OVERHEAD
+        } else {
+            0
+        };
         if self.status.len() + line.len() > limit {
             self.status_overflow = true;
         } else {
@@ -549,7 +601,12 @@ impl Scan {
         }
     }
 
-    async fn emit(&mut self, bytes: &[u8], sink: Option<&mpsc::Sender<OutputEvent>>, wrap: fn(String) -> OutputEvent) {
+    async fn emit(
+        &mut self,
+        bytes: &[u8],
+        sink: Option<&mpsc::Sender<OutputEvent>>,
+        wrap: fn(String) -> OutputEvent,
+    ) {
         if bytes.is_empty() {
             return;
         }
@@ -569,21 +626,29 @@ impl Scan {
             };
             if valid > 0 {
                 let chunk: Vec<u8> = self.utf8_carry.drain(..valid).collect();
-                let _ = sink.send(wrap(String::from_utf8_lossy(&chunk).into_owned())).await;
+                let _ = sink
+                    .send(wrap(String::from_utf8_lossy(&chunk).into_owned()))
+                    .await;
             }
         }
     }
 
     /// At the end of a request: output held back as a possible mark prefix
     /// (when the mark never came) and any incomplete character.
-    async fn flush(&mut self, sink: Option<&mpsc::Sender<OutputEvent>>, wrap: fn(String) -> OutputEvent) {
+    async fn flush(
+        &mut self,
+        sink: Option<&mpsc::Sender<OutputEvent>>,
+        wrap: fn(String) -> OutputEvent,
+    ) {
         if !self.found && !self.pending.is_empty() {
             let pending = std::mem::take(&mut self.pending);
             self.emit(&pending, sink, wrap).await;
         }
         if let (Some(sink), false) = (sink, self.utf8_carry.is_empty()) {
             let chunk = std::mem::take(&mut self.utf8_carry);
-            let _ = sink.send(wrap(String::from_utf8_lossy(&chunk).into_owned())).await;
+            let _ = sink
+                .send(wrap(String::from_utf8_lossy(&chunk).into_owned()))
+                .await;
         }
     }
 }
@@ -592,7 +657,10 @@ impl Scan {
 /// the bytes to hold back because the mark may continue in the next read.
 fn partial_mark_suffix(data: &[u8], mark: &[u8]) -> usize {
     let longest = data.len().min(mark.len().saturating_sub(1));
-    (1..=longest).rev().find(|&k| data.ends_with(&mark[..k])).unwrap_or(0)
+    (1..=longest)
+        .rev()
+        .find(|&k| data.ends_with(&mark[..k]))
+        .unwrap_or(0)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -623,12 +691,22 @@ mod tests {
 
     #[tokio::test]
     async fn mark_split_across_chunks() {
-        let (s, ev) = scan_all(&[b"hello \x1e", b"\x1eSA:", b"n:{\"status\":\"ok\"}\nlater"], 100, true).await;
+        let (s, ev) = scan_all(
+            &[b"hello \x1e", b"\x1eSA:", b"n:{\"status\":\"ok\"}\nlater"],
+            100,
+            true,
+        )
+        .await;
         assert_eq!(s.captured, b"hello ");
         assert!(s.status_done);
         assert_eq!(s.status, b"{\"status\":\"ok\"}");
         assert_eq!(s.after, b"later");
-        let text: String = ev.iter().map(|e| match e { OutputEvent::Stdout(s) | OutputEvent::Stderr(s) => s.as_str() }).collect();
+        let text: String = ev
+            .iter()
+            .map(|e| match e {
+                OutputEvent::Stdout(s) | OutputEvent::Stderr(s) => s.as_str(),
+            })
+            .collect();
         assert_eq!(text, "hello ");
     }
 
@@ -657,7 +735,12 @@ mod tests {
     async fn utf8_split_is_not_mangled_in_stream() {
         let snow = "☃".as_bytes();
         let (_, ev) = scan_all(&[&snow[..1], &snow[1..], b"\x1e\x1eSA:n:{}\n"], 100, true).await;
-        let text: String = ev.iter().map(|e| match e { OutputEvent::Stdout(s) | OutputEvent::Stderr(s) => s.as_str() }).collect();
+        let text: String = ev
+            .iter()
+            .map(|e| match e {
+                OutputEvent::Stdout(s) | OutputEvent::Stderr(s) => s.as_str(),
+            })
+            .collect();
         assert_eq!(text, "☃");
     }
 

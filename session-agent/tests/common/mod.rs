@@ -1,6 +1,6 @@
 //! Test harness: a real session agent on an ephemeral loopback port, real
 //! sandboxes (gVisor unless SESSION_ISOLATION says otherwise).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::time::Duration;
 
@@ -42,8 +42,13 @@ pub fn isolation() -> String {
 impl TestAgent {
     pub async fn start(extra: &[&str]) -> TestAgent {
         let iso = isolation();
-        let state = tempfile::Builder::new().prefix("sa-test-").tempdir_in("/tmp").expect("tempdir");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let state = tempfile::Builder::new()
+            .prefix("sa-test-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().unwrap().port();
         let mut args = vec![
             "session-agent".to_owned(),
@@ -60,7 +65,10 @@ impl TestAgent {
         let handle = tokio::spawn(session_agent::serve(listener, config, shutdown.clone()));
         let base = format!("http://127.0.0.1:{port}");
         let client = AgentClient::new(&base).unwrap();
-        let http = reqwest::Client::builder().tcp_nodelay(true).build().unwrap();
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .build()
+            .unwrap();
         for _ in 0..200 {
             if client.health().await.is_ok() {
                 break;
@@ -70,14 +78,25 @@ impl TestAgent {
         let health = client.health().await.expect("agent did not come up");
         eprintln!("isolation used: {}", health.isolation);
         assert_eq!(health.isolation, iso);
-        TestAgent { base, port, client, http, isolation: iso, shutdown, handle: Some(handle), state }
+        TestAgent {
+            base,
+            port,
+            client,
+            http,
+            isolation: iso,
+            shutdown,
+            handle: Some(handle),
+            state,
+        }
     }
 
     /// Stops the agent and returns once every sandbox is destroyed.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(h) = self.handle.take() {
-            h.await.expect("agent task").expect("agent stopped with an error");
+            h.await
+                .expect("agent task")
+                .expect("agent stopped with an error");
         }
     }
 
@@ -85,7 +104,13 @@ impl TestAgent {
         self.session_with(id, runtime, token, None).await
     }
 
-    pub async fn session_with(&self, id: &str, runtime: &str, token: &str, limits: Option<Limits>) -> Value {
+    pub async fn session_with(
+        &self,
+        id: &str,
+        runtime: &str,
+        token: &str,
+        limits: Option<Limits>,
+    ) -> Value {
         let req = CreateSessionRequest {
             session_id: id.into(),
             runtime: runtime.into(),
@@ -95,7 +120,11 @@ impl TestAgent {
             ttl_seconds: None,
             idle_timeout_seconds: None,
         };
-        let info = self.client.create_session(&req).await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+        let info = self
+            .client
+            .create_session(&req)
+            .await
+            .unwrap_or_else(|e| panic!("create {id}: {e}"));
         serde_json::to_value(info).unwrap()
     }
 
@@ -103,7 +132,13 @@ impl TestAgent {
         self.step_req(session, token, code, None).await
     }
 
-    pub async fn step_req(&self, session: &str, token: &str, code: &str, timeout_ms: Option<u64>) -> StepResult {
+    pub async fn step_req(
+        &self,
+        session: &str,
+        token: &str,
+        code: &str,
+        timeout_ms: Option<u64>,
+    ) -> StepResult {
         let req = StepRequest {
             session_id: session.into(),
             step_id: format!("st-{}", rand_id()),
@@ -112,12 +147,23 @@ impl TestAgent {
             mode: None,
             event: None,
         };
-        self.client.step(&req, Some(token)).await.unwrap_or_else(|e| panic!("step on {session}: {e}"))
+        self.client
+            .step(&req, Some(token))
+            .await
+            .unwrap_or_else(|e| panic!("step on {session}: {e}"))
     }
 
     /// A raw request, for bad-input tests: (status, json body).
-    pub async fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> (u16, Value) {
-        let mut rb = self.http.request(method.parse().unwrap(), format!("{}{}", self.base, path));
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{}", self.base, path));
         for (k, v) in headers {
             rb = rb.header(*k, *v);
         }
@@ -127,7 +173,8 @@ impl TestAgent {
         let resp = rb.send().await.expect("request");
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.unwrap();
-        let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
         (status, json)
     }
 }
@@ -135,9 +182,17 @@ impl TestAgent {
 impl TestAgent {
     /// A request written byte for byte on a TCP socket, so no client library
     /// normalizes the path (`%2e%2e` stays as sent): (status, json body).
-    pub async fn raw_tcp(&self, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, Value) {
+    pub async fn raw_tcp(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect");
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nx-session-token: {token}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
             body.len()
@@ -147,9 +202,16 @@ impl TestAgent {
         let mut resp = Vec::new();
         sock.read_to_end(&mut resp).await.unwrap();
         let text = String::from_utf8_lossy(&resp).into_owned();
-        let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+        let status: u16 = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
         let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (status, serde_json::from_str(body).unwrap_or_else(|_| json!({"raw": body})))
+        (
+            status,
+            serde_json::from_str(body).unwrap_or_else(|_| json!({"raw": body})),
+        )
     }
 }
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# make run-local: the session agent (:9000), data plane (:8081) and control
+# plane (:8080) on their embedded defaults. Ctrl-C stops all three; the
+# agent destroys every sandbox it started before it exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/debug}
+export ENV=${ENV:-dev}
+export RUST_LOG=${RUST_LOG:-info}
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo
+  echo "[run-local] stopping (sandboxes are destroyed before the agent exits)..."
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  echo "[run-local] stopped"
+}
+trap stop INT TERM EXIT
+
+"$BIN/session-agent" & pids+=($!)
+"$BIN/data-plane" & pids+=($!)
+"$BIN/control-plane" & pids+=($!)
+
+agent=http://127.0.0.1:${SESSION_AGENT_ADDR##*:}
+agent=${agent%:}
+[ "$agent" = "http://127.0.0.1" ] && agent=http://127.0.0.1:9000
+for _ in $(seq 1 100); do
+  curl -fsS "$agent/v1/health" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+token=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+cat <<TXT
+
+[run-local] ready: session agent $agent, data plane :8081, control plane :8080 (Ctrl-C stops all)
+
+  # a Python session (the token is yours to choose: >= 32 characters)
+  curl -s -X POST $agent/v1/sessions -H 'Content-Type: application/json' \\
+    -d '{"sessionId":"demo","runtime":"python","token":"$token"}'
+
+  # two steps: state persists between them
+  curl -s -X POST $agent/v1/steps -H 'Content-Type: application/json' -H 'X-Session-Token: $token' \\
+    -d '{"sessionId":"demo","stepId":"1","code":"x = 6 * 7\\nprint(\"hello\")"}'
+  curl -s -X POST $agent/v1/steps -H 'Content-Type: application/json' -H 'X-Session-Token: $token' \\
+    -d '{"sessionId":"demo","stepId":"2","code":"x"}'
+
+  # end it (the sandbox is destroyed, the workspace wiped)
+  curl -s -X DELETE $agent/v1/sessions/demo -H 'X-Session-Token: $token'
+
+TXT
+wait -n "${pids[@]}" || true
