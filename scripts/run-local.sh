@@ -23,9 +23,8 @@ trap stop INT TERM EXIT
 "$BIN/data-plane" & pids+=($!)
 "$BIN/control-plane" & pids+=($!)
 
-agent=http://127.0.0.1:${SESSION_AGENT_ADDR##*:}
-agent=${agent%:}
-[ "$agent" = "http://127.0.0.1" ] && agent=http://127.0.0.1:9000
+agent_addr=${SESSION_AGENT_ADDR:-:9000}
+agent=http://127.0.0.1:${agent_addr##*:}
 for _ in $(seq 1 100); do
   curl -fsS "$agent/v1/health" >/dev/null 2>&1 && break
   sleep 0.1

@@ -157,6 +157,9 @@ impl Config {
         if self.max_sessions == 0 {
             return Err("SESSION_AGENT_MAX_SESSIONS must be at least 1".into());
         }
+        if self.default_memory_mb < 64 {
+            return Err("SESSION_AGENT_DEFAULT_MEMORY_MB must be at least 64".into());
+        }
         if self.default_memory_mb > self.max_memory_mb {
             return Err(
                 "SESSION_AGENT_DEFAULT_MEMORY_MB is above SESSION_AGENT_MAX_MEMORY_MB".into(),

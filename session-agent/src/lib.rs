@@ -91,11 +91,20 @@ pub async fn serve(
         config.max_body_bytes,
     );
     tracing::info!(addr = %listener.local_addr()?, isolation = config.isolation.as_str(), "session agent listening");
+    // On shutdown, end the sessions first: running steps stop at once, so
+    // the HTTP drain that follows is not held up by long steps.
+    let stopper = {
+        let (sessions, work, shutdown) = (sessions.clone(), work.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tracing::info!("stopping: ending sessions and destroying sandboxes");
+            work.cancel();
+            sessions.shutdown_all().await;
+        })
+    };
     let served = shared::server::serve(listener, router, shutdown.clone()).await;
-
-    tracing::info!("stopping: ending sessions and destroying sandboxes");
-    work.cancel();
-    sessions.shutdown_all().await;
+    shutdown.cancel();
+    let _ = stopper.await;
     background.wait().await;
     pool.drain().await;
     launcher.cleanup_host_state();

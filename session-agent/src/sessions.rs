@@ -25,8 +25,10 @@ use crate::kernels::{ExecRequest, Kernel, OutputEvent};
 use crate::pool::{WarmPool, WarmSandbox};
 use crate::workspace::Workspace;
 
-/// Minimum length of a session token (a 256-bit token is 43+ characters).
-pub const MIN_TOKEN_LEN: usize = 32;
+/// Minimum length of a session token: a 256-bit token is 43 characters in
+/// base64url and 64 in hex. Length is only a floor; the data plane generates
+/// tokens from a CSPRNG.
+pub const MIN_TOKEN_LEN: usize = 43;
 
 /// Session policy: defaults, maximums and timeouts.
 #[derive(Debug, Clone)]
@@ -97,6 +99,15 @@ impl Settings {
             )?,
         })
     }
+}
+
+/// A fresh sandbox id, also the workspace directory's name.
+fn new_sandbox_id() -> String {
+    format!(
+        "{}{}",
+        crate::workspace::WORKSPACE_PREFIX,
+        hex::encode(rand::random::<[u8; 8]>())
+    )
 }
 
 fn now_ms() -> u64 {
@@ -249,7 +260,7 @@ impl SessionManager {
         runtime: Runtime,
         limits: EffectiveLimits,
     ) -> Result<WarmSandbox, String> {
-        let sandbox_id = format!("sa-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let sandbox_id = new_sandbox_id();
         let workspace =
             Workspace::create(&self.settings.workspace_root, &sandbox_id, limits.disk_mb)
                 .map_err(|e| format!("workspace: {e}"))?;
@@ -317,11 +328,18 @@ impl SessionManager {
             .ttl_seconds
             .map(Duration::from_secs)
             .unwrap_or(self.settings.default_ttl);
-        if ttl > self.settings.max_ttl || ttl.is_zero() {
+        if ttl.is_zero() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "ttlSeconds must be at least 1",
+            ));
+        }
+        if ttl > self.settings.max_ttl {
             return Err(ApiError::new(
                 ErrorCode::LimitExceeded,
                 format!(
-                    "ttlSeconds must be between 1 and {}",
+                    "ttlSeconds = {} is above the maximum of {}",
+                    ttl.as_secs(),
                     self.settings.max_ttl.as_secs()
                 ),
             ));
@@ -463,6 +481,8 @@ impl SessionManager {
                 "missing or wrong X-Session-Token",
             ));
         }
+        // Any authorized request (steps, files, reads) keeps a session alive.
+        session.touch();
         Ok(session)
     }
 
@@ -503,13 +523,19 @@ impl SessionManager {
                 "bash code cannot contain NUL bytes",
             ));
         }
+        if req.timeout_ms == Some(0) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "timeoutMs must be at least 1",
+            ));
+        }
         if let Some(t) = req.timeout_ms
-            && (t > self.settings.maximums.timeout_ms || t == 0)
+            && t > self.settings.maximums.timeout_ms
         {
             return Err(ApiError::new(
                 ErrorCode::LimitExceeded,
                 format!(
-                    "timeoutMs must be between 1 and {}",
+                    "timeoutMs = {t} is above the maximum of {}",
                     self.settings.maximums.timeout_ms
                 ),
             ));
@@ -541,7 +567,7 @@ impl SessionManager {
     pub async fn run_step(
         &self,
         mut run: StepRun,
-        sink: Option<mpsc::Sender<OutputEvent>>,
+        sink: Option<mpsc::UnboundedSender<OutputEvent>>,
     ) -> StepResult {
         let started = std::time::Instant::now();
         let session = run.session.clone();
@@ -593,7 +619,7 @@ impl SessionManager {
     /// A fresh interpreter on the session's existing workspace.
     async fn restart(&self, session: &Session) -> Option<Kernel> {
         let spec = SandboxSpec {
-            sandbox_id: format!("sa-{}", hex::encode(rand::random::<[u8; 8]>())),
+            sandbox_id: new_sandbox_id(),
             runtime: session.runtime,
             workspace: session.workspace.host_path.clone(),
             limits: session.limits,

@@ -328,12 +328,17 @@ fn io_err(e: io::Error) -> ApiError {
     }
 }
 
+/// Prefix of every sandbox and workspace name the agent creates. Only such
+/// entries are ever reaped, so a mistaken `WORKSPACE_ROOT` cannot make the
+/// agent delete anything else.
+pub const WORKSPACE_PREFIX: &str = "sa-";
+
 /// Unmounts and removes workspaces a previous agent left under `root`.
 pub fn reap_workspaces(root: &Path) {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let prefix = format!("{}/", root.display());
+    let prefix = format!("{}/{WORKSPACE_PREFIX}", root.display());
     for line in mounts.lines() {
         if let Some(mp) = line.split(' ').nth(4)
             && mp.starts_with(&prefix)
@@ -344,7 +349,12 @@ pub fn reap_workspaces(root: &Path) {
     }
     if let Ok(entries) = std::fs::read_dir(root) {
         for e in entries.flatten() {
-            let _ = std::fs::remove_dir_all(e.path());
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(WORKSPACE_PREFIX)
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 }

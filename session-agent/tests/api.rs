@@ -374,7 +374,11 @@ async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
 async fn ttl_and_idle_timeout_end_sessions() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
-    for (id, ttl, idle) in [("ttl", Some(2), None), ("idle", None, Some(2))] {
+    for (id, ttl, idle) in [
+        ("ttl", Some(2), None),
+        ("idle", None, Some(2)),
+        ("kept", None, Some(2)),
+    ] {
         let req = CreateSessionRequest {
             session_id: id.into(),
             runtime: "bash".into(),
@@ -387,20 +391,40 @@ async fn ttl_and_idle_timeout_end_sessions() {
         agent.client.create_session(&req).await.unwrap();
     }
     let ws_root = agent.state.path().join("workspaces");
-    assert_eq!(std::fs::read_dir(&ws_root).unwrap().count(), 2);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    assert_eq!(std::fs::read_dir(&ws_root).unwrap().count(), 3);
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(20);
     loop {
-        let ttl_gone = agent.client.get_session("ttl", Some(&t)).await.is_err();
-        let idle_gone = agent.client.get_session("idle", Some(&t)).await.is_err();
-        if ttl_gone && idle_gone {
+        // "kept" is used (any authorized request counts), so it stays.
+        agent
+            .client
+            .get_session("kept", Some(&t))
+            .await
+            .expect("a used session must not go idle");
+        // A listing does not touch sessions.
+        let ids: Vec<String> = agent
+            .client
+            .list_sessions(Some(&t))
+            .await
+            .unwrap()
+            .sessions
+            .into_iter()
+            .map(|s| s.session_id)
+            .collect();
+        if !ids.contains(&"ttl".to_owned()) && !ids.contains(&"idle".to_owned()) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "sessions did not expire"
+            "sessions did not expire: {ids:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "expired too early"
+    );
+    agent.client.delete_session("kept", Some(&t)).await.unwrap();
     // Workspaces are wiped once teardown finishes.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::fs::read_dir(&ws_root).unwrap().count() > 0 {

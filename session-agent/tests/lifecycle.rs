@@ -196,8 +196,27 @@ async fn restart_after_kill_9_destroys_leftovers() {
     wait_healthy(&client).await;
     let t = token();
     create(&client, "orphan", "python", &t).await;
+    // A busy interpreter: an idle one exits by itself when its stdin closes
+    // with the agent, a busy one would run on without the reaping.
+    let busy = {
+        let (client, t) = (client.clone(), t.clone());
+        tokio::spawn(async move {
+            let req = shared::agent::StepRequest {
+                session_id: "orphan".into(),
+                step_id: "busy".into(),
+                code: "import time\ntime.sleep(600)".into(),
+                timeout_ms: Some(600_000),
+                mode: None,
+                event: None,
+            };
+            let _ = client.step(&req, Some(&t)).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
     child.kill().unwrap();
     child.wait().unwrap();
+    busy.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // The dead agent's sandbox outlives it...
     assert_eq!(mounts_under(state.path()).len(), 1);
     if common::isolation() == "gvisor" {

@@ -167,7 +167,8 @@ pub enum StepStatus {
     Error,
     /// The step ran past its timeout and was interrupted.
     Timeout,
-    /// The sandbox died during the step (memory limit, crash); it was restarted.
+    /// The sandbox died during the step (memory limit, crash) and was
+    /// restarted, or the session ended while the step ran.
     Killed,
 }
 
@@ -176,7 +177,8 @@ pub enum StepStatus {
 #[serde(rename_all = "camelCase")]
 pub struct StepError {
     /// Exception type (`ZeroDivisionError`, `TypeError`), or one of the
-    /// agent's codes: `Timeout`, `MemoryError`, `SandboxExited`, `ExitStatus`.
+    /// agent's codes: `Timeout`, `MemoryError`, `SandboxExited`, `ExitStatus`
+    /// (bash), `SessionEnded`, `ResultTooLarge`, `KernelProtocolError`.
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,

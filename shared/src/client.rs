@@ -194,7 +194,7 @@ impl AgentClient {
         expect_empty(rb.send().await?).await
     }
 
-    /// Deletes a workspace file or empty directory.
+    /// Deletes a workspace file, symlink or directory tree.
     pub async fn delete_file(
         &self,
         id: &str,

@@ -23,7 +23,7 @@ use shared::agent::{
 };
 use shared::server::{ApiError, ApiJson};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::kernels::OutputEvent;
 use crate::sessions::SessionManager;
@@ -37,7 +37,8 @@ pub struct AppState {
 /// The agent's routes.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = Router::new()
-        .route("/v1/health", get(health))
+        // POST too: the seed's Kubernetes flow probes with POST.
+        .route("/v1/health", get(health).post(health))
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route(
             "/v1/sessions/{session_id}",
@@ -84,7 +85,19 @@ async fn create_session(
             "X-Session-Token does not match the body's token",
         ));
     }
-    let info = app.sessions.create(req).await?;
+    // Creation runs in its own task: a client that disconnects midway
+    // leaves either a whole session or nothing, never a half-made one.
+    let (tx, rx) = oneshot::channel();
+    let mgr = app.sessions.clone();
+    app.sessions.spawn(async move {
+        let _ = tx.send(mgr.create(req).await);
+    });
+    let info = rx.await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::Internal,
+            "session creation ended without a result",
+        )
+    })??;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -125,7 +138,9 @@ async fn run_step(
     let run = app.sessions.begin_step(req, token(&headers))?;
     let (done_tx, done_rx) = oneshot::channel::<StepResult>();
     let (out_tx, out_rx) = if streaming {
-        let (tx, rx) = mpsc::channel::<OutputEvent>(64);
+        // Unbounded, yet bounded by the output cap: a slow reader must not
+        // stall the step's reads (and its timeout) inside the kernel.
+        let (tx, rx) = mpsc::unbounded_channel::<OutputEvent>();
         (Some(tx), Some(rx))
     } else {
         (None, None)
@@ -143,7 +158,7 @@ async fn run_step(
         })?;
         return Ok(Json(result).into_response());
     };
-    let chunks = ReceiverStream::new(out_rx).map(|ev| {
+    let chunks = UnboundedReceiverStream::new(out_rx).map(|ev| {
         let (name, data) = match ev {
             OutputEvent::Stdout(d) => (sse_event::STDOUT, d),
             OutputEvent::Stderr(d) => (sse_event::STDERR, d),

@@ -1,72 +1,132 @@
-//! bubblewrap sandboxes (the fallback when runsc is absent) and the rlimit
-//! wrapper shared with `none`. bwrap runs as uid 65534 on the host, so its
-//! user namespace maps to an unprivileged uid, never to host root
-//! (SECURITY.md, hardening item 9); its environment is cleared.
+//! bubblewrap sandboxes (the fallback when runsc is absent) and the process
+//! chain shared with `none`:
+//! `sh` (joins the sandbox cgroup, then execs) -> `setpriv` (uid 65534, no
+//! groups, no new privileges) -> `prlimit` (rlimits) -> [`bwrap` ...] -> the
+//! interpreter. bwrap thus runs unprivileged, so its user namespace maps to
+//! uid 65534, never to host root (SECURITY.md, hardening item 9), and its
+//! environment is cleared.
 
+use std::ffi::OsString;
 use std::path::Path;
 
 use shared::agent::{EffectiveLimits, Runtime};
 use tokio::process::Command;
 
-use super::{SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec};
+use super::{SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec, cgroup::Cgroup};
 
-/// `prlimit` with the sandbox's rlimits, run as uid 65534.
-pub fn prlimit_wrapper(limits: &EffectiveLimits, runtime: Runtime) -> Command {
-    let mut cmd = Command::new("prlimit");
-    cmd.arg(format!("--nproc={}", limits.max_processes))
-        .arg(format!("--fsize={}", limits.disk_mb * 1024 * 1024))
-        .arg("--nofile=1024")
-        .arg("--core=0");
+/// Joins the cgroups named before `--` (so no process of the sandbox ever
+/// runs outside them), then execs the rest.
+const JOIN_CGROUP_THEN_EXEC: &str =
+    r#"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 126; shift; done; shift; exec "$@""#;
+
+/// The unprivileged, rlimited prefix: setpriv + prlimit.
+fn drop_privileges_and_limit(limits: &EffectiveLimits, runtime: Runtime) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec![
+        "setpriv".into(),
+        format!("--reuid={SANDBOX_UID}").into(),
+        format!("--regid={SANDBOX_UID}").into(),
+        "--clear-groups".into(),
+        "--no-new-privs".into(),
+        "--".into(),
+        "prlimit".into(),
+        format!("--nproc={}", limits.max_processes).into(),
+        format!("--fsize={}", limits.disk_mb * 1024 * 1024).into(),
+        "--nofile=1024".into(),
+        "--core=0".into(),
+    ];
     if runtime == Runtime::Python {
-        cmd.arg(format!("--as={}", limits.memory_mb * 1024 * 1024));
+        v.push(format!("--as={}", limits.memory_mb * 1024 * 1024).into());
     }
-    cmd.uid(SANDBOX_UID).gid(SANDBOX_UID);
+    v.push("--".into());
+    v
+}
+
+/// The command that runs `inner` inside `cgroup` (when there is one).
+fn in_cgroup(cgroup: Option<&Cgroup>, inner: Vec<OsString>) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(JOIN_CGROUP_THEN_EXEC).arg("sh");
+    if let Some(cg) = cgroup {
+        cmd.args(cg.procs_files());
+    }
+    cmd.arg("--").args(inner);
+    cmd.env_clear();
+    cmd
+}
+
+/// `none`: the interpreter with rlimits and uid 65534, nothing else.
+pub fn unisolated(
+    cgroup: Option<&Cgroup>,
+    spec: &SandboxSpec,
+    argv: &[String],
+    env: &[(String, String)],
+) -> Command {
+    let mut inner = drop_privileges_and_limit(&spec.limits, spec.runtime);
+    inner.extend(argv.iter().map(OsString::from));
+    let mut cmd = in_cgroup(cgroup, inner);
+    cmd.envs(env.iter().cloned()).current_dir(&spec.workspace);
     cmd
 }
 
 /// The bwrap command line of a sandbox.
 pub fn command(
     bwrap: &Path,
+    cgroup: Option<&Cgroup>,
     root: &SandboxRoot,
     spec: &SandboxSpec,
     argv: &[String],
     env: &[(String, String)],
 ) -> Command {
-    let mut cmd = prlimit_wrapper(&spec.limits, spec.runtime);
-    cmd.arg("--").arg(bwrap);
-    cmd.args([
+    let mut v = drop_privileges_and_limit(&spec.limits, spec.runtime);
+    v.push(bwrap.into());
+    for a in [
         "--unshare-all",
         "--die-with-parent",
         "--cap-drop",
         "ALL",
         "--clearenv",
-    ]);
-    cmd.args(["--hostname", "sandbox"]);
+        "--hostname",
+        "sandbox",
+    ] {
+        v.push(a.into());
+    }
     for dir in &root.system_dirs {
-        cmd.arg("--ro-bind").arg(dir).arg(dir);
+        v.extend(["--ro-bind".into(), dir.into(), dir.into()]);
     }
     for entry in std::fs::read_dir(&root.skeleton)
         .into_iter()
         .flatten()
         .flatten()
     {
-        let path = entry.path();
-        if let Ok(target) = std::fs::read_link(&path) {
-            cmd.arg("--symlink")
-                .arg(target)
-                .arg(Path::new("/").join(entry.file_name()));
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            v.extend([
+                "--symlink".into(),
+                target.into(),
+                Path::new("/").join(entry.file_name()).into(),
+            ]);
         }
     }
-    cmd.arg("--ro-bind").arg(&root.etc).arg("/etc");
-    cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]);
-    cmd.arg("--bind")
-        .arg(&spec.workspace)
-        .arg(SANDBOX_WORKSPACE);
-    cmd.args(["--chdir", SANDBOX_WORKSPACE]);
-    for (k, v) in env {
-        cmd.arg("--setenv").arg(k).arg(v);
+    v.extend(["--ro-bind".into(), root.etc.clone().into(), "/etc".into()]);
+    for a in [
+        "--proc", "/proc", "--dev", "/dev", "--size", "67108864", "--tmpfs", "/tmp",
+    ] {
+        v.push(a.into());
     }
-    cmd.arg("--").args(argv);
-    cmd.env_clear();
-    cmd
+    v.extend([
+        "--bind".into(),
+        spec.workspace.clone().into(),
+        SANDBOX_WORKSPACE.into(),
+    ]);
+    // bwrap's root is a writable tmpfs: make it read-only once everything is mounted.
+    v.extend([
+        "--remount-ro".into(),
+        "/".into(),
+        "--chdir".into(),
+        SANDBOX_WORKSPACE.into(),
+    ]);
+    for (k, val) in env {
+        v.extend(["--setenv".into(), k.into(), val.into()]);
+    }
+    v.push("--".into());
+    v.extend(argv.iter().map(OsString::from));
+    in_cgroup(cgroup, v)
 }

@@ -110,13 +110,9 @@ impl CgroupParent {
 }
 
 impl Cgroup {
-    /// Moves a process into the cgroup.
-    pub fn add_process(&self, pid: u32) {
-        for d in &self.dirs {
-            if let Err(e) = std::fs::write(d.join("cgroup.procs"), pid.to_string()) {
-                tracing::warn!(cgroup = %d.display(), error = %e, "cannot move sandbox into its cgroup");
-            }
-        }
+    /// The `cgroup.procs` files a process writes its pid to, to join.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
     /// Removes the cgroup (after its processes exited).

@@ -204,7 +204,15 @@ impl Launcher {
     /// Starts a sandbox running the runtime's kernel driver.
     pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, LaunchError> {
         let argv = self.argv(spec.runtime, &spec.limits);
-        let env = self.env();
+        let mut env = self.env();
+        if self.kind() == IsolationKind::None {
+            // Unisolated, the workspace is at its host path.
+            for (k, v) in &mut env {
+                if k == "HOME" {
+                    *v = spec.workspace.display().to_string();
+                }
+            }
+        }
         let inner = &self.inner;
         let (mut cmd, cleanup) = match inner.config.kind {
             IsolationKind::Gvisor => {
@@ -227,14 +235,19 @@ impl Launcher {
             }
             IsolationKind::Bwrap => {
                 let cgroup = inner.cgroups.create(&spec.sandbox_id, &spec.limits);
-                let cmd = bwrap::command(&inner.config.bwrap_path, &inner.root, spec, &argv, &env);
+                let cmd = bwrap::command(
+                    &inner.config.bwrap_path,
+                    cgroup.as_ref(),
+                    &inner.root,
+                    spec,
+                    &argv,
+                    &env,
+                );
                 (cmd, Cleanup::Cgroup(cgroup))
             }
             IsolationKind::None => {
                 let cgroup = inner.cgroups.create(&spec.sandbox_id, &spec.limits);
-                let mut cmd = bwrap::prlimit_wrapper(&spec.limits, spec.runtime);
-                cmd.arg("--").args(&argv);
-                cmd.env_clear().envs(env).current_dir(&spec.workspace);
+                let cmd = bwrap::unisolated(cgroup.as_ref(), spec, &argv, &env);
                 (cmd, Cleanup::Cgroup(cgroup))
             }
         };
@@ -247,9 +260,6 @@ impl Launcher {
             what: format!("{} sandbox", inner.config.kind.as_str()),
             source,
         })?;
-        if let (Cleanup::Cgroup(Some(cg)), Some(pid)) = (&cleanup, child.id()) {
-            cg.add_process(pid);
-        }
         let stdio = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
             (Some(i), Some(o), Some(e)) => Stdio3 {
                 stdin: i,

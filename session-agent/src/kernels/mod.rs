@@ -202,7 +202,7 @@ impl Kernel {
     pub async fn execute(
         &mut self,
         req: &ExecRequest<'_>,
-        sink: Option<&mpsc::Sender<OutputEvent>>,
+        sink: Option<&mpsc::UnboundedSender<OutputEvent>>,
         cancel: &CancellationToken,
     ) -> ExecOutcome {
         let nonce = new_nonce();
@@ -362,7 +362,7 @@ impl Kernel {
         nonce: &str,
         timeout: Duration,
         max_output: usize,
-        sink: Option<&mpsc::Sender<OutputEvent>>,
+        sink: Option<&mpsc::UnboundedSender<OutputEvent>>,
         // Steps are interruptible (SIGINT at the deadline) and cancellable
         // (session deleted); the readiness probe is neither.
         cancel: Option<&CancellationToken>,
@@ -551,7 +551,7 @@ impl Scan {
     async fn feed(
         &mut self,
         data: &[u8],
-        sink: Option<&mpsc::Sender<OutputEvent>>,
+        sink: Option<&mpsc::UnboundedSender<OutputEvent>>,
         wrap: fn(String) -> OutputEvent,
     ) {
         if data.is_empty() {
@@ -604,7 +604,7 @@ impl Scan {
     async fn emit(
         &mut self,
         bytes: &[u8],
-        sink: Option<&mpsc::Sender<OutputEvent>>,
+        sink: Option<&mpsc::UnboundedSender<OutputEvent>>,
         wrap: fn(String) -> OutputEvent,
     ) {
         if bytes.is_empty() {
@@ -626,9 +626,7 @@ impl Scan {
             };
             if valid > 0 {
                 let chunk: Vec<u8> = self.utf8_carry.drain(..valid).collect();
-                let _ = sink
-                    .send(wrap(String::from_utf8_lossy(&chunk).into_owned()))
-                    .await;
+                let _ = sink.send(wrap(String::from_utf8_lossy(&chunk).into_owned()));
             }
         }
     }
@@ -637,7 +635,7 @@ impl Scan {
     /// (when the mark never came) and any incomplete character.
     async fn flush(
         &mut self,
-        sink: Option<&mpsc::Sender<OutputEvent>>,
+        sink: Option<&mpsc::UnboundedSender<OutputEvent>>,
         wrap: fn(String) -> OutputEvent,
     ) {
         if !self.found && !self.pending.is_empty() {
@@ -646,9 +644,7 @@ impl Scan {
         }
         if let (Some(sink), false) = (sink, self.utf8_carry.is_empty()) {
             let chunk = std::mem::take(&mut self.utf8_carry);
-            let _ = sink
-                .send(wrap(String::from_utf8_lossy(&chunk).into_owned()))
-                .await;
+            let _ = sink.send(wrap(String::from_utf8_lossy(&chunk).into_owned()));
         }
     }
 }
@@ -675,7 +671,7 @@ mod tests {
     use super::*;
 
     async fn scan_all(chunks: &[&[u8]], cap: usize, want_status: bool) -> (Scan, Vec<OutputEvent>) {
-        let (tx, mut rx) = mpsc::channel(100);
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let mut s = Scan::new(b"\x1e\x1eSA:n:".to_vec(), cap, want_status);
         for c in chunks {
             s.feed(c, Some(&tx), OutputEvent::Stdout).await;
@@ -712,7 +708,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_is_forwarded_at_once_unless_it_may_start_a_mark() {
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let mut s = Scan::new(b"\x1e\x1eSA:n:".to_vec(), 100, true);
         s.feed(b"0\n", Some(&tx), OutputEvent::Stdout).await;
         assert_eq!(rx.try_recv().unwrap(), OutputEvent::Stdout("0\n".into()));
