@@ -16,7 +16,7 @@ build: ## build every crate (debug)
 	$(CARGO) build --workspace --all-targets
 
 test: deps ## run every test: unit, component and integration (real gVisor; needs root)
-	$(CARGO) test --workspace --all-targets --no-fail-fast
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --nocapture
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -2,7 +2,8 @@
 # Protocol (see kernels/mod.rs): one JSON request per line on stdin; user output
 # goes to fds 1 and 2 as it is produced; when a request ends, the driver writes
 # MARK on stderr, then MARK + JSON status on stdout. MARK = "\x1e\x1eSA:<nonce>:".
-import ast, asyncio, inspect, json, linecache, os, signal, sys, traceback, types
+# asyncio is imported only when a step awaits: it would double the start-up time.
+import ast, json, linecache, os, signal, sys, traceback, types
 
 _proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
 _devnull = os.open(os.devnull, os.O_RDONLY)
@@ -22,7 +23,7 @@ _main = types.ModuleType("__main__")
 _main.__dict__["__builtins__"] = __builtins__
 sys.modules["__main__"] = _main
 _ns = _main.__dict__
-_loop = asyncio.new_event_loop()
+_loop = None
 
 
 def _on_sigint(signum, frame):
@@ -58,6 +59,15 @@ def _traceback(exc):
     return "".join(lines)
 
 
+def _await(awaitable):
+    global _loop
+    if _loop is None:
+        import asyncio
+
+        _loop = asyncio.new_event_loop()
+    return _loop.run_until_complete(awaitable)
+
+
 def _run(code, mode, event):
     _state["n"] += 1
     filename = "<step-%d>" % _state["n"]
@@ -68,20 +78,20 @@ def _run(code, mode, event):
     if mode == "eval" and tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
     result = eval(compile(tree, filename, "exec", flags=flags), _ns)
-    if inspect.iscoroutine(result):
-        _loop.run_until_complete(result)
+    if isinstance(result, types.CoroutineType):
+        _await(result)
     result = None
     if last is not None:
         result = eval(compile(last, filename, "eval", flags=flags), _ns)
-        if inspect.iscoroutine(result):
-            result = _loop.run_until_complete(result)
+        if isinstance(result, types.CoroutineType):
+            result = _await(result)
     if mode == "handler":
         handler = _ns.get("handler")
         if not callable(handler):
             raise NameError("handler mode needs a function named handler(event)")
         result = handler(event)
-        if inspect.isawaitable(result):
-            result = _loop.run_until_complete(result)
+        if hasattr(result, "__await__"):
+            result = _await(result)
         try:
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as e:
