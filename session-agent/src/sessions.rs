@@ -611,7 +611,7 @@ impl SessionManager {
             truncated: outcome.truncated,
             state_lost,
         };
-        tracing::info!(session = %session.id, step = %result.step_id, status = ?result.status,
+        tracing::debug!(session = %session.id, step = %result.step_id, status = ?result.status,
             duration_ms = result.duration_ms, "step finished");
         result
     }

@@ -165,8 +165,11 @@ impl Launcher {
         match runtime {
             Runtime::Python => vec![
                 c.python_path.display().to_string(),
+                // No environment hooks, no user site, no site module: the
+                // host's .pth files must not run inside a sandbox.
                 "-E".into(),
                 "-s".into(),
+                "-S".into(),
                 "-c".into(),
                 crate::kernels::PYTHON_DRIVER.into(),
             ],

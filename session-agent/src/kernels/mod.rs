@@ -83,6 +83,9 @@ pub struct Kernel {
     carry_out: Vec<u8>,
     carry_err: Vec<u8>,
     interrupt_grace: Duration,
+    /// Read buffers, allocated once per kernel rather than per step.
+    obuf: Box<[u8]>,
+    ebuf: Box<[u8]>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -147,6 +150,8 @@ impl Kernel {
             carry_out: Vec::new(),
             carry_err: Vec::new(),
             interrupt_grace,
+            obuf: vec![0u8; 64 * 1024].into_boxed_slice(),
+            ebuf: vec![0u8; 64 * 1024].into_boxed_slice(),
         };
         match kernel.set_env(&BTreeMap::new(), ready_timeout).await {
             Ok(()) => Ok(kernel),
@@ -381,6 +386,8 @@ impl Kernel {
             carry_out,
             carry_err,
             interrupt_grace,
+            obuf,
+            ebuf,
             ..
         } = self;
         let carried_out = std::mem::take(carry_out);
@@ -395,8 +402,6 @@ impl Kernel {
         let mut eof = false;
         let mut gave_up = false;
         let mut cancelled = false;
-        let mut obuf = vec![0u8; 64 * 1024];
-        let mut ebuf = vec![0u8; 64 * 1024];
         while !(out.done() && err.done()) {
             let wake = match interrupted_at {
                 None => deadline,
@@ -412,11 +417,11 @@ impl Kernel {
                     }
                     _ => write_failed = true,
                 },
-                r = stdout.read(&mut obuf), if !out.done() => match r {
+                r = stdout.read(obuf), if !out.done() => match r {
                     Ok(n) if n > 0 => out.feed(&obuf[..n], sink, OutputEvent::Stdout).await,
                     _ => { eof = true; break; }
                 },
-                r = stderr.read(&mut ebuf), if !err.done() => match r {
+                r = stderr.read(ebuf), if !err.done() => match r {
                     Ok(n) if n > 0 => err.feed(&ebuf[..n], sink, OutputEvent::Stderr).await,
                     _ => { eof = true; break; }
                 },
