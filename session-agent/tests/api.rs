@@ -251,11 +251,15 @@ async fn files_api_and_traversal() {
     assert_eq!(sub.files[0].path, "data/in.txt");
     assert_eq!(sub.files[0].size, 13);
     // The sandbox sees host-side changes at once (no stale cache).
-    c.write_file("f", "data/in.txt", "replaced", Some(&t)).await.unwrap();
+    c.write_file("f", "data/in.txt", "replaced", Some(&t))
+        .await
+        .unwrap();
     let r = agent.step("f", &t, "open('data/in.txt').read()").await;
     assert_eq!(r.result, Some(json!("replaced")));
     c.delete_file("f", "out.bin", Some(&t)).await.unwrap();
-    let r = agent.step("f", &t, "import os\nos.path.exists('out.bin')").await;
+    let r = agent
+        .step("f", &t, "import os\nos.path.exists('out.bin')")
+        .await;
     assert_eq!(r.result, Some(json!(false)));
     assert_eq!(
         c.read_file("f", "out.bin", Some(&t))
