@@ -57,7 +57,7 @@ impl TestAgent {
             "--state-dir".into(),
             state.path().display().to_string(),
             "--interrupt-grace-ms".into(),
-            "1500".into(),
+            "3000".into(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = session_agent::Config::parse_from(args);
