@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CRATES := control-plane data-plane session-agent
 
-.PHONY: help deps build test lint format run run-local bench clean \
+.PHONY: help deps build test test-bwrap lint format run run-local bench clean \
 	$(addprefix build-,$(CRATES)) $(addprefix test-,$(CRATES)) $(addprefix run-,$(CRATES))
 
 help: ## list the targets
@@ -15,8 +15,12 @@ deps: ## install runsc, bubblewrap and friends when missing (apt, idempotent)
 build: ## build every crate (debug)
 	$(CARGO) build --workspace --all-targets
 
-test: deps ## run every test: unit, component and integration (real gVisor; needs root)
+test: deps ## run every test: unit, component and integration (real gVisor; needs root), then the sandbox tests again under bwrap
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --nocapture
+	$(MAKE) --no-print-directory test-bwrap
+
+test-bwrap: deps ## the session agent's sandbox tests under bubblewrap, the fallback isolation
+	SESSION_ISOLATION=bwrap $(CARGO) test -p session-agent --test kernels --test api --test hostile --test lifecycle --no-fail-fast -- --nocapture
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
