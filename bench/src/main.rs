@@ -13,7 +13,8 @@
 //! 3. a warm Python step `1+1` over HTTP vs a bare persistent `python3`
 //!    over pipes (plus, for diagnosis, the agent's driver bare and the
 //!    agent's kernel in its sandbox without HTTP);
-//! 4. idle memory (PSS) of one Python sandbox vs a bare idle `python3`.
+//! 4. idle memory of one Python sandbox, as PSS of all its host processes and
+//!    as its cgroup's charge, vs a bare idle `python3`.
 
 // A benchmark needs bare baseline processes (and `runsc --version`) next to
 // the agent's sandboxes; the rule that only the isolation module spawns
