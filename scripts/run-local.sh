@@ -34,7 +34,7 @@ cat <<TXT
 
 [run-local] ready: session agent $agent, data plane :8081, control plane :8080 (Ctrl-C stops all)
 
-  # a Python session (the token is yours to choose: >= 32 characters)
+  # a Python session (the token is yours to choose: >= 43 characters)
   curl -s -X POST $agent/v1/sessions -H 'Content-Type: application/json' \\
     -d '{"sessionId":"demo","runtime":"python","token":"$token"}'
 
