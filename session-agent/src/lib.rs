@@ -14,8 +14,6 @@ pub mod pool;
 pub mod sessions;
 pub mod workspace;
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -108,7 +106,6 @@ pub async fn serve(
     background.wait().await;
     pool.drain().await;
     launcher.cleanup_host_state();
-    drop(Arc::clone(&sessions));
     tracing::info!("session agent stopped");
     served.context("serving HTTP")
 }

@@ -399,7 +399,7 @@ impl SessionManager {
                 if self.launcher.kind() == crate::isolation::IsolationKind::None {
                     tracing::warn!(session = %session.id, "INSECURE: session runs without isolation (SESSION_ISOLATION=none)");
                 }
-                if token_is_none(&session) {
+                if session.token.is_none() {
                     tracing::warn!(session = %session.id, "session created without a token (SESSION_AGENT_AUTH_BYPASS=true)");
                 }
                 tracing::info!(session = %session.id, runtime = %runtime, warm, "session created");
@@ -734,10 +734,6 @@ impl SessionManager {
         self.tasks.close();
         self.tasks.wait().await;
     }
-}
-
-fn token_is_none(s: &Session) -> bool {
-    s.token.is_none()
 }
 
 fn unreachable_kernel() -> crate::kernels::ExecOutcome {

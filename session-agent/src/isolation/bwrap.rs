@@ -92,18 +92,8 @@ pub fn command(
     for dir in &root.system_dirs {
         v.extend(["--ro-bind".into(), dir.into(), dir.into()]);
     }
-    for entry in std::fs::read_dir(&root.skeleton)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if let Ok(target) = std::fs::read_link(entry.path()) {
-            v.extend([
-                "--symlink".into(),
-                target.into(),
-                Path::new("/").join(entry.file_name()).into(),
-            ]);
-        }
+    for (target, link) in &root.links {
+        v.extend(["--symlink".into(), target.into(), link.into()]);
     }
     v.extend(["--ro-bind".into(), root.etc.clone().into(), "/etc".into()]);
     for a in [

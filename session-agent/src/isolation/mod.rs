@@ -103,15 +103,14 @@ struct LauncherInner {
     cgroups: CgroupParent,
     runsc_root: PathBuf,
     bundles: PathBuf,
+    /// runsc's global flags, built and checked against the deny list once.
+    runsc_flags: Vec<String>,
 }
 
 impl Launcher {
     /// Checks the host (binaries, flags), builds the sandbox root skeleton and
     /// reaps sandboxes a previous agent left behind.
     pub async fn new(config: LauncherConfig) -> Result<Self, LaunchError> {
-        for flag in &config.runsc_extra_flags {
-            flags::check_runsc_flag(flag).map_err(|e| LaunchError::Config(e.to_string()))?;
-        }
         let required: Vec<(&str, &Path)> = match config.kind {
             IsolationKind::Gvisor => vec![("runsc", config.runsc_path.as_path())],
             IsolationKind::Bwrap => vec![("bwrap", config.bwrap_path.as_path())],
@@ -144,6 +143,7 @@ impl Launcher {
         let cgroups = CgroupParent::discover("session-agent");
         let launcher = Launcher {
             inner: Arc::new(LauncherInner {
+                runsc_flags: runsc_global_flags(&config, &runsc_root)?,
                 config,
                 root,
                 cgroups,
@@ -229,7 +229,7 @@ impl Launcher {
                     &cgroups_path,
                 )?;
                 let mut cmd = Command::new(&inner.config.runsc_path);
-                cmd.args(self.runsc_global_flags()?)
+                cmd.args(&inner.runsc_flags)
                     .arg("run")
                     .arg("--bundle")
                     .arg(&bundle)
@@ -278,20 +278,6 @@ impl Launcher {
             stdio: Some(stdio),
             cleanup,
         })
-    }
-
-    fn runsc_global_flags(&self) -> Result<Vec<String>, LaunchError> {
-        let c = &self.inner.config;
-        let mut flags = vec![
-            format!("--root={}", self.inner.runsc_root.display()),
-            format!("--platform={}", c.runsc_platform),
-            "--network=none".to_owned(),
-        ];
-        flags.extend(c.runsc_extra_flags.iter().cloned());
-        for f in &flags {
-            flags::check_runsc_flag(f).map_err(|e| LaunchError::Config(e.to_string()))?;
-        }
-        Ok(flags)
     }
 
     async fn runsc(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
@@ -518,4 +504,20 @@ pub fn resolve_binary(path: &Path) -> Option<PathBuf> {
     std::env::split_paths(&paths)
         .map(|d| d.join(path))
         .find(|p| p.is_file())
+}
+
+/// `--root`, `--platform`, `--network=none` and the configured extras, each
+/// checked against the deny list (so is the fixed part: a platform value
+/// cannot smuggle a flag in).
+fn runsc_global_flags(c: &LauncherConfig, runsc_root: &Path) -> Result<Vec<String>, LaunchError> {
+    let mut flags = vec![
+        format!("--root={}", runsc_root.display()),
+        format!("--platform={}", c.runsc_platform),
+        "--network=none".to_owned(),
+    ];
+    flags.extend(c.runsc_extra_flags.iter().cloned());
+    for f in &flags {
+        flags::check_runsc_flag(f).map_err(|e| LaunchError::Config(e.to_string()))?;
+    }
+    Ok(flags)
 }

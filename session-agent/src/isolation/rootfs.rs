@@ -22,6 +22,8 @@ pub struct SandboxRoot {
     pub etc: PathBuf,
     /// Host system directories to bind read-only at the same path.
     pub system_dirs: Vec<PathBuf>,
+    /// Top-level symlinks of the skeleton (`/bin` -> `usr/bin`), as (target, link).
+    pub links: Vec<(PathBuf, PathBuf)>,
 }
 
 impl SandboxRoot {
@@ -38,12 +40,14 @@ impl SandboxRoot {
             std::fs::create_dir_all(skeleton.join(m))?;
         }
         let mut system_dirs = vec![PathBuf::from("/usr")];
+        let mut links = Vec::new();
         for entry in SYSTEM_ENTRIES {
             let host = Path::new("/").join(entry);
             match std::fs::symlink_metadata(&host) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     let target = std::fs::read_link(&host)?;
-                    symlink(target, skeleton.join(entry))?;
+                    symlink(&target, skeleton.join(entry))?;
+                    links.push((target, Path::new("/").join(entry)));
                 }
                 Ok(meta) if meta.is_dir() => {
                     std::fs::create_dir_all(skeleton.join(entry))?;
@@ -57,6 +61,7 @@ impl SandboxRoot {
             skeleton,
             etc,
             system_dirs,
+            links,
         })
     }
 }
