@@ -345,12 +345,8 @@ async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
         let t = t.clone();
         tokio::spawn(async move {
             let req = StepRequest {
-                session_id: "busy".into(),
                 step_id: "slow".into(),
-                code: "import time\ntime.sleep(20)".into(),
-                timeout_ms: None,
-                mode: None,
-                event: None,
+                ..common::step_request("busy", "import time\ntime.sleep(20)")
             };
             client.step(&req, Some(&t)).await
         })
@@ -390,13 +386,9 @@ async fn ttl_and_idle_timeout_end_sessions() {
         ("kept", None, Some(2)),
     ] {
         let req = CreateSessionRequest {
-            session_id: id.into(),
-            runtime: "bash".into(),
-            token: Some(t.clone()),
-            limits: None,
-            env: None,
             ttl_seconds: ttl,
             idle_timeout_seconds: idle,
+            ..common::create_request(id, "bash", &t)
         };
         agent.client.create_session(&req).await.unwrap();
     }
@@ -479,13 +471,8 @@ async fn warm_pool_is_claimed_once_and_refilled() {
     // The pool refills, and a session's env reaches a warm interpreter.
     wait_full().await;
     let req = CreateSessionRequest {
-        session_id: "w3".into(),
-        runtime: "python".into(),
-        token: Some(t.clone()),
-        limits: None,
         env: Some([("GREETING".to_owned(), "hej".to_owned())].into()),
-        ttl_seconds: None,
-        idle_timeout_seconds: None,
+        ..common::create_request("w3", "python", &t)
     };
     let info = agent.client.create_session(&req).await.unwrap();
     assert!(info.warm);

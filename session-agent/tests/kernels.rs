@@ -99,12 +99,10 @@ async fn python_and_node_handler_mode() {
         ),
     ] {
         let req = StepRequest {
-            session_id: sid.into(),
             step_id: "h1".into(),
-            code: code.into(),
-            timeout_ms: None,
             mode: Some(StepMode::Handler),
             event: Some(json!({"name": "ada", "items": [1, 2, 3]})),
+            ..common::step_request(sid, code)
         };
         let r = agent.client.step(&req, Some(&t)).await.unwrap();
         assert_eq!(r.status, StepStatus::Ok, "{sid}: {r:?}");
@@ -116,12 +114,9 @@ async fn python_and_node_handler_mode() {
     }
     // Without a handler: a clear error, the session stays.
     let req = StepRequest {
-        session_id: "py".into(),
         step_id: "h2".into(),
-        code: "del handler".into(),
-        timeout_ms: None,
         mode: Some(StepMode::Handler),
-        event: None,
+        ..common::step_request("py", "del handler")
     };
     let r = agent.client.step(&req, Some(&t)).await.unwrap();
     assert_eq!(r.status, StepStatus::Error);
@@ -182,12 +177,9 @@ async fn bash_state_and_exit_status() {
     assert_eq!(r.stdout, "still 41\n");
     // Handler mode is refused for bash with a coded 400.
     let req = StepRequest {
-        session_id: "sh".into(),
         step_id: "h".into(),
-        code: "true".into(),
-        timeout_ms: None,
         mode: Some(StepMode::Handler),
-        event: None,
+        ..common::step_request("sh", "true")
     };
     let e = agent.client.step(&req, Some(&t)).await.unwrap_err();
     assert_eq!(e.code(), Some(shared::ErrorCode::UnsupportedMode));
@@ -276,13 +268,10 @@ async fn streaming_delivers_output_before_the_result() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
     agent.session("py", "python", &t).await;
+    let code = "import sys, time\nfor i in range(3):\n    print(f'line {i}')\n    time.sleep(0.2)\nprint('e', file=sys.stderr)\n'end'";
     let req = StepRequest {
-        session_id: "py".into(),
         step_id: "s1".into(),
-        code: "import sys, time\nfor i in range(3):\n    print(f'line {i}')\n    time.sleep(0.2)\nprint('e', file=sys.stderr)\n'end'".into(),
-        timeout_ms: None,
-        mode: None,
-        event: None,
+        ..common::step_request("py", code)
     };
     let started = std::time::Instant::now();
     let mut stream = Box::pin(agent.client.step_stream(&req, Some(&t)).await.unwrap());

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::token;
 use serde_json::json;
-use shared::agent::CreateSessionRequest;
 use shared::client::AgentClient;
 
 fn free_port() -> u16 {
@@ -95,15 +94,7 @@ fn mounts_under(state: &Path) -> Vec<String> {
 }
 
 async fn create(client: &AgentClient, id: &str, runtime: &str, t: &str) {
-    let req = CreateSessionRequest {
-        session_id: id.into(),
-        runtime: runtime.into(),
-        token: Some(t.into()),
-        limits: None,
-        env: None,
-        ttl_seconds: None,
-        idle_timeout_seconds: None,
-    };
+    let req = common::create_request(id, runtime, t);
     client
         .create_session(&req)
         .await
@@ -125,12 +116,11 @@ async fn sigterm_reaps_every_sandbox() {
     create(&client, "b", "bash", &t).await;
     // The agent's environment does not leak into the sandbox.
     let req = shared::agent::StepRequest {
-        session_id: "a".into(),
         step_id: "env".into(),
-        code: "import os\n[k for k in os.environ] + [open('/proc/1/environ','rb').read().decode(errors='replace')]".into(),
-        timeout_ms: None,
-        mode: None,
-        event: None,
+        ..common::step_request(
+            "a",
+            "import os\n[k for k in os.environ] + [open('/proc/1/environ','rb').read().decode(errors='replace')]",
+        )
     };
     let r = client.step(&req, Some(&t)).await.unwrap();
     assert!(
@@ -202,12 +192,9 @@ async fn restart_after_kill_9_destroys_leftovers() {
         let (client, t) = (client.clone(), t.clone());
         tokio::spawn(async move {
             let req = shared::agent::StepRequest {
-                session_id: "orphan".into(),
                 step_id: "busy".into(),
-                code: "import time\ntime.sleep(600)".into(),
                 timeout_ms: Some(600_000),
-                mode: None,
-                event: None,
+                ..common::step_request("orphan", "import time\ntime.sleep(600)")
             };
             let _ = client.step(&req, Some(&t)).await;
         })
@@ -237,12 +224,8 @@ async fn restart_after_kill_9_destroys_leftovers() {
     // And it works.
     create(&client, "fresh", "python", &t).await;
     let req = shared::agent::StepRequest {
-        session_id: "fresh".into(),
         step_id: "1".into(),
-        code: "1 + 1".into(),
-        timeout_ms: None,
-        mode: None,
-        event: None,
+        ..common::step_request("fresh", "1 + 1")
     };
     assert_eq!(
         client.step(&req, Some(&t)).await.unwrap().result,

@@ -112,13 +112,8 @@ impl TestAgent {
         limits: Option<Limits>,
     ) -> Value {
         let req = CreateSessionRequest {
-            session_id: id.into(),
-            runtime: runtime.into(),
-            token: Some(token.into()),
             limits,
-            env: None,
-            ttl_seconds: None,
-            idle_timeout_seconds: None,
+            ..create_request(id, runtime, token)
         };
         let info = self
             .client
@@ -140,12 +135,8 @@ impl TestAgent {
         timeout_ms: Option<u64>,
     ) -> StepResult {
         let req = StepRequest {
-            session_id: session.into(),
-            step_id: format!("st-{}", rand_id()),
-            code: code.into(),
             timeout_ms,
-            mode: None,
-            event: None,
+            ..step_request(session, code)
         };
         self.client
             .step(&req, Some(token))
@@ -218,6 +209,31 @@ impl TestAgent {
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// A step request with every optional field left to the agent's defaults.
+pub fn step_request(session: &str, code: &str) -> StepRequest {
+    StepRequest {
+        session_id: session.into(),
+        step_id: format!("st-{}", rand_id()),
+        code: code.into(),
+        timeout_ms: None,
+        mode: None,
+        event: None,
+    }
+}
+
+/// A session request with a token and every optional field left to defaults.
+pub fn create_request(id: &str, runtime: &str, token: &str) -> CreateSessionRequest {
+    CreateSessionRequest {
+        session_id: id.into(),
+        runtime: runtime.into(),
+        token: Some(token.into()),
+        limits: None,
+        env: None,
+        ttl_seconds: None,
+        idle_timeout_seconds: None,
     }
 }
 
