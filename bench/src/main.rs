@@ -459,11 +459,12 @@ impl Drop for Reaped {
     }
 }
 
-/// `python3 -E -s -c 'print(1)'` until its one line arrives.
+/// `python3 -E -s -S -c 'print(1)'` until its one line arrives.
 fn bare_spawn_once(python: &Path) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut child = Command::new(python)
-        .args(["-E", "-s", "-c", "print(1)"])
+        .args(session_agent::kernels::PYTHON_FLAGS)
+        .args(["-c", "print(1)"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -502,7 +503,8 @@ struct BareRepl {
 impl BareRepl {
     fn start(python: &Path) -> anyhow::Result<BareRepl> {
         let mut child = Command::new(python)
-            .args(["-E", "-s", "-c", TINY_REPL])
+            .args(session_agent::kernels::PYTHON_FLAGS)
+            .args(["-c", TINY_REPL])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -542,7 +544,8 @@ struct BareDriver {
 impl BareDriver {
     fn start(python: &Path) -> anyhow::Result<BareDriver> {
         let mut child = Command::new(python)
-            .args(["-E", "-s", "-c", session_agent::kernels::PYTHON_DRIVER])
+            .args(session_agent::kernels::PYTHON_FLAGS)
+            .args(["-c", session_agent::kernels::PYTHON_DRIVER])
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("LANG", "C.UTF-8")
@@ -1474,7 +1477,7 @@ fn bare_baselines(python: &Path, sizes: Sizes) -> anyhow::Result<Baselines> {
     Ok(Baselines {
         spawn: Series::ms(
             "bare python3 spawn",
-            "spawn `python3 -E -s -c 'print(1)'` and read its one line over a pipe (same N)",
+            "spawn `python3 -E -s -S -c 'print(1)'` and read its one line over a pipe (same N)",
             &spawns,
         ),
         repl_step: Series::ms(

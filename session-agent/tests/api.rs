@@ -25,33 +25,25 @@ async fn token_checks() {
     agent.session("b", "python", &tb).await;
     let body = step_body("a", "1 + 1");
 
-    let (s, e) = agent
-        .raw("POST", "/v1/steps", &[JSON], Some(body.clone()))
-        .await;
-    assert_eq!(
-        (s, e["code"].as_str()),
-        (401, Some("unauthorized")),
-        "missing token: {e}"
-    );
     let wrong = token();
-    let (s, _) = agent
-        .raw(
-            "POST",
-            "/v1/steps",
-            &[JSON, ("x-session-token", &wrong)],
-            Some(body.clone()),
-        )
-        .await;
-    assert_eq!(s, 401, "wrong token");
-    let (s, _) = agent
-        .raw(
-            "POST",
-            "/v1/steps",
-            &[JSON, ("x-session-token", &tb)],
-            Some(body.clone()),
-        )
-        .await;
-    assert_eq!(s, 401, "another session's token");
+    for (presented, why) in [
+        (None, "missing token"),
+        (Some(&wrong), "wrong token"),
+        (Some(&tb), "another session's token"),
+    ] {
+        let mut headers = vec![JSON];
+        if let Some(t) = presented {
+            headers.push(("x-session-token", t.as_str()));
+        }
+        let (s, e) = agent
+            .raw("POST", "/v1/steps", &headers, Some(body.clone()))
+            .await;
+        assert_eq!(
+            (s, e["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{why}: {e}"
+        );
+    }
     let (s, r) = agent
         .raw(
             "POST",

@@ -38,6 +38,15 @@ fn spawn_agent(state: &Path, port: u16, pool: &str) -> Child {
         .expect("spawn session-agent")
 }
 
+/// Starts the agent binary on a free port and waits until it answers.
+async fn start_agent(state: &Path, pool: &str) -> (Child, AgentClient) {
+    let port = free_port();
+    let child = spawn_agent(state, port, pool);
+    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
+    wait_healthy(&client).await;
+    (child, client)
+}
+
 async fn wait_healthy(client: &AgentClient) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.health().await.is_err() {
@@ -107,10 +116,7 @@ async fn sigterm_reaps_every_sandbox() {
         .prefix("sa-life-")
         .tempdir_in("/tmp")
         .unwrap();
-    let port = free_port();
-    let mut child = spawn_agent(state.path(), port, "python=1");
-    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
-    wait_healthy(&client).await;
+    let (mut child, client) = start_agent(state.path(), "python=1").await;
     let t = token();
     create(&client, "a", "python", &t).await;
     create(&client, "b", "bash", &t).await;
@@ -180,10 +186,7 @@ async fn restart_after_kill_9_destroys_leftovers() {
         .prefix("sa-kill-")
         .tempdir_in("/tmp")
         .unwrap();
-    let port = free_port();
-    let mut child = spawn_agent(state.path(), port, "");
-    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
-    wait_healthy(&client).await;
+    let (mut child, client) = start_agent(state.path(), "").await;
     let t = token();
     create(&client, "orphan", "python", &t).await;
     // A busy interpreter: an idle one exits by itself when its stdin closes
@@ -210,10 +213,7 @@ async fn restart_after_kill_9_destroys_leftovers() {
         assert_eq!(runsc_containers(state.path()).len(), 1);
     }
     // ...until the next agent on the same state dir starts.
-    let port = free_port();
-    let mut child = spawn_agent(state.path(), port, "");
-    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
-    wait_healthy(&client).await;
+    let (mut child, client) = start_agent(state.path(), "").await;
     assert_eq!(runsc_containers(state.path()), Vec::<String>::new());
     assert_eq!(mounts_under(state.path()), Vec::<String>::new());
     let leftovers: Vec<String> = processes_under(state.path())
@@ -234,9 +234,7 @@ async fn restart_after_kill_9_destroys_leftovers() {
     child.kill().unwrap();
     child.wait().unwrap();
     // Clean up after the second kill -9 with a third, orderly agent.
-    let port = free_port();
-    let mut child = spawn_agent(state.path(), port, "");
-    wait_healthy(&AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap()).await;
+    let (mut child, _client) = start_agent(state.path(), "").await;
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::TERM,

@@ -163,16 +163,12 @@ impl Launcher {
     fn argv(&self, runtime: Runtime, limits: &EffectiveLimits) -> Vec<String> {
         let c = &self.inner.config;
         match runtime {
-            Runtime::Python => vec![
-                c.python_path.display().to_string(),
-                // No environment hooks, no user site, no site module: the
-                // host's .pth files must not run inside a sandbox.
-                "-E".into(),
-                "-s".into(),
-                "-S".into(),
-                "-c".into(),
-                crate::kernels::PYTHON_DRIVER.into(),
-            ],
+            Runtime::Python => {
+                let mut argv = vec![c.python_path.display().to_string()];
+                argv.extend(crate::kernels::PYTHON_FLAGS.map(String::from));
+                argv.extend(["-c".into(), crate::kernels::PYTHON_DRIVER.into()]);
+                argv
+            }
             Runtime::Node => vec![
                 c.node_path.display().to_string(),
                 // Leave room for the runtime's own memory outside the V8 heap.

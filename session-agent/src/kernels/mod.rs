@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::isolation::{LaunchError, Launcher, Sandbox, SandboxSpec};
 
+/// Flags of every sandboxed Python: no `PYTHON*` environment hooks, no user
+/// site, no `site` module (the host's .pth files must not run in a sandbox).
+pub const PYTHON_FLAGS: [&str; 3] = ["-E", "-s", "-S"];
+
 /// The Python driver, passed inline with `python3 -c`.
 pub const PYTHON_DRIVER: &str = include_str!("drivers/python_driver.py");
 /// The Node.js driver, passed inline with `node -e`.
