@@ -1,77 +1,82 @@
-//! Data plane: runtime registry, sandbox provisioning and session routing (internal API).
+//! Data plane: the runtime registry and session routing behind an internal
+//! API that only the control plane calls, with the service credential.
 //!
-//! This crate only builds, serves `/healthz` and stops cleanly for now; the
-//! issues that follow the execution core fill it in.
+//! `api` (HTTP, `auth` middleware) -> `sessions` (tenant-scoped records,
+//! agent tokens) -> `runtime` (registry; backend: the local session agent).
 
-use axum::{Json, Router, routing::get};
-use clap::Parser;
-use serde_json::json;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod runtime;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Configuration, from flags or environment variables.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "data-plane",
-    version,
-    about = "Data plane: runtime registry, sandbox provisioning and session routing (internal API)"
-)]
-pub struct Config {
-    /// Listen address (`:8081` binds every interface).
-    #[arg(long, env = "DATA_PLANE_ADDR", default_value = ":8081")]
-    pub addr: String,
-    /// Deployment environment; `production` refuses development-only flags.
-    #[arg(long = "env", env = "ENV", default_value = "dev")]
-    pub environment: String,
-}
+pub use config::Config;
 
-impl Config {
-    /// Checks the configuration before any socket is bound.
-    pub fn validate(&self) -> Result<(), String> {
-        shared::server::parse_listen_addr(&self.addr).map(|_| ())
-    }
-}
+use crate::auth::Authenticator;
+use crate::runtime::{RuntimeBackend, RuntimeRegistry};
+use crate::sessions::{SessionService, SessionSettings};
 
-/// The HTTP routes.
-pub fn router() -> Router {
-    shared::server::with_common_layers(
-        Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) })),
-    )
-}
-
-/// Serves until `shutdown` is cancelled.
+/// Binds `DATA_PLANE_ADDR` and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let addr = shared::server::parse_listen_addr(&config.addr).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "data-plane listening");
-    shared::server::serve(listener, router(), shutdown).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    serve(listener, config, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0) until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    if config.authz_bypass {
+        tracing::warn!(
+            "AUTHZ_BYPASS=true: the service credential is NOT checked (development only; every call is audited)"
+        );
+    }
+    let registry = RuntimeRegistry::load(&config).map_err(anyhow::Error::msg)?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .context("building the agent client")?;
+    let backend = RuntimeBackend::Local {
+        agent: shared::client::AgentClient::with_http(&config.agent_endpoint, http),
+    };
+    let sessions = Arc::new(SessionService::new(
+        registry,
+        backend,
+        SessionSettings {
+            agent_auth: config.agent_auth_mode,
+            ready_timeout: config.ready_timeout,
+            agent_timeout: config.agent_timeout,
+            tenant_max_sessions: config.tenant_max_sessions,
+        },
+    ));
+    let auth = Authenticator::new(
+        if config.authz_bypass {
+            None
+        } else {
+            config.jwt_secret.as_deref()
+        },
+        &config.issuer,
+        &config.audience,
+    );
+    let router = api::router(api::AppState { sessions }, auth, config.max_body_bytes);
+    tracing::info!(addr = %listener.local_addr()?, agent = %config.agent_endpoint, "data-plane listening");
+    shared::server::serve(listener, router, shutdown).await?;
     tracing::info!("data-plane stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use tower::ServiceExt;
-
-    #[tokio::test]
-    async fn healthz_and_coded_404() {
-        let resp = router()
-            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let resp = router()
-            .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    }
-
-    #[test]
-    fn bad_addr_is_refused() {
-        let c = Config::parse_from(["x", "--addr", "nonsense"]);
-        assert!(c.validate().unwrap_err().contains("nonsense"));
-    }
 }

@@ -46,6 +46,13 @@ pub enum StepEvent {
     Error(ErrorBody),
 }
 
+/// What a workspace path holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathContent {
+    File(Bytes),
+    Dir(FileList),
+}
+
 /// A client bound to one agent base URL (`http://127.0.0.1:9000`).
 #[derive(Debug, Clone)]
 pub struct AgentClient {
@@ -180,6 +187,37 @@ impl AgentClient {
         Ok(resp.bytes().await?)
     }
 
+    /// Reads a workspace path: a file's bytes or a directory's listing.
+    pub async fn read_path(
+        &self,
+        id: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<PathContent, ClientError> {
+        let resp = self
+            .req(Method::GET, &files_path(id, path), token)
+            .send()
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(error_from(resp).await);
+        }
+        let is_json = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let bytes = resp.bytes().await?;
+        if is_json {
+            let list = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+                status: status.as_u16(),
+                detail: format!("invalid listing: {e}"),
+            })?;
+            return Ok(PathContent::Dir(list));
+        }
+        Ok(PathContent::File(bytes))
+    }
+
     /// Writes (creates or replaces) a workspace file.
     pub async fn write_file(
         &self,
@@ -210,11 +248,18 @@ impl AgentClient {
     }
 }
 
+/// The workspace path travels as one encoded segment (`/` as `%2F`), so no
+/// URL normalisation can resolve a `..` in it before the agent judges it. A
+/// path of dots alone would still be a dot segment: it is sent as `./<dots>`.
 fn files_path(id: &str, file: &str) -> String {
     let mut p = format!("/v1/sessions/{}/files", segment(id));
-    for part in file.split('/').filter(|s| !s.is_empty()) {
+    if !file.is_empty() {
         p.push('/');
-        p.push_str(&segment(part));
+        if file.bytes().all(|b| b == b'.') {
+            p.push_str(&segment(&format!("./{file}")));
+        } else {
+            p.push_str(&segment(file));
+        }
     }
     p
 }
@@ -358,8 +403,13 @@ mod tests {
     fn paths_are_encoded() {
         assert_eq!(
             files_path("s 1", "a/b c/../d"),
-            "/v1/sessions/s%201/files/a/b%20c/../d"
+            "/v1/sessions/s%201/files/a%2Fb%20c%2F..%2Fd"
         );
+        assert_eq!(files_path("s", ".."), "/v1/sessions/s/files/.%2F..");
+        // Nothing is left for URL normalisation to resolve.
+        let url =
+            reqwest::Url::parse(&format!("http://h{}", files_path("s", "../../etc"))).unwrap();
+        assert_eq!(url.path(), "/v1/sessions/s/files/..%2F..%2Fetc");
         assert_eq!(files_path("s", ""), "/v1/sessions/s/files");
     }
 

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// No or wrong credential.
     Unauthorized,
+    /// The credential is valid but does not allow this (another tenant).
+    Forbidden,
     /// The route does not exist.
     RouteNotFound,
     /// The method is not allowed on this route.
@@ -66,6 +68,7 @@ impl ErrorCode {
             | Self::PathOutsideWorkspace
             | Self::NotAFile => 400,
             Self::Unauthorized => 401,
+            Self::Forbidden => 403,
             Self::RouteNotFound | Self::SessionNotFound | Self::FileNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists | Self::SessionBusy => 409,
@@ -86,6 +89,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge => "payload_too_large",
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::RouteNotFound => "route_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::SessionNotFound => "session_not_found",
@@ -126,6 +130,7 @@ mod tests {
         ErrorCode::UnsupportedMediaType,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::RouteNotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::SessionNotFound,
@@ -165,6 +170,7 @@ mod tests {
             415 unsupported_media_type
             413 payload_too_large
             401 unauthorized
+            403 forbidden
             404 route_not_found
             405 method_not_allowed
             404 session_not_found

@@ -1,0 +1,213 @@
+//! The internal HTTP API (`/internal/v1`). Handlers are thin: extract the
+//! caller and the input, call the session service, map the result.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::{
+    Extension, Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+    middleware,
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use futures::StreamExt;
+use serde_json::json;
+use shared::ErrorCode;
+use shared::agent::{FileList, OutputChunk, sse_event};
+use shared::client::{PathContent, StepEvent};
+use shared::dataplane::{CreateSession, RunStep, RuntimeList, SessionViewList};
+use shared::server::{ApiError, ApiJson};
+
+use crate::auth::{Authenticator, Caller, require_credential};
+use crate::sessions::SessionService;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub sessions: Arc<SessionService>,
+}
+
+/// All routes: probes without credential, everything under `/internal/v1`
+/// behind the service credential.
+pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Router {
+    let internal = Router::new()
+        .route("/internal/v1/runtimes", get(runtimes))
+        .route(
+            "/internal/v1/sessions",
+            get(list_sessions).post(create_session),
+        )
+        .route(
+            "/internal/v1/sessions/{id}",
+            get(get_session).delete(delete_session),
+        )
+        .route(
+            "/internal/v1/sessions/{id}/steps",
+            axum::routing::post(run_step),
+        )
+        .route("/internal/v1/sessions/{id}/files", get(list_root))
+        .route(
+            "/internal/v1/sessions/{id}/files/{*path}",
+            get(read_path).put(write_file).delete(delete_file),
+        )
+        .layer(middleware::from_fn_with_state(auth, require_credential));
+    let probes = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz));
+    shared::server::with_common_layers(
+        internal
+            .merge(probes)
+            .layer(DefaultBodyLimit::max(max_body_bytes))
+            .with_state(state),
+    )
+}
+
+async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    app.sessions.agent_ready().await?;
+    Ok(Json(
+        json!({"status": "ready", "runtimes": app.sessions.registry().list().len()}),
+    ))
+}
+
+async fn runtimes(State(app): State<AppState>) -> Json<RuntimeList> {
+    Json(RuntimeList {
+        runtimes: app.sessions.registry().list(),
+    })
+}
+
+async fn create_session(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<CreateSession>,
+) -> Result<Response, ApiError> {
+    let view = app.sessions.create(&caller, req).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list_sessions(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<SessionViewList> {
+    Json(SessionViewList {
+        sessions: app.sessions.list(&caller),
+    })
+}
+
+async fn get_session(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.sessions.get(&caller, &id)?).into_response())
+}
+
+async fn delete_session(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions.delete(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn run_step(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(step): ApiJson<RunStep>,
+) -> Result<Response, ApiError> {
+    let streaming = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !streaming {
+        return Ok(Json(app.sessions.step(&caller, &id, step).await?).into_response());
+    }
+    let events = app.sessions.step_stream(&caller, &id, step).await?;
+    let sse = events.map(|ev| {
+        let event = match ev {
+            Ok(StepEvent::Stdout(data)) => Event::default()
+                .event(sse_event::STDOUT)
+                .json_data(OutputChunk { data }),
+            Ok(StepEvent::Stderr(data)) => Event::default()
+                .event(sse_event::STDERR)
+                .json_data(OutputChunk { data }),
+            Ok(StepEvent::Result(r)) => Event::default().event(sse_event::RESULT).json_data(r),
+            Ok(StepEvent::Error(body)) => Event::default().event(sse_event::ERROR).json_data(body),
+            Err(e) => Event::default()
+                .event(sse_event::ERROR)
+                .json_data(shared::ErrorBody {
+                    code: ErrorCode::SandboxUnavailable,
+                    message: format!("the step stream from the session agent broke: {e}"),
+                    request_id: None,
+                }),
+        };
+        Ok::<_, Infallible>(event.unwrap_or_default())
+    });
+    Ok(Sse::new(sse)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn list_root(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    path_response(app.sessions.read_path(&caller, &id, "").await?)
+}
+
+async fn read_path(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    path_response(app.sessions.read_path(&caller, &id, &path).await?)
+}
+
+fn path_response(content: PathContent) -> Result<Response, ApiError> {
+    Ok(match content {
+        PathContent::Dir(list) => Json::<FileList>(list).into_response(),
+        PathContent::File(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+    })
+}
+
+async fn write_file(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "file is larger than the body limit",
+            )
+        } else {
+            ApiError::new(ErrorCode::InvalidArgument, e.body_text())
+        }
+    })?;
+    app.sessions.write_file(&caller, &id, &path, body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_file(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions.delete_file(&caller, &id, &path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

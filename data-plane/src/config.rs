@@ -1,0 +1,256 @@
+//! The data plane's configuration: one struct, from flags or environment
+//! variables, validated before any socket is bound.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Where sandboxes come from (`SESSION_RUNTIME_BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// A session agent on this host (`SESSION_AGENT_ENDPOINT`).
+    Local,
+    /// One gVisor RuntimeClass pod per session (a later issue; refused for now).
+    K8s,
+}
+
+/// How the data plane authenticates to the session agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AgentAuthMode {
+    /// A fresh 256-bit token per session, registered with the agent.
+    Enforced,
+    /// No token (the agent must run with `SESSION_AGENT_AUTH_BYPASS=true`).
+    Bypass,
+}
+
+/// Where session records live (`SESSION_REGISTRY_BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RegistryKind {
+    Memory,
+    File,
+    Redis,
+}
+
+/// Data plane configuration.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "data-plane",
+    version,
+    args_override_self = true,
+    about = "Data plane: runtime registry and session routing (internal API)"
+)]
+pub struct Config {
+    /// Listen address (`:8081` binds every interface).
+    #[arg(long, env = "DATA_PLANE_ADDR", default_value = ":8081")]
+    pub addr: String,
+    /// Deployment environment; `production` refuses development-only flags.
+    #[arg(long = "env", env = "ENV", default_value = "dev")]
+    pub environment: String,
+    /// HS256 secret of the service credential (required unless AUTHZ_BYPASS).
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Expected `iss` of the service credential.
+    #[arg(long, env = "AUTH_ISSUER", default_value = "control-plane")]
+    pub issuer: String,
+    /// Expected `aud` of the service credential.
+    #[arg(long, env = "AUTH_AUDIENCE", default_value = "data-plane")]
+    pub audience: String,
+    /// Skip the service credential (development only; every call is audited).
+    #[arg(long, env = "AUTHZ_BYPASS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub authz_bypass: bool,
+    #[arg(
+        long,
+        env = "SESSION_RUNTIME_BACKEND",
+        value_enum,
+        default_value = "local"
+    )]
+    pub backend: BackendKind,
+    /// The session agent of the local backend.
+    #[arg(
+        long,
+        env = "SESSION_AGENT_ENDPOINT",
+        default_value = "http://127.0.0.1:9000"
+    )]
+    pub agent_endpoint: String,
+    #[arg(
+        long,
+        env = "SESSION_AGENT_AUTH_MODE",
+        value_enum,
+        default_value = "enforced"
+    )]
+    pub agent_auth_mode: AgentAuthMode,
+    /// How long a new session's sandbox may take to be ready (`60s`, `500ms`, `2m`).
+    #[arg(long, env = "SESSION_READY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// Bound on every other call to the agent (files, deletes, health).
+    #[arg(long, env = "DATA_PLANE_AGENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub agent_timeout: Duration,
+    #[arg(
+        long,
+        env = "SESSION_REGISTRY_BACKEND",
+        value_enum,
+        default_value = "memory"
+    )]
+    pub registry: RegistryKind,
+    /// A JSON file of runtimes that extends or overrides the built-in ones.
+    #[arg(long, env = "RUNTIME_REGISTRY_PATH")]
+    pub runtime_registry_path: Option<PathBuf>,
+    /// Session pod image fallback (Kubernetes backend).
+    #[arg(
+        long,
+        env = "SESSION_RUNTIME_IMAGE",
+        default_value = "sandbox-runtime:dev"
+    )]
+    pub runtime_image: String,
+    #[arg(long, env = "SESSION_RUNTIME_IMAGE_PYTHON")]
+    pub runtime_image_python: Option<String>,
+    #[arg(long, env = "SESSION_RUNTIME_IMAGE_NODE")]
+    pub runtime_image_node: Option<String>,
+    /// Concurrent sessions per tenant; more -> 429.
+    #[arg(long, env = "TENANT_MAX_SESSIONS", default_value_t = 20)]
+    pub tenant_max_sessions: usize,
+    /// Largest request body, bytes (-> 413 above).
+    #[arg(long, env = "DATA_PLANE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// `60s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (s, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 60s, 500ms or 2m"))?;
+    Ok(Duration::from_millis(n.saturating_mul(mult_ms)))
+}
+
+impl Config {
+    /// Refuses unsafe or unavailable settings, naming the variable.
+    pub fn validate(&self) -> Result<(), String> {
+        shared::server::parse_listen_addr(&self.addr)
+            .map_err(|e| format!("DATA_PLANE_ADDR: {e}"))?;
+        shared::env::refuse_in_production(&self.environment, "AUTHZ_BYPASS", self.authz_bypass)?;
+        if !self.authz_bypass {
+            match self.jwt_secret.as_deref() {
+                None | Some("") => {
+                    return Err(
+                        "AUTH_JWT_SECRET is required (or AUTHZ_BYPASS=true outside production)"
+                            .into(),
+                    );
+                }
+                Some(s) if s.len() < 32 => {
+                    return Err("AUTH_JWT_SECRET must be at least 32 bytes".into());
+                }
+                Some(_) => {}
+            }
+        }
+        if self.agent_auth_mode == AgentAuthMode::Bypass
+            && shared::env::is_production(&self.environment)
+        {
+            return Err(
+                "SESSION_AGENT_AUTH_MODE=bypass must not be used when ENV=production".into(),
+            );
+        }
+        if self.backend == BackendKind::K8s {
+            return Err(
+                "SESSION_RUNTIME_BACKEND=k8s is not available in this build yet; use local".into(),
+            );
+        }
+        if self.registry != RegistryKind::Memory {
+            return Err(
+                "SESSION_REGISTRY_BACKEND: only `memory` is available in this build yet".into(),
+            );
+        }
+        if !self.agent_endpoint.starts_with("http://")
+            && !self.agent_endpoint.starts_with("https://")
+        {
+            return Err(format!(
+                "SESSION_AGENT_ENDPOINT={} must be an http(s) URL",
+                self.agent_endpoint
+            ));
+        }
+        if self.tenant_max_sessions == 0 {
+            return Err("TENANT_MAX_SESSIONS must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut v = vec!["data-plane"];
+        v.extend_from_slice(args);
+        Config::parse_from(v)
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn credential_is_required_and_bypass_refused_in_production() {
+        assert!(
+            parse(&[])
+                .validate()
+                .unwrap_err()
+                .contains("AUTH_JWT_SECRET")
+        );
+        assert!(
+            parse(&["--jwt-secret", "short"])
+                .validate()
+                .unwrap_err()
+                .contains("32 bytes")
+        );
+        assert!(parse(&["--jwt-secret", SECRET]).validate().is_ok());
+        assert!(parse(&["--authz-bypass", "true"]).validate().is_ok());
+        let e = parse(&["--env", "production", "--authz-bypass", "true"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("AUTHZ_BYPASS"), "{e}");
+        let e = parse(&[
+            "--env",
+            "production",
+            "--jwt-secret",
+            SECRET,
+            "--agent-auth-mode",
+            "bypass",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("SESSION_AGENT_AUTH_MODE"), "{e}");
+    }
+
+    #[test]
+    fn unavailable_backends_are_refused_by_name() {
+        let e = parse(&["--jwt-secret", SECRET, "--backend", "k8s"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("SESSION_RUNTIME_BACKEND"), "{e}");
+        let e = parse(&["--jwt-secret", SECRET, "--registry", "redis"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("SESSION_REGISTRY_BACKEND"), "{e}");
+    }
+}

@@ -1,0 +1,425 @@
+//! Session routing: the data plane owns each session's record (tenant,
+//! runtime, the agent token it generated) and forwards steps and file calls
+//! to the agent with that token. Every lookup is scoped by tenant: another
+//! tenant's session is indistinguishable from one that does not exist.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::Stream;
+use shared::ErrorCode;
+use shared::agent::{CreateSessionRequest, EffectiveLimits, StepRequest, StepResult, validate_id};
+use shared::client::{AgentClient, ClientError, PathContent, StepEvent};
+use shared::dataplane::{CreateSession, RunStep, SessionView};
+use shared::server::ApiError;
+
+use crate::auth::Caller;
+use crate::config::AgentAuthMode;
+use crate::runtime::{RuntimeBackend, RuntimeRegistry};
+
+/// Time allowed beyond a step's own timeout (interrupt grace, restart).
+const STEP_MARGIN: Duration = Duration::from_secs(15);
+
+struct SessionRecord {
+    tenant: String,
+    runtime: String,
+    /// The agent token; never logged, never returned.
+    token: Option<String>,
+    limits: EffectiveLimits,
+    isolation: String,
+    warm: bool,
+    created_ms: u64,
+    expires_ms: u64,
+}
+
+impl SessionRecord {
+    fn view(&self, id: &str) -> SessionView {
+        SessionView {
+            session_id: id.to_owned(),
+            tenant: self.tenant.clone(),
+            runtime: self.runtime.clone(),
+            limits: self.limits,
+            isolation: self.isolation.clone(),
+            warm: self.warm,
+            created_at_ms: self.created_ms,
+            expires_at_ms: self.expires_ms,
+        }
+    }
+}
+
+/// Settings of the session service.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub agent_auth: AgentAuthMode,
+    pub ready_timeout: Duration,
+    pub agent_timeout: Duration,
+    pub tenant_max_sessions: usize,
+}
+
+/// Sessions of every tenant on this data plane.
+pub struct SessionService {
+    registry: RuntimeRegistry,
+    backend: RuntimeBackend,
+    settings: SessionSettings,
+    records: Mutex<HashMap<String, SessionRecord>>,
+}
+
+/// What a session-scoped call needs from its record.
+struct Route {
+    agent: AgentClient,
+    token: Option<String>,
+    limits: EffectiveLimits,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A 256-bit token, base64url (43 characters).
+fn new_token() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+}
+
+/// The agent's answer, mapped to the error contract: its coded errors pass
+/// through; an unreachable, failing or slow agent is 503 `sandbox_unavailable`.
+fn agent_error(e: ClientError) -> ApiError {
+    match e {
+        ClientError::Api { body, .. } => ApiError::new(body.code, body.message),
+        ClientError::Protocol { status, detail } => ApiError::new(
+            ErrorCode::SandboxUnavailable,
+            format!("the session agent answered outside its contract ({status}): {detail}"),
+        ),
+        ClientError::Transport(e) => ApiError::new(
+            ErrorCode::SandboxUnavailable,
+            format!("the session agent is unreachable: {e}"),
+        ),
+    }
+}
+
+/// Bounds a call to the agent in time.
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(agent_error),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::SandboxUnavailable,
+            format!(
+                "the session agent did not answer within {} ms",
+                limit.as_millis()
+            ),
+        )),
+    }
+}
+
+impl SessionService {
+    pub fn new(
+        registry: RuntimeRegistry,
+        backend: RuntimeBackend,
+        settings: SessionSettings,
+    ) -> Self {
+        SessionService {
+            registry,
+            backend,
+            settings,
+            records: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &RuntimeRegistry {
+        &self.registry
+    }
+
+    pub fn backend(&self) -> &RuntimeBackend {
+        &self.backend
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionRecord>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The record of `id` if it belongs to the caller's tenant and is alive.
+    fn route(&self, caller: &Caller, id: &str) -> Result<Route, ApiError> {
+        let mut records = self.records();
+        let not_found = || ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"));
+        let rec = records.get(id).ok_or_else(not_found)?;
+        if rec.tenant != caller.tenant {
+            return Err(not_found());
+        }
+        if rec.expires_ms <= now_ms() {
+            // The agent ended it on its TTL; forget it here too.
+            records.remove(id);
+            return Err(not_found());
+        }
+        Ok(Route {
+            agent: self.backend.agent().clone(),
+            token: rec.token.clone(),
+            limits: rec.limits,
+        })
+    }
+
+    /// `POST /internal/v1/sessions`.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        req: CreateSession,
+    ) -> Result<SessionView, ApiError> {
+        if let Some(t) = &req.tenant
+            && *t != caller.tenant
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "the body's tenant is not the credential's tenant",
+            ));
+        }
+        let runtime = self
+            .registry
+            .get(req.runtime.as_deref().unwrap_or("python"))?
+            .clone();
+        if let Some(l) = &req.limits {
+            self.registry.check_limits(&runtime, l)?;
+        }
+        let id = format!("ses-{}", hex_id());
+        {
+            let mut records = self.records();
+            let now = now_ms();
+            records.retain(|_, r| r.expires_ms > now);
+            let live = records
+                .values()
+                .filter(|r| r.tenant == caller.tenant)
+                .count();
+            if live >= self.settings.tenant_max_sessions {
+                return Err(ApiError::new(
+                    ErrorCode::CapacityExhausted,
+                    format!(
+                        "tenant {} has its maximum of {} sessions",
+                        caller.tenant, self.settings.tenant_max_sessions
+                    ),
+                ));
+            }
+            // Reserve the slot so concurrent creates respect the quota.
+            records.insert(
+                id.clone(),
+                SessionRecord {
+                    tenant: caller.tenant.clone(),
+                    runtime: runtime.name.clone(),
+                    token: None,
+                    limits: runtime.default_limits,
+                    isolation: String::new(),
+                    warm: false,
+                    created_ms: now,
+                    expires_ms: u64::MAX,
+                },
+            );
+        }
+        let token = match self.settings.agent_auth {
+            AgentAuthMode::Enforced => Some(new_token()),
+            AgentAuthMode::Bypass => None,
+        };
+        let agent_req = CreateSessionRequest {
+            session_id: id.clone(),
+            runtime: runtime.name.clone(),
+            token: token.clone(),
+            limits: req.limits.clone(),
+            env: req.env.clone(),
+            ttl_seconds: req.ttl_seconds,
+            idle_timeout_seconds: None,
+        };
+        let created = bounded(
+            self.settings.ready_timeout,
+            self.backend.agent().create_session(&agent_req),
+        )
+        .await;
+        let mut records = self.records();
+        match created {
+            Ok(info) => {
+                let rec = SessionRecord {
+                    tenant: caller.tenant.clone(),
+                    runtime: runtime.name,
+                    token,
+                    limits: info.limits,
+                    isolation: info.isolation,
+                    warm: info.warm,
+                    created_ms: info.created_at_ms,
+                    expires_ms: info.expires_at_ms,
+                };
+                let view = rec.view(&id);
+                records.insert(id.clone(), rec);
+                tracing::info!(session = %id, tenant = %caller.tenant, runtime = %view.runtime, warm = view.warm, "session created");
+                Ok(view)
+            }
+            Err(e) => {
+                records.remove(&id);
+                drop(records);
+                // A create that timed out may still finish on the agent.
+                if e.code == ErrorCode::SandboxUnavailable {
+                    let agent = self.backend.agent().clone();
+                    let limit = self.settings.agent_timeout;
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            limit,
+                            agent.delete_session(&id, token.as_deref()),
+                        )
+                        .await;
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, ApiError> {
+        self.route(caller, id)?;
+        let records = self.records();
+        let rec = records
+            .get(id)
+            .ok_or_else(|| ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}")))?;
+        Ok(rec.view(id))
+    }
+
+    pub fn list(&self, caller: &Caller) -> Vec<SessionView> {
+        let now = now_ms();
+        let records = self.records();
+        let mut out: Vec<SessionView> = records
+            .iter()
+            .filter(|(_, r)| {
+                r.tenant == caller.tenant && r.expires_ms > now && !r.isolation.is_empty()
+            })
+            .map(|(id, r)| r.view(id))
+            .collect();
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        out
+    }
+
+    /// Ends a session: the agent destroys its sandbox and workspace.
+    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
+        let route = self.route(caller, id)?;
+        let result = bounded(
+            self.settings.agent_timeout,
+            route.agent.delete_session(id, route.token.as_deref()),
+        )
+        .await;
+        match result {
+            Ok(()) => {}
+            // Already gone on the agent (TTL, restart): the record goes too.
+            Err(e) if e.code == ErrorCode::SessionNotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.records().remove(id);
+        tracing::info!(session = %id, tenant = %caller.tenant, "session deleted");
+        Ok(())
+    }
+
+    fn step_request(id: &str, step: RunStep) -> Result<StepRequest, ApiError> {
+        let step_id = step.step_id.unwrap_or_else(|| format!("step-{}", hex_id()));
+        validate_id("stepId", &step_id)
+            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+        Ok(StepRequest {
+            session_id: id.to_owned(),
+            step_id,
+            code: step.code,
+            timeout_ms: step.timeout_ms,
+            mode: step.mode,
+            event: step.event,
+        })
+    }
+
+    fn step_bound(route: &Route, req: &StepRequest) -> Duration {
+        Duration::from_millis(req.timeout_ms.unwrap_or(route.limits.timeout_ms)) + STEP_MARGIN
+    }
+
+    /// Runs a step and waits for its result.
+    pub async fn step(
+        &self,
+        caller: &Caller,
+        id: &str,
+        step: RunStep,
+    ) -> Result<StepResult, ApiError> {
+        let route = self.route(caller, id)?;
+        let req = Self::step_request(id, step)?;
+        bounded(
+            Self::step_bound(&route, &req),
+            route.agent.step(&req, route.token.as_deref()),
+        )
+        .await
+    }
+
+    /// Runs a step, streaming its output.
+    pub async fn step_stream(
+        &self,
+        caller: &Caller,
+        id: &str,
+        step: RunStep,
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + use<>, ApiError> {
+        let route = self.route(caller, id)?;
+        let req = Self::step_request(id, step)?;
+        bounded(
+            self.settings.agent_timeout,
+            route.agent.step_stream(&req, route.token.as_deref()),
+        )
+        .await
+    }
+
+    pub async fn read_path(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+    ) -> Result<PathContent, ApiError> {
+        let route = self.route(caller, id)?;
+        bounded(
+            self.settings.agent_timeout,
+            route.agent.read_path(id, path, route.token.as_deref()),
+        )
+        .await
+    }
+
+    pub async fn write_file(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(), ApiError> {
+        let route = self.route(caller, id)?;
+        bounded(
+            self.settings.agent_timeout,
+            route
+                .agent
+                .write_file(id, path, body, route.token.as_deref()),
+        )
+        .await
+    }
+
+    pub async fn delete_file(&self, caller: &Caller, id: &str, path: &str) -> Result<(), ApiError> {
+        let route = self.route(caller, id)?;
+        bounded(
+            self.settings.agent_timeout,
+            route.agent.delete_file(id, path, route.token.as_deref()),
+        )
+        .await
+    }
+
+    /// Whether the agent answers (for `/readyz`).
+    pub async fn agent_ready(&self) -> Result<(), ApiError> {
+        bounded(Duration::from_secs(2), self.backend.agent().health())
+            .await
+            .map(|_| ())
+    }
+}
+
+fn hex_id() -> String {
+    rand::random::<[u8; 12]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

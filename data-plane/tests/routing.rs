@@ -1,0 +1,599 @@
+//! The data plane in front of a real session agent (real gVisor sandboxes)
+//! on loopback: the service credential, tenancy, routing of sessions, steps
+//! and files, bad input, and an agent that is down.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use shared::dataplane::ServiceClaims;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+struct Stack {
+    dp: String,
+    agent_url: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _state: tempfile::TempDir,
+}
+
+fn isolation() -> String {
+    let iso = std::env::var("SESSION_ISOLATION").unwrap_or_else(|_| "gvisor".into());
+    if iso == "gvisor" {
+        assert!(
+            session_agent::isolation::resolve_binary(std::path::Path::new("runsc")).is_some(),
+            "runsc is not installed: run `make deps` (apt-get install -y runsc)"
+        );
+    }
+    iso
+}
+
+/// A data plane; with `agent` false it points at a port nobody listens on.
+async fn stack(agent: bool, extra: &[&str]) -> Stack {
+    let state = tempfile::Builder::new()
+        .prefix("dp-test-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let agent_url = if agent {
+        let iso = isolation();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config = session_agent::Config::parse_from([
+            "session-agent",
+            "--isolation",
+            &iso,
+            "--state-dir",
+            &state.path().display().to_string(),
+        ]);
+        eprintln!("isolation used: {iso}");
+        tasks.push(tokio::spawn(session_agent::serve(
+            listener,
+            config,
+            shutdown.clone(),
+        )));
+        url
+    } else {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        url
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dp = format!("http://{}", listener.local_addr().unwrap());
+    let mut args = vec![
+        "data-plane",
+        "--jwt-secret",
+        SECRET,
+        "--agent-endpoint",
+        &agent_url,
+        "--ready-timeout",
+        "30s",
+    ];
+    args.extend_from_slice(extra);
+    let config = data_plane::Config::parse_from(args);
+    tasks.push(tokio::spawn(data_plane::serve(
+        listener,
+        config,
+        shutdown.clone(),
+    )));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{dp}/healthz")).send().await.is_err()
+        || (agent
+            && http
+                .get(format!("{agent_url}/v1/health"))
+                .send()
+                .await
+                .is_err())
+    {
+        assert!(Instant::now() < deadline, "stack did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Stack {
+        dp,
+        agent_url,
+        http,
+        shutdown,
+        tasks,
+        _state: state,
+    }
+}
+
+fn credential(tenant: &str) -> String {
+    credential_with(tenant, SECRET, "data-plane", 300)
+}
+
+fn credential_with(tenant: &str, secret: &str, aud: &str, ttl: i64) -> String {
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    let claims = ServiceClaims {
+        iss: "control-plane".into(),
+        aud: aud.into(),
+        sub: "cp".into(),
+        tenant: tenant.into(),
+        exp: (now + ttl) as u64,
+        nbf: None,
+        iat: Some(now as u64),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+impl Stack {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.dp));
+        if let Some(a) = auth {
+            rb = rb.bearer_auth(a);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
+        )
+    }
+
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        auth: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> (u16, Value) {
+        let resp = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.dp))
+            .bearer_auth(auth)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
+        )
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_service_credential_is_required() {
+    let s = stack(false, &[]).await;
+    let good = credential("acme");
+    let (st, body) = s
+        .call("GET", "/internal/v1/runtimes", Some(&good), None)
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let names: Vec<&str> = body["runtimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["bash", "node", "python"]);
+    for (why, token) in [
+        ("missing", None),
+        (
+            "expired",
+            Some(credential_with("acme", SECRET, "data-plane", -3600)),
+        ),
+        (
+            "wrong audience",
+            Some(credential_with("acme", SECRET, "someone-else", 300)),
+        ),
+        (
+            "wrong secret",
+            Some(credential_with(
+                "acme",
+                "another-secret-another-secret-xx",
+                "data-plane",
+                300,
+            )),
+        ),
+        ("garbage", Some("x.y.z".to_owned())),
+    ] {
+        for (m, p) in [
+            ("GET", "/internal/v1/runtimes"),
+            ("GET", "/internal/v1/sessions"),
+            ("POST", "/internal/v1/sessions"),
+        ] {
+            let (st, e) = s.call(m, p, token.as_deref(), Some(json!({}))).await;
+            assert_eq!(
+                (st, e["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{why} {m} {p}: {e}"
+            );
+        }
+    }
+    // Probes need no credential.
+    assert_eq!(s.call("GET", "/healthz", None, None).await.0, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_is_down_gives_a_bounded_503() {
+    let s = stack(false, &["--agent-timeout", "3s", "--ready-timeout", "3s"]).await;
+    let cred = credential("acme");
+    let started = Instant::now();
+    let (st, e) = s
+        .call(
+            "POST",
+            "/internal/v1/sessions",
+            Some(&cred),
+            Some(json!({"runtime": "python"})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (503, Some("sandbox_unavailable")),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let (st, e) = s.call("GET", "/readyz", None, None).await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (503, Some("sandbox_unavailable")),
+        "{e}"
+    );
+    // Nothing half-made: no session was recorded.
+    let (_, list) = s
+        .call("GET", "/internal/v1/sessions", Some(&cred), None)
+        .await;
+    assert_eq!(list["sessions"], json!([]));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_steps_and_files_are_routed_and_tenant_scoped() {
+    let s = stack(true, &["--tenant-max-sessions", "2"]).await;
+    assert_eq!(s.call("GET", "/readyz", None, None).await.0, 200);
+    let acme = credential("acme");
+    let globex = credential("globex");
+    let (st, sess) = s
+        .call(
+            "POST",
+            "/internal/v1/sessions",
+            Some(&acme),
+            Some(json!({"runtime": "python", "env": {"GREETING": "hej"}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{sess}");
+    assert!(
+        sess.get("token").is_none(),
+        "the agent token must not leave the data plane: {sess}"
+    );
+    assert_eq!(sess["tenant"], json!("acme"));
+    let id = sess["sessionId"].as_str().unwrap().to_owned();
+    let steps = format!("/internal/v1/sessions/{id}/steps");
+
+    let (st, r) = s
+        .call(
+            "POST",
+            &steps,
+            Some(&acme),
+            Some(json!({"code": "x = 41\nimport os\nos.environ['GREETING']"})),
+        )
+        .await;
+    assert_eq!((st, r["result"].clone()), (200, json!("hej")), "{r}");
+    let (_, r) = s
+        .call("POST", &steps, Some(&acme), Some(json!({"code": "x + 1"})))
+        .await;
+    assert_eq!(r["result"], json!(42));
+
+    // Streaming passes through.
+    let resp = s
+        .http
+        .post(format!("{}{steps}", s.dp))
+        .bearer_auth(&acme)
+        .header("accept", "text/event-stream")
+        .json(&json!({"code": "print('a')\nprint('b')\n7"}))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("event: stdout"), "{text}");
+    assert!(text.contains("event: result"), "{text}");
+    assert!(text.contains("\"result\":7"), "{text}");
+
+    // Files.
+    let file = format!("{}/internal/v1/sessions/{id}/files/data/in.txt", s.dp);
+    let st = s
+        .http
+        .put(&file)
+        .bearer_auth(&acme)
+        .body("from the dp")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 204);
+    let (_, r) = s
+        .call(
+            "POST",
+            &steps,
+            Some(&acme),
+            Some(json!({"code": "open('data/in.txt').read()"})),
+        )
+        .await;
+    assert_eq!(r["result"], json!("from the dp"));
+    let body = s
+        .http
+        .get(&file)
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "from the dp");
+    let (st, listing) = s
+        .call(
+            "GET",
+            &format!("/internal/v1/sessions/{id}/files"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, listing["files"][0]["path"].clone()),
+        (200, json!("data")),
+        "{listing}"
+    );
+    let (st, e) = s
+        .call(
+            "GET",
+            &format!("/internal/v1/sessions/{id}/files/..%2f..%2fetc%2fpasswd"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (400, Some("path_outside_workspace")),
+        "{e}"
+    );
+
+    // Another tenant sees nothing, touches nothing.
+    for (m, p) in [
+        ("GET", format!("/internal/v1/sessions/{id}")),
+        ("POST", steps.clone()),
+        (
+            "GET",
+            format!("/internal/v1/sessions/{id}/files/data/in.txt"),
+        ),
+        ("DELETE", format!("/internal/v1/sessions/{id}")),
+    ] {
+        let (st, e) = s
+            .call(m, &p, Some(&globex), Some(json!({"code": "1"})))
+            .await;
+        assert_eq!(
+            (st, e["code"].as_str()),
+            (404, Some("session_not_found")),
+            "{m} {p}: {e}"
+        );
+    }
+    let (_, list) = s
+        .call("GET", "/internal/v1/sessions", Some(&globex), None)
+        .await;
+    assert_eq!(list["sessions"], json!([]));
+    let (_, list) = s
+        .call("GET", "/internal/v1/sessions", Some(&acme), None)
+        .await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+
+    // The agent itself refuses calls without the session's token.
+    let (st, _) = {
+        let r = s
+            .http
+            .post(format!("{}/v1/steps", s.agent_url))
+            .json(&json!({"sessionId": id, "stepId": "x", "code": "1"}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), ())
+    };
+    assert_eq!(st, 401);
+
+    // Quota: two sessions per tenant here.
+    let (st, _) = s
+        .call(
+            "POST",
+            "/internal/v1/sessions",
+            Some(&acme),
+            Some(json!({"runtime": "bash"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let (st, e) = s
+        .call(
+            "POST",
+            "/internal/v1/sessions",
+            Some(&acme),
+            Some(json!({"runtime": "bash"})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (429, Some("capacity_exhausted")),
+        "{e}"
+    );
+
+    // Delete, then the session is gone.
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/internal/v1/sessions/{id}"),
+            Some(&acme),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (st, e) = s
+        .call("POST", &steps, Some(&acme), Some(json!({"code": "1"})))
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (404, Some("session_not_found")),
+        "{e}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_coded_4xx() {
+    let s = stack(true, &["--max-body-bytes", "65536"]).await;
+    let cred = credential("acme");
+    let cases: Vec<(Value, u16, &str, &str)> = vec![
+        (
+            json!({"runtime": "cobol"}),
+            400,
+            "unknown_runtime",
+            "python",
+        ),
+        (
+            json!({"runtime": "python", "limits": {"memoryMb": 1_000_000}}),
+            400,
+            "limit_exceeded",
+            "memoryMb",
+        ),
+        (
+            json!({"runtime": "python", "packages": ["requests"]}),
+            400,
+            "invalid_json",
+            "packages",
+        ),
+        (json!({"tenant": "globex"}), 403, "forbidden", "tenant"),
+    ];
+    for (body, status, code, mentions) in cases {
+        let (st, e) = s
+            .call(
+                "POST",
+                "/internal/v1/sessions",
+                Some(&cred),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (st, e["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {e}"
+        );
+        assert!(
+            e["message"].as_str().unwrap().contains(mentions),
+            "{body}: {e}"
+        );
+    }
+    let (st, e) = s
+        .raw(
+            "POST",
+            "/internal/v1/sessions",
+            &cred,
+            b"{nope".to_vec(),
+            "application/json",
+        )
+        .await;
+    assert_eq!((st, e["code"].as_str()), (400, Some("invalid_json")), "{e}");
+    let big = serde_json::to_vec(&json!({"code": "x".repeat(70_000)})).unwrap();
+    let (st, e) = s
+        .raw(
+            "POST",
+            "/internal/v1/sessions/ses-x/steps",
+            &cred,
+            big,
+            "application/json",
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{e}"
+    );
+    let (st, e) = s
+        .call(
+            "POST",
+            "/internal/v1/sessions/ses-unknown/steps",
+            Some(&cred),
+            Some(json!({"code": "1"})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (404, Some("session_not_found")),
+        "{e}"
+    );
+    // Nothing was created by any of it.
+    let (_, list) = s
+        .call("GET", "/internal/v1/sessions", Some(&cred), None)
+        .await;
+    assert_eq!(list["sessions"], json!([]));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn authz_bypass_takes_the_tenant_from_a_header() {
+    let state = tempfile::tempdir().unwrap();
+    let _ = state;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dp = format!("http://{}", listener.local_addr().unwrap());
+    let config = data_plane::Config::parse_from(["data-plane", "--authz-bypass", "true"]);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(data_plane::serve(listener, config, shutdown.clone()));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resp = loop {
+        if let Ok(r) = http
+            .get(format!("{dp}/internal/v1/sessions"))
+            .header("x-tenant-id", "team-a")
+            .send()
+            .await
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(resp.status().as_u16(), 200);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,101 @@
+//! Wire types of the data plane's internal API (`/internal/v1/...` on
+//! `DATA_PLANE_ADDR`). camelCase JSON, like the agent's. Only the control
+//! plane calls it, with the service credential.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{EffectiveLimits, Limits, StepMode};
+
+/// A runtime of the registry, as `GET /internal/v1/runtimes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeInfo {
+    pub name: String,
+    /// Interpreter inside the sandbox (local backend).
+    pub interpreter: String,
+    /// Container image of the session pod (Kubernetes backend).
+    pub image: String,
+    /// Package ecosystem of its dependencies (`pypi`, `npm`, or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecosystem: Option<String>,
+    pub default_limits: EffectiveLimits,
+    pub max_limits: EffectiveLimits,
+}
+
+/// `GET /internal/v1/runtimes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeList {
+    pub runtimes: Vec<RuntimeInfo>,
+}
+
+/// `POST /internal/v1/sessions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSession {
+    /// Must equal the credential's tenant when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Runtime name (default `python`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// A session as the data plane reports it: never its agent token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    pub session_id: String,
+    pub tenant: String,
+    pub runtime: String,
+    pub limits: EffectiveLimits,
+    pub isolation: String,
+    pub warm: bool,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// `GET /internal/v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionViewList {
+    pub sessions: Vec<SessionView>,
+}
+
+/// `POST /internal/v1/sessions/{id}/steps`: the agent's step request without
+/// the session id (it is in the path); the step id is generated when absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunStep {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<StepMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<serde_json::Value>,
+}
+
+/// Claims of the service credential the control plane presents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub tenant: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
