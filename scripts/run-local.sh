@@ -8,6 +8,18 @@ BIN=${BIN:-target/debug}
 export ENV=${ENV:-dev}
 export RUST_LOG=${RUST_LOG:-info}
 
+# A development signing key for the service credential between the planes,
+# generated once, readable by its owner only. Never used with ENV=production.
+if [ -z "${AUTH_JWT_SECRET:-}" ]; then
+  mkdir -p .local
+  if [ ! -s .local/dev-jwt-secret ]; then
+    echo "[run-local] generating a development signing key in .local/dev-jwt-secret (mode 0600)"
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .local/dev-jwt-secret)
+  fi
+  AUTH_JWT_SECRET=$(cat .local/dev-jwt-secret)
+  export AUTH_JWT_SECRET
+fi
+
 pids=()
 stop() {
   trap - INT TERM EXIT
