@@ -8,6 +8,9 @@ BIN=${BIN:-target/debug}
 export ENV=${ENV:-dev}
 export RUST_LOG=${RUST_LOG:-info}
 
+# Encrypted artifacts live in the checkout (the KEK file is generated there too).
+export ARTIFACT_ROOT=${ARTIFACT_ROOT:-$PWD/.local/artifacts}
+
 # A development signing key for the service credential between the planes,
 # generated once, readable by its owner only. Never used with ENV=production.
 if [ -z "${AUTH_JWT_SECRET:-}" ]; then

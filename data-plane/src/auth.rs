@@ -71,12 +71,13 @@ impl Authenticator {
                 )
             })?;
         let claims = data.claims;
-        if claims.tenant.is_empty() {
-            return Err(ApiError::new(
+        // The tenant names directories and keys: only a plain id will do.
+        shared::agent::validate_id("tenant", &claims.tenant).map_err(|m| {
+            ApiError::new(
                 ErrorCode::Unauthorized,
-                "the service credential names no tenant",
-            ));
-        }
+                format!("the service credential's tenant is malformed: {m}"),
+            )
+        })?;
         Ok(Caller {
             tenant: claims.tenant,
             subject: claims.sub,
@@ -205,12 +206,20 @@ mod tests {
             tenant: String::new(),
             ..claims()
         };
+        let traversal = ServiceClaims {
+            tenant: "../other".into(),
+            ..claims()
+        };
         for (why, token) in [
             ("expired", sign(&expired, SECRET, Algorithm::HS256)),
             ("not yet valid", sign(&early, SECRET, Algorithm::HS256)),
             ("wrong audience", sign(&wrong_aud, SECRET, Algorithm::HS256)),
             ("wrong issuer", sign(&wrong_iss, SECRET, Algorithm::HS256)),
             ("no tenant", sign(&no_tenant, SECRET, Algorithm::HS256)),
+            (
+                "tenant with a path",
+                sign(&traversal, SECRET, Algorithm::HS256),
+            ),
             (
                 "wrong secret",
                 sign(

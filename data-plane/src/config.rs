@@ -32,6 +32,13 @@ pub enum RegistryKind {
     Redis,
 }
 
+/// Where artifacts are stored (`ARTIFACT_STORE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArtifactBackend {
+    Fs,
+    S3,
+}
+
 /// Data plane configuration.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -110,6 +117,25 @@ pub struct Config {
     /// Concurrent sessions per tenant; more -> 429.
     #[arg(long, env = "TENANT_MAX_SESSIONS", default_value_t = 20)]
     pub tenant_max_sessions: usize,
+    #[arg(long, env = "ARTIFACT_STORE", value_enum, default_value = "fs")]
+    pub artifact_store: ArtifactBackend,
+    /// Root of the `fs` artifact store.
+    #[arg(
+        long,
+        env = "ARTIFACT_ROOT",
+        default_value = "/var/lib/data-plane/artifacts"
+    )]
+    pub artifact_root: PathBuf,
+    /// The key-encryption key: 64 hex characters or base64 of 32 bytes.
+    /// Required when ENV=production; in development a key file is generated.
+    #[arg(long, env = "ARTIFACT_KEK", hide_env_values = true)]
+    pub artifact_kek: Option<String>,
+    /// Development KEK file (mode 0600), used when ARTIFACT_KEK is unset.
+    #[arg(long, env = "ARTIFACT_KEK_FILE")]
+    pub artifact_kek_file: Option<PathBuf>,
+    /// Largest artifact, bytes (-> 413 above).
+    #[arg(long, env = "ARTIFACT_MAX_BYTES", default_value_t = 4 * 1024 * 1024 * 1024)]
+    pub artifact_max_bytes: u64,
     /// Largest request body, bytes (-> 413 above).
     #[arg(long, env = "DATA_PLANE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -137,6 +163,50 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    /// The key-encryption key: ARTIFACT_KEK, or (development only) a key
+    /// file generated once with mode 0600.
+    pub fn load_kek(&self) -> Result<crate::workspace::crypto::SecretKey, String> {
+        use crate::workspace::crypto::SecretKey;
+        if let Some(k) = &self.artifact_kek {
+            return SecretKey::parse(k).map_err(|e| format!("ARTIFACT_KEK: {e}"));
+        }
+        let path = self
+            .artifact_kek_file
+            .clone()
+            .unwrap_or_else(|| self.artifact_root.join("dev-kek"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => SecretKey::parse(&text)
+                .map_err(|e| format!("ARTIFACT_KEK_FILE {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                let key = SecretKey::generate();
+                let opened = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path);
+                let mut f = match opened {
+                    Ok(f) => f,
+                    // Another process created it first: use that one.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return self.load_kek();
+                    }
+                    Err(e) => return Err(format!("ARTIFACT_KEK_FILE {}: {e}", path.display())),
+                };
+                f.write_all(key.to_hex().as_bytes())
+                    .map_err(|e| e.to_string())?;
+                tracing::warn!(path = %path.display(),
+                    "ARTIFACT_KEK is not set: generated a development key-encryption key (never use this in production)");
+                Ok(key)
+            }
+            Err(e) => Err(format!("ARTIFACT_KEK_FILE {}: {e}", path.display())),
+        }
+    }
+
     /// Refuses unsafe or unavailable settings, naming the variable.
     pub fn validate(&self) -> Result<(), String> {
         shared::server::parse_listen_addr(&self.addr)
@@ -180,6 +250,15 @@ impl Config {
                 "SESSION_AGENT_ENDPOINT={} must be an http(s) URL",
                 self.agent_endpoint
             ));
+        }
+        if self.artifact_store == ArtifactBackend::S3 {
+            return Err("ARTIFACT_STORE=s3 is not available in this build yet; use fs".into());
+        }
+        if let Some(k) = &self.artifact_kek {
+            crate::workspace::crypto::SecretKey::parse(k)
+                .map_err(|e| format!("ARTIFACT_KEK: {e}"))?;
+        } else if shared::env::is_production(&self.environment) {
+            return Err("ARTIFACT_KEK is required when ENV=production".into());
         }
         if self.tenant_max_sessions == 0 {
             return Err("TENANT_MAX_SESSIONS must be at least 1".into());
@@ -243,7 +322,42 @@ mod tests {
     }
 
     #[test]
+    fn kek_is_required_in_production_and_generated_in_development() {
+        let e = parse(&["--env", "production", "--jwt-secret", SECRET])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("ARTIFACT_KEK"), "{e}");
+        let e = parse(&["--jwt-secret", SECRET, "--artifact-kek", "nope"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("ARTIFACT_KEK"), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("kek");
+        let c = parse(&[
+            "--jwt-secret",
+            SECRET,
+            "--artifact-kek-file",
+            file.to_str().unwrap(),
+        ]);
+        let k1 = c.load_kek().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            c.load_kek().unwrap().to_hex(),
+            k1.to_hex(),
+            "the same key on the next start"
+        );
+    }
+
+    #[test]
     fn unavailable_backends_are_refused_by_name() {
+        let e = parse(&["--jwt-secret", SECRET, "--artifact-store", "s3"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("ARTIFACT_STORE"), "{e}");
         let e = parse(&["--jwt-secret", SECRET, "--backend", "k8s"])
             .validate()
             .unwrap_err();

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod runtime;
 pub mod sessions;
+pub mod workspace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use config::Config;
 use crate::auth::Authenticator;
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
 use crate::sessions::{SessionService, SessionSettings};
+use crate::workspace::artifacts::ArtifactStore;
 
 /// Binds `DATA_PLANE_ADDR` and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -55,9 +57,14 @@ pub async fn serve(
     let backend = RuntimeBackend::Local {
         agent: shared::client::AgentClient::with_http(&config.agent_endpoint, http),
     };
+    let kek = config.load_kek().map_err(anyhow::Error::msg)?;
+    let artifacts =
+        ArtifactStore::new(config.artifact_root.clone(), kek, config.artifact_max_bytes)
+            .with_context(|| format!("ARTIFACT_ROOT {}", config.artifact_root.display()))?;
     let sessions = Arc::new(SessionService::new(
         registry,
         backend,
+        artifacts,
         SessionSettings {
             agent_auth: config.agent_auth_mode,
             ready_timeout: config.ready_timeout,

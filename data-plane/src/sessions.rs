@@ -19,6 +19,8 @@ use shared::server::ApiError;
 use crate::auth::Caller;
 use crate::config::AgentAuthMode;
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
+use crate::workspace::artifacts::{ArtifactError, ArtifactStore};
+use crate::workspace::crypto::CryptoError;
 
 /// Time allowed beyond a step's own timeout (interrupt grace, restart).
 const STEP_MARGIN: Duration = Duration::from_secs(15);
@@ -62,6 +64,7 @@ pub struct SessionSettings {
 /// Sessions of every tenant on this data plane.
 pub struct SessionService {
     registry: RuntimeRegistry,
+    artifacts: ArtifactStore,
     backend: RuntimeBackend,
     settings: SessionSettings,
     records: Mutex<HashMap<String, SessionRecord>>,
@@ -102,6 +105,27 @@ fn agent_error(e: ClientError) -> ApiError {
     }
 }
 
+/// An artifact store failure, mapped to the error contract.
+pub fn artifact_error(e: ArtifactError) -> ApiError {
+    match e {
+        ArtifactError::NotFound | ArtifactError::Crypto(CryptoError::KeyDestroyed) => {
+            ApiError::new(ErrorCode::ArtifactNotFound, "no such artifact")
+        }
+        ArtifactError::TooLarge(max) => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the artifact is larger than {max} bytes"),
+        ),
+        ArtifactError::Crypto(e) => ApiError::new(ErrorCode::IntegrityError, e.to_string()),
+        ArtifactError::Upload(m) => ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("the upload broke off: {m}"),
+        ),
+        ArtifactError::Io(e) => {
+            ApiError::new(ErrorCode::Internal, format!("artifact storage failed: {e}"))
+        }
+    }
+}
+
 /// Bounds a call to the agent in time.
 async fn bounded<T>(
     limit: Duration,
@@ -123,14 +147,20 @@ impl SessionService {
     pub fn new(
         registry: RuntimeRegistry,
         backend: RuntimeBackend,
+        artifacts: ArtifactStore,
         settings: SessionSettings,
     ) -> Self {
         SessionService {
             registry,
+            artifacts,
             backend,
             settings,
             records: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
     }
 
     pub fn registry(&self) -> &RuntimeRegistry {
@@ -315,7 +345,13 @@ impl SessionService {
             Err(e) => return Err(e),
         }
         self.records().remove(id);
-        tracing::info!(session = %id, tenant = %caller.tenant, "session deleted");
+        // The session's artifacts go with it, keys first (crypto-shredding).
+        let shredded = self
+            .artifacts
+            .delete_session(&caller.tenant, id)
+            .await
+            .map_err(artifact_error)?;
+        tracing::info!(session = %id, tenant = %caller.tenant, artifacts = shredded, "session deleted");
         Ok(())
     }
 

@@ -19,6 +19,7 @@ struct Stack {
     http: reqwest::Client,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    artifacts: std::path::PathBuf,
     _state: tempfile::TempDir,
 }
 
@@ -67,6 +68,7 @@ async fn stack(agent: bool, extra: &[&str]) -> Stack {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dp = format!("http://{}", listener.local_addr().unwrap());
+    let artifact_root = state.path().join("artifacts").display().to_string();
     let mut args = vec![
         "data-plane",
         "--jwt-secret",
@@ -75,6 +77,8 @@ async fn stack(agent: bool, extra: &[&str]) -> Stack {
         &agent_url,
         "--ready-timeout",
         "30s",
+        "--artifact-root",
+        &artifact_root,
     ];
     args.extend_from_slice(extra);
     let config = data_plane::Config::parse_from(args);
@@ -102,6 +106,7 @@ async fn stack(agent: bool, extra: &[&str]) -> Stack {
         http,
         shutdown,
         tasks,
+        artifacts: state.path().join("artifacts"),
         _state: state,
     }
 }
@@ -573,10 +578,16 @@ async fn bad_input_gets_coded_4xx() {
 #[tokio::test]
 async fn authz_bypass_takes_the_tenant_from_a_header() {
     let state = tempfile::tempdir().unwrap();
-    let _ = state;
+    let root = state.path().display().to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dp = format!("http://{}", listener.local_addr().unwrap());
-    let config = data_plane::Config::parse_from(["data-plane", "--authz-bypass", "true"]);
+    let config = data_plane::Config::parse_from([
+        "data-plane",
+        "--authz-bypass",
+        "true",
+        "--artifact-root",
+        &root,
+    ]);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(data_plane::serve(listener, config, shutdown.clone()));
     let http = reqwest::Client::new();
@@ -596,4 +607,180 @@ async fn authz_bypass_takes_the_tenant_from_a_header() {
     assert_eq!(resp.status().as_u16(), 200);
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn artifacts_are_encrypted_streamed_tenant_scoped_and_shredded() {
+    // A small body limit: artifacts are streamed and not bound by it.
+    let s = stack(
+        true,
+        &[
+            "--max-body-bytes",
+            "65536",
+            "--artifact-max-bytes",
+            "1000000",
+        ],
+    )
+    .await;
+    let acme = credential("acme");
+    let globex = credential("globex");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let up = |name: &str, session: Option<&str>, body: Vec<u8>, cred: &str| {
+        let mut url = format!("{}/internal/v1/artifacts?name={name}", s.dp);
+        if let Some(sid) = session {
+            url.push_str(&format!("&sessionId={sid}"));
+        }
+        s.http.post(url).bearer_auth(cred).body(body).send()
+    };
+    let resp = up("report.bin", None, data.clone(), &acme).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let info: Value = resp.json().await.unwrap();
+    let id = info["artifactId"].as_str().unwrap().to_owned();
+    assert_eq!(info["size"], json!(300_000));
+    use sha2::Digest;
+    assert_eq!(
+        info["sha256"].as_str().unwrap(),
+        hex::encode(sha2::Sha256::digest(&data))
+    );
+
+    let resp = s
+        .http
+        .get(format!("{}/internal/v1/artifacts/{id}", s.dp))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()["x-artifact-sha256"].to_str().unwrap(),
+        info["sha256"].as_str().unwrap()
+    );
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), data);
+
+    // At rest: not the plaintext.
+    let object = s.artifacts.join("objects/acme").join(&id);
+    let raw = std::fs::read(&object).unwrap();
+    assert!(!raw.windows(64).any(|w| w == &data[1000..1064]));
+
+    // Another tenant: not found, whatever it tries.
+    for (m, p) in [
+        ("GET", format!("/internal/v1/artifacts/{id}")),
+        ("GET", format!("/internal/v1/artifacts/{id}/info")),
+        ("DELETE", format!("/internal/v1/artifacts/{id}")),
+    ] {
+        let (st, e) = s.call(m, &p, Some(&globex), None).await;
+        assert_eq!(
+            (st, e["code"].as_str()),
+            (404, Some("artifact_not_found")),
+            "{m} {p}: {e}"
+        );
+    }
+
+    // Too large, and nothing left of it.
+    let resp = up("big", None, vec![0u8; 1_200_000], &acme).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    assert_eq!(
+        std::fs::read_dir(s.artifacts.join("objects/acme"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // Tampered at rest: an integrity error, never wrong bytes.
+    let mut altered = raw.clone();
+    altered[100] ^= 1;
+    std::fs::write(&object, &altered).unwrap();
+    let (st, e) = s
+        .call(
+            "GET",
+            &format!("/internal/v1/artifacts/{id}"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (500, Some("integrity_error")),
+        "{e}"
+    );
+    std::fs::write(&object, &raw).unwrap();
+
+    // Delete: the key is destroyed, the object gone.
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/internal/v1/artifacts/{id}"),
+            Some(&acme),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (st, _) = s
+        .call(
+            "GET",
+            &format!("/internal/v1/artifacts/{id}"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
+    assert!(!s.artifacts.join(format!("keys/acme/{id}.dek")).exists());
+    assert!(!object.exists());
+
+    // A session's artifacts go with the session; another tenant's upload
+    // cannot claim the session.
+    let (_, sess) = s
+        .call(
+            "POST",
+            "/internal/v1/sessions",
+            Some(&acme),
+            Some(json!({"runtime": "bash"})),
+        )
+        .await;
+    let sid = sess["sessionId"].as_str().unwrap().to_owned();
+    let resp = up("out.txt", Some(&sid), b"session output".to_vec(), &globex)
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    let owned: Value = up("out.txt", Some(&sid), b"session output".to_vec(), &acme)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let owned_id = owned["artifactId"].as_str().unwrap().to_owned();
+    assert!(
+        s.artifacts
+            .join(format!("keys/acme/{owned_id}.dek"))
+            .exists()
+    );
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/internal/v1/sessions/{sid}"),
+            Some(&acme),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (st, _) = s
+        .call(
+            "GET",
+            &format!("/internal/v1/artifacts/{owned_id}/info"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
+    assert!(
+        !s.artifacts
+            .join(format!("keys/acme/{owned_id}.dek"))
+            .exists(),
+        "the data key was not shredded"
+    );
+    s.stop().await;
 }

@@ -99,3 +99,19 @@ pub struct ServiceClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
 }
+
+/// An artifact's metadata. Its bytes are encrypted at rest; this is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactInfo {
+    pub artifact_id: String,
+    pub tenant: String,
+    pub name: String,
+    /// The session it belongs to: deleted with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    pub size: u64,
+    /// SHA-256 of the plaintext, hex.
+    pub sha256: String,
+    pub created_at_ms: u64,
+}

@@ -44,6 +44,10 @@ pub enum ErrorCode {
     NotAFile,
     /// The workspace is out of space.
     WorkspaceFull,
+    /// The artifact does not exist (or is not visible to the caller).
+    ArtifactNotFound,
+    /// Stored data failed its integrity check (altered at rest).
+    IntegrityError,
     /// The agent holds as many sessions as it is allowed to.
     CapacityExhausted,
     /// The sandbox could not be started.
@@ -69,14 +73,17 @@ impl ErrorCode {
             | Self::NotAFile => 400,
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
-            Self::RouteNotFound | Self::SessionNotFound | Self::FileNotFound => 404,
+            Self::RouteNotFound
+            | Self::SessionNotFound
+            | Self::FileNotFound
+            | Self::ArtifactNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists | Self::SessionBusy => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::WorkspaceFull => 507,
             Self::CapacityExhausted => 429,
-            Self::Internal | Self::SandboxStartFailed => 500,
+            Self::Internal | Self::SandboxStartFailed | Self::IntegrityError => 500,
             Self::SandboxUnavailable | Self::ShuttingDown => 503,
         }
     }
@@ -102,6 +109,8 @@ impl ErrorCode {
             Self::FileNotFound => "file_not_found",
             Self::NotAFile => "not_a_file",
             Self::WorkspaceFull => "workspace_full",
+            Self::ArtifactNotFound => "artifact_not_found",
+            Self::IntegrityError => "integrity_error",
             Self::CapacityExhausted => "capacity_exhausted",
             Self::SandboxStartFailed => "sandbox_start_failed",
             Self::SandboxUnavailable => "sandbox_unavailable",
@@ -143,6 +152,8 @@ mod tests {
         ErrorCode::FileNotFound,
         ErrorCode::NotAFile,
         ErrorCode::WorkspaceFull,
+        ErrorCode::ArtifactNotFound,
+        ErrorCode::IntegrityError,
         ErrorCode::CapacityExhausted,
         ErrorCode::SandboxStartFailed,
         ErrorCode::SandboxUnavailable,
@@ -183,6 +194,8 @@ mod tests {
             404 file_not_found
             400 not_a_file
             507 workspace_full
+            404 artifact_not_found
+            500 integrity_error
             429 capacity_exhausted
             500 sandbox_start_failed
             503 sandbox_unavailable
@@ -195,10 +208,12 @@ mod tests {
     fn only_internal_failures_are_5xx_below_503() {
         for code in ALL {
             let status = code.http_status();
+            // Server-side faults only: a bug, a sandbox that would not start,
+            // stored data altered at rest. Never bad input.
             if status == 500 {
                 assert!(matches!(
                     code,
-                    ErrorCode::Internal | ErrorCode::SandboxStartFailed
+                    ErrorCode::Internal | ErrorCode::SandboxStartFailed | ErrorCode::IntegrityError
                 ));
             }
         }

@@ -27,6 +27,8 @@ use shared::server::{ApiError, ApiJson};
 use crate::auth::{Authenticator, Caller, require_credential};
 use crate::sessions::SessionService;
 
+mod artifacts;
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -55,6 +57,16 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
             "/internal/v1/sessions/{id}/files/{*path}",
             get(read_path).put(write_file).delete(delete_file),
         )
+        // Artifacts stream: no body limit here, the store enforces ARTIFACT_MAX_BYTES.
+        .route(
+            "/internal/v1/artifacts",
+            axum::routing::post(artifacts::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/internal/v1/artifacts/{id}",
+            get(artifacts::download).delete(artifacts::delete),
+        )
+        .route("/internal/v1/artifacts/{id}/info", get(artifacts::info))
         .layer(middleware::from_fn_with_state(auth, require_credential));
     let probes = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))

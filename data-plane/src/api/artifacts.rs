@@ -1,0 +1,113 @@
+//! Artifact handlers: streamed upload and download, info, delete.
+
+use axum::{
+    Extension, Json,
+    body::Body,
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use shared::ErrorCode;
+use shared::dataplane::ArtifactInfo;
+use shared::server::ApiError;
+
+use super::AppState;
+use crate::auth::Caller;
+use crate::sessions::artifact_error;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadParams {
+    name: Option<String>,
+    session_id: Option<String>,
+}
+
+/// `POST /internal/v1/artifacts?name=&sessionId=` with the raw bytes as body.
+pub async fn upload(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    params: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.body_text()))?;
+    let name = params.name.unwrap_or_else(|| "artifact".into());
+    if name.len() > 255 || name.contains(['/', '\0']) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "name must be 1-255 bytes without '/'",
+        ));
+    }
+    if let Some(sid) = &params.session_id {
+        // Only the caller's own session can own it.
+        app.sessions.get(&caller, sid)?;
+    }
+    let info = app
+        .sessions
+        .artifacts()
+        .put(
+            &caller.tenant,
+            &name,
+            params.session_id.as_deref(),
+            body.into_data_stream(),
+        )
+        .await
+        .map_err(artifact_error)?;
+    tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %info.artifact_id, size = info.size, "artifact stored");
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+pub async fn info(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<ArtifactInfo>, ApiError> {
+    Ok(Json(
+        app.sessions
+            .artifacts()
+            .info(&caller.tenant, &id)
+            .await
+            .map_err(artifact_error)?,
+    ))
+}
+
+pub async fn download(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (info, stream) = app
+        .sessions
+        .artifacts()
+        .get(&caller.tenant, &id)
+        .await
+        .map_err(artifact_error)?;
+    tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %id, "artifact read");
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, info.size.into());
+    if let Ok(v) = info.sha256.parse() {
+        h.insert("x-artifact-sha256", v);
+    }
+    Ok(resp)
+}
+
+pub async fn delete(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions
+        .artifacts()
+        .delete(&caller.tenant, &id)
+        .await
+        .map_err(artifact_error)?;
+    tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %id, "artifact deleted (key shredded)");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,4 @@
+//! Workspaces' durable side: encrypted artifacts (and their keys).
+
+pub mod artifacts;
+pub mod crypto;
