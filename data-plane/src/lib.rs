@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod execution;
 pub mod runtime;
 pub mod sessions;
 pub mod workspace;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::auth::Authenticator;
+use crate::execution::JobService;
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
 use crate::sessions::{SessionService, SessionSettings};
 use crate::workspace::artifacts::ArtifactStore;
@@ -81,7 +83,12 @@ pub async fn serve(
         &config.issuer,
         &config.audience,
     );
-    let router = api::router(api::AppState { sessions }, auth, config.max_body_bytes);
+    let jobs = Arc::new(JobService::new(sessions.clone()));
+    let router = api::router(
+        api::AppState { sessions, jobs },
+        auth,
+        config.max_body_bytes,
+    );
     tracing::info!(addr = %listener.local_addr()?, agent = %config.agent_endpoint, "data-plane listening");
     shared::server::serve(listener, router, shutdown).await?;
     tracing::info!("data-plane stopped");

@@ -784,3 +784,114 @@ async fn artifacts_are_encrypted_streamed_tenant_scoped_and_shredded() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn one_shot_jobs_run_once_and_keep_their_output() {
+    let s = stack(true, &[]).await;
+    let acme = credential("acme");
+    let globex = credential("globex");
+    let code = "import os\nos.makedirs('output/sub', exist_ok=True)\nopen('output/report.txt', 'w').write('done')\nopen('output/sub/data.csv', 'w').write('a,b\\n1,2\\n')\nprint('working')\n6 * 7";
+    let job = json!({"jobId": "job-1", "runtime": "python", "code": code});
+    let (st, first) = s
+        .call("POST", "/internal/v1/jobs", Some(&acme), Some(job.clone()))
+        .await;
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(first["status"], json!("ok"));
+    assert_eq!(first["result"], json!(42));
+    assert_eq!(first["stdout"], json!("working\n"));
+    assert_eq!(first["replayed"], json!(false));
+    let names: Vec<&str> = first["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["report.txt", "sub_data.csv"]);
+    let report = first["artifacts"][0]["artifactId"].as_str().unwrap();
+    let body = s
+        .http
+        .get(format!("{}/internal/v1/artifacts/{report}", s.dp))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.text().await.unwrap(), "done");
+
+    // The sandbox is gone.
+    let health: Value = s
+        .http
+        .get(format!("{}/v1/health", s.agent_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["sessions"], json!(0));
+
+    // The same id again: the first result, not a second run.
+    let (st, again) = s
+        .call("POST", "/internal/v1/jobs", Some(&acme), Some(job.clone()))
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(again["replayed"], json!(true));
+    assert_eq!(again["artifacts"], first["artifacts"]);
+    let (st, got) = s
+        .call("GET", "/internal/v1/jobs/job-1", Some(&acme), None)
+        .await;
+    assert_eq!((st, got["result"].clone()), (200, json!(42)));
+
+    // Another tenant: its own namespace of job ids.
+    let (st, e) = s
+        .call("GET", "/internal/v1/jobs/job-1", Some(&globex), None)
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (404, Some("job_not_found")),
+        "{e}"
+    );
+    let (_, theirs) = s
+        .call("POST", "/internal/v1/jobs", Some(&globex), Some(job))
+        .await;
+    assert_eq!(theirs["replayed"], json!(false));
+    assert_ne!(
+        theirs["artifacts"][0]["artifactId"],
+        first["artifacts"][0]["artifactId"]
+    );
+
+    // Concurrent submissions of one new id: exactly one run.
+    let handler = json!({"jobId": "job-2", "runtime": "node", "mode": "handler",
+        "code": "function handler(e) { return { sum: e.a + e.b }; }", "event": {"a": 2, "b": 3}});
+    let calls = (0..5).map(|_| {
+        s.call(
+            "POST",
+            "/internal/v1/jobs",
+            Some(&acme),
+            Some(handler.clone()),
+        )
+    });
+    let results = futures::future::join_all(calls).await;
+    let fresh = results
+        .iter()
+        .filter(|(_, r)| r["replayed"] == json!(false))
+        .count();
+    assert_eq!(fresh, 1, "{results:?}");
+    for (st, r) in &results {
+        assert_eq!((*st, r["result"].clone()), (200, json!({"sum": 5})), "{r}");
+    }
+    // Bad ids are refused before anything runs.
+    let (st, e) = s
+        .call(
+            "POST",
+            "/internal/v1/jobs",
+            Some(&acme),
+            Some(json!({"jobId": "../x", "code": "1"})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{e}"
+    );
+    s.stop().await;
+}

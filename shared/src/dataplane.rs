@@ -115,3 +115,47 @@ pub struct ArtifactInfo {
     pub sha256: String,
     pub created_at_ms: u64,
 }
+
+/// `POST /internal/v1/jobs`: a one-shot run in a fresh sandbox. The job id
+/// makes it idempotent: a repeated id returns the first run's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunJob {
+    pub job_id: String,
+    /// Runtime name (default `python`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<StepMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// The outcome of a job. Files the code wrote under `output/` in its
+/// workspace are kept as artifacts (the sandbox itself is destroyed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobResult {
+    pub job_id: String,
+    pub status: crate::agent::StepStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<crate::agent::StepError>,
+    pub duration_ms: u64,
+    pub truncated: bool,
+    pub artifacts: Vec<ArtifactInfo>,
+    /// This answer is the saved result of an earlier run of the same job id.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// The folder of the workspace whose files become a job's artifacts.
+pub const JOB_OUTPUT_DIR: &str = "output";

@@ -46,6 +46,8 @@ pub enum ErrorCode {
     WorkspaceFull,
     /// The artifact does not exist (or is not visible to the caller).
     ArtifactNotFound,
+    /// The job does not exist (or is not visible to the caller).
+    JobNotFound,
     /// Stored data failed its integrity check (altered at rest).
     IntegrityError,
     /// The agent holds as many sessions as it is allowed to.
@@ -76,7 +78,8 @@ impl ErrorCode {
             Self::RouteNotFound
             | Self::SessionNotFound
             | Self::FileNotFound
-            | Self::ArtifactNotFound => 404,
+            | Self::ArtifactNotFound
+            | Self::JobNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists | Self::SessionBusy => 409,
             Self::PayloadTooLarge => 413,
@@ -110,6 +113,7 @@ impl ErrorCode {
             Self::NotAFile => "not_a_file",
             Self::WorkspaceFull => "workspace_full",
             Self::ArtifactNotFound => "artifact_not_found",
+            Self::JobNotFound => "job_not_found",
             Self::IntegrityError => "integrity_error",
             Self::CapacityExhausted => "capacity_exhausted",
             Self::SandboxStartFailed => "sandbox_start_failed",
@@ -153,6 +157,7 @@ mod tests {
         ErrorCode::NotAFile,
         ErrorCode::WorkspaceFull,
         ErrorCode::ArtifactNotFound,
+        ErrorCode::JobNotFound,
         ErrorCode::IntegrityError,
         ErrorCode::CapacityExhausted,
         ErrorCode::SandboxStartFailed,
@@ -195,6 +200,7 @@ mod tests {
             400 not_a_file
             507 workspace_full
             404 artifact_not_found
+            404 job_not_found
             500 integrity_error
             429 capacity_exhausted
             500 sandbox_start_failed

@@ -21,10 +21,11 @@ use serde_json::json;
 use shared::ErrorCode;
 use shared::agent::{FileList, OutputChunk, sse_event};
 use shared::client::{PathContent, StepEvent};
-use shared::dataplane::{CreateSession, RunStep, RuntimeList, SessionViewList};
+use shared::dataplane::{CreateSession, JobResult, RunJob, RunStep, RuntimeList, SessionViewList};
 use shared::server::{ApiError, ApiJson};
 
 use crate::auth::{Authenticator, Caller, require_credential};
+use crate::execution::JobService;
 use crate::sessions::SessionService;
 
 mod artifacts;
@@ -33,6 +34,7 @@ mod artifacts;
 #[derive(Clone)]
 pub struct AppState {
     pub sessions: Arc<SessionService>,
+    pub jobs: Arc<JobService>,
 }
 
 /// All routes: probes without credential, everything under `/internal/v1`
@@ -67,6 +69,8 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
             get(artifacts::download).delete(artifacts::delete),
         )
         .route("/internal/v1/artifacts/{id}/info", get(artifacts::info))
+        .route("/internal/v1/jobs", axum::routing::post(run_job))
+        .route("/internal/v1/jobs/{id}", get(get_job))
         .layer(middleware::from_fn_with_state(auth, require_credential));
     let probes = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -165,6 +169,22 @@ async fn run_step(
     Ok(Sse::new(sse)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+async fn run_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<RunJob>,
+) -> Result<Json<JobResult>, ApiError> {
+    Ok(Json(app.jobs.run(&caller, req).await?))
+}
+
+async fn get_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<JobResult>, ApiError> {
+    Ok(Json(app.jobs.get(&caller, &id)?))
 }
 
 async fn list_root(
