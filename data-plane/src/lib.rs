@@ -10,6 +10,7 @@ pub mod config;
 pub mod execution;
 pub mod runtime;
 pub mod sessions;
+pub mod telemetry;
 pub mod workspace;
 
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub async fn serve(
     let backend = RuntimeBackend::Local {
         agent: shared::client::AgentClient::with_http(&config.agent_endpoint, http),
     };
+    let metrics = telemetry::Metrics::new();
     let kek = config.load_kek().map_err(anyhow::Error::msg)?;
     let artifacts =
         ArtifactStore::new(config.artifact_root.clone(), kek, config.artifact_max_bytes)
@@ -73,6 +75,7 @@ pub async fn serve(
             agent_timeout: config.agent_timeout,
             tenant_max_sessions: config.tenant_max_sessions,
         },
+        metrics.clone(),
     ));
     let auth = Authenticator::new(
         if config.authz_bypass {

@@ -4,7 +4,7 @@
 //! tenant's session is indistinguishable from one that does not exist.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -19,6 +19,7 @@ use shared::server::ApiError;
 use crate::auth::Caller;
 use crate::config::AgentAuthMode;
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
+use crate::telemetry::{Metrics, StartLabels, StepLabels};
 use crate::workspace::artifacts::{ArtifactError, ArtifactStore};
 use crate::workspace::crypto::CryptoError;
 
@@ -63,6 +64,7 @@ pub struct SessionSettings {
 
 /// Sessions of every tenant on this data plane.
 pub struct SessionService {
+    metrics: Arc<Metrics>,
     registry: RuntimeRegistry,
     artifacts: ArtifactStore,
     backend: RuntimeBackend,
@@ -73,6 +75,7 @@ pub struct SessionService {
 /// What a session-scoped call needs from its record.
 struct Route {
     agent: AgentClient,
+    runtime: String,
     token: Option<String>,
     limits: EffectiveLimits,
 }
@@ -149,14 +152,29 @@ impl SessionService {
         backend: RuntimeBackend,
         artifacts: ArtifactStore,
         settings: SessionSettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         SessionService {
+            metrics,
             registry,
             artifacts,
             backend,
             settings,
             records: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Live sessions (all tenants).
+    pub fn count(&self) -> usize {
+        let now = now_ms();
+        self.records()
+            .values()
+            .filter(|r| r.expires_ms > now && !r.isolation.is_empty())
+            .count()
     }
 
     pub fn artifacts(&self) -> &ArtifactStore {
@@ -191,7 +209,12 @@ impl SessionService {
             return Err(not_found());
         }
         Ok(Route {
-            agent: self.backend.agent().clone(),
+            // The caller's request id and trace context travel on to the agent.
+            agent: self.backend.agent().with_context(
+                shared::server::current_request_id(),
+                shared::server::current_traceparent(),
+            ),
+            runtime: rec.runtime.clone(),
             token: rec.token.clone(),
             limits: rec.limits,
         })
@@ -264,6 +287,7 @@ impl SessionService {
             ttl_seconds: req.ttl_seconds,
             idle_timeout_seconds: None,
         };
+        let started = std::time::Instant::now();
         let created = bounded(
             self.settings.ready_timeout,
             self.backend.agent().create_session(&agent_req),
@@ -272,6 +296,14 @@ impl SessionService {
         let mut records = self.records();
         match created {
             Ok(info) => {
+                let kind = if info.warm { "warm" } else { "cold" };
+                self.metrics
+                    .sandbox_start
+                    .get_or_create(&StartLabels {
+                        kind: kind.into(),
+                        runtime: runtime.name.clone(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
                 let rec = SessionRecord {
                     tenant: caller.tenant.clone(),
                     runtime: runtime.name,
@@ -382,11 +414,24 @@ impl SessionService {
     ) -> Result<StepResult, ApiError> {
         let route = self.route(caller, id)?;
         let req = Self::step_request(id, step)?;
-        bounded(
+        let started = std::time::Instant::now();
+        let result = bounded(
             Self::step_bound(&route, &req),
             route.agent.step(&req, route.token.as_deref()),
         )
-        .await
+        .await;
+        let status = match &result {
+            Ok(r) => format!("{:?}", r.status).to_lowercase(),
+            Err(e) => e.code.as_str().to_owned(),
+        };
+        self.metrics
+            .step
+            .get_or_create(&StepLabels {
+                runtime: route.runtime.clone(),
+                status,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Runs a step, streaming its output.

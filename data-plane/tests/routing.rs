@@ -482,6 +482,28 @@ async fn sessions_steps_and_files_are_routed_and_tenant_scoped() {
         (404, Some("session_not_found")),
         "{e}"
     );
+    // Metrics saw all of it, labelled by route template, never by id.
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.dp))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "data_plane_sandbox_start_seconds_count{kind=\"cold\",runtime=\"python\"}",
+        "data_plane_step_duration_seconds_count{runtime=\"python\",status=\"ok\"}",
+        "route=\"/internal/v1/sessions/{id}/steps\"",
+        "data_plane_sessions_active 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains(&id),
+        "a session id leaked into metric labels"
+    );
     s.stop().await;
 }
 

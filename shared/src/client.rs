@@ -58,6 +58,8 @@ pub enum PathContent {
 pub struct AgentClient {
     base: String,
     http: reqwest::Client,
+    /// Headers sent with every request (request id, trace context).
+    context: Vec<(&'static str, String)>,
 }
 
 impl AgentClient {
@@ -77,11 +79,29 @@ impl AgentClient {
         while base.ends_with('/') {
             base.pop();
         }
-        Self { base, http }
+        Self {
+            base,
+            http,
+            context: Vec::new(),
+        }
+    }
+
+    /// The same client, sending `x-request-id` and `traceparent` so the
+    /// agent's logs join the caller's.
+    pub fn with_context(&self, request_id: Option<String>, traceparent: Option<String>) -> Self {
+        let mut c = self.clone();
+        c.context = [("x-request-id", request_id), ("traceparent", traceparent)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        c
     }
 
     fn req(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
         let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        for (k, v) in &self.context {
+            rb = rb.header(*k, v);
+        }
         if let Some(t) = token {
             rb = rb.header(SESSION_TOKEN_HEADER, t);
         }
@@ -411,6 +431,34 @@ mod tests {
             reqwest::Url::parse(&format!("http://h{}", files_path("s", "../../etc"))).unwrap();
         assert_eq!(url.path(), "/v1/sessions/s/files/..%2F..%2Fetc");
         assert_eq!(files_path("s", ""), "/v1/sessions/s/files");
+    }
+
+    #[tokio::test]
+    async fn context_headers_reach_the_agent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap();
+            let body =
+                r#"{"status":"ok","isolation":"none","sessions":0,"warmPool":{},"version":"t"}"#;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            sock.write_all(resp.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).to_lowercase()
+        });
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned();
+        let client = AgentClient::new(base)
+            .unwrap()
+            .with_context(Some("req-42".into()), Some(tp.clone()));
+        client.health().await.unwrap();
+        let request = server.await.unwrap();
+        assert!(request.contains("x-request-id: req-42"), "{request}");
+        assert!(request.contains(&format!("traceparent: {tp}")), "{request}");
     }
 
     #[tokio::test]

@@ -19,8 +19,12 @@ use crate::error::{ErrorBody, ErrorCode};
 /// The request id header, set on every response and propagated downstream.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The W3C trace context header, passed on to the next hop.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 tokio::task_local! {
     static REQUEST_ID: String;
+    static TRACEPARENT: Option<String>;
 }
 
 /// An error on its way to becoming an HTTP response.
@@ -68,6 +72,11 @@ pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(Clone::clone).ok()
 }
 
+/// The `traceparent` of the request being handled, if it carried one.
+pub fn current_traceparent() -> Option<String> {
+    TRACEPARENT.try_with(Clone::clone).ok().flatten()
+}
+
 /// Middleware: takes `x-request-id` from the request (or makes one), makes it
 /// visible to error bodies and logs, and echoes it on the response.
 pub async fn request_id_layer(req: Request, next: Next) -> Response {
@@ -78,11 +87,22 @@ pub async fn request_id_layer(req: Request, next: Next) -> Response {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    // version-traceid-parentid-flags, 55 characters of hex and dashes.
+    let traceparent = req
+        .headers()
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 55 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        .map(str::to_owned);
+    let span = tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
+        method = %req.method(), path = %req.uri().path());
     let mut resp = REQUEST_ID
         .scope(
             id.clone(),
-            tracing::Instrument::instrument(next.run(req), span),
+            TRACEPARENT.scope(
+                traceparent,
+                tracing::Instrument::instrument(next.run(req), span),
+            ),
         )
         .await;
     if let Ok(v) = HeaderValue::from_str(&id) {

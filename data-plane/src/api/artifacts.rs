@@ -15,6 +15,7 @@ use shared::server::ApiError;
 use super::AppState;
 use crate::auth::Caller;
 use crate::sessions::artifact_error;
+use crate::telemetry::DirectionLabel;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -55,6 +56,13 @@ pub async fn upload(
         .await
         .map_err(artifact_error)?;
     tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %info.artifact_id, size = info.size, "artifact stored");
+    app.sessions
+        .metrics()
+        .artifact_bytes
+        .get_or_create(&DirectionLabel {
+            direction: "in".into(),
+        })
+        .inc_by(info.size);
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -84,6 +92,13 @@ pub async fn download(
         .await
         .map_err(artifact_error)?;
     tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %id, "artifact read");
+    app.sessions
+        .metrics()
+        .artifact_bytes
+        .get_or_create(&DirectionLabel {
+            direction: "out".into(),
+        })
+        .inc_by(info.size);
     let mut resp = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/octet-stream")],

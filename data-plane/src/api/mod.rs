@@ -74,10 +74,16 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
         .layer(middleware::from_fn_with_state(auth, require_credential));
     let probes = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    let metrics = state.sessions.metrics().clone();
     shared::server::with_common_layers(
         internal
             .merge(probes)
+            .route_layer(middleware::from_fn_with_state(
+                metrics,
+                crate::telemetry::track_http,
+            ))
             .layer(DefaultBodyLimit::max(max_body_bytes))
             .with_state(state),
     )
@@ -88,6 +94,32 @@ async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, 
     Ok(Json(
         json!({"status": "ready", "runtimes": app.sessions.registry().list().len()}),
     ))
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let m = app.sessions.metrics();
+    m.sessions_active.set(app.sessions.count() as i64);
+    // The agent's pool, asked with a short bound: a slow agent never stalls a scrape.
+    if let Ok(Ok(health)) = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        app.sessions.backend().agent().health(),
+    )
+    .await
+    {
+        for (runtime, idle) in health.warm_pool {
+            m.warm_pool_idle
+                .get_or_create(&crate::telemetry::RuntimeLabel { runtime })
+                .set(idle as i64);
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
 }
 
 async fn runtimes(State(app): State<AppState>) -> Json<RuntimeList> {

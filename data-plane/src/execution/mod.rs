@@ -114,7 +114,10 @@ impl JobService {
             }
             Decision::Run(tx) => tx,
         };
+        let running = &self.sessions.metrics().jobs_running;
+        running.inc();
         let outcome = self.execute(caller, &req).await;
+        running.dec();
         {
             let mut jobs = self.jobs();
             match &outcome {

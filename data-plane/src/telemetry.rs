@@ -1,0 +1,203 @@
+//! Prometheus metrics of the data plane (`GET /metrics`, text format).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::Response,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StartLabels {
+    /// `warm` (claimed from the agent's pool) or `cold`.
+    pub kind: String,
+    pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub runtime: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeLabel {
+    pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `in` (upload) or `out` (download).
+    pub direction: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub http: Histograms<HttpLabels>,
+    pub sandbox_start: Histograms<StartLabels>,
+    pub step: Histograms<StepLabels>,
+    pub sessions_active: Gauge,
+    pub jobs_running: Gauge,
+    pub warm_pool_idle: Family<RuntimeLabel, Gauge>,
+    pub artifact_bytes: Family<DirectionLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("data_plane");
+        let http: Histograms<HttpLabels> = Family::new_with_constructor(latency);
+        let sandbox_start: Histograms<StartLabels> = Family::new_with_constructor(latency);
+        let step: Histograms<StepLabels> = Family::new_with_constructor(latency);
+        let sessions_active = Gauge::default();
+        let jobs_running = Gauge::default();
+        let warm_pool_idle = Family::<RuntimeLabel, Gauge>::default();
+        let artifact_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route and status",
+            http.clone(),
+        );
+        registry.register(
+            "sandbox_start_seconds",
+            "Time to a ready session, cold or warm",
+            sandbox_start.clone(),
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Step latency through the data plane",
+            step.clone(),
+        );
+        registry.register("sessions_active", "Live sessions", sessions_active.clone());
+        registry.register(
+            "jobs_running",
+            "One-shot jobs in progress (the queue depth)",
+            jobs_running.clone(),
+        );
+        registry.register(
+            "warm_pool_idle",
+            "Idle warm sandboxes per runtime, as the agent reports",
+            warm_pool_idle.clone(),
+        );
+        registry.register(
+            "artifact_bytes",
+            "Artifact bytes stored (in) and served (out)",
+            artifact_bytes.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            http,
+            sandbox_start,
+            step,
+            sessions_active,
+            jobs_running,
+            warm_pool_idle,
+            artifact_bytes,
+        })
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Middleware: request latency by matched route (never the raw path, so ids
+/// do not explode the label set), method and status.
+pub async fn track_http(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics
+        .http
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: resp.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let m = Metrics::new();
+        m.sessions_active.set(2);
+        m.step
+            .get_or_create(&StepLabels {
+                runtime: "python".into(),
+                status: "ok".into(),
+            })
+            .observe(0.001);
+        m.http
+            .get_or_create(&HttpLabels {
+                route: "/healthz".into(),
+                method: "GET".into(),
+                status: 200,
+            })
+            .observe(0.001);
+        m.sandbox_start
+            .get_or_create(&StartLabels {
+                kind: "cold".into(),
+                runtime: "python".into(),
+            })
+            .observe(0.2);
+        m.warm_pool_idle
+            .get_or_create(&RuntimeLabel {
+                runtime: "python".into(),
+            })
+            .set(1);
+        m.artifact_bytes
+            .get_or_create(&DirectionLabel {
+                direction: "in".into(),
+            })
+            .inc_by(10);
+        // Families with no series yet are omitted by the exposition.
+        let text = m.encode();
+        for name in [
+            "data_plane_http_request_duration_seconds",
+            "data_plane_sandbox_start_seconds",
+            "data_plane_step_duration_seconds",
+            "data_plane_sessions_active 2",
+            "data_plane_jobs_running",
+            "data_plane_warm_pool_idle",
+            "data_plane_artifact_bytes",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
