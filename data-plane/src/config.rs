@@ -100,6 +100,19 @@ pub struct Config {
         default_value = "memory"
     )]
     pub registry: RegistryKind,
+    /// Directory of the `file` session registry.
+    #[arg(
+        long,
+        env = "SESSION_REGISTRY_PATH",
+        default_value = "/var/lib/data-plane/sessions"
+    )]
+    pub registry_path: PathBuf,
+    /// Redis of the `redis` session registry.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key the data plane writes.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "dp:")]
+    pub redis_key_prefix: String,
     /// A JSON file of runtimes that extends or overrides the built-in ones.
     #[arg(long, env = "RUNTIME_REGISTRY_PATH")]
     pub runtime_registry_path: Option<PathBuf>,
@@ -238,11 +251,6 @@ impl Config {
                 "SESSION_RUNTIME_BACKEND=k8s is not available in this build yet; use local".into(),
             );
         }
-        if self.registry != RegistryKind::Memory {
-            return Err(
-                "SESSION_REGISTRY_BACKEND: only `memory` is available in this build yet".into(),
-            );
-        }
         if !self.agent_endpoint.starts_with("http://")
             && !self.agent_endpoint.starts_with("https://")
         {
@@ -362,9 +370,5 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.contains("SESSION_RUNTIME_BACKEND"), "{e}");
-        let e = parse(&["--jwt-secret", SECRET, "--registry", "redis"])
-            .validate()
-            .unwrap_err();
-        assert!(e.contains("SESSION_REGISTRY_BACKEND"), "{e}");
     }
 }

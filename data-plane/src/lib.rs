@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod execution;
+pub mod registry;
 pub mod runtime;
 pub mod sessions;
 pub mod telemetry;
@@ -62,9 +63,22 @@ pub async fn serve(
     };
     let metrics = telemetry::Metrics::new();
     let kek = config.load_kek().map_err(anyhow::Error::msg)?;
-    let artifacts =
-        ArtifactStore::new(config.artifact_root.clone(), kek, config.artifact_max_bytes)
-            .with_context(|| format!("ARTIFACT_ROOT {}", config.artifact_root.display()))?;
+    let store = match config.registry {
+        config::RegistryKind::Memory => registry::SessionRegistry::Memory,
+        config::RegistryKind::File => registry::SessionRegistry::file(config.registry_path.clone())
+            .with_context(|| format!("SESSION_REGISTRY_PATH {}", config.registry_path.display()))?,
+        config::RegistryKind::Redis => {
+            registry::SessionRegistry::redis(&config.redis_url, &config.redis_key_prefix)
+                .await
+                .with_context(|| format!("REDIS_URL {}", config.redis_url))?
+        }
+    };
+    let artifacts = ArtifactStore::new(
+        config.artifact_root.clone(),
+        kek.clone(),
+        config.artifact_max_bytes,
+    )
+    .with_context(|| format!("ARTIFACT_ROOT {}", config.artifact_root.display()))?;
     let sessions = Arc::new(SessionService::new(
         registry,
         backend,
@@ -76,7 +90,13 @@ pub async fn serve(
             tenant_max_sessions: config.tenant_max_sessions,
         },
         metrics.clone(),
+        store,
+        kek,
     ));
+    sessions
+        .recover()
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     let auth = Authenticator::new(
         if config.authz_bypass {
             None

@@ -18,10 +18,11 @@ use shared::server::ApiError;
 
 use crate::auth::Caller;
 use crate::config::AgentAuthMode;
+use crate::registry::{SessionRegistry, StoredSession};
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
 use crate::telemetry::{Metrics, StartLabels, StepLabels};
 use crate::workspace::artifacts::{ArtifactError, ArtifactStore};
-use crate::workspace::crypto::CryptoError;
+use crate::workspace::crypto::{CryptoError, SecretKey};
 
 /// Time allowed beyond a step's own timeout (interrupt grace, restart).
 const STEP_MARGIN: Duration = Duration::from_secs(15);
@@ -36,9 +37,29 @@ struct SessionRecord {
     warm: bool,
     created_ms: u64,
     expires_ms: u64,
+    /// The sandbox vanished (found at a restart).
+    lost: bool,
 }
 
 impl SessionRecord {
+    fn stored(&self, id: &str, kek: &SecretKey) -> StoredSession {
+        StoredSession {
+            session_id: id.to_owned(),
+            tenant: self.tenant.clone(),
+            runtime: self.runtime.clone(),
+            sealed_token: self
+                .token
+                .as_deref()
+                .map(|t| kek.seal_secret(t, &format!("session:{id}"))),
+            limits: self.limits,
+            isolation: self.isolation.clone(),
+            warm: self.warm,
+            created_ms: self.created_ms,
+            expires_ms: self.expires_ms,
+            lost: self.lost,
+        }
+    }
+
     fn view(&self, id: &str) -> SessionView {
         SessionView {
             session_id: id.to_owned(),
@@ -49,6 +70,7 @@ impl SessionRecord {
             warm: self.warm,
             created_at_ms: self.created_ms,
             expires_at_ms: self.expires_ms,
+            state: if self.lost { "lost" } else { "active" }.to_owned(),
         }
     }
 }
@@ -65,6 +87,8 @@ pub struct SessionSettings {
 /// Sessions of every tenant on this data plane.
 pub struct SessionService {
     metrics: Arc<Metrics>,
+    store: SessionRegistry,
+    kek: SecretKey,
     registry: RuntimeRegistry,
     artifacts: ArtifactStore,
     backend: RuntimeBackend,
@@ -153,9 +177,13 @@ impl SessionService {
         artifacts: ArtifactStore,
         settings: SessionSettings,
         metrics: Arc<Metrics>,
+        store: SessionRegistry,
+        kek: SecretKey,
     ) -> Self {
         SessionService {
             metrics,
+            store,
+            kek,
             registry,
             artifacts,
             backend,
@@ -204,9 +232,18 @@ impl SessionService {
             return Err(not_found());
         }
         if rec.expires_ms <= now_ms() {
-            // The agent ended it on its TTL; forget it here too.
+            // The agent ended it on its TTL; forget it here too (the stored
+            // record goes at the next restart's recovery).
             records.remove(id);
             return Err(not_found());
+        }
+        if rec.lost {
+            return Err(ApiError::new(
+                ErrorCode::SessionLost,
+                format!(
+                    "session {id}'s sandbox vanished while the data plane restarted; delete it"
+                ),
+            ));
         }
         Ok(Route {
             // The caller's request id and trace context travel on to the agent.
@@ -271,6 +308,7 @@ impl SessionService {
                     warm: false,
                     created_ms: now,
                     expires_ms: u64::MAX,
+                    lost: false,
                 },
             );
         }
@@ -293,50 +331,129 @@ impl SessionService {
             self.backend.agent().create_session(&agent_req),
         )
         .await;
-        let mut records = self.records();
-        match created {
-            Ok(info) => {
-                let kind = if info.warm { "warm" } else { "cold" };
-                self.metrics
-                    .sandbox_start
-                    .get_or_create(&StartLabels {
-                        kind: kind.into(),
-                        runtime: runtime.name.clone(),
-                    })
-                    .observe(started.elapsed().as_secs_f64());
-                let rec = SessionRecord {
-                    tenant: caller.tenant.clone(),
-                    runtime: runtime.name,
-                    token,
-                    limits: info.limits,
-                    isolation: info.isolation,
-                    warm: info.warm,
-                    created_ms: info.created_at_ms,
-                    expires_ms: info.expires_at_ms,
-                };
-                let view = rec.view(&id);
-                records.insert(id.clone(), rec);
-                tracing::info!(session = %id, tenant = %caller.tenant, runtime = %view.runtime, warm = view.warm, "session created");
-                Ok(view)
-            }
+        let info = match created {
+            Ok(info) => info,
             Err(e) => {
-                records.remove(&id);
-                drop(records);
+                self.records().remove(&id);
                 // A create that timed out may still finish on the agent.
                 if e.code == ErrorCode::SandboxUnavailable {
-                    let agent = self.backend.agent().clone();
-                    let limit = self.settings.agent_timeout;
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(
-                            limit,
-                            agent.delete_session(&id, token.as_deref()),
-                        )
-                        .await;
-                    });
+                    self.forget_on_agent(&id, token);
                 }
-                Err(e)
+                return Err(e);
             }
+        };
+        let kind = if info.warm { "warm" } else { "cold" };
+        self.metrics
+            .sandbox_start
+            .get_or_create(&StartLabels {
+                kind: kind.into(),
+                runtime: runtime.name.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let rec = SessionRecord {
+            tenant: caller.tenant.clone(),
+            runtime: runtime.name,
+            token,
+            limits: info.limits,
+            isolation: info.isolation,
+            warm: info.warm,
+            created_ms: info.created_at_ms,
+            expires_ms: info.expires_at_ms,
+            lost: false,
+        };
+        // Durable before it is handed out: a restart must find it.
+        if let Err(e) = self.store.put(&rec.stored(&id, &self.kek)).await {
+            self.records().remove(&id);
+            self.forget_on_agent(&id, rec.token);
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("could not record the session: {e}"),
+            ));
         }
+        let view = rec.view(&id);
+        self.records().insert(id.clone(), rec);
+        tracing::info!(session = %id, tenant = %caller.tenant, runtime = %view.runtime, warm = view.warm, "session created");
+        Ok(view)
+    }
+
+    /// Deletes a session on the agent in the background (best effort).
+    fn forget_on_agent(&self, id: &str, token: Option<String>) {
+        let agent = self.backend.agent().clone();
+        let limit = self.settings.agent_timeout;
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(limit, agent.delete_session(&id, token.as_deref())).await;
+        });
+    }
+
+    /// At start-up: reload stored sessions; those the agent no longer has
+    /// are marked lost, expired ones are dropped.
+    pub async fn recover(&self) -> Result<(), ApiError> {
+        let stored = self.store.load().await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("loading the session registry: {e}"),
+            )
+        })?;
+        let now = now_ms();
+        let (mut kept, mut lost) = (0, 0);
+        for st in stored {
+            let id = st.session_id.clone();
+            if st.expires_ms <= now {
+                let _ = self.store.remove(&id).await;
+                continue;
+            }
+            let token = match &st.sealed_token {
+                Some(sealed) => match self.kek.open_secret(sealed, &format!("session:{id}")) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::warn!(session = %id, error = %e, "stored session token does not open; dropping the record");
+                        let _ = self.store.remove(&id).await;
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let mut rec = SessionRecord {
+                tenant: st.tenant,
+                runtime: st.runtime,
+                token,
+                limits: st.limits,
+                isolation: st.isolation,
+                warm: st.warm,
+                created_ms: st.created_ms,
+                expires_ms: st.expires_ms,
+                lost: st.lost,
+            };
+            if !rec.lost {
+                let probe = bounded(
+                    self.settings.agent_timeout,
+                    self.backend.agent().get_session(&id, rec.token.as_deref()),
+                )
+                .await;
+                match probe {
+                    Ok(_) => kept += 1,
+                    Err(e)
+                        if matches!(
+                            e.code,
+                            ErrorCode::SessionNotFound | ErrorCode::Unauthorized
+                        ) =>
+                    {
+                        rec.lost = true;
+                        lost += 1;
+                        if let Err(e) = self.store.put(&rec.stored(&id, &self.kek)).await {
+                            tracing::warn!(session = %id, error = %e, "could not mark the session lost");
+                        }
+                        tracing::warn!(session = %id, tenant = %rec.tenant, "session lost: its sandbox vanished");
+                    }
+                    // The agent is down: keep the session; a step will say.
+                    Err(_) => kept += 1,
+                }
+            }
+            self.records().insert(id, rec);
+        }
+        tracing::info!(kept, lost, "session registry recovered");
+        Ok(())
     }
 
     pub fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, ApiError> {
@@ -364,19 +481,28 @@ impl SessionService {
 
     /// Ends a session: the agent destroys its sandbox and workspace.
     pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
-        let route = self.route(caller, id)?;
-        let result = bounded(
-            self.settings.agent_timeout,
-            route.agent.delete_session(id, route.token.as_deref()),
-        )
-        .await;
-        match result {
-            Ok(()) => {}
-            // Already gone on the agent (TTL, restart): the record goes too.
-            Err(e) if e.code == ErrorCode::SessionNotFound => {}
-            Err(e) => return Err(e),
+        let route = match self.route(caller, id) {
+            // A lost session can (only) be deleted: nothing to tear down.
+            Err(e) if e.code == ErrorCode::SessionLost => None,
+            other => Some(other?),
+        };
+        if let Some(route) = route {
+            let result = bounded(
+                self.settings.agent_timeout,
+                route.agent.delete_session(id, route.token.as_deref()),
+            )
+            .await;
+            match result {
+                Ok(()) => {}
+                // Already gone on the agent (TTL, restart): the record goes too.
+                Err(e) if e.code == ErrorCode::SessionNotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         self.records().remove(id);
+        if let Err(e) = self.store.remove(id).await {
+            tracing::warn!(session = %id, error = %e, "could not remove the stored session record");
+        }
         // The session's artifacts go with it, keys first (crypto-shredding).
         let shredded = self
             .artifacts

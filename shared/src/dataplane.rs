@@ -61,6 +61,8 @@ pub struct SessionView {
     pub warm: bool,
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
+    /// `active`, or `lost` when its sandbox vanished (found at a restart).
+    pub state: String,
 }
 
 /// `GET /internal/v1/sessions`.

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     SessionNotFound,
     /// A session with this id already exists.
     SessionExists,
+    /// The session's sandbox vanished (found at a restart); delete it.
+    SessionLost,
     /// The session is running another step.
     SessionBusy,
     /// The runtime is not one the service offers.
@@ -82,6 +84,7 @@ impl ErrorCode {
             | Self::JobNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists | Self::SessionBusy => 409,
+            Self::SessionLost => 410,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::WorkspaceFull => 507,
@@ -104,6 +107,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::SessionNotFound => "session_not_found",
             Self::SessionExists => "session_exists",
+            Self::SessionLost => "session_lost",
             Self::SessionBusy => "session_busy",
             Self::UnknownRuntime => "unknown_runtime",
             Self::UnsupportedMode => "unsupported_mode",
@@ -148,6 +152,7 @@ mod tests {
         ErrorCode::MethodNotAllowed,
         ErrorCode::SessionNotFound,
         ErrorCode::SessionExists,
+        ErrorCode::SessionLost,
         ErrorCode::SessionBusy,
         ErrorCode::UnknownRuntime,
         ErrorCode::UnsupportedMode,
@@ -191,6 +196,7 @@ mod tests {
             405 method_not_allowed
             404 session_not_found
             409 session_exists
+            410 session_lost
             409 session_busy
             400 unknown_runtime
             400 unsupported_mode

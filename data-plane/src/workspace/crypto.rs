@@ -96,6 +96,44 @@ impl SecretKey {
         out
     }
 
+    /// Seals a short secret (a token) for `owner`: hex of nonce || ciphertext.
+    pub fn seal_secret(&self, secret: &str, owner: &str) -> String {
+        let nonce: [u8; 12] = rand::random();
+        let sealed = self
+            .cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: secret.as_bytes(),
+                    aad: owner.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        hex::encode(out)
+    }
+
+    /// Opens what [`SecretKey::seal_secret`] sealed for the same owner.
+    pub fn open_secret(&self, sealed: &str, owner: &str) -> Result<String, CryptoError> {
+        let bytes = hex::decode(sealed).map_err(|_| CryptoError::Integrity)?;
+        if bytes.len() < 12 + TAG {
+            return Err(CryptoError::Integrity);
+        }
+        let (nonce, ct) = bytes.split_at(12);
+        let plain = self
+            .cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: owner.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Integrity)?;
+        String::from_utf8(plain).map_err(|_| CryptoError::Integrity)
+    }
+
     /// Opens a key wrapped by [`SecretKey::wrap`] for the same owner.
     pub fn unwrap_key(&self, wrapped: &[u8], owner: &str) -> Result<SecretKey, CryptoError> {
         if wrapped.len() != 12 + 32 + TAG {
@@ -260,6 +298,15 @@ mod tests {
                 .unwrap_key(&wrapped, "artifact:a1")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn sealed_secrets_open_only_for_their_owner() {
+        let k = SecretKey::generate();
+        let sealed = k.seal_secret("tok-123", "session:s1");
+        assert!(!sealed.contains("tok-123"));
+        assert_eq!(k.open_secret(&sealed, "session:s1").unwrap(), "tok-123");
+        assert!(k.open_secret(&sealed, "session:s2").is_err());
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! Durable session registries: after a data-plane restart (orderly or
+//! abrupt) sessions keep working, and sessions whose sandbox vanished are
+//! marked lost. `file` and `redis` (the Redis on 127.0.0.1:6379, under a
+//! key prefix of this test's own, removed afterwards).
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use common::{agent_proc, call_at, credential, dp_proc};
+use serde_json::json;
+
+async fn survives_restarts_and_marks_lost_sessions(
+    registry: &[&str],
+    file_dir: Option<&std::path::Path>,
+) {
+    let state = tempfile::Builder::new()
+        .prefix("dp-rec-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let acme = credential("acme");
+    let agent = agent_proc(&state.path().join("agent")).await;
+
+    // First data plane: two sessions, state in one of them.
+    let dp = dp_proc(&agent.url, state.path(), registry).await;
+    let (st, a) = call_at(
+        &dp.url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&acme),
+        Some(json!({"runtime": "python"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{a}");
+    let a = a["sessionId"].as_str().unwrap().to_owned();
+    if let Some(dir) = file_dir {
+        // One record per session, owner-only, the agent token sealed.
+        let rec = dir.join(format!("{a}.json"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&rec).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let stored: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+        assert!(
+            stored["sealedToken"]
+                .as_str()
+                .is_some_and(|t| t.len() > 100),
+            "{stored}"
+        );
+        assert!(stored.get("token").is_none());
+    }
+    let steps = format!("/internal/v1/sessions/{a}/steps");
+    let (_, r) = call_at(
+        &dp.url,
+        "POST",
+        &steps,
+        Some(&acme),
+        Some(json!({"code": "kept = 'yes'"})),
+    )
+    .await;
+    assert_eq!(r["status"], json!("ok"), "{r}");
+    // Killed abruptly while a step runs: no shutdown code, nothing lost.
+    let slow = {
+        let (url, acme, steps) = (dp.url.clone(), acme.clone(), steps.clone());
+        tokio::spawn(async move {
+            call_at(
+                &url,
+                "POST",
+                &steps,
+                Some(&acme),
+                Some(json!({"code": "import time\ntime.sleep(1)"})),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    dp.kill().await;
+    slow.abort();
+
+    // A new data plane on the same registry: the session works, with its state.
+    let dp = dp_proc(&agent.url, state.path(), registry).await;
+    // (The step that was running when the old one died finishes first.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (st, r) = loop {
+        let (st, r) = call_at(
+            &dp.url,
+            "POST",
+            &steps,
+            Some(&acme),
+            Some(json!({"code": "kept"})),
+        )
+        .await;
+        if st != 409 || std::time::Instant::now() > deadline {
+            break (st, r);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!((st, r["result"].clone()), (200, json!("yes")), "{r}");
+    let (_, got) = call_at(
+        &dp.url,
+        "GET",
+        &format!("/internal/v1/sessions/{a}"),
+        Some(&acme),
+        None,
+    )
+    .await;
+    assert_eq!(got["state"], json!("active"));
+    dp.stop().await;
+
+    // The agent restarts empty: the sandbox vanished.
+    agent.stop().await;
+    let agent = agent_proc(&state.path().join("agent2")).await;
+    let dp = dp_proc(&agent.url, state.path(), registry).await;
+    let (st, got) = call_at(
+        &dp.url,
+        "GET",
+        &format!("/internal/v1/sessions/{a}"),
+        Some(&acme),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, got["code"].as_str()),
+        (410, Some("session_lost")),
+        "{got}"
+    );
+    let (st, e) = call_at(
+        &dp.url,
+        "POST",
+        &steps,
+        Some(&acme),
+        Some(json!({"code": "1"})),
+    )
+    .await;
+    assert_eq!((st, e["code"].as_str()), (410, Some("session_lost")), "{e}");
+    let (_, list) = call_at(&dp.url, "GET", "/internal/v1/sessions", Some(&acme), None).await;
+    assert_eq!(list["sessions"][0]["state"], json!("lost"), "{list}");
+    // Deleting a lost session clears it.
+    assert_eq!(
+        call_at(
+            &dp.url,
+            "DELETE",
+            &format!("/internal/v1/sessions/{a}"),
+            Some(&acme),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (st, _) = call_at(
+        &dp.url,
+        "GET",
+        &format!("/internal/v1/sessions/{a}"),
+        Some(&acme),
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+    dp.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn file_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessions").display().to_string();
+    let args = ["--registry", "file", "--registry-path", &path];
+    survives_restarts_and_marks_lost_sessions(&args, Some(&dir.path().join("sessions"))).await;
+    assert_eq!(
+        std::fs::read_dir(&path).unwrap().count(),
+        0,
+        "a deleted session's record remains"
+    );
+}
+
+#[tokio::test]
+async fn redis_registry() {
+    let prefix = format!("dp-test-{}:", hex::encode(rand::random::<[u8; 6]>()));
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must run on 127.0.0.1:6379 (redis-server --daemonize yes --port 6379)");
+    let args = ["--registry", "redis", "--redis-key-prefix", &prefix];
+    survives_restarts_and_marks_lost_sessions(&args, None).await;
+    let key = format!("{prefix}sessions");
+    let left: usize = redis::cmd("HLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a deleted session's record remains in Redis");
+    // Clean up this test's key, whatever is left in it.
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
