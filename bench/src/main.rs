@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod dataplane;
+
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::Parser;
 use serde::Serialize;
@@ -69,6 +71,9 @@ struct Args {
     /// The runsc binary (for its version in the report).
     #[arg(long, default_value = "runsc")]
     runsc: PathBuf,
+    /// Size of the artifact moved through the data plane, MiB (quick 32).
+    #[arg(long)]
+    artifact_mib: Option<usize>,
 }
 
 /// Sample sizes after `--quick` and the overrides.
@@ -279,6 +284,7 @@ impl Row {
 // The agent under test, in this process
 
 struct Agent {
+    url: String,
     client: AgentClient,
     state: tempfile::TempDir,
     shutdown: CancellationToken,
@@ -325,6 +331,7 @@ impl Agent {
         let handle = tokio::spawn(session_agent::serve(listener, config, shutdown.clone()));
         let client = AgentClient::new(format!("http://127.0.0.1:{port}"))?;
         let mut agent = Agent {
+            url: format!("http://127.0.0.1:{port}"),
             client,
             state,
             shutdown,
@@ -1217,10 +1224,7 @@ fn print_table(rows: &[Row]) {
         let target = r
             .targets
             .iter()
-            .map(|t| {
-                format!("{:?}<={}", t.stat, t.max).to_lowercase()
-                    + if t.unit == "ms" { "ms" } else { "MiB" }
-            })
+            .map(|t| format!("{:?}<={}", t.stat, t.max).to_lowercase() + t.unit)
             .collect::<Vec<_>>()
             .join(", ");
         let Some(s) = &r.series else {
@@ -1325,6 +1329,33 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         errors.push(format!("agent with pool: {e:#}"));
     }
 
+    println!("data plane in front of an agent with warm pool python=2: steps, jobs, artifacts ...");
+    let mut dp_rows = dataplane::DpRows {
+        step: Row::new(
+            "dpStep",
+            "step through data plane",
+            &[(Stat::P50, 1.5, "ms"), (Stat::P99, 6.0, "ms")],
+        ),
+        job: Row::new(
+            "dpJob",
+            "one-shot job, warm pool",
+            &[(Stat::P50, 100.0, "ms"), (Stat::P95, 250.0, "ms")],
+        ),
+        upload: Row::new(
+            "artifactUpload",
+            "artifact upload (fs)",
+            &[(Stat::P50, 5.0, "ms/MiB")],
+        ),
+        download: Row::new(
+            "artifactDownload",
+            "artifact download (fs)",
+            &[(Stat::P50, 5.0, "ms/MiB")],
+        ),
+    };
+    if let Err(e) = dataplane::phase_data_plane(&args, sizes, &mut dp_rows).await {
+        errors.push(format!("data plane: {e:#}"));
+    }
+
     if let Some(b) = baselines {
         cold.baseline = Some(b.spawn);
         step.baseline = Some(b.repl_step);
@@ -1363,7 +1394,17 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         None => memory_cgroup.error = Some("the sandbox cgroup could not be read".into()),
     }
-    let mut rows = vec![cold, warm, step, memory, memory_cgroup];
+    let mut rows = vec![
+        cold,
+        warm,
+        step,
+        memory,
+        memory_cgroup,
+        dp_rows.step,
+        dp_rows.job,
+        dp_rows.upload,
+        dp_rows.download,
+    ];
     for r in &mut rows {
         r.finish();
     }
