@@ -146,6 +146,24 @@ pub struct Config {
     /// Development KEK file (mode 0600), used when ARTIFACT_KEK is unset.
     #[arg(long, env = "ARTIFACT_KEK_FILE")]
     pub artifact_kek_file: Option<PathBuf>,
+    /// Bucket of the `s3` artifact store.
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 endpoint (MinIO, Ceph, a test server); AWS when unset.
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), what most S3 servers but AWS expect.
+    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub s3_force_path_style: bool,
+    /// Prefix of every key the data plane writes to the bucket.
+    #[arg(long, env = "S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub s3_access_key_id: Option<String>,
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
     /// Largest artifact, bytes (-> 413 above).
     #[arg(long, env = "ARTIFACT_MAX_BYTES", default_value_t = 4 * 1024 * 1024 * 1024)]
     pub artifact_max_bytes: u64,
@@ -176,6 +194,52 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    /// The artifact backend this configuration names.
+    pub fn blobs(&self) -> Result<crate::workspace::blobs::Blobs, String> {
+        use crate::workspace::blobs::Blobs;
+        match self.artifact_store {
+            ArtifactBackend::Fs => {
+                for d in ["objects", "meta", "keys"] {
+                    std::fs::create_dir_all(self.artifact_root.join(d)).map_err(|e| {
+                        format!("ARTIFACT_ROOT {}: {e}", self.artifact_root.display())
+                    })?;
+                }
+                Ok(Blobs::Fs {
+                    root: self.artifact_root.clone(),
+                })
+            }
+            ArtifactBackend::S3 => {
+                use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+                let creds = Credentials::new(
+                    self.s3_access_key_id.clone().unwrap_or_default(),
+                    self.s3_secret_access_key.clone().unwrap_or_default(),
+                    None,
+                    None,
+                    "data-plane-config",
+                );
+                let mut b = aws_sdk_s3::Config::builder()
+                    .behavior_version(BehaviorVersion::latest())
+                    .region(Region::new(self.s3_region.clone()))
+                    .credentials_provider(creds)
+                    .force_path_style(self.s3_force_path_style)
+                    // The AEAD of every chunk is the integrity check; S3's
+                    // own response checksum would turn tampering into an
+                    // opaque transport error instead of `integrity_error`.
+                    .response_checksum_validation(
+                        aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                    );
+                if let Some(e) = &self.s3_endpoint {
+                    b = b.endpoint_url(e);
+                }
+                Ok(Blobs::S3 {
+                    client: aws_sdk_s3::Client::from_conf(b.build()),
+                    bucket: self.s3_bucket.clone().unwrap_or_default(),
+                    prefix: self.s3_prefix.clone(),
+                })
+            }
+        }
+    }
+
     /// The key-encryption key: ARTIFACT_KEK, or (development only) a key
     /// file generated once with mode 0600.
     pub fn load_kek(&self) -> Result<crate::workspace::crypto::SecretKey, String> {
@@ -260,7 +324,14 @@ impl Config {
             ));
         }
         if self.artifact_store == ArtifactBackend::S3 {
-            return Err("ARTIFACT_STORE=s3 is not available in this build yet; use fs".into());
+            if self.s3_bucket.as_deref().is_none_or(str::is_empty) {
+                return Err("ARTIFACT_STORE=s3 needs S3_BUCKET".into());
+            }
+            if self.s3_access_key_id.is_none() || self.s3_secret_access_key.is_none() {
+                return Err(
+                    "ARTIFACT_STORE=s3 needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+                );
+            }
         }
         if let Some(k) = &self.artifact_kek {
             crate::workspace::crypto::SecretKey::parse(k)
@@ -365,7 +436,7 @@ mod tests {
         let e = parse(&["--jwt-secret", SECRET, "--artifact-store", "s3"])
             .validate()
             .unwrap_err();
-        assert!(e.contains("ARTIFACT_STORE"), "{e}");
+        assert!(e.contains("S3_BUCKET"), "{e}");
         let e = parse(&["--jwt-secret", SECRET, "--backend", "k8s"])
             .validate()
             .unwrap_err();

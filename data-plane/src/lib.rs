@@ -73,12 +73,11 @@ pub async fn serve(
                 .with_context(|| format!("REDIS_URL {}", config.redis_url))?
         }
     };
-    let artifacts = ArtifactStore::new(
-        config.artifact_root.clone(),
+    let artifacts = ArtifactStore::with_blobs(
+        config.blobs().map_err(anyhow::Error::msg)?,
         kek.clone(),
         config.artifact_max_bytes,
-    )
-    .with_context(|| format!("ARTIFACT_ROOT {}", config.artifact_root.display()))?;
+    );
     let sessions = Arc::new(SessionService::new(
         registry,
         backend,

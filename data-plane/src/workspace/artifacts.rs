@@ -3,19 +3,20 @@
 //! Deleting an artifact destroys its data key (crypto-shredding) and the
 //! object; the store never holds a whole object in memory.
 //!
-//! Layout under the root (filesystem backend):
-//! `objects/<tenant>/<id>`, `meta/<tenant>/<id>.json`,
-//! `keys/<tenant>/tenant.key`, `keys/<tenant>/<id>.dek`.
+//! Layout (under the fs root or the bucket prefix): `objects/<tenant>/<id>`,
+//! `meta/<tenant>/<id>.json`, `keys/<tenant>/tenant.key`,
+//! `keys/<tenant>/<id>.dek`.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use shared::dataplane::ArtifactInfo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
+use super::blobs::Blobs;
 use super::crypto::{CHUNK, CryptoError, MAGIC, Opener, Sealer, SecretKey, TAG};
 
 /// What an artifact operation can fail with.
@@ -33,10 +34,10 @@ pub enum ArtifactError {
     Upload(String),
 }
 
-/// Encrypted artifacts on a filesystem (the `fs` backend).
+/// Encrypted artifacts over a [`Blobs`] backend.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
-    root: PathBuf,
+    blobs: Blobs,
     kek: SecretKey,
     max_bytes: u64,
 }
@@ -48,62 +49,67 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn object_key(tenant: &str, id: &str) -> String {
+    format!("objects/{tenant}/{id}")
+}
+
+fn meta_key(tenant: &str, id: &str) -> String {
+    format!("meta/{tenant}/{id}.json")
+}
+
+fn dek_key(tenant: &str, id: &str) -> String {
+    format!("keys/{tenant}/{id}.dek")
+}
+
 impl ArtifactStore {
+    /// A store on the local filesystem under `root`.
     pub fn new(root: PathBuf, kek: SecretKey, max_bytes: u64) -> io::Result<Self> {
         for d in ["objects", "meta", "keys"] {
             std::fs::create_dir_all(root.join(d))?;
         }
         Ok(ArtifactStore {
-            root,
+            blobs: Blobs::Fs { root },
             kek,
             max_bytes,
         })
     }
 
-    fn object(&self, tenant: &str, id: &str) -> PathBuf {
-        self.root.join("objects").join(tenant).join(id)
-    }
-
-    fn meta(&self, tenant: &str, id: &str) -> PathBuf {
-        self.root
-            .join("meta")
-            .join(tenant)
-            .join(format!("{id}.json"))
-    }
-
-    fn dek_path(&self, tenant: &str, id: &str) -> PathBuf {
-        self.root
-            .join("keys")
-            .join(tenant)
-            .join(format!("{id}.dek"))
+    /// A store on any backend.
+    pub fn with_blobs(blobs: Blobs, kek: SecretKey, max_bytes: u64) -> Self {
+        ArtifactStore {
+            blobs,
+            kek,
+            max_bytes,
+        }
     }
 
     /// The tenant's key, created on first use (exclusively, so concurrent
     /// first uploads agree on one key).
     async fn tenant_key(&self, tenant: &str) -> Result<SecretKey, ArtifactError> {
-        let dir = self.root.join("keys").join(tenant);
-        tokio::fs::create_dir_all(&dir).await?;
-        let path = dir.join("tenant.key");
+        let key = format!("keys/{tenant}/tenant.key");
         let owner = format!("tenant:{tenant}");
         let fresh = SecretKey::generate();
-        match write_new(&path, &self.kek.wrap(&fresh, &owner)).await {
-            Ok(()) => Ok(fresh),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let wrapped = tokio::fs::read(&path).await?;
-                Ok(self.kek.unwrap_key(&wrapped, &owner)?)
-            }
-            Err(e) => Err(e.into()),
+        if self
+            .blobs
+            .create_new(&key, &self.kek.wrap(&fresh, &owner))
+            .await?
+        {
+            return Ok(fresh);
         }
+        let wrapped = self
+            .blobs
+            .read(&key)
+            .await?
+            .ok_or(CryptoError::KeyDestroyed)?;
+        Ok(self.kek.unwrap_key(&wrapped, &owner)?)
     }
 
     async fn data_key(&self, tenant: &str, id: &str) -> Result<SecretKey, ArtifactError> {
-        let wrapped = match tokio::fs::read(self.dek_path(tenant, id)).await {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(CryptoError::KeyDestroyed.into());
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let wrapped = self
+            .blobs
+            .read(&dek_key(tenant, id))
+            .await?
+            .ok_or(CryptoError::KeyDestroyed)?;
         let tk = self.tenant_key(tenant).await?;
         Ok(tk.unwrap_key(&wrapped, &format!("artifact:{tenant}/{id}"))?)
     }
@@ -142,62 +148,66 @@ impl ArtifactStore {
     {
         let tk = self.tenant_key(tenant).await?;
         let dek = SecretKey::generate();
-        write_new(
-            &self.dek_path(tenant, id),
-            &tk.wrap(&dek, &format!("artifact:{tenant}/{id}")),
-        )
-        .await?;
-        let path = self.object(tenant, id);
-        tokio::fs::create_dir_all(path.parent().unwrap_or(Path::new("/"))).await?;
-        let mut out = tokio::io::BufWriter::with_capacity(
-            4 * CHUNK,
-            tokio::fs::File::create_new(&path).await?,
-        );
-        out.write_all(MAGIC).await?;
-        let mut sealer = Sealer::new(&dek, id);
-        let mut hasher = Sha256::new();
-        let mut size: u64 = 0;
-        let mut buf: Vec<u8> = Vec::with_capacity(2 * CHUNK);
-        while let Some(piece) = body.next().await {
-            let piece = piece.map_err(|e| ArtifactError::Upload(e.to_string()))?;
-            size += piece.len() as u64;
-            if size > self.max_bytes {
-                return Err(ArtifactError::TooLarge(self.max_bytes));
+        self.blobs
+            .create_new(
+                &dek_key(tenant, id),
+                &tk.wrap(&dek, &format!("artifact:{tenant}/{id}")),
+            )
+            .await?;
+        let mut out = self.blobs.writer(&object_key(tenant, id)).await?;
+        let written = async {
+            out.write(MAGIC).await?;
+            let mut sealer = Sealer::new(&dek, id);
+            let mut hasher = Sha256::new();
+            let mut size: u64 = 0;
+            let mut buf: Vec<u8> = Vec::with_capacity(2 * CHUNK);
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(|e| ArtifactError::Upload(e.to_string()))?;
+                size += piece.len() as u64;
+                if size > self.max_bytes {
+                    return Err(ArtifactError::TooLarge(self.max_bytes));
+                }
+                hasher.update(&piece);
+                buf.extend_from_slice(&piece);
+                // A full chunk is sealed as "not last" only once more data exists.
+                while buf.len() > CHUNK {
+                    out.write(&sealer.seal(&buf[..CHUNK], false)).await?;
+                    buf.drain(..CHUNK);
+                }
             }
-            hasher.update(&piece);
-            buf.extend_from_slice(&piece);
-            // A full chunk is sealed as "not last" only once more data exists.
-            while buf.len() > CHUNK {
-                let sealed = sealer.seal(&buf[..CHUNK], false);
-                out.write_all(&sealed).await?;
-                buf.drain(..CHUNK);
-            }
+            out.write(&sealer.seal(&buf, true)).await?;
+            Ok::<_, ArtifactError>((size, hex::encode(hasher.finalize())))
         }
-        out.write_all(&sealer.seal(&buf, true)).await?;
-        out.flush().await?;
-        out.get_mut().sync_all().await?;
+        .await;
+        let (size, sha256) = match written {
+            Ok(v) => v,
+            Err(e) => {
+                out.abort().await;
+                return Err(e);
+            }
+        };
+        out.finish().await?;
         let info = ArtifactInfo {
             artifact_id: id.to_owned(),
             tenant: tenant.to_owned(),
             name: name.to_owned(),
             session_id: session_id.map(str::to_owned),
             size,
-            sha256: hex::encode(hasher.finalize()),
+            sha256,
             created_at_ms: now_ms(),
         };
-        let meta = self.meta(tenant, id);
-        tokio::fs::create_dir_all(meta.parent().unwrap_or(Path::new("/"))).await?;
-        write_new(&meta, &serde_json::to_vec(&info).map_err(io::Error::other)?).await?;
+        let meta = serde_json::to_vec(&info).map_err(io::Error::other)?;
+        self.blobs.create_new(&meta_key(tenant, id), &meta).await?;
         Ok(info)
     }
 
     /// An artifact's metadata (another tenant's is simply not found).
     pub async fn info(&self, tenant: &str, id: &str) -> Result<ArtifactInfo, ArtifactError> {
-        let bytes = match tokio::fs::read(self.meta(tenant, id)).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ArtifactError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
+        let bytes = self
+            .blobs
+            .read(&meta_key(tenant, id))
+            .await?
+            .ok_or(ArtifactError::NotFound)?;
         serde_json::from_slice(&bytes).map_err(|e| ArtifactError::Io(io::Error::other(e)))
     }
 
@@ -217,10 +227,12 @@ impl ArtifactStore {
     > {
         let info = self.info(tenant, id).await?;
         let dek = self.data_key(tenant, id).await?;
-        let mut file = tokio::io::BufReader::with_capacity(
-            4 * CHUNK,
-            tokio::fs::File::open(self.object(tenant, id)).await?,
-        );
+        let raw = self
+            .blobs
+            .reader(&object_key(tenant, id))
+            .await?
+            .ok_or(ArtifactError::NotFound)?;
+        let mut file = tokio::io::BufReader::with_capacity(4 * CHUNK, raw);
         let mut magic = [0u8; 8];
         file.read_exact(&mut magic)
             .await
@@ -252,7 +264,7 @@ impl ArtifactStore {
         Ok((info, head.chain(rest)))
     }
 
-    /// Destroys the artifact's data key (overwritten, then removed) and its object.
+    /// Destroys the artifact's data key (on `fs` overwritten, then removed) and its object.
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ArtifactError> {
         self.info(tenant, id).await?;
         self.remove_all(tenant, id).await;
@@ -265,24 +277,15 @@ impl ArtifactStore {
         tenant: &str,
         session_id: &str,
     ) -> Result<usize, ArtifactError> {
-        let dir = self.root.join("meta").join(tenant);
         let mut n = 0;
-        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
-            return Ok(0);
-        };
-        while let Some(e) = entries.next_entry().await? {
-            let Some(id) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_owned)
-            else {
+        for name in self.blobs.list(&format!("meta/{tenant}")).await? {
+            let Some(id) = name.strip_suffix(".json") else {
                 continue;
             };
-            if let Ok(info) = self.info(tenant, &id).await
+            if let Ok(info) = self.info(tenant, id).await
                 && info.session_id.as_deref() == Some(session_id)
             {
-                self.remove_all(tenant, &id).await;
+                self.remove_all(tenant, id).await;
                 n += 1;
             }
         }
@@ -290,9 +293,10 @@ impl ArtifactStore {
     }
 
     async fn remove_all(&self, tenant: &str, id: &str) {
-        shred(&self.dek_path(tenant, id)).await;
-        let _ = tokio::fs::remove_file(self.object(tenant, id)).await;
-        let _ = tokio::fs::remove_file(self.meta(tenant, id)).await;
+        // The key first: once it is gone, what remains is noise.
+        self.blobs.delete(&dek_key(tenant, id), true).await;
+        self.blobs.delete(&object_key(tenant, id), false).await;
+        self.blobs.delete(&meta_key(tenant, id), false).await;
     }
 
     /// Decrypts a copy of an object's bytes with the keys the store has now
@@ -316,15 +320,26 @@ impl ArtifactStore {
         Ok(out)
     }
 
-    /// Path of an artifact's object (tests read and alter it).
+    /// The raw (encrypted) bytes of an object, as stored.
+    pub async fn raw_object(&self, tenant: &str, id: &str) -> Result<Vec<u8>, ArtifactError> {
+        self.blobs
+            .read(&object_key(tenant, id))
+            .await?
+            .ok_or(ArtifactError::NotFound)
+    }
+
+    /// Path of an artifact's object on the `fs` backend (tests alter it).
     pub fn object_path(&self, tenant: &str, id: &str) -> PathBuf {
-        self.object(tenant, id)
+        match &self.blobs {
+            Blobs::Fs { root } => root.join(object_key(tenant, id)),
+            Blobs::S3 { .. } => PathBuf::new(),
+        }
     }
 }
 
 /// Reads sealed chunks with one chunk of look-ahead (to know which is last).
 struct ChunkReader {
-    file: tokio::io::BufReader<tokio::fs::File>,
+    file: tokio::io::BufReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
     opener: Opener,
     next: Option<Vec<u8>>,
     done: bool,
@@ -371,32 +386,10 @@ impl ChunkReader {
     }
 }
 
-/// Creates a file that must not exist yet, readable by the owner only.
-async fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut f = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .await?;
-    f.write_all(data).await?;
-    f.sync_all().await
-}
-
-/// Overwrites a key file with zeros, syncs, removes it.
-async fn shred(path: &Path) {
-    if let Ok(meta) = tokio::fs::metadata(path).await
-        && let Ok(mut f) = tokio::fs::OpenOptions::new().write(true).open(path).await
-    {
-        let _ = f.write_all(&vec![0u8; meta.len() as usize]).await;
-        let _ = f.sync_all().await;
-    }
-    let _ = tokio::fs::remove_file(path).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn store(dir: &Path) -> ArtifactStore {
         ArtifactStore::new(dir.to_path_buf(), SecretKey::generate(), 1 << 30).unwrap()

@@ -1,4 +1,5 @@
 //! Workspaces' durable side: encrypted artifacts (and their keys).
 
 pub mod artifacts;
+pub mod blobs;
 pub mod crypto;
