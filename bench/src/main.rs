@@ -403,6 +403,7 @@ impl Agent {
             env: None,
             ttl_seconds: None,
             idle_timeout_seconds: None,
+            packages_dir: None,
         };
         self.client
             .create_session(&req)
@@ -1086,6 +1087,7 @@ async fn kernel_direct_steps(args: &Args, sizes: Sizes) -> anyhow::Result<Series
         runtime: Runtime::Python,
         workspace: workspace.host_path.clone(),
         limits: settings.defaults,
+        packages: None,
     };
     let started = Kernel::start(
         &launcher,

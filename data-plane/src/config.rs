@@ -146,6 +146,20 @@ pub struct Config {
     /// Development KEK file (mode 0600), used when ARTIFACT_KEK is unset.
     #[arg(long, env = "ARTIFACT_KEK_FILE")]
     pub artifact_kek_file: Option<PathBuf>,
+    /// The dependency allowlist: `{"python": {"six": ">=1.16,<2"}}`. Without
+    /// it no package is allowed.
+    #[arg(long, env = "DEPENDENCY_ALLOWLIST_PATH")]
+    pub dependency_allowlist: Option<PathBuf>,
+    /// A directory of wheels, the package index the data plane installs from.
+    #[arg(long, env = "DEPENDENCY_INDEX_DIR")]
+    pub dependency_index: Option<PathBuf>,
+    /// Content-addressed installs; must be inside the agent's SESSION_AGENT_PACKAGE_ROOT.
+    #[arg(
+        long,
+        env = "DEPENDENCY_CACHE_DIR",
+        default_value = "/var/lib/sandbox-packages"
+    )]
+    pub dependency_cache: PathBuf,
     /// Bucket of the `s3` artifact store.
     #[arg(long, env = "S3_BUCKET")]
     pub s3_bucket: Option<String>,

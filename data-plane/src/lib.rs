@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod dependencies;
 pub mod execution;
 pub mod registry;
 pub mod runtime;
@@ -26,7 +27,7 @@ pub use config::Config;
 use crate::auth::Authenticator;
 use crate::execution::JobService;
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
-use crate::sessions::{SessionService, SessionSettings};
+use crate::sessions::{SessionService, SessionServiceParts, SessionSettings};
 use crate::workspace::artifacts::ArtifactStore;
 
 /// Binds `DATA_PLANE_ADDR` and serves until `shutdown`.
@@ -78,20 +79,26 @@ pub async fn serve(
         kek.clone(),
         config.artifact_max_bytes,
     );
-    let sessions = Arc::new(SessionService::new(
+    let sessions = Arc::new(SessionService::new(SessionServiceParts {
         registry,
         backend,
         artifacts,
-        SessionSettings {
+        settings: SessionSettings {
             agent_auth: config.agent_auth_mode,
             ready_timeout: config.ready_timeout,
             agent_timeout: config.agent_timeout,
             tenant_max_sessions: config.tenant_max_sessions,
         },
-        metrics.clone(),
+        metrics: metrics.clone(),
         store,
         kek,
-    ));
+        dependencies: dependencies::Dependencies::new(
+            dependencies::Dependencies::load_allowlist(config.dependency_allowlist.as_deref())
+                .map_err(anyhow::Error::msg)?,
+            config.dependency_index.clone(),
+            config.dependency_cache.clone(),
+        ),
+    }));
     sessions
         .recover()
         .await

@@ -18,6 +18,7 @@ use shared::server::ApiError;
 
 use crate::auth::Caller;
 use crate::config::AgentAuthMode;
+use crate::dependencies::Dependencies;
 use crate::registry::{SessionRegistry, StoredSession};
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
 use crate::telemetry::{Metrics, StartLabels, StepLabels};
@@ -84,11 +85,24 @@ pub struct SessionSettings {
     pub tenant_max_sessions: usize,
 }
 
+/// Everything a [`SessionService`] is built from.
+pub struct SessionServiceParts {
+    pub registry: RuntimeRegistry,
+    pub backend: RuntimeBackend,
+    pub artifacts: ArtifactStore,
+    pub settings: SessionSettings,
+    pub metrics: Arc<Metrics>,
+    pub store: SessionRegistry,
+    pub kek: SecretKey,
+    pub dependencies: Dependencies,
+}
+
 /// Sessions of every tenant on this data plane.
 pub struct SessionService {
     metrics: Arc<Metrics>,
     store: SessionRegistry,
     kek: SecretKey,
+    dependencies: Dependencies,
     registry: RuntimeRegistry,
     artifacts: ArtifactStore,
     backend: RuntimeBackend,
@@ -171,19 +185,22 @@ async fn bounded<T>(
 }
 
 impl SessionService {
-    pub fn new(
-        registry: RuntimeRegistry,
-        backend: RuntimeBackend,
-        artifacts: ArtifactStore,
-        settings: SessionSettings,
-        metrics: Arc<Metrics>,
-        store: SessionRegistry,
-        kek: SecretKey,
-    ) -> Self {
+    pub fn new(parts: SessionServiceParts) -> Self {
+        let SessionServiceParts {
+            registry,
+            backend,
+            artifacts,
+            settings,
+            metrics,
+            store,
+            kek,
+            dependencies,
+        } = parts;
         SessionService {
             metrics,
             store,
             kek,
+            dependencies,
             registry,
             artifacts,
             backend,
@@ -278,6 +295,28 @@ impl SessionService {
         if let Some(l) = &req.limits {
             self.registry.check_limits(&runtime, l)?;
         }
+        // Packages: allowlisted (each decision audited and counted), then
+        // installed outside the sandbox before it exists.
+        let packages_dir = match req.packages.as_deref() {
+            Some(pkgs) if !pkgs.is_empty() => {
+                let checked = self.dependencies.check(&caller.tenant, &runtime.name, pkgs);
+                let decision = if checked.is_ok() { "allow" } else { "deny" };
+                self.metrics
+                    .dependency_decisions
+                    .get_or_create(&StepLabels {
+                        runtime: runtime.name.clone(),
+                        status: decision.into(),
+                    })
+                    .inc();
+                let checked = checked?;
+                let (deps, name) = (self.dependencies.clone(), runtime.name.clone());
+                let dir = tokio::task::spawn_blocking(move || deps.install(&name, &checked))
+                    .await
+                    .map_err(|_| ApiError::new(ErrorCode::Internal, "the install task failed"))??;
+                Some(dir.display().to_string())
+            }
+            _ => None,
+        };
         let id = format!("ses-{}", hex_id());
         {
             let mut records = self.records();
@@ -324,6 +363,7 @@ impl SessionService {
             env: req.env.clone(),
             ttl_seconds: req.ttl_seconds,
             idle_timeout_seconds: None,
+            packages_dir,
         };
         let started = std::time::Instant::now();
         let created = bounded(

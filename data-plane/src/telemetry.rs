@@ -63,6 +63,8 @@ pub struct Metrics {
     pub jobs_running: Gauge,
     pub warm_pool_idle: Family<RuntimeLabel, Gauge>,
     pub artifact_bytes: Family<DirectionLabel, Counter>,
+    /// Allowlist decisions by runtime and `status` = allow | deny.
+    pub dependency_decisions: Family<StepLabels, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
         let jobs_running = Gauge::default();
         let warm_pool_idle = Family::<RuntimeLabel, Gauge>::default();
         let artifact_bytes = Family::<DirectionLabel, Counter>::default();
+        let dependency_decisions = Family::<StepLabels, Counter>::default();
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency by route and status",
@@ -106,6 +109,11 @@ impl Metrics {
             "Artifact bytes stored (in) and served (out)",
             artifact_bytes.clone(),
         );
+        registry.register(
+            "dependency_decisions",
+            "Dependency allowlist decisions (status = allow | deny)",
+            dependency_decisions.clone(),
+        );
         Arc::new(Metrics {
             registry,
             http,
@@ -115,6 +123,7 @@ impl Metrics {
             jobs_running,
             warm_pool_idle,
             artifact_bytes,
+            dependency_decisions,
         })
     }
 
@@ -181,6 +190,12 @@ mod tests {
                 runtime: "python".into(),
             })
             .set(1);
+        m.dependency_decisions
+            .get_or_create(&StepLabels {
+                runtime: "python".into(),
+                status: "deny".into(),
+            })
+            .inc();
         m.artifact_bytes
             .get_or_create(&DirectionLabel {
                 direction: "in".into(),
@@ -196,6 +211,7 @@ mod tests {
             "data_plane_jobs_running",
             "data_plane_warm_pool_idle",
             "data_plane_artifact_bytes",
+            "data_plane_dependency_decisions",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

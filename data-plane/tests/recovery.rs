@@ -18,7 +18,7 @@ async fn survives_restarts_and_marks_lost_sessions(
         .tempdir_in("/tmp")
         .unwrap();
     let acme = credential("acme");
-    let agent = agent_proc(&state.path().join("agent")).await;
+    let agent = agent_proc(&state.path().join("agent"), &[]).await;
 
     // First data plane: two sessions, state in one of them.
     let dp = dp_proc(&agent.url, state.path(), registry).await;
@@ -110,7 +110,7 @@ async fn survives_restarts_and_marks_lost_sessions(
 
     // The agent restarts empty: the sandbox vanished.
     agent.stop().await;
-    let agent = agent_proc(&state.path().join("agent2")).await;
+    let agent = agent_proc(&state.path().join("agent2"), &[]).await;
     let dp = dp_proc(&agent.url, state.path(), registry).await;
     let (st, got) = call_at(
         &dp.url,

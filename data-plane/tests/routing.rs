@@ -342,10 +342,17 @@ async fn bad_input_gets_coded_4xx() {
             "memoryMb",
         ),
         (
+            // No allowlist configured here: nothing is allowed.
             json!({"runtime": "python", "packages": ["requests"]}),
+            403,
+            "dependency_not_allowed",
+            "requests",
+        ),
+        (
+            json!({"runtime": "python", "gpus": 1}),
             400,
             "invalid_json",
-            "packages",
+            "gpus",
         ),
         (json!({"tenant": "globex"}), 403, "forbidden", "tenant"),
     ];

@@ -40,6 +40,14 @@ pub struct Config {
     /// Where session workspaces are mounted (default: <state dir>/workspaces).
     #[arg(long, env = "WORKSPACE_ROOT")]
     pub workspace_root: Option<PathBuf>,
+    /// Package directories the data plane prepares; a session may mount only
+    /// a directory inside this tree.
+    #[arg(
+        long,
+        env = "SESSION_AGENT_PACKAGE_ROOT",
+        default_value = "/var/lib/sandbox-packages"
+    )]
+    pub package_root: PathBuf,
     /// The runsc binary.
     #[arg(long, env = "SESSION_AGENT_RUNSC", default_value = "runsc")]
     pub runsc: PathBuf,
@@ -236,6 +244,7 @@ impl Config {
             ready_timeout: Duration::from_millis(self.ready_timeout_ms),
             interrupt_grace: Duration::from_millis(self.interrupt_grace_ms),
             workspace_root: self.workspace_root(),
+            package_root: self.package_root.clone(),
         }
     }
 }

@@ -75,7 +75,7 @@ pub async fn serve(
         background.spawn(pool.clone().run_filler(
             move |runtime| {
                 let mgr = mgr.clone();
-                async move { mgr.start_cold(runtime, defaults).await }
+                async move { mgr.start_cold(runtime, defaults, None).await }
             },
             work.clone(),
         ));

@@ -43,6 +43,8 @@ pub struct Settings {
     pub ready_timeout: Duration,
     pub interrupt_grace: Duration,
     pub workspace_root: PathBuf,
+    /// The only tree a session's `packagesDir` may come from.
+    pub package_root: PathBuf,
 }
 
 impl Settings {
@@ -140,6 +142,8 @@ pub struct Session {
     token: Option<TokenDigest>,
     env: BTreeMap<String, String>,
     pub workspace: Workspace,
+    /// Installed packages mounted read-only (kept for restarts).
+    packages: Option<PathBuf>,
     /// `None` once the interpreter died and could not be restarted.
     kernel: Arc<AsyncMutex<Option<Kernel>>>,
     /// Cancelled when the session ends; a running step stops.
@@ -259,6 +263,7 @@ impl SessionManager {
         &self,
         runtime: Runtime,
         limits: EffectiveLimits,
+        packages: Option<PathBuf>,
     ) -> Result<WarmSandbox, String> {
         let sandbox_id = new_sandbox_id();
         let workspace =
@@ -269,6 +274,7 @@ impl SessionManager {
             runtime,
             workspace: workspace.host_path.clone(),
             limits,
+            packages,
         };
         match Kernel::start(
             &self.launcher,
@@ -284,6 +290,19 @@ impl SessionManager {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// A packages directory: it must be a directory inside the package root
+    /// (after resolving symlinks), so a caller cannot mount any host path.
+    fn package_dir(&self, dir: &str) -> Result<PathBuf, ApiError> {
+        let bad = |m: &str| ApiError::new(ErrorCode::InvalidArgument, format!("packagesDir: {m}"));
+        let root = std::fs::canonicalize(&self.settings.package_root)
+            .map_err(|_| bad("this agent has no package root (SESSION_AGENT_PACKAGE_ROOT)"))?;
+        let path = std::fs::canonicalize(dir).map_err(|_| bad("no such directory"))?;
+        if path == root || !path.starts_with(&root) || !path.is_dir() {
+            return Err(bad("must be a directory inside the agent's package root"));
+        }
+        Ok(path)
     }
 
     /// `POST /v1/sessions`.
@@ -323,6 +342,10 @@ impl SessionManager {
         };
         let limits = self.settings.resolve_limits(req.limits.as_ref())?;
         let env = req.env.clone().unwrap_or_default();
+        let packages = match &req.packages_dir {
+            Some(dir) => Some(self.package_dir(dir)?),
+            None => None,
+        };
         validate_env(&env)?;
         let ttl = req
             .ttl_seconds
@@ -374,7 +397,10 @@ impl SessionManager {
             }
             slots.insert(req.session_id.clone(), Slot::Creating);
         }
-        match self.provision(runtime, limits, &env).await {
+        match self
+            .provision(runtime, limits, &env, packages.clone())
+            .await
+        {
             Ok((warm, sandbox)) => {
                 let now = now_ms();
                 let session = Arc::new(Session {
@@ -384,6 +410,7 @@ impl SessionManager {
                     token,
                     env,
                     workspace: sandbox.workspace,
+                    packages,
                     kernel: Arc::new(AsyncMutex::new(Some(sandbox.kernel))),
                     ended: CancellationToken::new(),
                     created_ms: now,
@@ -429,8 +456,11 @@ impl SessionManager {
         runtime: Runtime,
         limits: EffectiveLimits,
         env: &BTreeMap<String, String>,
+        packages: Option<PathBuf>,
     ) -> Result<(bool, WarmSandbox), ApiError> {
+        // Pooled sandboxes have the default limits and no packages.
         if limits == self.settings.defaults
+            && packages.is_none()
             && let Some(mut warm) = self.pool.claim(runtime)
         {
             match warm.kernel.set_env(env, self.settings.ready_timeout).await {
@@ -442,12 +472,15 @@ impl SessionManager {
                 }
             }
         }
-        let mut sandbox = self.start_cold(runtime, limits).await.map_err(|e| {
-            ApiError::new(
-                ErrorCode::SandboxStartFailed,
-                format!("could not start the sandbox: {e}"),
-            )
-        })?;
+        let mut sandbox = self
+            .start_cold(runtime, limits, packages)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::SandboxStartFailed,
+                    format!("could not start the sandbox: {e}"),
+                )
+            })?;
         if !env.is_empty()
             && let Err(e) = sandbox
                 .kernel
@@ -623,6 +656,7 @@ impl SessionManager {
             runtime: session.runtime,
             workspace: session.workspace.host_path.clone(),
             limits: session.limits,
+            packages: session.packages.clone(),
         };
         let started = Kernel::start(
             &self.launcher,
@@ -805,6 +839,7 @@ mod tests {
             ready_timeout: Duration::from_secs(5),
             interrupt_grace: Duration::from_secs(1),
             workspace_root: PathBuf::from("/nonexistent"),
+            package_root: PathBuf::from("/nonexistent"),
         }
     }
 

@@ -100,6 +100,11 @@ pub struct CreateSessionRequest {
     /// The session ends after this long without a request, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<u64>,
+    /// A host directory of installed packages (prepared by the data plane
+    /// under the agent's `SESSION_AGENT_PACKAGE_ROOT`), mounted read-only on
+    /// the interpreter's import path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages_dir: Option<String>,
 }
 
 /// A session as the agent reports it. Never carries the token.

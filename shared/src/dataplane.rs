@@ -47,6 +47,10 @@ pub struct CreateSession {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// Packages (`name` or `name==version`), checked against the runtime's
+    /// allowlist and installed read-only before the session is handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Vec<String>>,
 }
 
 /// A session as the data plane reports it: never its agent token.
@@ -138,6 +142,8 @@ pub struct RunJob {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Vec<String>>,
 }
 
 /// The outcome of a job. Files the code wrote under `output/` in its

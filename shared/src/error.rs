@@ -46,6 +46,10 @@ pub enum ErrorCode {
     NotAFile,
     /// The workspace is out of space.
     WorkspaceFull,
+    /// A requested package is not on the runtime's allowlist.
+    DependencyNotAllowed,
+    /// An allowed package cannot be installed (no matching wheel, no index).
+    DependencyUnavailable,
     /// The artifact does not exist (or is not visible to the caller).
     ArtifactNotFound,
     /// The job does not exist (or is not visible to the caller).
@@ -76,7 +80,8 @@ impl ErrorCode {
             | Self::PathOutsideWorkspace
             | Self::NotAFile => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden => 403,
+            Self::Forbidden | Self::DependencyNotAllowed => 403,
+            Self::DependencyUnavailable => 424,
             Self::RouteNotFound
             | Self::SessionNotFound
             | Self::FileNotFound
@@ -116,6 +121,8 @@ impl ErrorCode {
             Self::FileNotFound => "file_not_found",
             Self::NotAFile => "not_a_file",
             Self::WorkspaceFull => "workspace_full",
+            Self::DependencyNotAllowed => "dependency_not_allowed",
+            Self::DependencyUnavailable => "dependency_unavailable",
             Self::ArtifactNotFound => "artifact_not_found",
             Self::JobNotFound => "job_not_found",
             Self::IntegrityError => "integrity_error",
@@ -161,6 +168,8 @@ mod tests {
         ErrorCode::FileNotFound,
         ErrorCode::NotAFile,
         ErrorCode::WorkspaceFull,
+        ErrorCode::DependencyNotAllowed,
+        ErrorCode::DependencyUnavailable,
         ErrorCode::ArtifactNotFound,
         ErrorCode::JobNotFound,
         ErrorCode::IntegrityError,
@@ -205,6 +214,8 @@ mod tests {
             404 file_not_found
             400 not_a_file
             507 workspace_full
+            403 dependency_not_allowed
+            424 dependency_unavailable
             404 artifact_not_found
             404 job_not_found
             500 integrity_error

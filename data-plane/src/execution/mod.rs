@@ -157,6 +157,7 @@ impl JobService {
                     ttl_seconds: Some(timeout_ms / 1000 + 120),
                     limits: req.limits.clone(),
                     env: req.env.clone(),
+                    packages: req.packages.clone(),
                 },
             )
             .await?;

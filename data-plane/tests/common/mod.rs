@@ -226,17 +226,14 @@ async fn wait_up(url: &str, path: &str) {
 }
 
 /// A session agent with its state under `state`.
-pub async fn agent_proc(state: &std::path::Path) -> Proc {
+pub async fn agent_proc(state: &std::path::Path, extra: &[&str]) -> Proc {
     let iso = isolation();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let config = session_agent::Config::parse_from([
-        "session-agent",
-        "--isolation",
-        &iso,
-        "--state-dir",
-        &state.display().to_string(),
-    ]);
+    let state = state.display().to_string();
+    let mut args = vec!["session-agent", "--isolation", &iso, "--state-dir", &state];
+    args.extend_from_slice(extra);
+    let config = session_agent::Config::parse_from(args);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(session_agent::serve(listener, config, shutdown.clone()));
     wait_up(&url, "/v1/health").await;

@@ -12,7 +12,9 @@ use std::path::Path;
 use shared::agent::{EffectiveLimits, Runtime};
 use tokio::process::Command;
 
-use super::{SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec, cgroup::Cgroup};
+use super::{
+    SANDBOX_PACKAGES, SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec, cgroup::Cgroup,
+};
 
 /// Joins the cgroups named before `--` (so no process of the sandbox ever
 /// runs outside them), then execs the rest.
@@ -106,6 +108,13 @@ pub fn command(
         spec.workspace.clone().into(),
         SANDBOX_WORKSPACE.into(),
     ]);
+    if let Some(p) = &spec.packages {
+        v.extend([
+            "--ro-bind".into(),
+            p.clone().into(),
+            SANDBOX_PACKAGES.into(),
+        ]);
+    }
     // bwrap's root is a writable tmpfs: make it read-only once everything is mounted.
     v.extend([
         "--remount-ro".into(),

@@ -12,7 +12,9 @@ use oci_spec::runtime::{
 };
 use shared::agent::{EffectiveLimits, Runtime};
 
-use super::{LaunchError, SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec};
+use super::{
+    LaunchError, SANDBOX_PACKAGES, SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec,
+};
 
 /// A generous pids cgroup limit: it counts gVisor's own Sentry threads, so
 /// fork bombs are contained by RLIMIT_NPROC inside the sandbox instead
@@ -192,6 +194,9 @@ fn mounts(root: &SandboxRoot, spec: &SandboxSpec) -> Result<Vec<Mount>, LaunchEr
         &spec.workspace,
         &["rbind", "rw", "nosuid", "nodev"],
     )?);
+    if let Some(p) = &spec.packages {
+        out.push(mount(SANDBOX_PACKAGES, "bind", p, &ro)?);
+    }
     Ok(out)
 }
 
@@ -238,6 +243,7 @@ mod tests {
             sandbox_id: "sb-1".into(),
             runtime: Runtime::Python,
             workspace: tmp.path().join("ws"),
+            packages: None,
             limits: EffectiveLimits {
                 memory_mb: 256,
                 cpu_millicores: 500,

@@ -73,7 +73,12 @@ pub struct SandboxSpec {
     /// The host directory mounted read-write at [`SANDBOX_WORKSPACE`].
     pub workspace: PathBuf,
     pub limits: EffectiveLimits,
+    /// Installed packages, mounted read-only at [`SANDBOX_PACKAGES`].
+    pub packages: Option<PathBuf>,
 }
+
+/// Where a session's packages appear inside the sandbox.
+pub const SANDBOX_PACKAGES: &str = "/packages";
 
 /// Why a sandbox could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +209,15 @@ impl Launcher {
     pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, LaunchError> {
         let argv = self.argv(spec.runtime, &spec.limits);
         let mut env = self.env();
+        if let Some(p) = &spec.packages {
+            // The driver puts this on the import path.
+            let inside = if self.kind() == IsolationKind::None {
+                p.display().to_string()
+            } else {
+                SANDBOX_PACKAGES.into()
+            };
+            env.push(("SANDBOX_PACKAGES".into(), inside));
+        }
         if self.kind() == IsolationKind::None {
             // Unisolated, the workspace is at its host path.
             for (k, v) in &mut env {

@@ -234,6 +234,7 @@ pub fn create_request(id: &str, runtime: &str, token: &str) -> CreateSessionRequ
         env: None,
         ttl_seconds: None,
         idle_timeout_seconds: None,
+        packages_dir: None,
     }
 }
 

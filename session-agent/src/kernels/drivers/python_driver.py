@@ -11,6 +11,9 @@ import ast, json, os, signal, sys, types
 # Buffered: readline() then costs one read(2), not one per byte (a syscall
 # costs ~20 us under gVisor). Nothing else reads this descriptor.
 _proto_in = os.fdopen(os.dup(0), "rb")
+# Packages the data plane installed, mounted read-only (never fetched here).
+if os.environ.get("SANDBOX_PACKAGES"):
+    sys.path.insert(1, os.environ["SANDBOX_PACKAGES"])
 _devnull = os.open(os.devnull, os.O_RDONLY)
 os.dup2(_devnull, 0)
 os.close(_devnull)

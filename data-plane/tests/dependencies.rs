@@ -1,0 +1,163 @@
+//! The dependency allowlist end to end: packages checked (403 when not
+//! allowed), installed outside the sandbox from a local wheel index, and
+//! mounted read-only on the interpreter's import path.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::io::Write;
+
+use common::{agent_proc, call_at, credential, dp_proc};
+use serde_json::json;
+
+/// A pure-python wheel of `greet` whose module says `value`.
+fn wheel(dir: &std::path::Path, version: &str, value: &str) {
+    let path = dir.join(format!("greet-{version}-py3-none-any.whl"));
+    let mut w = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    w.start_file("greet/__init__.py", opts).unwrap();
+    w.write_all(format!("VALUE = {value:?}\n").as_bytes())
+        .unwrap();
+    w.start_file(format!("greet-{version}.dist-info/METADATA"), opts)
+        .unwrap();
+    w.write_all(format!("Metadata-Version: 2.1\nName: greet\nVersion: {version}\n").as_bytes())
+        .unwrap();
+    w.finish().unwrap();
+}
+
+#[tokio::test]
+async fn allowed_packages_are_installed_read_only_and_others_refused() {
+    let tmp = tempfile::Builder::new()
+        .prefix("dp-deps-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let index = tmp.path().join("index");
+    std::fs::create_dir_all(&index).unwrap();
+    wheel(&index, "1.0.0", "hello from a wheel");
+    wheel(&index, "2.0.0", "version two");
+    let allowlist = tmp.path().join("allowlist.json");
+    std::fs::write(&allowlist, r#"{"python": {"greet": ">=1,<2"}}"#).unwrap();
+    let packages = tmp.path().join("packages");
+    std::fs::create_dir_all(&packages).unwrap();
+    let (packages_s, cache_s, index_s, allow_s) = (
+        packages.display().to_string(),
+        packages.join("cache").display().to_string(),
+        index.display().to_string(),
+        allowlist.display().to_string(),
+    );
+    let agent = agent_proc(&tmp.path().join("agent"), &["--package-root", &packages_s]).await;
+    let dp = dp_proc(
+        &agent.url,
+        tmp.path(),
+        &[
+            "--dependency-allowlist",
+            &allow_s,
+            "--dependency-index",
+            &index_s,
+            "--dependency-cache",
+            &cache_s,
+        ],
+    )
+    .await;
+    let acme = credential("acme");
+
+    let (st, sess) = call_at(
+        &dp.url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&acme),
+        Some(json!({"runtime": "python", "packages": ["greet"]})),
+    )
+    .await;
+    assert_eq!(st, 201, "{sess}");
+    let steps = format!(
+        "/internal/v1/sessions/{}/steps",
+        sess["sessionId"].as_str().unwrap()
+    );
+    let code = format!(
+        "import greet, os\nw = 'ALLOWED'\ntry:\n    open(greet.__file__, 'a').write('x')\nexcept OSError as e:\n    w = type(e).__name__\n[greet.VALUE, w, os.path.exists({index_s:?})]"
+    );
+    let (st, r) = call_at(
+        &dp.url,
+        "POST",
+        &steps,
+        Some(&acme),
+        Some(json!({"code": code})),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    // The newest allowed version, read-only, and the index is out of reach.
+    assert_eq!(r["result"][0], json!("hello from a wheel"), "{r}");
+    assert_ne!(r["result"][1], json!("ALLOWED"), "{r}");
+    assert_eq!(r["result"][2], json!(false), "{r}");
+
+    // Refusals name the package.
+    for (pkgs, name) in [
+        (json!(["greet==2.0.0"]), "greet==2.0.0"),
+        (json!(["greet", "requests"]), "requests"),
+    ] {
+        let (st, e) = call_at(
+            &dp.url,
+            "POST",
+            "/internal/v1/sessions",
+            Some(&acme),
+            Some(json!({"runtime": "python", "packages": pkgs})),
+        )
+        .await;
+        assert_eq!(
+            (st, e["code"].as_str()),
+            (403, Some("dependency_not_allowed")),
+            "{e}"
+        );
+        assert!(e["message"].as_str().unwrap().contains(name), "{e}");
+    }
+    let (st, e) = call_at(
+        &dp.url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&acme),
+        Some(json!({"runtime": "python", "packages": ["x; rm -rf /"]})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{e}"
+    );
+    // Two refusals and the malformed request: three denials, one allowance.
+    let metrics = reqwest::get(format!("{}/metrics", dp.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "data_plane_dependency_decisions_total{runtime=\"python\",status=\"deny\"} 3"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "data_plane_dependency_decisions_total{runtime=\"python\",status=\"allow\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // The agent mounts only directories inside its package root.
+    let (st, e) = call_at(
+        &agent.url,
+        "POST",
+        "/v1/sessions",
+        None,
+        Some(json!({"sessionId": "direct", "runtime": "python", "token": "t".repeat(64), "packagesDir": "/etc"})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{e}"
+    );
+    dp.stop().await;
+    agent.stop().await;
+}
