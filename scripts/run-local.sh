@@ -8,6 +8,20 @@ BIN=${BIN:-target/debug}
 export ENV=${ENV:-dev}
 export RUST_LOG=${RUST_LOG:-info}
 
+# The agent's admin credential, shared with the data plane (orphan reaping).
+if [ -z "${SESSION_AGENT_ADMIN_TOKEN:-}" ]; then
+  mkdir -p .local
+  if [ ! -s .local/dev-agent-admin-token ]; then
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .local/dev-agent-admin-token)
+  fi
+  SESSION_AGENT_ADMIN_TOKEN=$(cat .local/dev-agent-admin-token)
+  export SESSION_AGENT_ADMIN_TOKEN
+fi
+# Installed packages: prepared by the data plane, mounted by the agent.
+export SESSION_AGENT_PACKAGE_ROOT=${SESSION_AGENT_PACKAGE_ROOT:-$PWD/.local/packages}
+export DEPENDENCY_CACHE_DIR=${DEPENDENCY_CACHE_DIR:-$SESSION_AGENT_PACKAGE_ROOT/cache}
+mkdir -p "$DEPENDENCY_CACHE_DIR"
+
 # Encrypted artifacts live in the checkout (the KEK file is generated there too).
 export ARTIFACT_ROOT=${ARTIFACT_ROOT:-$PWD/.local/artifacts}
 

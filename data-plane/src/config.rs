@@ -80,6 +80,10 @@ pub struct Config {
         default_value = "http://127.0.0.1:9000"
     )]
     pub agent_endpoint: String,
+    /// The agent's admin credential: with it, recovery destroys sandboxes
+    /// that no session record owns.
+    #[arg(long, env = "SESSION_AGENT_ADMIN_TOKEN", hide_env_values = true)]
+    pub agent_admin_token: Option<String>,
     #[arg(
         long,
         env = "SESSION_AGENT_AUTH_MODE",

@@ -85,6 +85,7 @@ pub async fn serve(
         artifacts,
         settings: SessionSettings {
             agent_auth: config.agent_auth_mode,
+            agent_admin_token: config.agent_admin_token.clone(),
             ready_timeout: config.ready_timeout,
             agent_timeout: config.agent_timeout,
             tenant_max_sessions: config.tenant_max_sessions,

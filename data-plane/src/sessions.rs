@@ -80,6 +80,8 @@ impl SessionRecord {
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     pub agent_auth: AgentAuthMode,
+    /// The agent's admin credential, for reaping orphan sandboxes.
+    pub agent_admin_token: Option<String>,
     pub ready_timeout: Duration,
     pub agent_timeout: Duration,
     pub tenant_max_sessions: usize,
@@ -426,6 +428,37 @@ impl SessionService {
         });
     }
 
+    /// Destroys agent sessions no record owns (with the admin credential).
+    async fn reap_orphans(&self) -> usize {
+        let Some(admin) = self.settings.agent_admin_token.as_deref() else {
+            return 0;
+        };
+        let agent = self.backend.agent();
+        let Ok(Ok(list)) =
+            tokio::time::timeout(self.settings.agent_timeout, agent.list_all_sessions(admin)).await
+        else {
+            tracing::warn!("could not list the agent's sessions; orphans are left to their TTL");
+            return 0;
+        };
+        let mut reaped = 0;
+        for s in list.sessions {
+            if self.records().contains_key(&s.session_id) {
+                continue;
+            }
+            tracing::warn!(session = %s.session_id, "destroying a sandbox no session record owns");
+            if tokio::time::timeout(
+                self.settings.agent_timeout,
+                agent.admin_delete_session(&s.session_id, admin),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
+            {
+                reaped += 1;
+            }
+        }
+        reaped
+    }
+
     /// At start-up: reload stored sessions; those the agent no longer has
     /// are marked lost, expired ones are dropped.
     pub async fn recover(&self) -> Result<(), ApiError> {
@@ -492,7 +525,8 @@ impl SessionService {
             }
             self.records().insert(id, rec);
         }
-        tracing::info!(kept, lost, "session registry recovered");
+        let orphans = self.reap_orphans().await;
+        tracing::info!(kept, lost, orphans, "session registry recovered");
         Ok(())
     }
 

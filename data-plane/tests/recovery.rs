@@ -199,3 +199,72 @@ async fn redis_registry() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn orphan_sandboxes_are_destroyed_at_recovery() {
+    let state = tempfile::Builder::new()
+        .prefix("dp-orph-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let admin = "a".repeat(48);
+    let agent = agent_proc(&state.path().join("agent"), &["--admin-token", &admin]).await;
+    let path = state.path().join("sessions").display().to_string();
+    let args = [
+        "--registry",
+        "file",
+        "--registry-path",
+        &path,
+        "--agent-admin-token",
+        &admin,
+    ];
+    let acme = credential("acme");
+    let dp = dp_proc(&agent.url, state.path(), &args).await;
+    let (st, owned) = call_at(
+        &dp.url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&acme),
+        Some(json!({"runtime": "bash"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{owned}");
+    dp.stop().await;
+    // A sandbox nobody's record owns (left by a data plane whose state was lost).
+    let client = shared::client::AgentClient::new(&agent.url).unwrap();
+    let orphan = shared::agent::CreateSessionRequest {
+        session_id: "orphan".into(),
+        runtime: "bash".into(),
+        token: Some("o".repeat(48)),
+        limits: None,
+        env: None,
+        ttl_seconds: None,
+        idle_timeout_seconds: None,
+        packages_dir: None,
+    };
+    client.create_session(&orphan).await.unwrap();
+    assert_eq!(
+        client
+            .list_all_sessions(&admin)
+            .await
+            .unwrap()
+            .sessions
+            .len(),
+        2
+    );
+    let dp = dp_proc(&agent.url, state.path(), &args).await;
+    let left: Vec<String> = client
+        .list_all_sessions(&admin)
+        .await
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![owned["sessionId"].as_str().unwrap().to_owned()],
+        "the orphan survived recovery"
+    );
+    dp.stop().await;
+    agent.stop().await;
+}

@@ -741,3 +741,53 @@ async fn one_shot_jobs_run_once_and_keep_their_output() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_agent_gives_a_bounded_503() {
+    // An "agent" that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_url = format!("http://{}", silent.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let dp = common::dp_proc(
+        &agent_url,
+        tmp.path(),
+        &["--ready-timeout", "2s", "--agent-timeout", "2s"],
+    )
+    .await;
+    let cred = credential("acme");
+    let started = Instant::now();
+    let (st, e) = common::call_at(
+        &dp.url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&cred),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (503, Some("sandbox_unavailable")),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let (st, _) = common::call_at(&dp.url, "GET", "/readyz", None, None).await;
+    assert_eq!(st, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "readyz took {:?}",
+        started.elapsed()
+    );
+    dp.stop().await;
+    hold.abort();
+}

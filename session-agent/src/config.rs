@@ -27,6 +27,10 @@ pub struct Config {
     /// Skip session token checks (development only; refused in production).
     #[arg(long, env = "SESSION_AGENT_AUTH_BYPASS", default_value_t = false, action = clap::ArgAction::Set)]
     pub auth_bypass: bool,
+    /// Admin credential (>= 43 characters): lists and deletes any session
+    /// (the data plane reaps orphans with it). Unset: no admin access.
+    #[arg(long, env = "SESSION_AGENT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Sandbox technology: gvisor, bwrap or none (development only).
     #[arg(long, env = "SESSION_ISOLATION", value_enum, default_value = "gvisor")]
     pub isolation: IsolationKind,
@@ -162,6 +166,16 @@ impl Config {
                 }
             }
         }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.len() < crate::sessions::MIN_TOKEN_LEN)
+        {
+            return Err(format!(
+                "SESSION_AGENT_ADMIN_TOKEN must be at least {} characters",
+                crate::sessions::MIN_TOKEN_LEN
+            ));
+        }
         if self.max_sessions == 0 {
             return Err("SESSION_AGENT_MAX_SESSIONS must be at least 1".into());
         }
@@ -245,6 +259,10 @@ impl Config {
             interrupt_grace: Duration::from_millis(self.interrupt_grace_ms),
             workspace_root: self.workspace_root(),
             package_root: self.package_root.clone(),
+            admin_token: self
+                .admin_token
+                .as_deref()
+                .map(|t| crate::sessions::TokenDigest::of(t).0),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Settings {
     pub defaults: EffectiveLimits,
     pub maximums: EffectiveLimits,
     pub auth_bypass: bool,
+    /// Digest of `SESSION_AGENT_ADMIN_TOKEN`: lists and deletes any session.
+    pub admin_token: Option<[u8; 32]>,
     pub max_sessions: usize,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
@@ -121,10 +123,10 @@ fn now_ms() -> u64 {
 
 /// SHA-256 of a token: compared in constant time, the token itself is not kept.
 #[derive(Clone)]
-struct TokenDigest([u8; 32]);
+pub(crate) struct TokenDigest(pub(crate) [u8; 32]);
 
 impl TokenDigest {
-    fn of(token: &str) -> Self {
+    pub(crate) fn of(token: &str) -> Self {
         TokenDigest(Sha256::digest(token.as_bytes()).into())
     }
 
@@ -519,6 +521,28 @@ impl SessionManager {
         Ok(session)
     }
 
+    /// Whether `presented` is the admin credential (constant-time compare).
+    pub fn is_admin(&self, presented: Option<&str>) -> bool {
+        match (self.settings.admin_token, presented) {
+            (Some(want), Some(p)) => bool::from(TokenDigest::of(p).0.ct_eq(&want)),
+            _ => false,
+        }
+    }
+
+    /// Every session (admin).
+    pub fn list_all(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = self
+            .slots()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(s) => Some(s.info()),
+                Slot::Creating => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        out
+    }
+
     /// Sessions visible to the caller: all with auth bypass, otherwise the
     /// ones the presented token opens (a token is scoped to one session).
     pub fn list(&self, token: Option<&str>) -> Vec<SessionInfo> {
@@ -840,6 +864,7 @@ mod tests {
             interrupt_grace: Duration::from_secs(1),
             workspace_root: PathBuf::from("/nonexistent"),
             package_root: PathBuf::from("/nonexistent"),
+            admin_token: None,
         }
     }
 

@@ -480,3 +480,66 @@ async fn warm_pool_is_claimed_once_and_refilled() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn the_admin_credential_lists_and_deletes_but_runs_nothing() {
+    let admin = token();
+    let agent = TestAgent::start(&["--admin-token", &admin]).await;
+    let (ta, tb) = (token(), token());
+    agent.session("a", "bash", &ta).await;
+    agent.session("b", "bash", &tb).await;
+    let all = agent.client.list_all_sessions(&admin).await.unwrap();
+    assert_eq!(all.sessions.len(), 2);
+    // A wrong admin token is just no token: nothing listed.
+    assert!(
+        agent
+            .client
+            .list_all_sessions(&token())
+            .await
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
+    // It cannot run code or read files.
+    let (s, _) = agent
+        .raw(
+            "POST",
+            "/v1/steps",
+            &[JSON, ("x-agent-admin-token", &admin)],
+            Some(step_body("a", "echo hi")),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = agent
+        .raw(
+            "GET",
+            "/v1/sessions/a/files",
+            &[("x-agent-admin-token", &admin)],
+            None,
+        )
+        .await;
+    assert_eq!(s, 401);
+    // It can delete any session; a wrong one cannot.
+    let e = agent
+        .client
+        .admin_delete_session("a", &token())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
+    agent
+        .client
+        .admin_delete_session("a", &admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        agent
+            .client
+            .list_all_sessions(&admin)
+            .await
+            .unwrap()
+            .sessions
+            .len(),
+        1
+    );
+    agent.stop().await;
+}

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 /// The header that carries the per-session token.
 pub const SESSION_TOKEN_HEADER: &str = "x-session-token";
 
+/// The header of the agent's admin credential: it lists and deletes any
+/// session (lifecycle only: never steps or files).
+pub const ADMIN_TOKEN_HEADER: &str = "x-agent-admin-token";
+
 /// A language runtime a session can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

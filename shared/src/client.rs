@@ -8,8 +8,8 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::agent::{
-    CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER, SessionInfo,
-    SessionList, StepRequest, StepResult, sse_event,
+    ADMIN_TOKEN_HEADER, CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER,
+    SessionInfo, SessionList, StepRequest, StepResult, sse_event,
 };
 use crate::error::{ErrorBody, ErrorCode};
 
@@ -143,6 +143,27 @@ impl AgentClient {
     pub async fn delete_session(&self, id: &str, token: Option<&str>) -> Result<(), ClientError> {
         let path = format!("/v1/sessions/{}", segment(id));
         expect_empty(self.req(Method::DELETE, &path, token).send().await?).await
+    }
+
+    /// `GET /v1/sessions` with the admin credential: every session.
+    pub async fn list_all_sessions(&self, admin_token: &str) -> Result<SessionList, ClientError> {
+        let rb = self
+            .req(Method::GET, "/v1/sessions", None)
+            .header(ADMIN_TOKEN_HEADER, admin_token);
+        decode(rb.send().await?).await
+    }
+
+    /// `DELETE /v1/sessions/{id}` with the admin credential.
+    pub async fn admin_delete_session(
+        &self,
+        id: &str,
+        admin_token: &str,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/sessions/{}", segment(id));
+        let rb = self
+            .req(Method::DELETE, &path, None)
+            .header(ADMIN_TOKEN_HEADER, admin_token);
+        expect_empty(rb.send().await?).await
     }
 
     /// `POST /v1/steps`, waiting for the whole result.

@@ -18,8 +18,8 @@ use axum::{
 use futures::StreamExt;
 use shared::ErrorCode;
 use shared::agent::{
-    CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER, SessionList,
-    StepRequest, StepResult, sse_event,
+    ADMIN_TOKEN_HEADER, CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER,
+    SessionList, StepRequest, StepResult, sse_event,
 };
 use shared::server::{ApiError, ApiJson};
 use tokio::sync::{mpsc, oneshot};
@@ -102,9 +102,15 @@ async fn create_session(
 }
 
 async fn list_sessions(State(app): State<AppState>, headers: HeaderMap) -> Json<SessionList> {
-    Json(SessionList {
-        sessions: app.sessions.list(token(&headers)),
-    })
+    let admin = headers
+        .get(ADMIN_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let sessions = if app.sessions.is_admin(admin) {
+        app.sessions.list_all()
+    } else {
+        app.sessions.list(token(&headers))
+    };
+    Json(SessionList { sessions })
 }
 
 async fn get_session(
@@ -121,7 +127,12 @@ async fn delete_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    app.sessions.authorize(&id, token(&headers))?;
+    let admin = headers
+        .get(ADMIN_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if !app.sessions.is_admin(admin) {
+        app.sessions.authorize(&id, token(&headers))?;
+    }
     app.sessions.end(&id, "deleted").await?;
     Ok(StatusCode::NO_CONTENT)
 }
