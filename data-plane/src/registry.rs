@@ -75,7 +75,7 @@ impl SessionRegistry {
                 let mut entries = tokio::fs::read_dir(dir).await?;
                 while let Some(e) = entries.next_entry().await? {
                     let name = e.file_name();
-                    if !name.to_string_lossy().ends_with(".json") {
+                    if !name.to_string_lossy().ends_with(".json") || e.path().is_dir() {
                         continue;
                     }
                     out.push(serde_json::from_slice(&tokio::fs::read(e.path()).await?)?);
@@ -127,6 +127,81 @@ impl SessionRegistry {
                     .query_async(&mut conn)
                     .await?;
                 Ok(())
+            }
+        }
+    }
+
+    /// Saves a finished job's result (jobs run once per tenant and id, also
+    /// across restarts).
+    pub async fn put_job(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        result: &shared::dataplane::JobResult,
+    ) -> Result<(), RegistryError> {
+        let json = serde_json::to_vec(result)?;
+        match self {
+            SessionRegistry::Memory => Ok(()),
+            SessionRegistry::File { dir } => {
+                let jobs = dir.join("jobs").join(tenant);
+                tokio::fs::create_dir_all(&jobs).await?;
+                let tmp = jobs.join(format!(".{job_id}.tmp"));
+                {
+                    use tokio::io::AsyncWriteExt;
+                    let mut f = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&tmp)
+                        .await?;
+                    f.write_all(&json).await?;
+                    f.sync_all().await?;
+                }
+                tokio::fs::rename(&tmp, jobs.join(format!("{job_id}.json"))).await?;
+                Ok(())
+            }
+            SessionRegistry::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                let _: () = redis::cmd("HSET")
+                    .arg(format!("{key}:jobs"))
+                    .arg(format!("{tenant}/{job_id}"))
+                    .arg(json)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A saved job result.
+    pub async fn get_job(
+        &self,
+        tenant: &str,
+        job_id: &str,
+    ) -> Result<Option<shared::dataplane::JobResult>, RegistryError> {
+        match self {
+            SessionRegistry::Memory => Ok(None),
+            SessionRegistry::File { dir } => {
+                match tokio::fs::read(dir.join("jobs").join(tenant).join(format!("{job_id}.json")))
+                    .await
+                {
+                    Ok(b) => Ok(Some(serde_json::from_slice(&b)?)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            SessionRegistry::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                let v: Option<String> = redis::cmd("HGET")
+                    .arg(format!("{key}:jobs"))
+                    .arg(format!("{tenant}/{job_id}"))
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(match v {
+                    Some(v) => Some(serde_json::from_str(&v)?),
+                    None => None,
+                })
             }
         }
     }

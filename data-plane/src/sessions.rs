@@ -224,6 +224,11 @@ impl SessionService {
             .count()
     }
 
+    /// The durable registry (jobs keep their results there too).
+    pub fn store(&self) -> &SessionRegistry {
+        &self.store
+    }
+
     pub fn artifacts(&self) -> &ArtifactStore {
         &self.artifacts
     }

@@ -268,3 +268,130 @@ async fn orphan_sandboxes_are_destroyed_at_recovery() {
     dp.stop().await;
     agent.stop().await;
 }
+
+/// The data plane as a real process, killed with SIGKILL during a step.
+#[tokio::test]
+async fn kill_9_during_a_step_loses_no_registry_state() {
+    #![allow(clippy::disallowed_methods)] // this test runs the data-plane binary
+    let state = tempfile::Builder::new()
+        .prefix("dp-kill-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let agent = agent_proc(&state.path().join("agent"), &[]).await;
+    let registry = state.path().join("sessions");
+    let spawn = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_data-plane"))
+            .env_clear()
+            .env("DATA_PLANE_ADDR", format!("127.0.0.1:{port}"))
+            .env("AUTH_JWT_SECRET", common::SECRET)
+            .env("SESSION_AGENT_ENDPOINT", &agent.url)
+            .env("SESSION_REGISTRY_BACKEND", "file")
+            .env("SESSION_REGISTRY_PATH", &registry)
+            .env("ARTIFACT_ROOT", state.path().join("artifacts"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, format!("http://127.0.0.1:{port}"))
+    };
+    let up = |url: String| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while reqwest::get(format!("{url}/healthz")).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "data plane did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let acme = credential("acme");
+    let (mut child, url) = spawn();
+    up(url.clone()).await;
+    let (st, sess) = call_at(
+        &url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&acme),
+        Some(json!({"runtime": "python"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{sess}");
+    let steps = format!(
+        "/internal/v1/sessions/{}/steps",
+        sess["sessionId"].as_str().unwrap()
+    );
+    call_at(
+        &url,
+        "POST",
+        &steps,
+        Some(&acme),
+        Some(json!({"code": "n = 7"})),
+    )
+    .await;
+    let job = json!({"jobId": "job-k", "code": "import os\nos.makedirs('output')\nopen('output/r.txt', 'w').write('1')\n5"});
+    let (st, first) = call_at(
+        &url,
+        "POST",
+        "/internal/v1/jobs",
+        Some(&acme),
+        Some(job.clone()),
+    )
+    .await;
+    assert_eq!(
+        (st, first["replayed"].clone()),
+        (200, json!(false)),
+        "{first}"
+    );
+    let slow = {
+        let (url, acme, steps) = (url.clone(), acme.clone(), steps.clone());
+        tokio::spawn(async move {
+            call_at(
+                &url,
+                "POST",
+                &steps,
+                Some(&acme),
+                Some(json!({"code": "import time\ntime.sleep(1)"})),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    slow.abort();
+
+    let (mut child, url) = spawn();
+    up(url.clone()).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (st, r) = loop {
+        let (st, r) = call_at(
+            &url,
+            "POST",
+            &steps,
+            Some(&acme),
+            Some(json!({"code": "n * 6"})),
+        )
+        .await;
+        if st != 409 || std::time::Instant::now() > deadline {
+            break (st, r);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!((st, r["result"].clone()), (200, json!(42)), "{r}");
+    // The job ran once: after the restart its id replays the saved result.
+    let (st, again) = call_at(&url, "POST", "/internal/v1/jobs", Some(&acme), Some(job)).await;
+    assert_eq!(
+        (st, again["replayed"].clone()),
+        (200, json!(true)),
+        "{again}"
+    );
+    assert_eq!(again["artifacts"], first["artifacts"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    agent.stop().await;
+}

@@ -114,10 +114,33 @@ impl JobService {
             }
             Decision::Run(tx) => tx,
         };
+        // A result saved by an earlier run of this data plane (file/redis).
+        if let Ok(Some(saved)) = self
+            .sessions
+            .store()
+            .get_job(&caller.tenant, &req.job_id)
+            .await
+        {
+            self.jobs().insert(key.clone(), Entry::Done(saved.clone()));
+            let _ = tx.send(Some(Ok(saved.clone())));
+            return Ok(JobResult {
+                replayed: true,
+                ..saved
+            });
+        }
         let running = &self.sessions.metrics().jobs_running;
         running.inc();
         let outcome = self.execute(caller, &req).await;
         running.dec();
+        if let Ok(r) = &outcome
+            && let Err(e) = self
+                .sessions
+                .store()
+                .put_job(&caller.tenant, &req.job_id, r)
+                .await
+        {
+            tracing::warn!(job = %req.job_id, error = %e, "could not save the job result durably");
+        }
         {
             let mut jobs = self.jobs();
             match &outcome {
