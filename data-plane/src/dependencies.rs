@@ -4,7 +4,8 @@
 //! content-addressed cache that the agent mounts read-only on the import
 //! path. Code in a sandbox never reaches a package index.
 //!
-//! Python only so far: pure wheels (`py3-none-any`) from a wheel directory
+//! Python: pure wheels (`py3-none-any`); Node: npm tarballs
+//! (`<name>-<version>.tgz`, unscoped); both from a local index directory
 //! (`DEPENDENCY_INDEX_DIR`).
 
 use std::collections::BTreeMap;
@@ -184,11 +185,15 @@ impl Dependencies {
         packages: &[(String, Option<String>)],
     ) -> Result<PathBuf, ApiError> {
         let unavailable = |m: String| ApiError::new(ErrorCode::DependencyUnavailable, m);
-        if runtime != "python" {
-            return Err(unavailable(format!(
-                "packages are installed for python only so far, not {runtime}"
-            )));
-        }
+        let kind = match runtime {
+            "python" => "py",
+            "node" => "node",
+            other => {
+                return Err(unavailable(format!(
+                    "runtime {other} has no package ecosystem"
+                )));
+            }
+        };
         let index = self.index.as_ref().ok_or_else(|| {
             unavailable("no package index is configured (DEPENDENCY_INDEX_DIR)".into())
         })?;
@@ -200,14 +205,17 @@ impl Dependencies {
                 .and_then(|m| m.get(name))
                 .cloned()
                 .unwrap_or_default();
-            let wheel = best_wheel(index, name, pin.as_deref(), &spec).ok_or_else(|| {
-                unavailable(format!(
-                    "no allowed pure-python wheel of {name} in the index"
-                ))
+            let found = if kind == "py" {
+                best_wheel(index, name, pin.as_deref(), &spec)
+            } else {
+                best_tarball(index, name, pin.as_deref(), &spec)
+            };
+            let file = found.ok_or_else(|| {
+                unavailable(format!("no allowed {runtime} package {name} in the index"))
             })?;
-            let bytes = std::fs::read(&wheel)
-                .map_err(|e| unavailable(format!("{}: {e}", wheel.display())))?;
-            wheels.push((hex::encode(Sha256::digest(&bytes)), bytes));
+            let bytes = std::fs::read(&file)
+                .map_err(|e| unavailable(format!("{}: {e}", file.display())))?;
+            wheels.push((hex::encode(Sha256::digest(&bytes)), (name.clone(), bytes)));
         }
         wheels.sort_by(|a, b| a.0.cmp(&b.0));
         wheels.dedup_by(|a, b| a.0 == b.0);
@@ -218,7 +226,7 @@ impl Dependencies {
                 .collect::<Vec<_>>()
                 .join("\n"),
         ));
-        let dir = self.cache.join(format!("py-{set}"));
+        let dir = self.cache.join(format!("{kind}-{set}"));
         if dir.is_dir() {
             return Ok(dir);
         }
@@ -228,8 +236,12 @@ impl Dependencies {
         ));
         let result = (|| -> Result<(), String> {
             std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-            for (_, bytes) in &wheels {
-                extract_wheel(bytes, &tmp)?;
+            for (_, (name, bytes)) in &wheels {
+                if kind == "py" {
+                    extract_wheel(bytes, &tmp)?;
+                } else {
+                    extract_npm(bytes, &tmp.join("node_modules").join(name))?;
+                }
             }
             make_readable(&tmp).map_err(|e| e.to_string())
         })();
@@ -278,6 +290,76 @@ fn best_wheel(index: &Path, name: &str, pin: Option<&str>, spec: &str) -> Option
         }
     }
     best.map(|(_, p)| p)
+}
+
+/// The newest npm tarball `<name>-<version>.tgz` allowed by `spec` (and `pin`).
+fn best_tarball(index: &Path, name: &str, pin: Option<&str>, spec: &str) -> Option<PathBuf> {
+    let mut best: Option<(String, PathBuf)> = None;
+    for e in std::fs::read_dir(index).ok()?.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(stem) = file.strip_suffix(".tgz") else {
+            continue;
+        };
+        let Some(version) = stem.strip_prefix(&format!("{name}-")) else {
+            continue;
+        };
+        if !version.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
+        if pin.is_some_and(|p| cmp_versions(version, p) != std::cmp::Ordering::Equal)
+            || !satisfies(version, spec)
+        {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(v, _)| cmp_versions(version, v) == std::cmp::Ordering::Greater)
+        {
+            best = Some((version.to_owned(), e.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Unpacks an npm tarball (gzip tar, files under `package/`) into `dest`,
+/// regular files and directories only, nothing outside `dest`.
+fn extract_npm(bytes: &[u8], dest: &Path) -> Result<(), String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
+    for entry in archive
+        .entries()
+        .map_err(|e| format!("not an npm tarball: {e}"))?
+    {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+        let rel: PathBuf = path.components().skip(1).collect();
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(format!(
+                "tarball entry {} leaves the install directory",
+                path.display()
+            ));
+        }
+        let target = dest.join(&rel);
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => {
+                std::fs::create_dir_all(&target).map_err(|e| e.to_string())?
+            }
+            tar::EntryType::Regular => {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data).map_err(|e| e.to_string())?;
+                std::fs::write(&target, data).map_err(|e| e.to_string())?;
+            }
+            // Links and devices are never installed.
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Unpacks a wheel (a zip) into `dest`, refusing entries that would land

@@ -25,6 +25,32 @@ fn wheel(dir: &std::path::Path, version: &str, value: &str) {
     w.finish().unwrap();
 }
 
+/// An npm tarball of `greet` whose module exports `value`.
+fn npm_tarball(dir: &std::path::Path, version: &str, value: &str) {
+    let file = std::fs::File::create(dir.join(format!("greet-{version}.tgz"))).unwrap();
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::default(),
+    ));
+    for (name, body) in [
+        (
+            "package/package.json",
+            format!(r#"{{"name": "greet", "version": "{version}", "main": "index.js"}}"#),
+        ),
+        (
+            "package/index.js",
+            format!("module.exports = {{ value: {value:?} }};\n"),
+        ),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, body.as_bytes()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+}
+
 #[tokio::test]
 async fn allowed_packages_are_installed_read_only_and_others_refused() {
     let tmp = tempfile::Builder::new()
@@ -35,8 +61,13 @@ async fn allowed_packages_are_installed_read_only_and_others_refused() {
     std::fs::create_dir_all(&index).unwrap();
     wheel(&index, "1.0.0", "hello from a wheel");
     wheel(&index, "2.0.0", "version two");
+    npm_tarball(&index, "1.0.0", "hello from npm");
     let allowlist = tmp.path().join("allowlist.json");
-    std::fs::write(&allowlist, r#"{"python": {"greet": ">=1,<2"}}"#).unwrap();
+    std::fs::write(
+        &allowlist,
+        r#"{"python": {"greet": ">=1,<2"}, "node": {"greet": ""}}"#,
+    )
+    .unwrap();
     let packages = tmp.path().join("packages");
     std::fs::create_dir_all(&packages).unwrap();
     let (packages_s, cache_s, index_s, allow_s) = (
@@ -91,6 +122,30 @@ async fn allowed_packages_are_installed_read_only_and_others_refused() {
     assert_ne!(r["result"][1], json!("ALLOWED"), "{r}");
     assert_eq!(r["result"][2], json!(false), "{r}");
 
+    // Node: the tarball's module, through require().
+    let (st, sess) = call_at(
+        &dp.url,
+        "POST",
+        "/internal/v1/sessions",
+        Some(&acme),
+        Some(json!({"runtime": "node", "packages": ["greet"]})),
+    )
+    .await;
+    assert_eq!(st, 201, "{sess}");
+    let node_steps = format!(
+        "/internal/v1/sessions/{}/steps",
+        sess["sessionId"].as_str().unwrap()
+    );
+    let (_, r) = call_at(
+        &dp.url,
+        "POST",
+        &node_steps,
+        Some(&acme),
+        Some(json!({"code": "require('greet').value"})),
+    )
+    .await;
+    assert_eq!(r["result"], json!("hello from npm"), "{r}");
+
     // Refusals name the package.
     for (pkgs, name) in [
         (json!(["greet==2.0.0"]), "greet==2.0.0"),
@@ -124,7 +179,8 @@ async fn allowed_packages_are_installed_read_only_and_others_refused() {
         (400, Some("invalid_argument")),
         "{e}"
     );
-    // Two refusals and the malformed request: three denials, one allowance.
+    // Two refusals and the malformed request: three denials; one allowance
+    // per runtime.
     let metrics = reqwest::get(format!("{}/metrics", dp.url))
         .await
         .unwrap()
@@ -141,6 +197,11 @@ async fn allowed_packages_are_installed_read_only_and_others_refused() {
         metrics.contains(
             "data_plane_dependency_decisions_total{runtime=\"python\",status=\"allow\"} 1"
         ),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("data_plane_dependency_decisions_total{runtime=\"node\",status=\"allow\"} 1"),
         "{metrics}"
     );
 

@@ -4,6 +4,11 @@
 const vm = require('vm');
 const util = require('util');
 globalThis.require = require;
+// Packages the data plane installed, mounted read-only (never fetched here).
+if (process.env.SANDBOX_PACKAGES) {
+  // `require` is this module's: its lookup paths are the ones that count.
+  module.paths.unshift(require('path').join(process.env.SANDBOX_PACKAGES, 'node_modules'));
+}
 
 let step = 0;
 let pending = null; // { interrupt(): void } while an async step runs
