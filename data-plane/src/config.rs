@@ -97,6 +97,10 @@ pub struct Config {
     /// Bound on every other call to the agent (files, deletes, health).
     #[arg(long, env = "DATA_PLANE_AGENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub agent_timeout: Duration,
+    /// Route execution through the session agent. The data plane has no other
+    /// execution path, so only `true` is accepted (the seed's variable).
+    #[arg(long, env = "SESSION_AGENT_PREFER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub agent_prefer: bool,
     #[arg(
         long,
         env = "SESSION_REGISTRY_BACKEND",
@@ -357,6 +361,9 @@ impl Config {
         } else if shared::env::is_production(&self.environment) {
             return Err("ARTIFACT_KEK is required when ENV=production".into());
         }
+        if !self.agent_prefer {
+            return Err("SESSION_AGENT_PREFER=false: this data plane executes only through the session agent".into());
+        }
         if self.tenant_max_sessions == 0 {
             return Err("TENANT_MAX_SESSIONS must be at least 1".into());
         }
@@ -447,6 +454,14 @@ mod tests {
             k1.to_hex(),
             "the same key on the next start"
         );
+    }
+
+    #[test]
+    fn agent_prefer_false_is_refused() {
+        let e = parse(&["--jwt-secret", SECRET, "--agent-prefer", "false"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("SESSION_AGENT_PREFER"), "{e}");
     }
 
     #[test]

@@ -66,6 +66,22 @@ impl SessionRegistry {
         })
     }
 
+    /// Whether the backend answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        match self {
+            SessionRegistry::Memory => Ok(()),
+            SessionRegistry::File { dir } => {
+                tokio::fs::metadata(dir).await?;
+                Ok(())
+            }
+            SessionRegistry::Redis { conn, .. } => {
+                let mut conn = conn.clone();
+                let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+                Ok(())
+            }
+        }
+    }
+
     /// Every stored record.
     pub async fn load(&self) -> Result<Vec<StoredSession>, RegistryError> {
         match self {

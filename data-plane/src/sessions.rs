@@ -695,6 +695,21 @@ impl SessionService {
         .await
     }
 
+    /// Whether the session registry answers (for `/readyz`).
+    pub async fn registry_ready(&self) -> Result<(), ApiError> {
+        match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::new(
+                ErrorCode::SandboxUnavailable,
+                format!("the session registry is unavailable: {e}"),
+            )),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::SandboxUnavailable,
+                "the session registry did not answer within 2 s",
+            )),
+        }
+    }
+
     /// Whether the agent answers (for `/readyz`).
     pub async fn agent_ready(&self) -> Result<(), ApiError> {
         bounded(Duration::from_secs(2), self.backend.agent().health())

@@ -91,6 +91,7 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
 
 async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     app.sessions.agent_ready().await?;
+    app.sessions.registry_ready().await?;
     Ok(Json(
         json!({"status": "ready", "runtimes": app.sessions.registry().list().len()}),
     ))
