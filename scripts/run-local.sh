@@ -76,5 +76,11 @@ cat <<TXT
   # end it (the sandbox is destroyed, the workspace wiped)
   curl -s -X DELETE $agent/v1/sessions/demo -H 'X-Session-Token: $token'
 
+  # the data plane (internal API, service credential): a development token
+  DP_TOKEN=\$(AUTH_JWT_SECRET=\$(cat .local/dev-jwt-secret) $BIN/data-plane token --tenant demo)
+  curl -s localhost:8081/internal/v1/runtimes -H "Authorization: Bearer \$DP_TOKEN"
+  curl -s -X POST localhost:8081/internal/v1/jobs -H "Authorization: Bearer \$DP_TOKEN" \\
+    -H 'Content-Type: application/json' -d '{"jobId":"hello","code":"6 * 7"}'
+
 TXT
 wait -n "${pids[@]}" || true

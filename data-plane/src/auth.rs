@@ -90,6 +90,55 @@ impl Authenticator {
     }
 }
 
+/// `data-plane token`: a development service credential.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "data-plane token",
+    about = "Mint a development service credential (refused when ENV=production)"
+)]
+pub struct TokenArgs {
+    #[arg(long)]
+    pub tenant: String,
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    #[arg(long, env = "AUTH_ISSUER", default_value = "control-plane")]
+    pub issuer: String,
+    #[arg(long, env = "AUTH_AUDIENCE", default_value = "data-plane")]
+    pub audience: String,
+    /// Lifetime, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+    #[arg(long = "env", env = "ENV", default_value = "dev")]
+    pub environment: String,
+}
+
+/// Signs a credential for `args.tenant` (never in production).
+pub fn mint_dev_token(args: &TokenArgs) -> Result<String, String> {
+    if shared::env::is_production(&args.environment) {
+        return Err(
+            "data-plane token mints development credentials only; refusing with ENV=production"
+                .into(),
+        );
+    }
+    shared::agent::validate_id("tenant", &args.tenant)?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = ServiceClaims {
+        iss: args.issuer.clone(),
+        aud: args.audience.clone(),
+        sub: "dev-token".into(),
+        tenant: args.tenant.clone(),
+        exp: now + args.ttl,
+        nbf: None,
+        iat: Some(now),
+    };
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(args.secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// Middleware: authenticates the request and attaches its [`Caller`].
 pub async fn require_credential(
     State(auth): State<Authenticator>,
@@ -172,6 +221,27 @@ mod tests {
 
     fn auth() -> Authenticator {
         Authenticator::new(Some(SECRET), "control-plane", "data-plane")
+    }
+
+    #[test]
+    fn dev_tokens_verify_and_are_refused_in_production() {
+        let mut args = TokenArgs {
+            tenant: "acme".into(),
+            secret: SECRET.into(),
+            issuer: "control-plane".into(),
+            audience: "data-plane".into(),
+            ttl: 60,
+            environment: "dev".into(),
+        };
+        assert_eq!(
+            auth()
+                .verify(&mint_dev_token(&args).unwrap())
+                .unwrap()
+                .tenant,
+            "acme"
+        );
+        args.environment = "production".into();
+        assert!(mint_dev_token(&args).is_err());
     }
 
     #[test]
