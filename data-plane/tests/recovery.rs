@@ -9,6 +9,31 @@ mod common;
 use common::{agent_proc, call_at, credential, dp_proc};
 use serde_json::json;
 
+/// Runs `code` once the session is free: a step that was running when the
+/// previous data plane died finishes first (409 until then).
+async fn step_when_free(
+    url: &str,
+    steps: &str,
+    cred: &str,
+    code: &str,
+) -> (u16, serde_json::Value) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (st, r) = call_at(
+            url,
+            "POST",
+            steps,
+            Some(cred),
+            Some(json!({ "code": code })),
+        )
+        .await;
+        if st != 409 || std::time::Instant::now() > deadline {
+            return (st, r);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn survives_restarts_and_marks_lost_sessions(
     registry: &[&str],
     file_dir: Option<&std::path::Path>,
@@ -80,22 +105,7 @@ async fn survives_restarts_and_marks_lost_sessions(
 
     // A new data plane on the same registry: the session works, with its state.
     let dp = dp_proc(&agent.url, state.path(), registry).await;
-    // (The step that was running when the old one died finishes first.)
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let (st, r) = loop {
-        let (st, r) = call_at(
-            &dp.url,
-            "POST",
-            &steps,
-            Some(&acme),
-            Some(json!({"code": "kept"})),
-        )
-        .await;
-        if st != 409 || std::time::Instant::now() > deadline {
-            break (st, r);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let (st, r) = step_when_free(&dp.url, &steps, &acme, "kept").await;
     assert_eq!((st, r["result"].clone()), (200, json!("yes")), "{r}");
     let (_, got) = call_at(
         &dp.url,
@@ -367,21 +377,7 @@ async fn kill_9_during_a_step_loses_no_registry_state() {
 
     let (mut child, url) = spawn();
     up(url.clone()).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let (st, r) = loop {
-        let (st, r) = call_at(
-            &url,
-            "POST",
-            &steps,
-            Some(&acme),
-            Some(json!({"code": "n * 6"})),
-        )
-        .await;
-        if st != 409 || std::time::Instant::now() > deadline {
-            break (st, r);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let (st, r) = step_when_free(&url, &steps, &acme, "n * 6").await;
     assert_eq!((st, r["result"].clone()), (200, json!(42)), "{r}");
     // The job ran once: after the restart its id replays the saved result.
     let (st, again) = call_at(&url, "POST", "/internal/v1/jobs", Some(&acme), Some(job)).await;

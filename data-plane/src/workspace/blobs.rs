@@ -39,6 +39,19 @@ impl Blobs {
         format!("{prefix}{key}")
     }
 
+    /// An S3 object's body, `None` if the key does not exist.
+    async fn get_object(
+        client: &aws_sdk_s3::Client,
+        bucket: &str,
+        key: String,
+    ) -> io::Result<Option<ByteStream>> {
+        match client.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => Ok(Some(out.body)),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => Ok(None),
+            Err(e) => Err(s3_err(aws_sdk_s3::error::DisplayErrorContext(e))),
+        }
+    }
+
     /// The bytes of a small blob (metadata, wrapped keys), `None` if absent.
     pub async fn read(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
         match self {
@@ -51,28 +64,12 @@ impl Blobs {
                 client,
                 bucket,
                 prefix,
-            } => {
-                match client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(Self::s3_key(prefix, key))
-                    .send()
-                    .await
-                {
-                    Ok(out) => Ok(Some(
-                        out.body
-                            .collect()
-                            .await
-                            .map_err(s3_err)?
-                            .into_bytes()
-                            .to_vec(),
-                    )),
-                    Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
-                        Ok(None)
-                    }
-                    Err(e) => Err(s3_err(aws_sdk_s3::error::DisplayErrorContext(e))),
-                }
-            }
+            } => match Self::get_object(client, bucket, Self::s3_key(prefix, key)).await? {
+                Some(body) => Ok(Some(
+                    body.collect().await.map_err(s3_err)?.into_bytes().to_vec(),
+                )),
+                None => Ok(None),
+            },
         }
     }
 
@@ -234,21 +231,9 @@ impl Blobs {
                 client,
                 bucket,
                 prefix,
-            } => {
-                match client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(Self::s3_key(prefix, key))
-                    .send()
-                    .await
-                {
-                    Ok(out) => Ok(Some(Box::new(out.body.into_async_read()))),
-                    Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
-                        Ok(None)
-                    }
-                    Err(e) => Err(s3_err(aws_sdk_s3::error::DisplayErrorContext(e))),
-                }
-            }
+            } => Ok(Self::get_object(client, bucket, Self::s3_key(prefix, key))
+                .await?
+                .map(|body| Box::new(body.into_async_read()) as Box<dyn AsyncRead + Send + Unpin>)),
         }
     }
 }

@@ -141,23 +141,7 @@ impl Stack {
         auth: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut rb = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.dp));
-        if let Some(a) = auth {
-            rb = rb.bearer_auth(a);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)})),
-        )
+        call_at(&self.dp, method, path, auth, body).await
     }
 
     pub async fn raw(
