@@ -1,35 +1,20 @@
 //! Control plane: the authenticated REST API agents call.
 //!
-//! This crate only builds, serves `/healthz` and stops cleanly for now; the
-//! issues that follow the execution core fill it in.
+//! `api` (HTTP; identity middleware) -> `policy` (regorus) -> `audit`
+//! (hash chain) -> `orchestration` (durable jobs) / `sessions` (data-plane
+//! proxy) -> `storage` (sqlx: Postgres or SQLite).
+
+pub mod audit;
+pub mod config;
+pub mod identity;
+pub mod storage;
+pub mod telemetry;
 
 use axum::{Json, Router, routing::get};
-use clap::Parser;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-/// Configuration, from flags or environment variables.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "control-plane",
-    version,
-    about = "Control plane: the authenticated REST API agents call"
-)]
-pub struct Config {
-    /// Listen address (`:8080` binds every interface).
-    #[arg(long, env = "CONTROL_PLANE_ADDR", default_value = ":8080")]
-    pub addr: String,
-    /// Deployment environment; `production` refuses development-only flags.
-    #[arg(long = "env", env = "ENV", default_value = "dev")]
-    pub environment: String,
-}
-
-impl Config {
-    /// Checks the configuration before any socket is bound.
-    pub fn validate(&self) -> Result<(), String> {
-        shared::server::parse_listen_addr(&self.addr).map(|_| ())
-    }
-}
+pub use config::Config;
 
 /// The HTTP routes.
 pub fn router() -> Router {
@@ -71,6 +56,7 @@ mod tests {
 
     #[test]
     fn bad_addr_is_refused() {
+        use clap::Parser;
         let c = Config::parse_from(["x", "--addr", "nonsense"]);
         assert!(c.validate().unwrap_err().contains("nonsense"));
     }

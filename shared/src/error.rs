@@ -64,6 +64,22 @@ pub enum ErrorCode {
     SandboxUnavailable,
     /// The service is shutting down.
     ShuttingDown,
+    /// Policy refused the request; the message lists the reasons.
+    PolicyDenied,
+    /// A submitted policy does not compile or lacks the required rules.
+    PolicyInvalid,
+    /// The `Idempotency-Key` was used before with a different request body.
+    IdempotencyKeyReused,
+    /// A request with this `Idempotency-Key` is still being processed.
+    IdempotencyInProgress,
+    /// The job has already finished (it cannot be cancelled).
+    JobFinished,
+    /// The data plane is unreachable or not ready.
+    DataPlaneUnavailable,
+    /// The metadata database is unreachable.
+    StorageUnavailable,
+    /// The audit event could not be written, so the request was refused.
+    AuditUnavailable,
     /// An unexpected failure inside the service (a bug, never bad input).
     Internal,
 }
@@ -78,9 +94,10 @@ impl ErrorCode {
             | Self::UnsupportedMode
             | Self::LimitExceeded
             | Self::PathOutsideWorkspace
-            | Self::NotAFile => 400,
+            | Self::NotAFile
+            | Self::PolicyInvalid => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden | Self::DependencyNotAllowed => 403,
+            Self::Forbidden | Self::DependencyNotAllowed | Self::PolicyDenied => 403,
             Self::DependencyUnavailable => 424,
             Self::RouteNotFound
             | Self::SessionNotFound
@@ -88,14 +105,22 @@ impl ErrorCode {
             | Self::ArtifactNotFound
             | Self::JobNotFound => 404,
             Self::MethodNotAllowed => 405,
-            Self::SessionExists | Self::SessionBusy => 409,
+            Self::SessionExists
+            | Self::SessionBusy
+            | Self::IdempotencyInProgress
+            | Self::JobFinished => 409,
             Self::SessionLost => 410,
             Self::PayloadTooLarge => 413,
+            Self::IdempotencyKeyReused => 422,
             Self::UnsupportedMediaType => 415,
             Self::WorkspaceFull => 507,
             Self::CapacityExhausted => 429,
             Self::Internal | Self::SandboxStartFailed | Self::IntegrityError => 500,
-            Self::SandboxUnavailable | Self::ShuttingDown => 503,
+            Self::SandboxUnavailable
+            | Self::ShuttingDown
+            | Self::DataPlaneUnavailable
+            | Self::StorageUnavailable
+            | Self::AuditUnavailable => 503,
         }
     }
 
@@ -130,18 +155,30 @@ impl ErrorCode {
             Self::SandboxStartFailed => "sandbox_start_failed",
             Self::SandboxUnavailable => "sandbox_unavailable",
             Self::ShuttingDown => "shutting_down",
+            Self::PolicyDenied => "policy_denied",
+            Self::PolicyInvalid => "policy_invalid",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyInProgress => "idempotency_in_progress",
+            Self::JobFinished => "job_finished",
+            Self::DataPlaneUnavailable => "data_plane_unavailable",
+            Self::StorageUnavailable => "storage_unavailable",
+            Self::AuditUnavailable => "audit_unavailable",
             Self::Internal => "internal",
         }
     }
 }
 
 /// The JSON body of every error response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Machine-readable detail, for codes that have some (`policy_denied`:
+    /// `{"reasons": [...]}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 #[cfg(test)]
@@ -177,6 +214,14 @@ mod tests {
         ErrorCode::SandboxStartFailed,
         ErrorCode::SandboxUnavailable,
         ErrorCode::ShuttingDown,
+        ErrorCode::PolicyDenied,
+        ErrorCode::PolicyInvalid,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::IdempotencyInProgress,
+        ErrorCode::JobFinished,
+        ErrorCode::DataPlaneUnavailable,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::AuditUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -223,6 +268,14 @@ mod tests {
             500 sandbox_start_failed
             503 sandbox_unavailable
             503 shutting_down
+            403 policy_denied
+            400 policy_invalid
+            422 idempotency_key_reused
+            409 idempotency_in_progress
+            409 job_finished
+            503 data_plane_unavailable
+            503 storage_unavailable
+            503 audit_unavailable
             500 internal"#]]
         .assert_eq(&table.join("\n"));
     }

@@ -28,10 +28,12 @@ tokio::task_local! {
 }
 
 /// An error on its way to becoming an HTTP response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// Machine-readable detail (the reasons of a policy denial, ...).
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -39,7 +41,14 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            details: None,
         }
+    }
+
+    /// Adds machine-readable detail to the error body.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 }
 
@@ -62,6 +71,7 @@ impl IntoResponse for ApiError {
             code: self.code,
             message: self.message,
             request_id: current_request_id(),
+            details: self.details,
         };
         (status, Json(body)).into_response()
     }

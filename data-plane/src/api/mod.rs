@@ -195,6 +195,7 @@ async fn run_step(
                     code: ErrorCode::SandboxUnavailable,
                     message: format!("the step stream from the session agent broke: {e}"),
                     request_id: None,
+                    details: None,
                 }),
         };
         Ok::<_, Infallible>(event.unwrap_or_default())

@@ -191,6 +191,7 @@ async fn run_step(
                     code: ErrorCode::Internal,
                     message: "the step task ended without a result".into(),
                     request_id: None,
+                    details: None,
                 })
                 .unwrap_or_default(),
         }

@@ -1,0 +1,289 @@
+//! The metadata database: PostgreSQL in production, SQLite embedded. One
+//! schema for both (migrations under `migrations/{postgres,sqlite}`, applied
+//! at start). Queries are written once: [`on_db!`] expands the same code for
+//! each pool type, and the few statements that differ pick by [`Dialect`].
+//!
+//! Only the domain modules (`audit`, `orchestration`, `policy`, `sessions`)
+//! use this; no handler touches sqlx.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use shared::ErrorCode;
+use shared::server::ApiError;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::config::{DatabaseDriver, redact_url};
+
+/// A pool of one of the two databases.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// The SQL dialect, for the statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// Runs the same code against whichever pool `$db` holds: `$pool` is bound
+/// to a `&PgPool` or a `&SqlitePool`.
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::storage::Db::Postgres($pool) => $body,
+            $crate::storage::Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// The database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{0}")]
+    Config(String),
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Db {
+    /// Connects and applies the migrations.
+    pub async fn connect(
+        driver: DatabaseDriver,
+        url: &str,
+        max_connections: u32,
+    ) -> Result<Db, StorageError> {
+        Self::connect_in_schema(driver, url, max_connections, None).await
+    }
+
+    /// As [`Db::connect`], with every Postgres connection confined to
+    /// `schema` (created when missing). Tests isolate themselves with it.
+    pub async fn connect_in_schema(
+        driver: DatabaseDriver,
+        url: &str,
+        max_connections: u32,
+        schema: Option<&str>,
+    ) -> Result<Db, StorageError> {
+        let db = match driver {
+            DatabaseDriver::Postgres => {
+                let mut opts = PgConnectOptions::from_str(url).map_err(|e| {
+                    StorageError::Config(format!("DATABASE_URL {}: {e}", redact_url(url)))
+                })?;
+                if let Some(schema) = schema {
+                    if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        return Err(StorageError::Config(format!("bad schema name {schema:?}")));
+                    }
+                    let admin = PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect_with(opts.clone())
+                        .await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "CREATE SCHEMA IF NOT EXISTS {schema}"
+                    )))
+                    .execute(&admin)
+                    .await?;
+                    admin.close().await;
+                    opts = opts.options([("search_path", schema)]);
+                }
+                let pool = PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(opts)
+                    .await?;
+                Db::Postgres(pool)
+            }
+            DatabaseDriver::Sqlite => {
+                let opts = sqlite_options(url)?;
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(opts)
+                    .await?;
+                Db::Sqlite(pool)
+            }
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), StorageError> {
+        match self {
+            Db::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+            Db::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// Which SQL dialect this database speaks.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Db::Postgres(_) => Dialect::Postgres,
+            Db::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// A cheap round trip, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), ApiError> {
+        on_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
+            .map_err(db_error)
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        on_db!(self, p => p.close().await)
+    }
+}
+
+/// SQLite options from `file:NAME?...`, `sqlite:...` or `sqlite::memory:`:
+/// WAL, a busy timeout, foreign keys on.
+fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StorageError> {
+    let normalized = match url.strip_prefix("file:") {
+        Some(rest) => format!("sqlite:{rest}"),
+        None => url.to_owned(),
+    };
+    let opts = SqliteConnectOptions::from_str(&normalized)
+        .map_err(|e| StorageError::Config(format!("DATABASE_URL {url}: {e}")))?;
+    Ok(opts
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true))
+}
+
+/// Maps a database failure to the API: unreachable -> 503, else a bug (500).
+pub fn db_error(e: sqlx::Error) -> ApiError {
+    match &e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => {
+            ApiError::new(ErrorCode::StorageUnavailable, format!("database: {e}"))
+        }
+        _ => {
+            tracing::error!(error = %e, "database error");
+            ApiError::new(ErrorCode::Internal, "database error")
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh random id with a type prefix (`job_…`, `ses_…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 12]>()))
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! Databases for tests: a temporary SQLite file, or a fresh schema in
+    //! the PostgreSQL on this machine (dropped by [`TestDb::cleanup`]).
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// `DATABASE_TEST_URL` or the machine's PostgreSQL.
+    pub fn postgres_url() -> String {
+        std::env::var("DATABASE_TEST_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    /// A database of one driver, isolated for one test.
+    pub struct TestDb {
+        pub db: Db,
+        schema: Option<String>,
+        _dir: Option<tempfile::TempDir>,
+    }
+
+    impl TestDb {
+        pub async fn new(driver: DatabaseDriver) -> TestDb {
+            match driver {
+                DatabaseDriver::Sqlite => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("cp-db-")
+                        .tempdir_in("/tmp")
+                        .unwrap();
+                    let url = format!("file:{}/cp.db?mode=rwc", dir.path().display());
+                    let db = Db::connect(driver, &url, 4).await.unwrap();
+                    TestDb {
+                        db,
+                        schema: None,
+                        _dir: Some(dir),
+                    }
+                }
+                DatabaseDriver::Postgres => {
+                    let schema = format!("cp_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+                    let db = Db::connect_in_schema(driver, &postgres_url(), 8, Some(&schema))
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "PostgreSQL is needed at {} ({e}); start it with \
+                                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
+                                postgres_url()
+                            )
+                        });
+                    TestDb {
+                        db,
+                        schema: Some(schema),
+                        _dir: None,
+                    }
+                }
+            }
+        }
+
+        /// Drops the test's schema (Postgres) and closes the pool.
+        pub async fn cleanup(self) {
+            self.db.close().await;
+            if let Some(schema) = self.schema {
+                let admin = PgPool::connect(&postgres_url()).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                )))
+                .execute(&admin)
+                .await
+                .unwrap();
+                admin.close().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::testing::TestDb;
+    use super::*;
+
+    #[tokio::test]
+    async fn both_databases_migrate_and_answer() {
+        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
+            let t = TestDb::new(driver).await;
+            t.db.ping().await.unwrap();
+            let n: i64 = on_db!(&t.db, p => sqlx::query_scalar("SELECT COUNT(*) FROM jobs").fetch_one(p).await).unwrap();
+            assert_eq!(n, 0);
+            t.cleanup().await;
+        }
+    }
+
+    #[test]
+    fn seed_sqlite_url_is_accepted() {
+        let o = sqlite_options("file:control-plane.db?cache=shared&mode=rwc").unwrap();
+        assert!(o.get_filename().ends_with("control-plane.db"));
+        assert!(sqlite_options("sqlite::memory:").is_ok());
+    }
+}
