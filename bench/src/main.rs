@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod controlplane;
 mod dataplane;
 
 use anyhow::{Context, anyhow, bail, ensure};
@@ -1358,6 +1359,33 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         errors.push(format!("data plane: {e:#}"));
     }
 
+    println!("control plane in front of it (SQLite, then PostgreSQL): steps, jobs, sustained jobs ...");
+    let mut cp_rows = controlplane::CpRows {
+        step: Row::new(
+            "cpStep",
+            "step through control plane",
+            &[(Stat::P50, 2.0, "ms"), (Stat::P95, 5.0, "ms")],
+        ),
+        job: Row::new(
+            "cpJob",
+            "one-shot job via control plane",
+            &[(Stat::P50, 120.0, "ms")],
+        ),
+        throughput_sqlite: Row::new(
+            "cpJobsSqlite",
+            "sustained jobs, SQLite",
+            &[(Stat::P50, 100.0, "ms/job")],
+        ),
+        throughput_postgres: Row::new(
+            "cpJobsPostgres",
+            "sustained jobs, PostgreSQL",
+            &[(Stat::P50, 100.0, "ms/job")],
+        ),
+    };
+    if let Err(e) = controlplane::phase_control_plane(&args, sizes, &mut cp_rows).await {
+        errors.push(format!("control plane: {e:#}"));
+    }
+
     if let Some(b) = baselines {
         cold.baseline = Some(b.spawn);
         step.baseline = Some(b.repl_step);
@@ -1406,6 +1434,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         dp_rows.job,
         dp_rows.upload,
         dp_rows.download,
+        cp_rows.step,
+        cp_rows.job,
+        cp_rows.throughput_sqlite,
+        cp_rows.throughput_postgres,
     ];
     for r in &mut rows {
         r.finish();

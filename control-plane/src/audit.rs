@@ -22,7 +22,8 @@ use crate::telemetry::Metrics;
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Postgres advisory lock key that serializes appends across replicas.
-const CHAIN_LOCK: i64 = 0x6175_6469_745f_6c6b; // "audit_lk"
+#[doc(hidden)]
+pub const CHAIN_LOCK: i64 = 0x6175_6469_745f_6c6b; // "audit_lk"
 
 /// An event about to be recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,72 +165,101 @@ fn unavailable(e: ApiError) -> ApiError {
     )
 }
 
-macro_rules! append_in {
-    ($pool:expr, $dialect:expr, $ev:expr) => {async {
-        let mut tx = match $dialect {
-            crate::storage::Dialect::Sqlite => $pool.begin_with("BEGIN IMMEDIATE").await,
-            crate::storage::Dialect::Postgres => $pool.begin().await,
-        }
-        .map_err(db_error)?;
-        if $dialect == crate::storage::Dialect::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(CHAIN_LOCK)
-                .execute(&mut *tx)
+/// Appends `$ev` inside the open transaction `$tx` (a `&mut Transaction`
+/// of either database), so a domain change and its audit event commit or
+/// roll back together. On SQLite the transaction must have been opened with
+/// `BEGIN IMMEDIATE` (see [`begin_write!`]) so that reading the chain's head
+/// and appending happen under one write lock. Evaluates to
+/// `Result<AuditRecord, ApiError>`.
+macro_rules! append_tx {
+    ($tx:expr, $dialect:expr, $ev:expr) => {
+        async {
+            let ev: $crate::audit::AuditEvent = $ev;
+            if $dialect == $crate::storage::Dialect::Postgres {
+                // Serializes appends across replicas until this transaction ends.
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind($crate::audit::CHAIN_LOCK)
+                    .execute(&mut **$tx)
+                    .await
+                    .map_err($crate::storage::db_error)?;
+            }
+            let last = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut **$tx)
                 .await
-                .map_err(db_error)?;
-        }
-        let last = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
+                .map_err($crate::storage::db_error)?;
+            let (seq, prev_hash) = match last {
+                Some(row) => (
+                    sqlx::Row::try_get::<i64, _>(&row, "seq").map_err($crate::storage::db_error)? + 1,
+                    sqlx::Row::try_get::<String, _>(&row, "hash")
+                        .map_err($crate::storage::db_error)?,
+                ),
+                None => (1, $crate::audit::GENESIS_HASH.to_owned()),
+            };
+            let record = $crate::audit::seal(seq, prev_hash, ev);
+            let details = record.details.to_string();
+            sqlx::query(
+                "INSERT INTO audit_events (seq, id, ts_ms, tenant, actor, action, resource, outcome, \
+                 bypass, request_id, details, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            )
+            .bind(record.seq)
+            .bind(&record.id)
+            .bind(record.ts_ms)
+            .bind(&record.tenant)
+            .bind(&record.actor)
+            .bind(&record.action)
+            .bind(&record.resource)
+            .bind(&record.outcome)
+            .bind(i64::from(record.bypass))
+            .bind(&record.request_id)
+            .bind(&details)
+            .bind(&record.prev_hash)
+            .bind(&record.hash)
+            .execute(&mut **$tx)
             .await
-            .map_err(db_error)?;
-        let (seq, prev_hash) = match last {
-            Some(row) => (
-                row.try_get::<i64, _>("seq").map_err(db_error)? + 1,
-                row.try_get::<String, _>("hash").map_err(db_error)?,
-            ),
-            None => (1, GENESIS_HASH.to_owned()),
-        };
-        let details = $ev.details.to_string();
-        let mut record = AuditRecord {
-            seq,
-            id: new_id("evt"),
-            ts_ms: now_ms(),
-            tenant: $ev.tenant,
-            actor: $ev.actor,
-            action: $ev.action,
-            resource: $ev.resource,
-            outcome: $ev.outcome,
-            bypass: $ev.bypass,
-            request_id: shared::server::current_request_id(),
-            details: $ev.details,
-            prev_hash,
-            hash: String::new(),
-        };
-        record.hash = event_hash(&record, &details);
-        sqlx::query(
-            "INSERT INTO audit_events (seq, id, ts_ms, tenant, actor, action, resource, outcome, \
-             bypass, request_id, details, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(record.seq)
-        .bind(&record.id)
-        .bind(record.ts_ms)
-        .bind(&record.tenant)
-        .bind(&record.actor)
-        .bind(&record.action)
-        .bind(&record.resource)
-        .bind(&record.outcome)
-        .bind(i64::from(record.bypass))
-        .bind(&record.request_id)
-        .bind(&details)
-        .bind(&record.prev_hash)
-        .bind(&record.hash)
-        .execute(&mut *tx)
+            .map_err($crate::storage::db_error)?;
+            Ok::<$crate::audit::AuditRecord, shared::server::ApiError>(record)
+        }
         .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok::<AuditRecord, ApiError>(record)
-    }.await};
+    };
+}
+pub(crate) use append_tx;
+
+/// Opens a write transaction: `BEGIN IMMEDIATE` on SQLite (take the write
+/// lock now, so a later write cannot fail on a stale snapshot), a plain
+/// `BEGIN` on Postgres. Evaluates to `Result<Transaction, ApiError>`.
+macro_rules! begin_write {
+    ($pool:expr, $dialect:expr) => {
+        match $dialect {
+            $crate::storage::Dialect::Sqlite => $pool.begin_with("BEGIN IMMEDIATE").await,
+            $crate::storage::Dialect::Postgres => $pool.begin().await,
+        }
+        .map_err($crate::storage::db_error)
+    };
+}
+pub(crate) use begin_write;
+
+/// Completes an event with its position in the chain and its hash.
+#[doc(hidden)]
+pub fn seal(seq: i64, prev_hash: String, ev: AuditEvent) -> AuditRecord {
+    let mut record = AuditRecord {
+        seq,
+        id: new_id("evt"),
+        ts_ms: now_ms(),
+        tenant: ev.tenant,
+        actor: ev.actor,
+        action: ev.action,
+        resource: ev.resource,
+        outcome: ev.outcome,
+        bypass: ev.bypass,
+        request_id: shared::server::current_request_id(),
+        details: ev.details,
+        prev_hash,
+        hash: String::new(),
+    };
+    let details = record.details.to_string();
+    record.hash = event_hash(&record, &details);
+    record
 }
 
 fn record_from<R: Row>(row: &R) -> Result<AuditRecord, ApiError>
@@ -273,7 +303,12 @@ impl AuditLog {
     pub async fn record(&self, ev: AuditEvent) -> Result<AuditRecord, ApiError> {
         let _serial = self.local.lock().await;
         let dialect = self.db.dialect();
-        let result = on_db!(&self.db, p => append_in!(p, dialect, ev));
+        let result = on_db!(&self.db, p => async {
+            let mut tx = begin_write!(p, dialect)?;
+            let record = append_tx!(&mut tx, dialect, ev)?;
+            tx.commit().await.map_err(db_error)?;
+            Ok::<_, ApiError>(record)
+        }.await);
         result.map_err(|e| {
             self.metrics.audit_write_failures.inc();
             tracing::error!(error = %e, "audit write failed");

@@ -1,63 +1,157 @@
-//! Control plane: the authenticated REST API agents call.
+//! Control plane: the authenticated multi-tenant REST API agents call.
 //!
-//! `api` (HTTP; identity middleware) -> `policy` (regorus) -> `audit`
-//! (hash chain) -> `orchestration` (durable jobs) / `sessions` (data-plane
-//! proxy) -> `storage` (sqlx: Postgres or SQLite).
+//! `api` (HTTP; identity middleware) -> `policy` (regorus) -> domain
+//! (`orchestration` for durable jobs, `sessions` for the data-plane proxy)
+//! -> `audit` (hash chain) and `storage` (sqlx: Postgres or SQLite);
+//! `dataplane` is the only way out to the data plane.
 
+pub mod api;
 pub mod audit;
 pub mod config;
+pub mod dataplane;
 pub mod identity;
+pub mod orchestration;
+pub mod policy;
+pub mod sessions;
 pub mod storage;
 pub mod telemetry;
 
-use axum::{Json, Router, routing::get};
-use serde_json::json;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 
-/// The HTTP routes.
-pub fn router() -> Router {
-    shared::server::with_common_layers(
-        Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) })),
-    )
+use crate::audit::AuditLog;
+use crate::dataplane::DataPlane;
+use crate::identity::{Verifier, VerifierConfig};
+use crate::orchestration::{Dispatcher, JobService, JobSettings};
+use crate::policy::PolicyService;
+use crate::sessions::SessionService;
+use crate::storage::Db;
+use crate::telemetry::Metrics;
+
+/// The runtime used when a request names none.
+pub const DEFAULT_RUNTIME: &str = "python";
+
+/// Everything the handlers share.
+pub struct App {
+    pub config: Config,
+    pub db: Db,
+    pub verifier: Verifier,
+    pub audit: AuditLog,
+    pub policy: PolicyService,
+    pub dp: DataPlane,
+    pub jobs: Arc<JobService>,
+    pub sessions: SessionService,
+    pub metrics: Arc<Metrics>,
 }
 
-/// Serves until `shutdown` is cancelled.
+impl App {
+    /// Connects the database (applying migrations) and builds every service.
+    pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let db = Db::connect(
+            config.database_driver,
+            &config.database_url,
+            config.database_max_connections,
+        )
+        .await
+        .context("DATABASE_URL")?;
+        Self::build_with_db(config, db)
+    }
+
+    /// As [`App::build`] on an already connected database (tests).
+    pub fn build_with_db(config: Config, db: Db) -> anyhow::Result<Arc<App>> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let metrics = Metrics::new();
+        let verifier = Verifier::new(&VerifierConfig {
+            secret: config.jwt_secret.as_deref(),
+            jwks_path: config.jwks_path.as_deref(),
+            issuer: &config.issuer,
+            audience: &config.audience,
+            leeway_seconds: config.leeway_seconds,
+            bypass: config.authz_bypass,
+        })
+        .map_err(anyhow::Error::msg)?;
+        let audit = AuditLog::new(db.clone(), metrics.clone());
+        let default_rego = match &config.policy_default_path {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("POLICY_DEFAULT_PATH {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let policy = PolicyService::new(db.clone(), default_rego, audit.clone(), metrics.clone())
+            .map_err(|e| anyhow::anyhow!("POLICY_DEFAULT_PATH: {e}"))?;
+        let dp = DataPlane::new(&config).map_err(anyhow::Error::msg)?;
+        let jobs = JobService::new(
+            db.clone(),
+            policy.clone(),
+            dp.clone(),
+            metrics.clone(),
+            JobSettings {
+                max_attempts: config.job_max_attempts,
+                idempotency_ttl: config.idempotency_ttl,
+                lease: config.job_lease,
+                poll_interval: config.job_poll_interval,
+                workers: config.job_workers,
+            },
+        );
+        let sessions = SessionService::new(db.clone(), policy.clone(), dp.clone(), audit.clone());
+        Ok(Arc::new(App {
+            config,
+            db,
+            verifier,
+            audit,
+            policy,
+            dp,
+            jobs,
+            sessions,
+            metrics,
+        }))
+    }
+}
+
+/// Binds `CONTROL_PLANE_ADDR` and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let addr = shared::server::parse_listen_addr(&config.addr).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "control-plane listening");
-    shared::server::serve(listener, router(), shutdown).await?;
-    tracing::info!("control-plane stopped");
-    Ok(())
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let app = App::build(config).await?;
+    serve(listener, app, shutdown).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use tower::ServiceExt;
-
-    #[tokio::test]
-    async fn healthz_and_coded_404() {
-        let resp = router()
-            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let resp = router()
-            .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+/// Serves on a bound listener with the job workers running, until
+/// `shutdown`; then drains requests and workers.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if app.config.authz_bypass {
+        tracing::warn!(
+            "AUTHZ_BYPASS=true: callers are NOT authenticated (development only; every request is audited with bypass: true)"
+        );
     }
-
-    #[test]
-    fn bad_addr_is_refused() {
-        use clap::Parser;
-        let c = Config::parse_from(["x", "--addr", "nonsense"]);
-        assert!(c.validate().unwrap_err().contains("nonsense"));
-    }
+    let tracker = TaskTracker::new();
+    Dispatcher::start(app.jobs.clone(), &tracker, shutdown.clone());
+    tracker.close();
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        database = ?app.config.database_driver,
+        data_plane = %app.config.data_plane_url,
+        "control-plane listening"
+    );
+    let served = shared::server::serve(listener, api::router(app.clone()), shutdown.clone()).await;
+    shutdown.cancel();
+    tracker.wait().await;
+    app.db.close().await;
+    tracing::info!("control-plane stopped");
+    served.map_err(Into::into)
 }

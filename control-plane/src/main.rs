@@ -1,10 +1,64 @@
 //! `control-plane` binary: parse config, init telemetry, run until SIGTERM.
+//!
+//! Also: `control-plane token --tenant T --roles R` mints a development
+//! token; `control-plane audit verify` checks the audit hash chain;
+//! `control-plane openapi` prints the API description.
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// `control-plane audit verify`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "control-plane audit verify",
+    about = "Walk the audit hash chain and report the first broken link (exit 1 if broken)"
+)]
+struct AuditArgs {
+    #[arg(long, env = "DATABASE_DRIVER", value_enum, default_value = "sqlite")]
+    database_driver: control_plane::config::DatabaseDriver,
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "file:control-plane.db?cache=shared&mode=rwc"
+    )]
+    database_url: String,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("token") => {
+            let a = control_plane::identity::TokenArgs::parse_from(args.iter().skip(1));
+            println!(
+                "{}",
+                control_plane::identity::mint_dev_token(&a).map_err(anyhow::Error::msg)?
+            );
+            return Ok(());
+        }
+        Some("openapi") => {
+            println!("{}", control_plane::api::openapi_json());
+            return Ok(());
+        }
+        Some("audit") if args.get(2).map(String::as_str) == Some("verify") => {
+            let a = AuditArgs::parse_from(args.iter().skip(2));
+            let db = control_plane::storage::Db::connect(a.database_driver, &a.database_url, 2)
+                .await?;
+            let report = control_plane::audit::AuditLog::new(
+                db,
+                control_plane::telemetry::Metrics::new(),
+            )
+            .verify()
+            .await
+            .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let config = control_plane::Config::parse();
     shared::telemetry::init_tracing();
     config.validate().map_err(anyhow::Error::msg)?;

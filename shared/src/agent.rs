@@ -49,6 +49,7 @@ impl std::fmt::Display for Runtime {
 /// Resource limits of a session. Every field is optional on input; the agent
 /// fills defaults and refuses values above its maximums.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
     /// Memory of the whole sandbox, MiB.
@@ -73,6 +74,7 @@ pub struct Limits {
 
 /// Limits after defaults were applied: what the sandbox actually runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveLimits {
     pub memory_mb: u64,
@@ -141,6 +143,7 @@ pub struct SessionList {
 
 /// How a step's code is run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum StepMode {
     /// Run the code; the value of a final expression is the result.
@@ -168,6 +171,7 @@ pub struct StepRequest {
 
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum StepStatus {
     /// The code ran to completion.
@@ -183,6 +187,7 @@ pub enum StepStatus {
 
 /// An exception or failure raised by the step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct StepError {
     /// Exception type (`ZeroDivisionError`, `TypeError`), or one of the
@@ -197,6 +202,7 @@ pub struct StepError {
 
 /// The result of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct StepResult {
     pub session_id: String,
@@ -218,6 +224,7 @@ pub struct StepResult {
 /// One event of a streamed step (`Accept: text/event-stream`). The SSE event
 /// name is the variant name; `data` is this JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct OutputChunk {
     pub data: String,
@@ -245,6 +252,7 @@ pub struct Health {
 
 /// An entry of a workspace directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct FileEntry {
     /// Path relative to the workspace root, `/`-separated.
@@ -258,6 +266,7 @@ pub struct FileEntry {
 
 /// `GET /v1/sessions/{id}/files[/{dir}]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct FileList {
     pub files: Vec<FileEntry>,

@@ -10,6 +10,7 @@ use crate::agent::{EffectiveLimits, Limits, StepMode};
 
 /// A runtime of the registry, as `GET /internal/v1/runtimes` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeInfo {
     pub name: String,
@@ -26,6 +27,7 @@ pub struct RuntimeInfo {
 
 /// `GET /internal/v1/runtimes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeList {
     pub runtimes: Vec<RuntimeInfo>,
@@ -55,6 +57,7 @@ pub struct CreateSession {
 
 /// A session as the data plane reports it: never its agent token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
     pub session_id: String,
@@ -71,6 +74,7 @@ pub struct SessionView {
 
 /// `GET /internal/v1/sessions`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SessionViewList {
     pub sessions: Vec<SessionView>,
@@ -108,6 +112,7 @@ pub struct ServiceClaims {
 
 /// An artifact's metadata. Its bytes are encrypted at rest; this is not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ArtifactInfo {
     pub artifact_id: String,

@@ -68,6 +68,8 @@ pub enum ErrorCode {
     PolicyDenied,
     /// A submitted policy does not compile or lacks the required rules.
     PolicyInvalid,
+    /// The tenant has no policy of its own (or is not the caller's tenant).
+    PolicyNotFound,
     /// The `Idempotency-Key` was used before with a different request body.
     IdempotencyKeyReused,
     /// A request with this `Idempotency-Key` is still being processed.
@@ -103,7 +105,8 @@ impl ErrorCode {
             | Self::SessionNotFound
             | Self::FileNotFound
             | Self::ArtifactNotFound
-            | Self::JobNotFound => 404,
+            | Self::JobNotFound
+            | Self::PolicyNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists
             | Self::SessionBusy
@@ -157,6 +160,7 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting_down",
             Self::PolicyDenied => "policy_denied",
             Self::PolicyInvalid => "policy_invalid",
+            Self::PolicyNotFound => "policy_not_found",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyInProgress => "idempotency_in_progress",
             Self::JobFinished => "job_finished",
@@ -216,6 +220,7 @@ mod tests {
         ErrorCode::ShuttingDown,
         ErrorCode::PolicyDenied,
         ErrorCode::PolicyInvalid,
+        ErrorCode::PolicyNotFound,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::IdempotencyInProgress,
         ErrorCode::JobFinished,
@@ -270,6 +275,7 @@ mod tests {
             503 shutting_down
             403 policy_denied
             400 policy_invalid
+            404 policy_not_found
             422 idempotency_key_reused
             409 idempotency_in_progress
             409 job_finished

@@ -2,6 +2,7 @@
 //! wire types, ids, typed clients and server glue used by every plane.
 
 pub mod agent;
+pub mod controlplane;
 pub mod dataplane;
 pub mod env;
 pub mod error;

@@ -58,6 +58,8 @@ CREATE TABLE sessions (
     app        TEXT,
     agent      TEXT,
     runtime    TEXT   NOT NULL,
+    -- The session's default step timeout, to bound calls without one.
+    timeout_ms BIGINT NOT NULL,
     created_ms BIGINT NOT NULL,
     expires_ms BIGINT NOT NULL,
     deleted_ms BIGINT

@@ -58,6 +58,8 @@ CREATE TABLE sessions (
     app        TEXT,
     agent      TEXT,
     runtime    TEXT   NOT NULL,
+    -- The session's default step timeout, to bound calls without one.
+    timeout_ms INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     deleted_ms INTEGER

@@ -1,0 +1,362 @@
+//! The control plane's figures (issue 5), each against the data-plane
+//! figure measured in the same run:
+//! - a warm Python step through control plane -> data plane -> agent vs the
+//!   same step sent to the data plane directly;
+//! - a one-shot job, submit to result (POST, then a long poll), warm pool,
+//!   vs the data plane's synchronous job;
+//! - sustained one-shot jobs, on SQLite and on PostgreSQL, as ms per job
+//!   (100 ms/job = 10 jobs/s) over a burst submitted at once.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{Agent, Args, Row, Series, Sizes, wait_pool_full};
+
+const DP_SECRET: &str = "bench-dp-secret-bench-dp-secret-bench!";
+const USER_SECRET: &str = "bench-user-secret-bench-user-secret!!";
+
+struct Server {
+    url: String,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await.context("server task")??;
+        Ok(())
+    }
+}
+
+async fn wait_up(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{url}/healthz")).send().await.is_err() {
+        ensure!(Instant::now() < deadline, "{url} did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn start_dp(agent: &Agent, root: &std::path::Path) -> anyhow::Result<Server> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let artifacts = root.join("artifacts").display().to_string();
+    let config = <data_plane::Config as Parser>::try_parse_from([
+        "data-plane",
+        "--env",
+        "dev",
+        "--jwt-secret",
+        DP_SECRET,
+        "--agent-endpoint",
+        agent.url.as_str(),
+        "--artifact-root",
+        artifacts.as_str(),
+    ])?;
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(data_plane::serve(listener, config, shutdown.clone()));
+    Ok(Server {
+        url,
+        shutdown,
+        handle,
+    })
+}
+
+/// A control plane on `driver`/`url` (Postgres: in `schema`).
+async fn start_cp(
+    dp_url: &str,
+    driver: &str,
+    url: &str,
+    schema: Option<&str>,
+) -> anyhow::Result<Server> {
+    let config = <control_plane::Config as Parser>::try_parse_from([
+        "control-plane",
+        "--env",
+        "dev",
+        "--jwt-secret",
+        USER_SECRET,
+        "--data-plane-secret",
+        DP_SECRET,
+        "--data-plane-url",
+        dp_url,
+        "--database-driver",
+        driver,
+        "--database-url",
+        url,
+        "--job-workers",
+        "8",
+    ])?;
+    let db = control_plane::storage::Db::connect_in_schema(
+        config.database_driver,
+        url,
+        config.database_max_connections,
+        schema,
+    )
+    .await
+    .with_context(|| format!("{driver} database"))?;
+    let app = control_plane::App::build_with_db(config, db)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(control_plane::serve(listener, app, shutdown.clone()));
+    Ok(Server {
+        url: addr,
+        shutdown,
+        handle,
+    })
+}
+
+fn user_token() -> anyhow::Result<String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = control_plane::identity::Claims {
+        iss: "sandbox-dev-idp".into(),
+        aud: "control-plane".into(),
+        sub: "bench".into(),
+        exp: now + 3600,
+        nbf: None,
+        iat: Some(now),
+        tenant: "bench".into(),
+        app: None,
+        agent: None,
+        roles: vec!["agent".into()],
+    };
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(USER_SECRET.as_bytes()),
+    )?)
+}
+
+fn dp_credential() -> anyhow::Result<String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = shared::dataplane::ServiceClaims {
+        iss: "control-plane".into(),
+        aud: "data-plane".into(),
+        sub: "bench".into(),
+        tenant: "bench".into(),
+        exp: now + 3600,
+        nbf: None,
+        iat: Some(now),
+    };
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(DP_SECRET.as_bytes()),
+    )?)
+}
+
+async fn post(http: &reqwest::Client, url: &str, auth: &str, body: &Value) -> anyhow::Result<Value> {
+    let resp = http.post(url).bearer_auth(auth).json(body).send().await?;
+    let status = resp.status();
+    let v: Value = resp.json().await?;
+    ensure!(status.is_success(), "{url}: {status} {v}");
+    Ok(v)
+}
+
+/// The control-plane rows.
+pub(super) struct CpRows {
+    pub step: Row,
+    pub job: Row,
+    pub throughput_sqlite: Row,
+    pub throughput_postgres: Row,
+}
+
+pub(super) async fn phase_control_plane(
+    args: &Args,
+    sizes: Sizes,
+    rows: &mut CpRows,
+) -> anyhow::Result<()> {
+    let agent = Agent::start(args, "python=4").await?;
+    let root = tempfile::Builder::new()
+        .prefix("cp-bench-")
+        .tempdir_in("/tmp")?;
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let dp = start_dp(&agent, root.path()).await?;
+    wait_up(&http, &dp.url).await?;
+    let sqlite_url = format!("file:{}/cp.db?mode=rwc", root.path().display());
+    let cp = start_cp(&dp.url, "sqlite", &sqlite_url, None).await?;
+    wait_up(&http, &cp.url).await?;
+    let result = measure(args, sizes, &agent, &http, &dp.url, &cp.url, rows).await;
+    let stopped = cp.stop().await;
+
+    // The same burst on PostgreSQL, in a schema of its own.
+    let pg = async {
+        let pg_url = std::env::var("DATABASE_TEST_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("cp_bench_{}", hex::encode(rand::random::<[u8; 4]>()));
+        let cp = start_cp(&dp.url, "postgres", &pg_url, Some(&schema)).await?;
+        wait_up(&http, &cp.url).await?;
+        let r = throughput(args, &agent, &http, &cp.url, &mut rows.throughput_postgres).await;
+        let stopped = cp.stop().await;
+        let admin = sqlx::PgPool::connect(&pg_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        r.and(stopped)
+    }
+    .await;
+    let dp_stopped = dp.stop().await;
+    let agent_stopped = agent.stop().await;
+    result.and(stopped).and(pg).and(dp_stopped).and(agent_stopped)
+}
+
+async fn measure(
+    args: &Args,
+    sizes: Sizes,
+    agent: &Agent,
+    http: &reqwest::Client,
+    dp: &str,
+    cp: &str,
+    rows: &mut CpRows,
+) -> anyhow::Result<()> {
+    let user = user_token()?;
+    let cred = dp_credential()?;
+    // 1. Steps: through the control plane, and to the data plane directly.
+    let session = post(http, &format!("{cp}/v1/sessions"), &user, &json!({})).await?;
+    let sid = session["sessionId"].as_str().context("session id")?.to_owned();
+    let direct = post(http, &format!("{dp}/internal/v1/sessions"), &cred, &json!({})).await?;
+    let did = direct["sessionId"].as_str().context("session id")?.to_owned();
+    let (mut via_cp, mut via_dp) = (Vec::new(), Vec::new());
+    let body = json!({"code": "1+1"});
+    for i in 0..sizes.warmup_steps + sizes.steps {
+        // Interleaved, so both see the same machine noise.
+        let t = Instant::now();
+        let r = post(http, &format!("{cp}/v1/sessions/{sid}/steps"), &user, &body).await?;
+        let a = t.elapsed();
+        ensure!(r["result"] == json!(2), "step answered {r}");
+        let t = Instant::now();
+        let r = post(http, &format!("{dp}/internal/v1/sessions/{did}/steps"), &cred, &body).await?;
+        let b = t.elapsed();
+        ensure!(r["result"] == json!(2), "step answered {r}");
+        if i >= sizes.warmup_steps {
+            via_cp.push(a);
+            via_dp.push(b);
+        }
+    }
+    rows.step.series = Some(Series::ms(
+        "step through the control plane",
+        "POST /v1/sessions/{id}/steps `1+1`: JWT, policy (regorus), write-ahead and completion audit events + step \
+         history on SQLite, data plane, agent; sequential",
+        &via_cp,
+    ));
+    rows.step.baseline = Some(Series::ms(
+        "step through the data plane",
+        "POST /internal/v1/sessions/{id}/steps `1+1`, interleaved with the row's samples",
+        &via_dp,
+    ));
+    for (url, auth) in [
+        (format!("{cp}/v1/sessions/{sid}"), &user),
+        (format!("{dp}/internal/v1/sessions/{did}"), &cred),
+    ] {
+        let r = http.delete(&url).bearer_auth(auth).send().await?;
+        ensure!(r.status().is_success(), "delete {url}: {}", r.status());
+    }
+
+    // 2. One job at a time, the pool full before each (untimed).
+    let (mut via_cp, mut via_dp) = (Vec::new(), Vec::new());
+    for i in 0..sizes.warmup_creates + sizes.warm_n {
+        wait_pool_full(agent).await?;
+        let t = Instant::now();
+        let job = post(http, &format!("{cp}/v1/jobs"), &user, &json!({"code": "1+1"})).await?;
+        let id = job["jobId"].as_str().context("job id")?;
+        let done: Value = http
+            .get(format!("{cp}/v1/jobs/{id}?waitMs=30000"))
+            .bearer_auth(&user)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let a = t.elapsed();
+        ensure!(done["status"] == "succeeded", "job ended {done}");
+        wait_pool_full(agent).await?;
+        let t = Instant::now();
+        let r = post(
+            http,
+            &format!("{dp}/internal/v1/jobs"),
+            &cred,
+            &json!({"jobId": format!("cp-bench-{i}"), "code": "1+1"}),
+        )
+        .await?;
+        let b = t.elapsed();
+        ensure!(r["result"] == json!(2), "job answered {r}");
+        if i >= sizes.warmup_creates {
+            via_cp.push(a);
+            via_dp.push(b);
+        }
+    }
+    rows.job.series = Some(Series::ms(
+        "one-shot job through the control plane",
+        "POST /v1/jobs `1+1` then GET /v1/jobs/{id}?waitMs: queued in SQLite, dispatched by a worker, run by the data \
+         plane in a warm sandbox; the pool refilled (untimed) before each",
+        &via_cp,
+    ));
+    rows.job.baseline = Some(Series::ms(
+        "one-shot job on the data plane",
+        "POST /internal/v1/jobs `1+1` (synchronous), same pool state",
+        &via_dp,
+    ));
+
+    // 3. Sustained jobs on SQLite.
+    throughput(args, agent, http, cp, &mut rows.throughput_sqlite).await
+}
+
+/// Submits a burst of jobs at once and waits for all: ms per job over the
+/// whole burst, three bursts.
+async fn throughput(
+    args: &Args,
+    agent: &Agent,
+    http: &reqwest::Client,
+    cp: &str,
+    row: &mut Row,
+) -> anyhow::Result<()> {
+    let user = user_token()?;
+    let n: usize = if args.quick { 20 } else { 60 };
+    let mut per_job = Vec::new();
+    let mut failures = 0usize;
+    for _ in 0..3 {
+        wait_pool_full(agent).await?;
+        let t = Instant::now();
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let job = post(http, &format!("{cp}/v1/jobs"), &user, &json!({"code": format!("{i}*2")})).await?;
+            ids.push(job["jobId"].as_str().context("job id")?.to_owned());
+        }
+        for id in &ids {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let done: Value = http
+                    .get(format!("{cp}/v1/jobs/{id}?waitMs=10000"))
+                    .bearer_auth(&user)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                match done["status"].as_str() {
+                    Some("succeeded") => break,
+                    Some("failed" | "cancelled") => {
+                        failures += 1;
+                        break;
+                    }
+                    _ => ensure!(Instant::now() < deadline, "job {id} did not finish: {done}"),
+                }
+            }
+        }
+        per_job.push(t.elapsed().as_secs_f64() * 1000.0 / n as f64);
+    }
+    ensure!(failures == 0, "{failures} jobs failed under load");
+    row.series = Some(Series::new(
+        "sustained jobs",
+        &format!(
+            "{n} jobs submitted at once, then all awaited; 8 workers, agent warm pool python=4; ms per job \
+             over the burst (100 ms/job = 10 jobs/s), three bursts, no failure allowed"
+        ),
+        "ms/job",
+        per_job,
+    ));
+    Ok(())
+}

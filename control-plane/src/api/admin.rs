@@ -1,0 +1,231 @@
+//! Runtimes, tenant policy and the audit log.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderMap, header},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use shared::ErrorCode;
+use shared::dataplane::RuntimeList;
+use shared::server::{ApiError, ApiJson};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{Caller, require_admin};
+use crate::App;
+use crate::audit::{AuditQuery, AuditRecord, VerifyReport};
+use crate::policy::{Decision, PolicyInput, TenantPolicy};
+
+/// The runtimes jobs and sessions may use, with their default and maximum
+/// limits.
+#[utoipa::path(get, path = "/v1/runtimes", tag = "sessions",
+    responses((status = 200, body = RuntimeList), (status = 503, description = "data_plane_unavailable", body = shared::ErrorBody)))]
+pub async fn runtimes(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> Result<Json<RuntimeList>, ApiError> {
+    app.policy
+        .authorize(
+            &caller,
+            &PolicyInput {
+                action: "runtime.list".into(),
+                resource: json!({"type": "runtime"}),
+                request: json!({}),
+            },
+        )
+        .await?;
+    Ok(Json(RuntimeList {
+        runtimes: app.dp.runtimes(&caller.tenant).await?,
+    }))
+}
+
+/// Only the caller's own tenant exists for it: another tenant -> 404.
+fn own_tenant(caller: &Caller, tenant: &str) -> Result<(), ApiError> {
+    if caller.tenant != tenant {
+        return Err(ApiError::new(
+            ErrorCode::PolicyNotFound,
+            format!("no policy for tenant {tenant}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The tenant's current policy (admin role only).
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/policy", tag = "policy",
+    params(("tenant" = String, Path)),
+    responses((status = 200, body = TenantPolicy), (status = 403, body = shared::ErrorBody),
+        (status = 404, description = "no policy stored, or another tenant", body = shared::ErrorBody)))]
+pub async fn get_policy(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+) -> Result<Json<TenantPolicy>, ApiError> {
+    own_tenant(&caller, &tenant)?;
+    require_admin(&caller)?;
+    app.policy
+        .get_tenant_policy(&tenant)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::PolicyNotFound,
+                format!("tenant {tenant} has no policy of its own; the platform default applies"),
+            )
+        })
+}
+
+/// Body of `PUT /v1/tenants/{tenant}/policy` as JSON; `text/plain` (the
+/// Rego itself) is accepted too.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    /// A Rego module in `package sandbox.tenant`.
+    pub rego: String,
+}
+
+/// Replace the tenant's policy with a new version (admin role only).
+#[utoipa::path(put, path = "/v1/tenants/{tenant}/policy", tag = "policy",
+    params(("tenant" = String, Path)),
+    request_body(content = PolicyBody, description = "JSON `{\"rego\": ...}` or the Rego as text/plain"),
+    responses((status = 200, body = TenantPolicy), (status = 400, description = "policy_invalid", body = shared::ErrorBody),
+        (status = 403, body = shared::ErrorBody), (status = 404, body = shared::ErrorBody)))]
+pub async fn put_policy(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<TenantPolicy>, ApiError> {
+    own_tenant(&caller, &tenant)?;
+    require_admin(&caller)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let rego = if content_type.starts_with("application/json") {
+        serde_json::from_slice::<PolicyBody>(&body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?
+            .rego
+    } else if content_type.starts_with("text/plain") {
+        String::from_utf8(body.to_vec())
+            .map_err(|_| ApiError::new(ErrorCode::InvalidArgument, "the policy is not UTF-8"))?
+    } else {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "send application/json {\"rego\": ...} or text/plain",
+        ));
+    };
+    Ok(Json(
+        app.policy.put_tenant_policy(&caller, &tenant, &rego).await?,
+    ))
+}
+
+/// Body of `POST /v1/policy/evaluate`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EvaluateBody {
+    /// `job.submit`, `session.create`, `step.run`, ...
+    pub action: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub resource: serde_json::Value,
+    /// What the request would ask for: runtime, limits, packages, egress, secrets.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+/// Dry run: what policy would decide for the caller (nothing is recorded).
+#[utoipa::path(post, path = "/v1/policy/evaluate", tag = "policy",
+    request_body = EvaluateBody,
+    responses((status = 200, body = Decision), (status = 400, body = shared::ErrorBody)))]
+pub async fn evaluate_policy(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<EvaluateBody>,
+) -> Result<Json<Decision>, ApiError> {
+    let input = PolicyInput {
+        action: body.action,
+        resource: body.resource,
+        request: body.request,
+    };
+    Ok(Json(app.policy.evaluate(&caller, &input).await?))
+}
+
+/// Filters of `GET /v1/audit`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditParams {
+    action: Option<String>,
+    resource: Option<String>,
+    outcome: Option<String>,
+    /// At or after (Unix ms).
+    since_ms: Option<i64>,
+    /// Before (Unix ms).
+    until_ms: Option<i64>,
+    /// Only events after this `seq` (the last `seq` of the previous page).
+    after: Option<i64>,
+    /// 1-1000, default 100.
+    limit: Option<i64>,
+}
+
+/// A page of the audit log.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditPage {
+    pub events: Vec<AuditRecord>,
+}
+
+/// The caller's tenant's audit events, oldest first (admin or auditor role).
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditParams),
+    responses((status = 200, body = AuditPage), (status = 403, body = shared::ErrorBody)))]
+pub async fn audit_list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Query(q): Query<AuditParams>,
+) -> Result<Json<AuditPage>, ApiError> {
+    require_auditor(&caller)?;
+    if let Some(limit) = q.limit
+        && !(1..=1000).contains(&limit)
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "limit must be 1-1000",
+        ));
+    }
+    let query = AuditQuery {
+        action: q.action,
+        resource: q.resource,
+        outcome: q.outcome,
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        after: q.after,
+        limit: q.limit,
+    };
+    Ok(Json(AuditPage {
+        events: app.audit.list(&caller.tenant, &query).await?,
+    }))
+}
+
+/// Walks the whole hash chain and reports the first broken link (admin or
+/// auditor role).
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit",
+    responses((status = 200, description = "`ok: false` names the first broken link", body = VerifyReport), (status = 403, body = shared::ErrorBody)))]
+pub async fn audit_verify(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> Result<Json<VerifyReport>, ApiError> {
+    require_auditor(&caller)?;
+    Ok(Json(app.audit.verify().await?))
+}
+
+fn require_auditor(caller: &Caller) -> Result<(), ApiError> {
+    if caller.has_role("auditor") {
+        return Ok(());
+    }
+    require_admin(caller)
+}

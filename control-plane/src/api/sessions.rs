@@ -1,0 +1,277 @@
+//! `/v1/sessions`: stateful sandboxes, their steps (sync or SSE) and
+//! workspace files; `/v1/artifacts`: files jobs left in `output/`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::{Path, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use futures::StreamExt;
+use shared::ErrorCode;
+use shared::agent::{FileList, OutputChunk, StepResult, sse_event};
+use shared::client::{PathContent, StepEvent};
+use shared::controlplane::{SessionRequest, StepRequest};
+use shared::dataplane::{ArtifactInfo, SessionView, SessionViewList};
+use shared::server::{ApiError, ApiJson};
+
+use super::Caller;
+use crate::App;
+use crate::sessions::StepHistory;
+
+pub(super) fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/sessions", get(list).post(create))
+        .route("/v1/sessions/{id}", get(get_one).delete(delete))
+        .route("/v1/sessions/{id}/steps", get(list_steps).post(run_step))
+        .route("/v1/sessions/{id}/files", get(list_files))
+        .route(
+            "/v1/sessions/{id}/files/{*path}",
+            get(read_file).put(write_file).delete(delete_file),
+        )
+        .route(
+            "/v1/artifacts/{id}",
+            get(artifact_download).delete(artifact_delete),
+        )
+        .route("/v1/artifacts/{id}/info", get(artifact_info))
+}
+
+/// Create a session: a sandbox from the warm pool, kept for its TTL.
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = SessionRequest,
+    responses((status = 201, body = SessionView),
+        (status = 400, description = "unknown_runtime, limit_exceeded, invalid_json", body = shared::ErrorBody),
+        (status = 403, description = "policy_denied, dependency_not_allowed", body = shared::ErrorBody),
+        (status = 429, description = "capacity_exhausted", body = shared::ErrorBody),
+        (status = 503, description = "data_plane_unavailable", body = shared::ErrorBody)))]
+pub async fn create(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    ApiJson(req): ApiJson<SessionRequest>,
+) -> Result<Response, ApiError> {
+    let view = app.sessions.create(&caller, req).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// One session of the caller's tenant.
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
+    responses((status = 200, body = SessionView), (status = 404, body = shared::ErrorBody)))]
+pub async fn get_one(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    Ok(Json(app.sessions.get(&caller, &id).await?))
+}
+
+/// The caller's tenant's live sessions.
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
+    responses((status = 200, body = SessionViewList)))]
+pub async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> Result<Json<SessionViewList>, ApiError> {
+    Ok(Json(SessionViewList {
+        sessions: app.sessions.list(&caller).await?,
+    }))
+}
+
+/// Destroy a session; its workspace and artifacts are securely deleted.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = shared::ErrorBody)))]
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions.delete(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Run code in the session; variables persist between steps. With
+/// `Accept: text/event-stream` the answer is SSE: `stdout`/`stderr` events
+/// as output arrives, then one `result` (or `error`).
+#[utoipa::path(post, path = "/v1/sessions/{id}/steps", tag = "sessions", params(("id" = String, Path)),
+    request_body = StepRequest,
+    responses((status = 200, description = "The step's result (or an SSE stream)", body = StepResult),
+        (status = 404, body = shared::ErrorBody), (status = 409, description = "session_busy", body = shared::ErrorBody),
+        (status = 410, description = "session_lost", body = shared::ErrorBody)))]
+pub async fn run_step(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(step): ApiJson<StepRequest>,
+) -> Result<Response, ApiError> {
+    let streaming = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !streaming {
+        return Ok(Json(app.sessions.step(&caller, &id, step).await?).into_response());
+    }
+    let events = app.sessions.step_stream(&caller, &id, step).await?;
+    let sse = events.map(|ev| {
+        let event = match ev {
+            Ok(StepEvent::Stdout(data)) => Event::default()
+                .event(sse_event::STDOUT)
+                .json_data(OutputChunk { data }),
+            Ok(StepEvent::Stderr(data)) => Event::default()
+                .event(sse_event::STDERR)
+                .json_data(OutputChunk { data }),
+            Ok(StepEvent::Result(r)) => Event::default().event(sse_event::RESULT).json_data(r),
+            Ok(StepEvent::Error(body)) => Event::default().event(sse_event::ERROR).json_data(body),
+            Err(e) => Event::default()
+                .event(sse_event::ERROR)
+                .json_data(shared::ErrorBody {
+                    code: ErrorCode::DataPlaneUnavailable,
+                    message: format!("the step stream from the data plane broke: {e}"),
+                    request_id: None,
+                    details: None,
+                }),
+        };
+        Ok::<_, Infallible>(event.unwrap_or_default())
+    });
+    Ok(Sse::new(sse)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The session's steps, oldest first (code and output cut at 64 KiB).
+#[utoipa::path(get, path = "/v1/sessions/{id}/steps", tag = "sessions", params(("id" = String, Path)),
+    responses((status = 200, body = StepHistory), (status = 404, body = shared::ErrorBody)))]
+pub async fn list_steps(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<StepHistory>, ApiError> {
+    Ok(Json(app.sessions.steps(&caller, &id).await?))
+}
+
+/// The workspace's top directory.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files", tag = "sessions", params(("id" = String, Path)),
+    responses((status = 200, body = FileList), (status = 404, body = shared::ErrorBody)))]
+pub async fn list_files(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<FileList>, ApiError> {
+    Ok(Json(app.sessions.list_files(&caller, &id).await?))
+}
+
+/// A file's bytes (`application/octet-stream`) or a directory's listing.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files/{path}", tag = "sessions",
+    params(("id" = String, Path), ("path" = String, Path, description = "Relative to the workspace")),
+    responses((status = 200, description = "The bytes, or a FileList for a directory"),
+        (status = 400, description = "path_outside_workspace", body = shared::ErrorBody),
+        (status = 404, description = "file_not_found", body = shared::ErrorBody)))]
+pub async fn read_file(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(match app.sessions.read_path(&caller, &id, &path).await? {
+        PathContent::Dir(list) => Json::<FileList>(list).into_response(),
+        PathContent::File(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+    })
+}
+
+/// Write a file (the body is its bytes).
+#[utoipa::path(put, path = "/v1/sessions/{id}/files/{path}", tag = "sessions",
+    params(("id" = String, Path), ("path" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204), (status = 400, body = shared::ErrorBody), (status = 413, body = shared::ErrorBody),
+        (status = 507, description = "workspace_full", body = shared::ErrorBody)))]
+pub async fn write_file(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((id, path)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "file is larger than the body limit",
+            )
+        } else {
+            ApiError::new(ErrorCode::InvalidArgument, e.body_text())
+        }
+    })?;
+    app.sessions.write_file(&caller, &id, &path, body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Delete a file.
+#[utoipa::path(delete, path = "/v1/sessions/{id}/files/{path}", tag = "sessions",
+    params(("id" = String, Path), ("path" = String, Path)),
+    responses((status = 204), (status = 404, body = shared::ErrorBody)))]
+pub async fn delete_file(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions.delete_file(&caller, &id, &path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An artifact's metadata.
+#[utoipa::path(get, path = "/v1/artifacts/{id}/info", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = ArtifactInfo), (status = 404, description = "artifact_not_found", body = shared::ErrorBody)))]
+pub async fn artifact_info(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ArtifactInfo>, ApiError> {
+    Ok(Json(app.sessions.artifact_info(&caller, &id).await?))
+}
+
+/// An artifact's bytes, decrypted and checked against its SHA-256.
+#[utoipa::path(get, path = "/v1/artifacts/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "The bytes", content_type = "application/octet-stream"),
+        (status = 404, body = shared::ErrorBody)))]
+pub async fn artifact_download(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (info, body) = app.sessions.artifact_download(&caller, &id).await?;
+    let body = Body::from_stream(body.map(|r| r.map_err(std::io::Error::other)));
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, info.size.to_string()),
+            (
+                header::HeaderName::from_static("x-artifact-sha256"),
+                info.sha256.clone(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Delete an artifact (its key is destroyed: crypto-shredding).
+#[utoipa::path(delete, path = "/v1/artifacts/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = shared::ErrorBody)))]
+pub async fn artifact_delete(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.sessions.artifact_delete(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

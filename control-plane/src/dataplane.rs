@@ -1,0 +1,375 @@
+//! The way out to the data plane: the typed client from `shared`, a
+//! short-lived service credential per tenant (HS256, the data plane's
+//! `AUTH_JWT_SECRET`), and the mapping of its failures to this API's codes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use shared::ErrorCode;
+use shared::agent::{FileList, Limits, StepResult};
+use shared::client::{ClientError, DataPlaneClient, PathContent, StepEvent, TenantClient};
+use shared::dataplane::{
+    ArtifactInfo, CreateSession, JobResult, RunJob, RunStep, RuntimeInfo, ServiceClaims,
+    SessionView,
+};
+use shared::server::ApiError;
+
+use crate::Config;
+
+/// Lifetime of a minted service credential; reused until a minute is left.
+const CREDENTIAL_TTL: Duration = Duration::from_secs(300);
+/// How long the runtime list is trusted before it is fetched again.
+const RUNTIMES_TTL: Duration = Duration::from_secs(30);
+
+/// The data plane, as the control plane uses it.
+#[derive(Clone)]
+pub struct DataPlane {
+    client: DataPlaneClient,
+    key: Arc<EncodingKey>,
+    issuer: String,
+    audience: String,
+    timeout: Duration,
+    credentials: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    runtimes: Arc<Mutex<Option<(Instant, Vec<RuntimeInfo>)>>>,
+}
+
+/// Maps a data-plane failure to this API. Its coded errors pass through
+/// (they are the same contract); a refused credential is our
+/// misconfiguration, not the caller's fault; anything else means the data
+/// plane is unavailable.
+pub fn dp_error(e: ClientError) -> ApiError {
+    match e {
+        ClientError::Api { body, .. } if body.code == ErrorCode::Unauthorized => {
+            tracing::error!(message = %body.message, "the data plane refused our service credential: check DATA_PLANE_JWT_SECRET/ISSUER/AUDIENCE");
+            ApiError::new(
+                ErrorCode::DataPlaneUnavailable,
+                "the data plane refused the control plane's credential",
+            )
+        }
+        ClientError::Api { body, .. } => {
+            let mut err = ApiError::new(body.code, body.message);
+            err.details = body.details;
+            err
+        }
+        ClientError::Protocol { status, detail } => ApiError::new(
+            ErrorCode::DataPlaneUnavailable,
+            format!("the data plane answered outside its contract ({status}): {detail}"),
+        ),
+        ClientError::Transport(e) => ApiError::new(
+            ErrorCode::DataPlaneUnavailable,
+            format!("the data plane cannot be reached: {e}"),
+        ),
+    }
+}
+
+impl DataPlane {
+    /// A client of `DATA_PLANE_URL` holding the service-credential key.
+    pub fn new(config: &Config) -> Result<DataPlane, String> {
+        let secret = config
+            .data_plane_secret
+            .as_deref()
+            .ok_or("DATA_PLANE_JWT_SECRET is required")?;
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("building the data-plane client: {e}"))?;
+        Ok(DataPlane {
+            client: DataPlaneClient::with_http(&config.data_plane_url, http)
+                .with_timeout(config.data_plane_timeout),
+            key: Arc::new(EncodingKey::from_secret(secret.as_bytes())),
+            issuer: config.data_plane_issuer.clone(),
+            audience: config.data_plane_audience.clone(),
+            timeout: config.data_plane_timeout,
+            credentials: Default::default(),
+            runtimes: Default::default(),
+        })
+    }
+
+    /// Bound on one call, beyond a step's own timeout.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The service credential for `tenant`, minted or reused.
+    fn credential(&self, tenant: &str) -> Result<String, ApiError> {
+        let mut cache = self
+            .credentials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((token, until)) = cache.get(tenant)
+            && *until > Instant::now() + Duration::from_secs(60)
+        {
+            return Ok(token.clone());
+        }
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = ServiceClaims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: "control-plane".into(),
+            tenant: tenant.to_owned(),
+            exp: now + CREDENTIAL_TTL.as_secs(),
+            nbf: None,
+            iat: Some(now),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("signing: {e}")))?;
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(
+            tenant.to_owned(),
+            (token.clone(), Instant::now() + CREDENTIAL_TTL),
+        );
+        Ok(token)
+    }
+
+    fn scoped(&self, tenant: &str) -> Result<TenantClient, ApiError> {
+        let token = self.credential(tenant)?;
+        Ok(self
+            .client
+            .with_context(
+                shared::server::current_request_id(),
+                shared::server::current_traceparent(),
+            )
+            .as_tenant(&token))
+    }
+
+    /// The data plane answers its readiness probe.
+    pub async fn ready(&self) -> Result<(), ApiError> {
+        self.client.ready().await.map(|_| ()).map_err(dp_error)
+    }
+
+    /// The runtimes offered (cached for a short while).
+    pub async fn runtimes(&self, tenant: &str) -> Result<Vec<RuntimeInfo>, ApiError> {
+        if let Some((at, list)) = self
+            .runtimes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            && at.elapsed() < RUNTIMES_TTL
+        {
+            return Ok(list.clone());
+        }
+        let list = self
+            .scoped(tenant)?
+            .runtimes()
+            .await
+            .map_err(dp_error)?
+            .runtimes;
+        *self
+            .runtimes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    /// Refuses an unknown runtime or a limit above its maximum with a 400,
+    /// before anything is queued or created. When the data plane cannot be
+    /// asked, the check is left to it (a job then fails with the code).
+    pub async fn check_runtime(
+        &self,
+        runtime: &str,
+        limits: Option<&Limits>,
+        timeout_ms: Option<u64>,
+    ) -> Result<(), ApiError> {
+        let list = match self.runtimes("control-plane").await {
+            Ok(list) => list,
+            Err(e) if e.code == ErrorCode::DataPlaneUnavailable => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(info) = list.iter().find(|r| r.name == runtime) else {
+            let names: Vec<&str> = list.iter().map(|r| r.name.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorCode::UnknownRuntime,
+                format!("unknown runtime {runtime:?}; available: {}", names.join(", ")),
+            ));
+        };
+        let max = &info.max_limits;
+        let mut over = Vec::new();
+        if let Some(l) = limits {
+            for (name, asked, max) in [
+                ("memoryMb", l.memory_mb, max.memory_mb),
+                ("cpuMillicores", l.cpu_millicores, max.cpu_millicores),
+                ("maxProcesses", l.max_processes, max.max_processes),
+                ("diskMb", l.disk_mb, max.disk_mb),
+                ("timeoutMs", l.timeout_ms, max.timeout_ms),
+                ("maxOutputBytes", l.max_output_bytes, max.max_output_bytes),
+            ] {
+                if let Some(v) = asked
+                    && v > max
+                {
+                    over.push(format!("{name} {v} > {max}"));
+                }
+            }
+        }
+        if let Some(t) = timeout_ms
+            && t > max.timeout_ms
+        {
+            over.push(format!("timeoutMs {t} > {}", max.timeout_ms));
+        }
+        if !over.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::LimitExceeded,
+                format!("above the maximum of runtime {runtime}: {}", over.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a job (idempotent by its id in the data plane).
+    pub async fn run_job(
+        &self,
+        tenant: &str,
+        job: RunJob,
+        timeout: Duration,
+    ) -> Result<JobResult, ClientError> {
+        let scoped = match self.scoped(tenant) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(ClientError::Protocol {
+                    status: 500,
+                    detail: e.message,
+                });
+            }
+        };
+        scoped.run_job(&job, timeout).await
+    }
+
+    /// Stops a running job.
+    pub async fn cancel_job(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        self.scoped(tenant)?
+            .cancel_job(id)
+            .await
+            .map(|_| ())
+            .map_err(dp_error)
+    }
+
+    pub async fn create_session(
+        &self,
+        tenant: &str,
+        req: CreateSession,
+    ) -> Result<SessionView, ApiError> {
+        self.scoped(tenant)?
+            .create_session(&req)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn get_session(&self, tenant: &str, id: &str) -> Result<SessionView, ApiError> {
+        self.scoped(tenant)?.get_session(id).await.map_err(dp_error)
+    }
+
+    pub async fn list_sessions(&self, tenant: &str) -> Result<Vec<SessionView>, ApiError> {
+        Ok(self
+            .scoped(tenant)?
+            .list_sessions()
+            .await
+            .map_err(dp_error)?
+            .sessions)
+    }
+
+    pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        self.scoped(tenant)?
+            .delete_session(id)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn step(
+        &self,
+        tenant: &str,
+        id: &str,
+        step: RunStep,
+        step_timeout: Duration,
+    ) -> Result<StepResult, ApiError> {
+        self.scoped(tenant)?
+            .step(id, &step, step_timeout)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn step_stream(
+        &self,
+        tenant: &str,
+        id: &str,
+        step: RunStep,
+        step_timeout: Duration,
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError>
+    {
+        self.scoped(tenant)?
+            .step_stream(id, &step, step_timeout)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn list_files(&self, tenant: &str, id: &str) -> Result<FileList, ApiError> {
+        self.scoped(tenant)?
+            .list_files(id, "")
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn read_path(
+        &self,
+        tenant: &str,
+        id: &str,
+        path: &str,
+    ) -> Result<PathContent, ApiError> {
+        self.scoped(tenant)?
+            .read_path(id, path)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn write_file(
+        &self,
+        tenant: &str,
+        id: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(), ApiError> {
+        self.scoped(tenant)?
+            .write_file(id, path, body)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn delete_file(&self, tenant: &str, id: &str, path: &str) -> Result<(), ApiError> {
+        self.scoped(tenant)?
+            .delete_file(id, path)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn artifact_info(&self, tenant: &str, id: &str) -> Result<ArtifactInfo, ApiError> {
+        self.scoped(tenant)?
+            .artifact_info(id)
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn artifact_download(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static, ApiError> {
+        self.scoped(tenant)?
+            .download_artifact(id)
+            .await
+            .map(|d| d.into_stream())
+            .map_err(dp_error)
+    }
+
+    pub async fn artifact_delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        self.scoped(tenant)?
+            .delete_artifact(id)
+            .await
+            .map_err(dp_error)
+    }
+}

@@ -1,0 +1,10 @@
+//! Durable one-shot jobs: idempotent submission, a queue in the database,
+//! a bounded worker pool with leases, retries with the same job id (the data
+//! plane runs an id at most once), cancellation.
+
+pub mod idempotency;
+pub mod jobs;
+pub mod worker;
+
+pub use jobs::{JobFilter, JobService, JobSettings, Submitted};
+pub use worker::Dispatcher;

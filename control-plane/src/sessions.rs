@@ -1,0 +1,579 @@
+//! Sessions: stateful sandboxes in the data plane, fronted here by policy,
+//! audit and a record of each session and its steps. The data plane stays
+//! the authority on a session's sandbox; this module keeps who created it
+//! and the step history (`GET /v1/sessions/{id}/steps`).
+//!
+//! Audit of a step is written ahead (`step.run`, outcome `started`: refused
+//! if it cannot be written, so no code runs unrecorded) and completed
+//! (`step.finish` with runtime, status and duration, never the output).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use shared::ErrorCode;
+use shared::agent::{FileList, StepResult};
+use shared::client::{ClientError, PathContent, StepEvent};
+use shared::controlplane::{SessionRequest, StepRequest};
+use shared::dataplane::{ArtifactInfo, CreateSession, RunStep, SessionView};
+use shared::server::ApiError;
+use sqlx::Row;
+use utoipa::ToSchema;
+
+use crate::audit::{AuditEvent, AuditLog, append_tx, begin_write};
+use crate::dataplane::DataPlane;
+use crate::identity::Identity;
+use crate::on_db;
+use crate::policy::{PolicyInput, PolicyService};
+use crate::storage::{Db, db_error, new_id, now_ms};
+
+/// Code and output kept per step in the history (the rest is cut).
+const HISTORY_CAP: usize = 64 * 1024;
+
+/// A step as the history keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub step_id: String,
+    /// Position in the session, from 1.
+    pub seq: i64,
+    /// `ok`, `error`, `timeout`, `killed`, or `failed` when it never ran.
+    pub status: String,
+    pub duration_ms: i64,
+    /// The code, cut at 64 KiB.
+    pub code: String,
+    /// The result, with stdout and stderr cut at 64 KiB each.
+    #[schema(value_type = Object)]
+    pub result: serde_json::Value,
+    pub created_at_ms: i64,
+}
+
+/// `GET /v1/sessions/{id}/steps`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepHistory {
+    pub steps: Vec<StepRecord>,
+}
+
+/// Sessions of every tenant, scoped per call.
+#[derive(Clone)]
+pub struct SessionService {
+    db: Db,
+    policy: PolicyService,
+    dp: DataPlane,
+    audit: AuditLog,
+}
+
+fn cut(s: &str, cap: usize) -> String {
+    if s.len() <= cap {
+        return s.to_owned();
+    }
+    let mut end = cap;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[cut]", &s[..end])
+}
+
+fn session_not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"))
+}
+
+/// The policy input of a session request: what it asks for.
+fn policy_request(req: &SessionRequest) -> serde_json::Value {
+    json!({
+        "runtime": req.runtime.as_deref().unwrap_or(crate::DEFAULT_RUNTIME),
+        "limits": req.limits,
+        "ttlSeconds": req.ttl_seconds,
+        "packages": req.packages.clone().unwrap_or_default(),
+        "egress": req.egress.clone().unwrap_or_default(),
+        "secrets": req.secrets.clone().unwrap_or_default(),
+    })
+}
+
+impl SessionService {
+    pub fn new(db: Db, policy: PolicyService, dp: DataPlane, audit: AuditLog) -> SessionService {
+        SessionService {
+            db,
+            policy,
+            dp,
+            audit,
+        }
+    }
+
+    async fn authorize(
+        &self,
+        identity: &Identity,
+        action: &str,
+        resource: serde_json::Value,
+        request: serde_json::Value,
+    ) -> Result<crate::policy::Decision, ApiError> {
+        self.policy
+            .authorize(
+                identity,
+                &PolicyInput {
+                    action: action.into(),
+                    resource,
+                    request,
+                },
+            )
+            .await
+    }
+
+    /// Creates a session: policy, then a sandbox in the data plane, then its
+    /// record and audit event together. If those cannot be written the
+    /// sandbox is destroyed again.
+    pub async fn create(
+        &self,
+        identity: &Identity,
+        req: SessionRequest,
+    ) -> Result<SessionView, ApiError> {
+        let runtime = req
+            .runtime
+            .clone()
+            .unwrap_or_else(|| crate::DEFAULT_RUNTIME.to_owned());
+        self.dp
+            .check_runtime(
+                &runtime,
+                req.limits.as_ref(),
+                req.limits.as_ref().and_then(|l| l.timeout_ms),
+            )
+            .await?;
+        let decision = self
+            .authorize(
+                identity,
+                "session.create",
+                json!({"type": "session"}),
+                policy_request(&req),
+            )
+            .await?;
+        let view = self
+            .dp
+            .create_session(
+                &identity.tenant,
+                CreateSession {
+                    tenant: None,
+                    runtime: Some(runtime.clone()),
+                    ttl_seconds: req.ttl_seconds,
+                    limits: req.limits.clone(),
+                    env: req.env.clone(),
+                    packages: req.packages.clone(),
+                },
+            )
+            .await?;
+        let dialect = self.db.dialect();
+        let ev = AuditEvent::by(identity, "session.create", format!("session/{}", view.session_id))
+            .details(json!({
+                "runtime": view.runtime,
+                "isolation": view.isolation,
+                "warm": view.warm,
+                "packages": req.packages.clone().unwrap_or_default(),
+                "policyVersion": decision.policy_version,
+            }));
+        let recorded = on_db!(&self.db, p => async {
+            let mut tx = begin_write!(p, dialect)?;
+            sqlx::query(
+                "INSERT INTO sessions (id, tenant, subject, app, agent, runtime, timeout_ms, created_ms, expires_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .bind(&view.session_id).bind(&identity.tenant).bind(&identity.subject)
+                .bind(&identity.app).bind(&identity.agent).bind(&view.runtime)
+                .bind(view.limits.timeout_ms as i64)
+                .bind(view.created_at_ms as i64).bind(view.expires_at_ms as i64)
+                .execute(&mut *tx).await.map_err(db_error)?;
+            append_tx!(&mut tx, dialect, ev)?;
+            tx.commit().await.map_err(db_error)?;
+            Ok::<(), ApiError>(())
+        }.await);
+        if let Err(e) = recorded {
+            if let Err(cleanup) = self
+                .dp
+                .delete_session(&identity.tenant, &view.session_id)
+                .await
+            {
+                tracing::error!(session = %view.session_id, error = %cleanup,
+                    "an unrecorded session could not be destroyed; the data plane's TTL will reap it");
+            }
+            return Err(if e.code == ErrorCode::Internal {
+                ApiError::new(ErrorCode::AuditUnavailable, e.message)
+            } else {
+                e
+            });
+        }
+        Ok(view)
+    }
+
+    /// One session of the caller's tenant.
+    pub async fn get(&self, identity: &Identity, id: &str) -> Result<SessionView, ApiError> {
+        self.authorize(
+            identity,
+            "session.read",
+            json!({"type": "session", "id": id}),
+            json!({}),
+        )
+        .await?;
+        self.dp.get_session(&identity.tenant, id).await
+    }
+
+    /// The caller's tenant's live sessions.
+    pub async fn list(&self, identity: &Identity) -> Result<Vec<SessionView>, ApiError> {
+        self.authorize(identity, "session.read", json!({"type": "session"}), json!({}))
+            .await?;
+        self.dp.list_sessions(&identity.tenant).await
+    }
+
+    /// Destroys a session and its workspace (recorded first: a deletion that
+    /// cannot be audited does not happen).
+    pub async fn delete(&self, identity: &Identity, id: &str) -> Result<(), ApiError> {
+        self.authorize(
+            identity,
+            "session.delete",
+            json!({"type": "session", "id": id}),
+            json!({}),
+        )
+        .await?;
+        // 404 before anything is recorded for a session that is not there.
+        self.dp.get_session(&identity.tenant, id).await?;
+        self.audit
+            .record(AuditEvent::by(identity, "session.delete", format!("session/{id}")))
+            .await?;
+        self.dp.delete_session(&identity.tenant, id).await?;
+        let now = now_ms();
+        let r = on_db!(&self.db, p => sqlx::query(
+            "UPDATE sessions SET deleted_ms = $1 WHERE tenant = $2 AND id = $3")
+            .bind(now).bind(&identity.tenant).bind(id)
+            .execute(p).await.map(|_| ()));
+        if let Err(e) = r {
+            tracing::warn!(session = %id, error = %e, "could not mark the session deleted");
+        }
+        Ok(())
+    }
+
+    /// Runs a step: write-ahead audit, the step in the data plane, then the
+    /// history row and the completion event together.
+    pub async fn step(
+        &self,
+        identity: &Identity,
+        session_id: &str,
+        req: StepRequest,
+    ) -> Result<StepResult, ApiError> {
+        let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
+        let outcome = self
+            .dp
+            .step(&identity.tenant, session_id, run, timeout)
+            .await;
+        self.finish_step(identity, session_id, &step_id, &req.code, &runtime, &outcome)
+            .await?;
+        outcome
+    }
+
+    /// As [`SessionService::step`], streaming stdout and stderr as they
+    /// come; the completion is recorded when the result event passes.
+    pub async fn step_stream(
+        &self,
+        identity: &Identity,
+        session_id: &str,
+        req: StepRequest,
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError>
+    {
+        use futures::StreamExt;
+        let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
+        let events = self
+            .dp
+            .step_stream(&identity.tenant, session_id, run, timeout)
+            .await?;
+        let this = self.clone();
+        let identity = identity.clone();
+        let session_id = session_id.to_owned();
+        let code = req.code;
+        Ok(events.then(move |ev| {
+            let this = this.clone();
+            let identity = identity.clone();
+            let session_id = session_id.clone();
+            let step_id = step_id.clone();
+            let code = code.clone();
+            let runtime = runtime.clone();
+            async move {
+                let outcome = match &ev {
+                    Ok(StepEvent::Result(r)) => Some(Ok((**r).clone())),
+                    Ok(StepEvent::Error(body)) => {
+                        Some(Err(ApiError::new(body.code, body.message.clone())))
+                    }
+                    Err(e) => Some(Err(ApiError::new(
+                        ErrorCode::DataPlaneUnavailable,
+                        e.to_string(),
+                    ))),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome
+                    && let Err(e) = this
+                        .finish_step(&identity, &session_id, &step_id, &code, &runtime, &outcome)
+                        .await
+                {
+                    return Ok(StepEvent::Error(shared::ErrorBody {
+                        code: e.code,
+                        message: e.message,
+                        request_id: shared::server::current_request_id(),
+                        details: None,
+                    }));
+                }
+                ev
+            }
+        }))
+    }
+
+    /// Policy and the write-ahead audit event of a step; returns its id, the
+    /// data-plane request and the session's runtime.
+    async fn begin_step(
+        &self,
+        identity: &Identity,
+        session_id: &str,
+        req: &StepRequest,
+    ) -> Result<(String, RunStep, String, Duration), ApiError> {
+        if req.code.is_empty() {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "code is empty"));
+        }
+        let (runtime, session_timeout) = self.session_runtime(&identity.tenant, session_id).await?;
+        let timeout = req.timeout_ms.map_or(session_timeout, Duration::from_millis);
+        self.authorize(
+            identity,
+            "step.run",
+            json!({"type": "session", "id": session_id}),
+            json!({"runtime": runtime, "timeoutMs": req.timeout_ms, "mode": req.mode}),
+        )
+        .await?;
+        let step_id = new_id("stp");
+        self.audit
+            .record(
+                AuditEvent::by(identity, "step.run", format!("session/{session_id}/step/{step_id}"))
+                    .outcome("started")
+                    .details(json!({"runtime": runtime, "codeBytes": req.code.len()})),
+            )
+            .await?;
+        let run = RunStep {
+            step_id: Some(step_id.clone()),
+            code: req.code.clone(),
+            timeout_ms: req.timeout_ms,
+            mode: req.mode,
+            event: req.event.clone(),
+        };
+        Ok((step_id, run, runtime, timeout))
+    }
+
+    /// The runtime and default step timeout of a session recorded for this
+    /// tenant (another tenant's or an unknown id -> 404).
+    async fn session_runtime(&self, tenant: &str, id: &str) -> Result<(String, Duration), ApiError> {
+        let row: Option<(String, i64)> = on_db!(&self.db, p => sqlx::query_as(
+            "SELECT runtime, timeout_ms FROM sessions WHERE tenant = $1 AND id = $2 AND deleted_ms IS NULL")
+            .bind(tenant).bind(id)
+            .fetch_optional(p).await.map_err(db_error))?;
+        let (runtime, timeout_ms) = row.ok_or_else(|| session_not_found(id))?;
+        Ok((runtime, Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(30_000))))
+    }
+
+    async fn finish_step(
+        &self,
+        identity: &Identity,
+        session_id: &str,
+        step_id: &str,
+        code: &str,
+        runtime: &str,
+        outcome: &Result<StepResult, ApiError>,
+    ) -> Result<(), ApiError> {
+        let (status, duration, result) = match outcome {
+            Ok(r) => {
+                let mut kept = r.clone();
+                kept.stdout = cut(&r.stdout, HISTORY_CAP);
+                kept.stderr = cut(&r.stderr, HISTORY_CAP);
+                let status = serde_json::to_value(r.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (
+                    status,
+                    r.duration_ms as i64,
+                    serde_json::to_value(&kept).unwrap_or_default(),
+                )
+            }
+            Err(e) => (
+                "failed".to_owned(),
+                0,
+                json!({"code": e.code, "message": e.message}),
+            ),
+        };
+        let now = now_ms();
+        let dialect = self.db.dialect();
+        let ev = AuditEvent::by(
+            identity,
+            "step.finish",
+            format!("session/{session_id}/step/{step_id}"),
+        )
+        .outcome(if outcome.is_ok() { "succeeded" } else { "failed" })
+        .details(json!({
+            "runtime": runtime,
+            "status": status,
+            "durationMs": duration,
+            "error": outcome.as_ref().err().map(|e| e.code),
+        }));
+        let code = cut(code, HISTORY_CAP);
+        let result = result.to_string();
+        on_db!(&self.db, p => async {
+            let mut tx = begin_write!(p, dialect)?;
+            sqlx::query(
+                "INSERT INTO steps (id, session_id, tenant, seq, status, duration_ms, code, result, created_ms) \
+                 VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE tenant = $3 AND session_id = $2), \
+                 $4, $5, $6, $7, $8)")
+                .bind(step_id).bind(session_id).bind(&identity.tenant)
+                .bind(&status).bind(duration).bind(&code).bind(&result).bind(now)
+                .execute(&mut *tx).await.map_err(db_error)?;
+            append_tx!(&mut tx, dialect, ev)?;
+            tx.commit().await.map_err(db_error)?;
+            Ok::<(), ApiError>(())
+        }.await)
+        .map_err(|e| ApiError::new(ErrorCode::AuditUnavailable, format!(
+            "the step ran but its record could not be written: {}", e.message)))
+    }
+
+    /// The step history of a session of the caller's tenant.
+    pub async fn steps(&self, identity: &Identity, session_id: &str) -> Result<StepHistory, ApiError> {
+        self.authorize(
+            identity,
+            "step.read",
+            json!({"type": "session", "id": session_id}),
+            json!({}),
+        )
+        .await?;
+        let known: Option<i64> = on_db!(&self.db, p => sqlx::query_scalar(
+            "SELECT created_ms FROM sessions WHERE tenant = $1 AND id = $2")
+            .bind(&identity.tenant).bind(session_id)
+            .fetch_optional(p).await.map_err(db_error))?;
+        if known.is_none() {
+            return Err(session_not_found(session_id));
+        }
+        let steps = on_db!(&self.db, p => {
+            let rows = sqlx::query(
+                "SELECT * FROM steps WHERE tenant = $1 AND session_id = $2 ORDER BY seq")
+                .bind(&identity.tenant).bind(session_id)
+                .fetch_all(p).await.map_err(db_error)?;
+            rows.iter().map(|r| Ok::<_, ApiError>(StepRecord {
+                step_id: r.try_get("id").map_err(db_error)?,
+                seq: r.try_get("seq").map_err(db_error)?,
+                status: r.try_get("status").map_err(db_error)?,
+                duration_ms: r.try_get("duration_ms").map_err(db_error)?,
+                code: r.try_get("code").map_err(db_error)?,
+                result: serde_json::from_str(&r.try_get::<String, _>("result").map_err(db_error)?)
+                    .unwrap_or_default(),
+                created_at_ms: r.try_get("created_ms").map_err(db_error)?,
+            })).collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(StepHistory { steps })
+    }
+
+    /// Lists the workspace's top directory.
+    pub async fn list_files(&self, identity: &Identity, id: &str) -> Result<FileList, ApiError> {
+        self.file_policy(identity, "file.read", id, "").await?;
+        self.dp.list_files(&identity.tenant, id).await
+    }
+
+    /// A file's bytes, or a directory's listing.
+    pub async fn read_path(
+        &self,
+        identity: &Identity,
+        id: &str,
+        path: &str,
+    ) -> Result<PathContent, ApiError> {
+        self.file_policy(identity, "file.read", id, path).await?;
+        self.dp.read_path(&identity.tenant, id, path).await
+    }
+
+    /// Writes a file (recorded first).
+    pub async fn write_file(
+        &self,
+        identity: &Identity,
+        id: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(), ApiError> {
+        self.file_policy(identity, "file.write", id, path).await?;
+        self.session_runtime(&identity.tenant, id).await?;
+        self.audit
+            .record(
+                AuditEvent::by(identity, "file.write", format!("session/{id}/files/{path}"))
+                    .details(json!({"bytes": body.len()})),
+            )
+            .await?;
+        self.dp.write_file(&identity.tenant, id, path, body).await
+    }
+
+    /// Deletes a file (recorded first).
+    pub async fn delete_file(&self, identity: &Identity, id: &str, path: &str) -> Result<(), ApiError> {
+        self.file_policy(identity, "file.delete", id, path).await?;
+        self.session_runtime(&identity.tenant, id).await?;
+        self.audit
+            .record(AuditEvent::by(identity, "file.delete", format!("session/{id}/files/{path}")))
+            .await?;
+        self.dp.delete_file(&identity.tenant, id, path).await
+    }
+
+    async fn file_policy(&self, identity: &Identity, action: &str, id: &str, path: &str) -> Result<(), ApiError> {
+        self.authorize(
+            identity,
+            action,
+            json!({"type": "file", "session": id, "path": path}),
+            json!({}),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// An artifact's metadata (recorded: artifact access is audited).
+    pub async fn artifact_info(&self, identity: &Identity, id: &str) -> Result<ArtifactInfo, ApiError> {
+        self.authorize(identity, "artifact.read", json!({"type": "artifact", "id": id}), json!({}))
+            .await?;
+        let info = self.dp.artifact_info(&identity.tenant, id).await?;
+        Ok(info)
+    }
+
+    /// An artifact's bytes, streamed; the access is recorded first.
+    pub async fn artifact_download(
+        &self,
+        identity: &Identity,
+        id: &str,
+    ) -> Result<(ArtifactInfo, impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static), ApiError> {
+        let info = self.artifact_info(identity, id).await?;
+        self.audit
+            .record(
+                AuditEvent::by(identity, "artifact.read", format!("artifact/{id}"))
+                    .details(json!({"name": info.name, "size": info.size})),
+            )
+            .await?;
+        let body = self.dp.artifact_download(&identity.tenant, id).await?;
+        Ok((info, body))
+    }
+
+    /// Deletes an artifact (crypto-shredded by the data plane; recorded first).
+    pub async fn artifact_delete(&self, identity: &Identity, id: &str) -> Result<(), ApiError> {
+        self.authorize(identity, "artifact.delete", json!({"type": "artifact", "id": id}), json!({}))
+            .await?;
+        self.dp.artifact_info(&identity.tenant, id).await?;
+        self.audit
+            .record(AuditEvent::by(identity, "artifact.delete", format!("artifact/{id}")))
+            .await?;
+        self.dp.artifact_delete(&identity.tenant, id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_cuts_on_a_char_boundary() {
+        let s = "é".repeat(10);
+        let c = cut(&s, 5);
+        assert!(c.starts_with("éé"));
+        assert!(c.ends_with("[cut]"));
+        assert_eq!(cut("short", 10), "short");
+    }
+}
