@@ -26,7 +26,7 @@ use crate::workspace::artifacts::{ArtifactError, ArtifactStore};
 use crate::workspace::crypto::{CryptoError, SecretKey};
 
 /// Time allowed beyond a step's own timeout (interrupt grace, restart).
-const STEP_MARGIN: Duration = Duration::from_secs(15);
+const STEP_MARGIN: Duration = Duration::from_millis(shared::dataplane::STEP_MARGIN_MS);
 
 struct SessionRecord {
     tenant: String,

@@ -192,7 +192,8 @@ pub enum StepStatus {
 pub struct StepError {
     /// Exception type (`ZeroDivisionError`, `TypeError`), or one of the
     /// agent's codes: `Timeout`, `MemoryError`, `SandboxExited`, `ExitStatus`
-    /// (bash), `SessionEnded`, `ResultTooLarge`, `KernelProtocolError`.
+    /// (bash), `SessionEnded`, `ResultTooLarge`, `KernelProtocolError`; a
+    /// cancelled data-plane job reports `Cancelled`.
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,

@@ -96,6 +96,22 @@ pub struct RunStep {
     pub event: Option<serde_json::Value>,
 }
 
+/// Time the data plane allows a step beyond its own timeout (interrupt
+/// grace, an interpreter restart) before it answers 503 itself; a caller's
+/// bound on a step must be longer, so the coded answer arrives first.
+pub const STEP_MARGIN_MS: u64 = 15_000;
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeStatus {
+    /// `ok` (live) or `ready`.
+    pub status: String,
+    /// Runtimes offered (`/readyz` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtimes: Option<usize>,
+}
+
 /// Claims of the service credential the control plane presents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceClaims {
@@ -151,6 +167,11 @@ pub struct RunJob {
     pub packages: Option<Vec<String>>,
 }
 
+/// `error.type` of a cancelled job's result (`status: killed`), as
+/// `POST /internal/v1/jobs/{id}/cancel` and every later run or get of that id
+/// report it.
+pub const JOB_CANCELLED: &str = "Cancelled";
+
 /// The outcome of a job. Files the code wrote under `output/` in its
 /// workspace are kept as artifacts (the sandbox itself is destroyed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,5 +191,63 @@ pub struct JobResult {
     pub replayed: bool,
 }
 
+impl JobResult {
+    /// Whether this is the outcome of a cancellation (not of the code).
+    pub fn is_cancelled(&self) -> bool {
+        self.status == crate::agent::StepStatus::Killed
+            && self.error.as_ref().is_some_and(|e| e.kind == JOB_CANCELLED)
+    }
+}
+
 /// The folder of the workspace whose files become a job's artifacts.
 pub const JOB_OUTPUT_DIR: &str = "output";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{StepError, StepStatus};
+
+    fn cancelled() -> JobResult {
+        JobResult {
+            job_id: "j".into(),
+            status: StepStatus::Killed,
+            stdout: "started\n".into(),
+            stderr: String::new(),
+            result: None,
+            error: Some(StepError {
+                kind: JOB_CANCELLED.into(),
+                message: "the job was cancelled".into(),
+                traceback: String::new(),
+            }),
+            duration_ms: 5,
+            truncated: false,
+            artifacts: Vec::new(),
+            replayed: false,
+        }
+    }
+
+    #[test]
+    fn a_cancelled_job_result_is_pinned() {
+        expect_test::expect![[r#"{"jobId":"j","status":"killed","stdout":"started\n","stderr":"","result":null,"error":{"type":"Cancelled","message":"the job was cancelled","traceback":""},"durationMs":5,"truncated":false,"artifacts":[],"replayed":false}"#]]
+        .assert_eq(&serde_json::to_string(&cancelled()).unwrap());
+        assert!(cancelled().is_cancelled());
+    }
+
+    #[test]
+    fn only_a_cancellation_is_cancelled() {
+        // Killed by the memory limit, or a step that raised `Cancelled`.
+        let oom = JobResult {
+            error: Some(StepError {
+                kind: "MemoryError".into(),
+                message: "out of memory".into(),
+                traceback: String::new(),
+            }),
+            ..cancelled()
+        };
+        let raised = JobResult {
+            status: StepStatus::Error,
+            ..cancelled()
+        };
+        assert!(!oom.is_cancelled() && !raised.is_cancelled());
+    }
+}

@@ -17,11 +17,12 @@ use axum::{
     routing::get,
 };
 use futures::StreamExt;
-use serde_json::json;
 use shared::ErrorCode;
 use shared::agent::{FileList, OutputChunk, sse_event};
 use shared::client::{PathContent, StepEvent};
-use shared::dataplane::{CreateSession, JobResult, RunJob, RunStep, RuntimeList, SessionViewList};
+use shared::dataplane::{
+    CreateSession, JobResult, ProbeStatus, RunJob, RunStep, RuntimeList, SessionViewList,
+};
 use shared::server::{ApiError, ApiJson};
 
 use crate::auth::{Authenticator, Caller, require_credential};
@@ -71,9 +72,21 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
         .route("/internal/v1/artifacts/{id}/info", get(artifacts::info))
         .route("/internal/v1/jobs", axum::routing::post(run_job))
         .route("/internal/v1/jobs/{id}", get(get_job))
+        .route(
+            "/internal/v1/jobs/{id}/cancel",
+            axum::routing::post(cancel_job),
+        )
         .layer(middleware::from_fn_with_state(auth, require_credential));
     let probes = Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async {
+                Json(ProbeStatus {
+                    status: "ok".into(),
+                    runtimes: None,
+                })
+            }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let metrics = state.sessions.metrics().clone();
@@ -89,12 +102,13 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
     )
 }
 
-async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn readyz(State(app): State<AppState>) -> Result<Json<ProbeStatus>, ApiError> {
     app.sessions.agent_ready().await?;
     app.sessions.registry_ready().await?;
-    Ok(Json(
-        json!({"status": "ready", "runtimes": app.sessions.registry().list().len()}),
-    ))
+    Ok(Json(ProbeStatus {
+        status: "ready".into(),
+        runtimes: Some(app.sessions.registry().list().len()),
+    }))
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -218,7 +232,15 @@ async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<JobResult>, ApiError> {
-    Ok(Json(app.jobs.get(&caller, &id)?))
+    Ok(Json(app.jobs.get(&caller, &id).await?))
+}
+
+async fn cancel_job(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<JobResult>, ApiError> {
+    Ok(Json(app.jobs.cancel(&caller, &id).await?))
 }
 
 async fn list_root(

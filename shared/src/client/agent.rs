@@ -1,0 +1,231 @@
+//! The session agent's API (`/v1/...`), called by the data plane with each
+//! session's token.
+
+use bytes::Bytes;
+use futures::Stream;
+use reqwest::{Method, RequestBuilder};
+
+use super::{
+    ClientError, Endpoint, PathContent, StepEvent, decode, default_http, error_from, expect_empty,
+    files_path, path_content, segment, sse, success,
+};
+use crate::agent::{
+    ADMIN_TOKEN_HEADER, CreateSessionRequest, FileList, Health, SESSION_TOKEN_HEADER, SessionInfo,
+    SessionList, StepRequest, StepResult,
+};
+
+const SESSIONS: &str = "/v1/sessions";
+
+/// A client bound to one agent base URL (`http://127.0.0.1:9000`).
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    endpoint: Endpoint,
+}
+
+impl AgentClient {
+    /// A client with TCP_NODELAY and a connect timeout.
+    pub fn new(base_url: impl Into<String>) -> Result<Self, ClientError> {
+        Ok(Self::with_http(base_url, default_http()?))
+    }
+
+    /// A client sharing an existing connection pool.
+    pub fn with_http(base_url: impl Into<String>, http: reqwest::Client) -> Self {
+        Self {
+            endpoint: Endpoint::new(base_url, http),
+        }
+    }
+
+    /// The same client, sending `x-request-id` and `traceparent` so the
+    /// agent's logs join the caller's.
+    pub fn with_context(&self, request_id: Option<String>, traceparent: Option<String>) -> Self {
+        Self {
+            endpoint: self.endpoint.with_context(request_id, traceparent),
+        }
+    }
+
+    fn req(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let rb = self.endpoint.request(method, path);
+        match token {
+            Some(t) => rb.header(SESSION_TOKEN_HEADER, t),
+            None => rb,
+        }
+    }
+
+    /// `GET /v1/health`.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        decode(self.req(Method::GET, "/v1/health", None).send().await?).await
+    }
+
+    /// `POST /v1/sessions`; the token in `req` is also sent as the header.
+    pub async fn create_session(
+        &self,
+        req: &CreateSessionRequest,
+    ) -> Result<SessionInfo, ClientError> {
+        let rb = self
+            .req(Method::POST, SESSIONS, req.token.as_deref())
+            .json(req);
+        decode(rb.send().await?).await
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub async fn get_session(
+        &self,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<SessionInfo, ClientError> {
+        let path = format!("{SESSIONS}/{}", segment(id));
+        decode(self.req(Method::GET, &path, token).send().await?).await
+    }
+
+    /// `GET /v1/sessions`.
+    pub async fn list_sessions(&self, token: Option<&str>) -> Result<SessionList, ClientError> {
+        decode(self.req(Method::GET, SESSIONS, token).send().await?).await
+    }
+
+    /// `DELETE /v1/sessions/{id}`.
+    pub async fn delete_session(&self, id: &str, token: Option<&str>) -> Result<(), ClientError> {
+        let path = format!("{SESSIONS}/{}", segment(id));
+        expect_empty(self.req(Method::DELETE, &path, token).send().await?).await
+    }
+
+    /// `GET /v1/sessions` with the admin credential: every session.
+    pub async fn list_all_sessions(&self, admin_token: &str) -> Result<SessionList, ClientError> {
+        let rb = self
+            .req(Method::GET, SESSIONS, None)
+            .header(ADMIN_TOKEN_HEADER, admin_token);
+        decode(rb.send().await?).await
+    }
+
+    /// `DELETE /v1/sessions/{id}` with the admin credential.
+    pub async fn admin_delete_session(
+        &self,
+        id: &str,
+        admin_token: &str,
+    ) -> Result<(), ClientError> {
+        let path = format!("{SESSIONS}/{}", segment(id));
+        let rb = self
+            .req(Method::DELETE, &path, None)
+            .header(ADMIN_TOKEN_HEADER, admin_token);
+        expect_empty(rb.send().await?).await
+    }
+
+    /// `POST /v1/steps`, waiting for the whole result.
+    pub async fn step(
+        &self,
+        req: &StepRequest,
+        token: Option<&str>,
+    ) -> Result<StepResult, ClientError> {
+        decode(
+            self.req(Method::POST, "/v1/steps", token)
+                .json(req)
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    /// `POST /v1/steps` with `Accept: text/event-stream`.
+    pub async fn step_stream(
+        &self,
+        req: &StepRequest,
+        token: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + use<>, ClientError> {
+        let resp = self
+            .req(Method::POST, "/v1/steps", token)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(req)
+            .send()
+            .await?;
+        Ok(sse::step_events(success(resp).await?.bytes_stream()))
+    }
+
+    /// Lists a workspace directory (`""` is the root).
+    pub async fn list_files(
+        &self,
+        id: &str,
+        dir: &str,
+        token: Option<&str>,
+    ) -> Result<FileList, ClientError> {
+        let path = files_path(SESSIONS, id, dir);
+        decode(self.req(Method::GET, &path, token).send().await?).await
+    }
+
+    /// Reads a workspace file.
+    pub async fn read_file(
+        &self,
+        id: &str,
+        file: &str,
+        token: Option<&str>,
+    ) -> Result<Bytes, ClientError> {
+        let resp = self
+            .req(Method::GET, &files_path(SESSIONS, id, file), token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        Ok(resp.bytes().await?)
+    }
+
+    /// Reads a workspace path: a file's bytes or a directory's listing.
+    pub async fn read_path(
+        &self,
+        id: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<PathContent, ClientError> {
+        let resp = self
+            .req(Method::GET, &files_path(SESSIONS, id, path), token)
+            .send()
+            .await?;
+        path_content(resp).await
+    }
+
+    /// Writes (creates or replaces) a workspace file.
+    pub async fn write_file(
+        &self,
+        id: &str,
+        file: &str,
+        body: impl Into<reqwest::Body>,
+        token: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let rb = self
+            .req(Method::PUT, &files_path(SESSIONS, id, file), token)
+            .body(body);
+        expect_empty(rb.send().await?).await
+    }
+
+    /// Deletes a workspace file, symlink or directory tree.
+    pub async fn delete_file(
+        &self,
+        id: &str,
+        file: &str,
+        token: Option<&str>,
+    ) -> Result<(), ClientError> {
+        expect_empty(
+            self.req(Method::DELETE, &files_path(SESSIONS, id, file), token)
+                .send()
+                .await?,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn context_headers_reach_the_agent() {
+        let body = r#"{"status":"ok","isolation":"none","sessions":0,"warmPool":{},"version":"t"}"#;
+        let (base, request) = crate::client::testing::answer_once(200, body).await;
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned();
+        let client = AgentClient::new(base)
+            .unwrap()
+            .with_context(Some("req-42".into()), Some(tp.clone()));
+        client.health().await.unwrap();
+        let request = request.await.unwrap();
+        assert!(request.contains("x-request-id: req-42"), "{request}");
+        assert!(request.contains(&format!("traceparent: {tp}")), "{request}");
+    }
+}
