@@ -34,8 +34,11 @@ pub struct DataPlane {
     audience: String,
     timeout: Duration,
     credentials: Arc<Mutex<HashMap<String, (String, Instant)>>>,
-    runtimes: Arc<Mutex<Option<(Instant, Vec<RuntimeInfo>)>>>,
+    runtimes: Arc<Mutex<Option<CachedRuntimes>>>,
 }
+
+/// The runtime list and when it was fetched.
+type CachedRuntimes = (Instant, Vec<RuntimeInfo>);
 
 /// Maps a data-plane failure to this API. Its coded errors pass through
 /// (they are the same contract); a refused credential is our

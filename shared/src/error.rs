@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Every error code any plane may return. Adding a variant forces a decision
 /// about its HTTP status in [`ErrorCode::http_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The body is not valid JSON or does not match the expected shape.
@@ -174,6 +175,7 @@ impl ErrorCode {
 
 /// The JSON body of every error response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
@@ -182,6 +184,7 @@ pub struct ErrorBody {
     /// Machine-readable detail, for codes that have some (`policy_denied`:
     /// `{"reasons": [...]}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub details: Option<serde_json::Value>,
 }
 

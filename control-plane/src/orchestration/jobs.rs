@@ -497,10 +497,10 @@ impl JobService {
             0 => {
                 // It finished between the read and the update.
                 let job = self.row(&identity.tenant, id).await?.job;
-                return Err(ApiError::new(
+                Err(ApiError::new(
                     ErrorCode::JobFinished,
                     format!("job {id} already {}", job.status.as_str()),
-                ));
+                ))
             }
             1 => {
                 // Running: stop it in the data plane. If the data plane cannot
