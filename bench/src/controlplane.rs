@@ -149,7 +149,12 @@ fn dp_credential() -> anyhow::Result<String> {
     )?)
 }
 
-async fn post(http: &reqwest::Client, url: &str, auth: &str, body: &Value) -> anyhow::Result<Value> {
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
     let resp = http.post(url).bearer_auth(auth).json(body).send().await?;
     let status = resp.status();
     let v: Value = resp.json().await?;
@@ -193,16 +198,22 @@ pub(super) async fn phase_control_plane(
         let r = throughput(args, &agent, &http, &cp.url, &mut rows.throughput_postgres).await;
         let stopped = cp.stop().await;
         let admin = sqlx::PgPool::connect(&pg_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
-            .execute(&admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&admin)
+        .await?;
         admin.close().await;
         r.and(stopped)
     }
     .await;
     let dp_stopped = dp.stop().await;
     let agent_stopped = agent.stop().await;
-    result.and(stopped).and(pg).and(dp_stopped).and(agent_stopped)
+    result
+        .and(stopped)
+        .and(pg)
+        .and(dp_stopped)
+        .and(agent_stopped)
 }
 
 async fn measure(
@@ -218,9 +229,21 @@ async fn measure(
     let cred = dp_credential()?;
     // 1. Steps: through the control plane, and to the data plane directly.
     let session = post(http, &format!("{cp}/v1/sessions"), &user, &json!({})).await?;
-    let sid = session["sessionId"].as_str().context("session id")?.to_owned();
-    let direct = post(http, &format!("{dp}/internal/v1/sessions"), &cred, &json!({})).await?;
-    let did = direct["sessionId"].as_str().context("session id")?.to_owned();
+    let sid = session["sessionId"]
+        .as_str()
+        .context("session id")?
+        .to_owned();
+    let direct = post(
+        http,
+        &format!("{dp}/internal/v1/sessions"),
+        &cred,
+        &json!({}),
+    )
+    .await?;
+    let did = direct["sessionId"]
+        .as_str()
+        .context("session id")?
+        .to_owned();
     let (mut via_cp, mut via_dp) = (Vec::new(), Vec::new());
     let body = json!({"code": "1+1"});
     for i in 0..sizes.warmup_steps + sizes.steps {
@@ -230,7 +253,13 @@ async fn measure(
         let a = t.elapsed();
         ensure!(r["result"] == json!(2), "step answered {r}");
         let t = Instant::now();
-        let r = post(http, &format!("{dp}/internal/v1/sessions/{did}/steps"), &cred, &body).await?;
+        let r = post(
+            http,
+            &format!("{dp}/internal/v1/sessions/{did}/steps"),
+            &cred,
+            &body,
+        )
+        .await?;
         let b = t.elapsed();
         ensure!(r["result"] == json!(2), "step answered {r}");
         if i >= sizes.warmup_steps {
@@ -262,7 +291,13 @@ async fn measure(
     for i in 0..sizes.warmup_creates + sizes.warm_n {
         wait_pool_full(agent).await?;
         let t = Instant::now();
-        let job = post(http, &format!("{cp}/v1/jobs"), &user, &json!({"code": "1+1"})).await?;
+        let job = post(
+            http,
+            &format!("{cp}/v1/jobs"),
+            &user,
+            &json!({"code": "1+1"}),
+        )
+        .await?;
         let id = job["jobId"].as_str().context("job id")?;
         let done: Value = http
             .get(format!("{cp}/v1/jobs/{id}?waitMs=30000"))
@@ -323,7 +358,13 @@ async fn throughput(
         let t = Instant::now();
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let job = post(http, &format!("{cp}/v1/jobs"), &user, &json!({"code": format!("{i}*2")})).await?;
+            let job = post(
+                http,
+                &format!("{cp}/v1/jobs"),
+                &user,
+                &json!({"code": format!("{i}*2")}),
+            )
+            .await?;
             ids.push(job["jobId"].as_str().context("job id")?.to_owned());
         }
         for id in &ids {

@@ -1359,7 +1359,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         errors.push(format!("data plane: {e:#}"));
     }
 
-    println!("control plane in front of it (SQLite, then PostgreSQL): steps, jobs, sustained jobs ...");
+    println!(
+        "control plane in front of it (SQLite, then PostgreSQL): steps, jobs, sustained jobs ..."
+    );
     let mut cp_rows = controlplane::CpRows {
         step: Row::new(
             "cpStep",

@@ -161,7 +161,10 @@ fn event_hash(r: &AuditRecord, details: &str) -> String {
 fn unavailable(e: ApiError) -> ApiError {
     ApiError::new(
         ErrorCode::AuditUnavailable,
-        format!("the audit event could not be written, so the request was refused: {}", e.message),
+        format!(
+            "the audit event could not be written, so the request was refused: {}",
+            e.message
+        ),
     )
 }
 
@@ -282,8 +285,7 @@ where
         bypass: row.try_get::<i64, _>("bypass").map_err(db_error)? != 0,
         request_id: row.try_get("request_id").map_err(db_error)?,
         // Kept as stored text for verification; parsed for display.
-        details: serde_json::from_str(&details)
-            .unwrap_or(serde_json::Value::String(details)),
+        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
         prev_hash: row.try_get("prev_hash").map_err(db_error)?,
         hash: row.try_get("hash").map_err(db_error)?,
     })
@@ -551,7 +553,11 @@ mod tests {
                      UPDATE audit_events SET seq = 5 WHERE seq = -4",
                     4,
                 ),
-                ("edit details", "UPDATE audit_events SET details = '{\"n\":99}' WHERE seq = 6", 6),
+                (
+                    "edit details",
+                    "UPDATE audit_events SET details = '{\"n\":99}' WHERE seq = 6",
+                    6,
+                ),
             ] {
                 let (t, log) = seeded(driver).await;
                 tamper(&t.db, sql).await;

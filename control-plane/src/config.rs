@@ -256,7 +256,12 @@ mod tests {
             (vec!["--addr", "nonsense"], "CONTROL_PLANE_ADDR"),
             (vec!["--jwt-secret", "short"], "AUTH_JWT_SECRET"),
             (
-                vec!["--database-driver", "postgres", "--database-url", "file:x.db"],
+                vec![
+                    "--database-driver",
+                    "postgres",
+                    "--database-url",
+                    "file:x.db",
+                ],
                 "DATABASE_URL",
             ),
             (
@@ -289,7 +294,10 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact_url("file:x.db"), "file:x.db");
     }
 }

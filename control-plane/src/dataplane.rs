@@ -168,7 +168,8 @@ impl DataPlane {
         *self
             .runtimes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), list.clone()));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((Instant::now(), list.clone()));
         Ok(list)
     }
 
@@ -190,7 +191,10 @@ impl DataPlane {
             let names: Vec<&str> = list.iter().map(|r| r.name.as_str()).collect();
             return Err(ApiError::new(
                 ErrorCode::UnknownRuntime,
-                format!("unknown runtime {runtime:?}; available: {}", names.join(", ")),
+                format!(
+                    "unknown runtime {runtime:?}; available: {}",
+                    names.join(", ")
+                ),
             ));
         };
         let max = &info.max_limits;
@@ -219,7 +223,10 @@ impl DataPlane {
         if !over.is_empty() {
             return Err(ApiError::new(
                 ErrorCode::LimitExceeded,
-                format!("above the maximum of runtime {runtime}: {}", over.join(", ")),
+                format!(
+                    "above the maximum of runtime {runtime}: {}",
+                    over.join(", ")
+                ),
             ));
         }
         Ok(())
@@ -303,8 +310,7 @@ impl DataPlane {
         id: &str,
         step: RunStep,
         step_timeout: Duration,
-    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError>
-    {
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError> {
         self.scoped(tenant)?
             .step_stream(id, &step, step_timeout)
             .await

@@ -531,12 +531,24 @@ mod tests {
     #[test]
     fn token_command_refuses_production() {
         let args = TokenArgs::parse_from([
-            "token", "--tenant", "acme", "--roles", "admin,agent", "--secret", SECRET,
+            "token",
+            "--tenant",
+            "acme",
+            "--roles",
+            "admin,agent",
+            "--secret",
+            SECRET,
         ]);
         let id = verifier().verify(&mint_dev_token(&args).unwrap()).unwrap();
         assert_eq!(id.roles, vec!["admin", "agent"]);
         let prod = TokenArgs::parse_from([
-            "token", "--tenant", "acme", "--secret", SECRET, "--env", "production",
+            "token",
+            "--tenant",
+            "acme",
+            "--secret",
+            SECRET,
+            "--env",
+            "production",
         ]);
         assert!(mint_dev_token(&prod).unwrap_err().contains("production"));
     }

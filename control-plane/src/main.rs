@@ -42,15 +42,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Some("audit") if args.get(2).map(String::as_str) == Some("verify") => {
             let a = AuditArgs::parse_from(args.iter().skip(2));
-            let db = control_plane::storage::Db::connect(a.database_driver, &a.database_url, 2)
-                .await?;
-            let report = control_plane::audit::AuditLog::new(
-                db,
-                control_plane::telemetry::Metrics::new(),
-            )
-            .verify()
-            .await
-            .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            let db =
+                control_plane::storage::Db::connect(a.database_driver, &a.database_url, 2).await?;
+            let report =
+                control_plane::audit::AuditLog::new(db, control_plane::telemetry::Metrics::new())
+                    .verify()
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.to_string()))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.ok {
                 std::process::exit(1);

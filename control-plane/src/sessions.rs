@@ -164,14 +164,18 @@ impl SessionService {
             )
             .await?;
         let dialect = self.db.dialect();
-        let ev = AuditEvent::by(identity, "session.create", format!("session/{}", view.session_id))
-            .details(json!({
-                "runtime": view.runtime,
-                "isolation": view.isolation,
-                "warm": view.warm,
-                "packages": req.packages.clone().unwrap_or_default(),
-                "policyVersion": decision.policy_version,
-            }));
+        let ev = AuditEvent::by(
+            identity,
+            "session.create",
+            format!("session/{}", view.session_id),
+        )
+        .details(json!({
+            "runtime": view.runtime,
+            "isolation": view.isolation,
+            "warm": view.warm,
+            "packages": req.packages.clone().unwrap_or_default(),
+            "policyVersion": decision.policy_version,
+        }));
         let recorded = on_db!(&self.db, p => async {
             let mut tx = begin_write!(p, dialect)?;
             sqlx::query(
@@ -218,8 +222,13 @@ impl SessionService {
 
     /// The caller's tenant's live sessions.
     pub async fn list(&self, identity: &Identity) -> Result<Vec<SessionView>, ApiError> {
-        self.authorize(identity, "session.read", json!({"type": "session"}), json!({}))
-            .await?;
+        self.authorize(
+            identity,
+            "session.read",
+            json!({"type": "session"}),
+            json!({}),
+        )
+        .await?;
         self.dp.list_sessions(&identity.tenant).await
     }
 
@@ -236,7 +245,11 @@ impl SessionService {
         // 404 before anything is recorded for a session that is not there.
         self.dp.get_session(&identity.tenant, id).await?;
         self.audit
-            .record(AuditEvent::by(identity, "session.delete", format!("session/{id}")))
+            .record(AuditEvent::by(
+                identity,
+                "session.delete",
+                format!("session/{id}"),
+            ))
             .await?;
         self.dp.delete_session(&identity.tenant, id).await?;
         let now = now_ms();
@@ -263,8 +276,10 @@ impl SessionService {
             .dp
             .step(&identity.tenant, session_id, run, timeout)
             .await;
-        self.finish_step(identity, session_id, &step_id, &req.code, &runtime, &outcome)
-            .await?;
+        self.finish_step(
+            identity, session_id, &step_id, &req.code, &runtime, &outcome,
+        )
+        .await?;
         outcome
     }
 
@@ -275,8 +290,7 @@ impl SessionService {
         identity: &Identity,
         session_id: &str,
         req: StepRequest,
-    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError>
-    {
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError> {
         use futures::StreamExt;
         let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
         let events = self
@@ -335,7 +349,9 @@ impl SessionService {
             return Err(ApiError::new(ErrorCode::InvalidArgument, "code is empty"));
         }
         let (runtime, session_timeout) = self.session_runtime(&identity.tenant, session_id).await?;
-        let timeout = req.timeout_ms.map_or(session_timeout, Duration::from_millis);
+        let timeout = req
+            .timeout_ms
+            .map_or(session_timeout, Duration::from_millis);
         self.authorize(
             identity,
             "step.run",
@@ -346,9 +362,13 @@ impl SessionService {
         let step_id = new_id("stp");
         self.audit
             .record(
-                AuditEvent::by(identity, "step.run", format!("session/{session_id}/step/{step_id}"))
-                    .outcome("started")
-                    .details(json!({"runtime": runtime, "codeBytes": req.code.len()})),
+                AuditEvent::by(
+                    identity,
+                    "step.run",
+                    format!("session/{session_id}/step/{step_id}"),
+                )
+                .outcome("started")
+                .details(json!({"runtime": runtime, "codeBytes": req.code.len()})),
             )
             .await?;
         let run = RunStep {
@@ -363,13 +383,20 @@ impl SessionService {
 
     /// The runtime and default step timeout of a session recorded for this
     /// tenant (another tenant's or an unknown id -> 404).
-    async fn session_runtime(&self, tenant: &str, id: &str) -> Result<(String, Duration), ApiError> {
+    async fn session_runtime(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(String, Duration), ApiError> {
         let row: Option<(String, i64)> = on_db!(&self.db, p => sqlx::query_as(
             "SELECT runtime, timeout_ms FROM sessions WHERE tenant = $1 AND id = $2 AND deleted_ms IS NULL")
             .bind(tenant).bind(id)
             .fetch_optional(p).await.map_err(db_error))?;
         let (runtime, timeout_ms) = row.ok_or_else(|| session_not_found(id))?;
-        Ok((runtime, Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(30_000))))
+        Ok((
+            runtime,
+            Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(30_000)),
+        ))
     }
 
     async fn finish_step(
@@ -409,7 +436,11 @@ impl SessionService {
             "step.finish",
             format!("session/{session_id}/step/{step_id}"),
         )
-        .outcome(if outcome.is_ok() { "succeeded" } else { "failed" })
+        .outcome(if outcome.is_ok() {
+            "succeeded"
+        } else {
+            "failed"
+        })
         .details(json!({
             "runtime": runtime,
             "status": status,
@@ -436,7 +467,11 @@ impl SessionService {
     }
 
     /// The step history of a session of the caller's tenant.
-    pub async fn steps(&self, identity: &Identity, session_id: &str) -> Result<StepHistory, ApiError> {
+    pub async fn steps(
+        &self,
+        identity: &Identity,
+        session_id: &str,
+    ) -> Result<StepHistory, ApiError> {
         self.authorize(
             identity,
             "step.read",
@@ -507,16 +542,31 @@ impl SessionService {
     }
 
     /// Deletes a file (recorded first).
-    pub async fn delete_file(&self, identity: &Identity, id: &str, path: &str) -> Result<(), ApiError> {
+    pub async fn delete_file(
+        &self,
+        identity: &Identity,
+        id: &str,
+        path: &str,
+    ) -> Result<(), ApiError> {
         self.file_policy(identity, "file.delete", id, path).await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.audit
-            .record(AuditEvent::by(identity, "file.delete", format!("session/{id}/files/{path}")))
+            .record(AuditEvent::by(
+                identity,
+                "file.delete",
+                format!("session/{id}/files/{path}"),
+            ))
             .await?;
         self.dp.delete_file(&identity.tenant, id, path).await
     }
 
-    async fn file_policy(&self, identity: &Identity, action: &str, id: &str, path: &str) -> Result<(), ApiError> {
+    async fn file_policy(
+        &self,
+        identity: &Identity,
+        action: &str,
+        id: &str,
+        path: &str,
+    ) -> Result<(), ApiError> {
         self.authorize(
             identity,
             action,
@@ -528,9 +578,18 @@ impl SessionService {
     }
 
     /// An artifact's metadata (recorded: artifact access is audited).
-    pub async fn artifact_info(&self, identity: &Identity, id: &str) -> Result<ArtifactInfo, ApiError> {
-        self.authorize(identity, "artifact.read", json!({"type": "artifact", "id": id}), json!({}))
-            .await?;
+    pub async fn artifact_info(
+        &self,
+        identity: &Identity,
+        id: &str,
+    ) -> Result<ArtifactInfo, ApiError> {
+        self.authorize(
+            identity,
+            "artifact.read",
+            json!({"type": "artifact", "id": id}),
+            json!({}),
+        )
+        .await?;
         let info = self.dp.artifact_info(&identity.tenant, id).await?;
         Ok(info)
     }
@@ -540,7 +599,13 @@ impl SessionService {
         &self,
         identity: &Identity,
         id: &str,
-    ) -> Result<(ArtifactInfo, impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static), ApiError> {
+    ) -> Result<
+        (
+            ArtifactInfo,
+            impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static,
+        ),
+        ApiError,
+    > {
         let info = self.artifact_info(identity, id).await?;
         self.audit
             .record(
@@ -554,11 +619,20 @@ impl SessionService {
 
     /// Deletes an artifact (crypto-shredded by the data plane; recorded first).
     pub async fn artifact_delete(&self, identity: &Identity, id: &str) -> Result<(), ApiError> {
-        self.authorize(identity, "artifact.delete", json!({"type": "artifact", "id": id}), json!({}))
-            .await?;
+        self.authorize(
+            identity,
+            "artifact.delete",
+            json!({"type": "artifact", "id": id}),
+            json!({}),
+        )
+        .await?;
         self.dp.artifact_info(&identity.tenant, id).await?;
         self.audit
-            .record(AuditEvent::by(identity, "artifact.delete", format!("artifact/{id}")))
+            .record(AuditEvent::by(
+                identity,
+                "artifact.delete",
+                format!("artifact/{id}"),
+            ))
             .await?;
         self.dp.artifact_delete(&identity.tenant, id).await
     }

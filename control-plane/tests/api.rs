@@ -28,13 +28,29 @@ async fn bad_tokens_get_401_and_are_audited() {
     tampered.push(if last == 'A' { 'B' } else { 'A' });
     let parts: Vec<&str> = good.split('.').collect();
     use base64::Engine;
-    let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let none_header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let alg_none = format!("{none_header}.{}.", parts[1]);
     for (name, tok) in [
-        ("expired", Some(token_with("acme", &[], USER_SECRET, "control-plane", -300))),
+        (
+            "expired",
+            Some(token_with("acme", &[], USER_SECRET, "control-plane", -300)),
+        ),
         ("tampered", Some(tampered)),
-        ("wrong audience", Some(token_with("acme", &[], USER_SECRET, "someone-else", 300))),
-        ("wrong secret", Some(token_with("acme", &[], "another-secret-another-secret-xx", "control-plane", 300))),
+        (
+            "wrong audience",
+            Some(token_with("acme", &[], USER_SECRET, "someone-else", 300)),
+        ),
+        (
+            "wrong secret",
+            Some(token_with(
+                "acme",
+                &[],
+                "another-secret-another-secret-xx",
+                "control-plane",
+                300,
+            )),
+        ),
         ("alg none", Some(alg_none)),
         ("missing", None),
     ] {
@@ -63,30 +79,104 @@ async fn bad_input_gets_coded_4xx_and_leaves_nothing() {
             .send()
     };
     for (body, ct, status, code) in [
-        ("{not json".to_owned(), "application/json", 400, "invalid_json"),
-        (r#"{"code": "1", "colour": "red"}"#.to_owned(), "application/json", 400, "invalid_json"),
-        (r#"{"runtime": "python"}"#.to_owned(), "application/json", 400, "invalid_json"),
-        (r#"{"code": "   "}"#.to_owned(), "application/json", 400, "invalid_argument"),
-        (r#"{"code": "1"}"#.to_owned(), "text/plain", 415, "unsupported_media_type"),
-        (format!(r#"{{"code": "{}"}}"#, "x".repeat(10_000)), "application/json", 413, "payload_too_large"),
-        (r#"{"code": "1", "labels": {"bad name": "x"}}"#.to_owned(), "application/json", 400, "invalid_argument"),
-        (r#"{"code": "1", "secrets": ["db"]}"#.to_owned(), "application/json", 403, "policy_denied"),
+        (
+            "{not json".to_owned(),
+            "application/json",
+            400,
+            "invalid_json",
+        ),
+        (
+            r#"{"code": "1", "colour": "red"}"#.to_owned(),
+            "application/json",
+            400,
+            "invalid_json",
+        ),
+        (
+            r#"{"runtime": "python"}"#.to_owned(),
+            "application/json",
+            400,
+            "invalid_json",
+        ),
+        (
+            r#"{"code": "   "}"#.to_owned(),
+            "application/json",
+            400,
+            "invalid_argument",
+        ),
+        (
+            r#"{"code": "1"}"#.to_owned(),
+            "text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            format!(r#"{{"code": "{}"}}"#, "x".repeat(10_000)),
+            "application/json",
+            413,
+            "payload_too_large",
+        ),
+        (
+            r#"{"code": "1", "labels": {"bad name": "x"}}"#.to_owned(),
+            "application/json",
+            400,
+            "invalid_argument",
+        ),
+        (
+            r#"{"code": "1", "secrets": ["db"]}"#.to_owned(),
+            "application/json",
+            403,
+            "policy_denied",
+        ),
     ] {
         let resp = post(body.clone(), ct).await.unwrap();
         let got = resp.status().as_u16();
         let json: serde_json::Value = resp.json().await.unwrap();
-        assert_eq!((got, json["code"].as_str()), (status, Some(code)), "{}: {json}", &body[..body.len().min(60)]);
+        assert_eq!(
+            (got, json["code"].as_str()),
+            (status, Some(code)),
+            "{}: {json}",
+            &body[..body.len().min(60)]
+        );
     }
     let (_, list) = call_at(&cp.url, "GET", "/v1/jobs", Some(&t), None).await;
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "no job from bad input");
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        0,
+        "no job from bad input"
+    );
     // A denial carries its reasons, is counted and audited.
-    let (status, body) = call_at(&cp.url, "POST", "/v1/jobs", Some(&t), Some(json!({"code": "1", "egress": ["example.com"]}))).await;
+    let (status, body) = call_at(
+        &cp.url,
+        "POST",
+        "/v1/jobs",
+        Some(&t),
+        Some(json!({"code": "1", "egress": ["example.com"]})),
+    )
+    .await;
     assert_eq!(status, 403);
-    assert!(!body["details"]["reasons"].as_array().unwrap().is_empty(), "{body}");
-    let metrics = reqwest::get(format!("{}/metrics", cp.url)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("control_plane_policy_denials_total{action=\"job.submit\"} 2"), "{metrics}");
+    assert!(
+        !body["details"]["reasons"].as_array().unwrap().is_empty(),
+        "{body}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", cp.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("control_plane_policy_denials_total{action=\"job.submit\"} 2"),
+        "{metrics}"
+    );
     let admin = token("acme", &["admin"]);
-    let (_, audit) = call_at(&cp.url, "GET", "/v1/audit?outcome=denied", Some(&admin), None).await;
+    let (_, audit) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/audit?outcome=denied",
+        Some(&admin),
+        None,
+    )
+    .await;
     assert_eq!(audit["events"].as_array().unwrap().len(), 2, "{audit}");
     cp.stop().await;
 }
@@ -99,55 +189,146 @@ async fn policy_is_per_tenant_admin_only_and_narrows() {
     let rego = "package sandbox.tenant\n\ndeny contains \"node is not allowed here\" if input.request.runtime == \"node\"\n";
     let put = |tok: String, tenant: &'static str, body: serde_json::Value| {
         let url = cp.url.clone();
-        async move { call_at(&url, "PUT", &format!("/v1/tenants/{tenant}/policy"), Some(&tok), Some(body)).await }
+        async move {
+            call_at(
+                &url,
+                "PUT",
+                &format!("/v1/tenants/{tenant}/policy"),
+                Some(&tok),
+                Some(body),
+            )
+            .await
+        }
     };
     let (status, body) = put(agent.clone(), "acme", json!({"rego": rego})).await;
     assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
     let (status, body) = put(admin.clone(), "globex", json!({"rego": rego})).await;
-    assert_eq!(status, 404, "another tenant's policy does not exist for acme: {body}");
-    let (status, body) = put(admin.clone(), "acme", json!({"rego": "package sandbox.tenant\ndeny contains"})).await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("policy_invalid")), "{body}");
+    assert_eq!(
+        status, 404,
+        "another tenant's policy does not exist for acme: {body}"
+    );
+    let (status, body) = put(
+        admin.clone(),
+        "acme",
+        json!({"rego": "package sandbox.tenant\ndeny contains"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("policy_invalid")),
+        "{body}"
+    );
     let (status, body) = put(admin.clone(), "acme", json!({"rego": rego})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 1);
-    let (status, body) = call_at(&cp.url, "GET", "/v1/tenants/acme/policy", Some(&admin), None).await;
+    let (status, body) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/tenants/acme/policy",
+        Some(&admin),
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(body["rego"], rego);
     // Dry run, as the agent.
-    let (status, d) = call_at(&cp.url, "POST", "/v1/policy/evaluate", Some(&agent),
-        Some(json!({"action": "job.submit", "request": {"runtime": "node"}}))).await;
+    let (status, d) = call_at(
+        &cp.url,
+        "POST",
+        "/v1/policy/evaluate",
+        Some(&agent),
+        Some(json!({"action": "job.submit", "request": {"runtime": "node"}})),
+    )
+    .await;
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["allow"], false);
-    assert!(d["reasons"].to_string().contains("node is not allowed"), "{d}");
-    let (_, d) = call_at(&cp.url, "POST", "/v1/policy/evaluate", Some(&agent),
-        Some(json!({"action": "job.submit", "request": {"runtime": "python"}}))).await;
+    assert!(
+        d["reasons"].to_string().contains("node is not allowed"),
+        "{d}"
+    );
+    let (_, d) = call_at(
+        &cp.url,
+        "POST",
+        "/v1/policy/evaluate",
+        Some(&agent),
+        Some(json!({"action": "job.submit", "request": {"runtime": "python"}})),
+    )
+    .await;
     assert_eq!(d["allow"], true, "{d}");
     // Another tenant is unaffected.
     let g = token("globex", &["agent"]);
-    let (_, d) = call_at(&cp.url, "POST", "/v1/policy/evaluate", Some(&g),
-        Some(json!({"action": "job.submit", "request": {"runtime": "node"}}))).await;
+    let (_, d) = call_at(
+        &cp.url,
+        "POST",
+        "/v1/policy/evaluate",
+        Some(&g),
+        Some(json!({"action": "job.submit", "request": {"runtime": "node"}})),
+    )
+    .await;
     assert_eq!(d["allow"], true, "{d}");
-    let (status, _) = call_at(&cp.url, "GET", "/v1/tenants/globex/policy", Some(&token("globex", &["admin"])), None).await;
+    let (status, _) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/tenants/globex/policy",
+        Some(&token("globex", &["admin"])),
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
     // Audit is for admins and auditors, of their own tenant only.
     let (status, _) = call_at(&cp.url, "GET", "/v1/audit", Some(&agent), None).await;
     assert_eq!(status, 403);
-    let (status, audit) = call_at(&cp.url, "GET", "/v1/audit", Some(&token("globex", &["auditor"])), None).await;
+    let (status, audit) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/audit",
+        Some(&token("globex", &["auditor"])),
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
-    assert!(audit["events"].as_array().unwrap().iter().all(|e| e["tenant"] == "globex"), "{audit}");
+    assert!(
+        audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["tenant"] == "globex"),
+        "{audit}"
+    );
     cp.stop().await;
 }
 
 #[tokio::test]
 async fn bypass_audits_every_request() {
     let (cp, _db) = lone_cp(&["--authz-bypass", "true"]).await;
-    let (status, _, body) = call_full(&cp.url, "GET", "/v1/jobs", None, None, &[("x-tenant-id", "acme")]).await;
+    let (status, _, body) = call_full(
+        &cp.url,
+        "GET",
+        "/v1/jobs",
+        None,
+        None,
+        &[("x-tenant-id", "acme")],
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    let (status, _, audit) = call_full(&cp.url, "GET", "/v1/audit", None, None, &[("x-tenant-id", "acme")]).await;
+    let (status, _, audit) = call_full(
+        &cp.url,
+        "GET",
+        "/v1/audit",
+        None,
+        None,
+        &[("x-tenant-id", "acme")],
+    )
+    .await;
     assert_eq!(status, 200);
     let events = audit["events"].as_array().unwrap();
     assert!(events.len() >= 2, "{audit}");
-    assert!(events.iter().all(|e| e["bypass"] == true && e["action"] == "request.bypass"), "{audit}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["bypass"] == true && e["action"] == "request.bypass"),
+        "{audit}"
+    );
     cp.stop().await;
 }
 
@@ -155,8 +336,13 @@ async fn bypass_audits_every_request() {
 fn bypass_is_refused_in_production() {
     use clap::Parser;
     let c = control_plane::Config::parse_from([
-        "control-plane", "--authz-bypass", "true", "--env", "production",
-        "--data-plane-secret", DP_SECRET,
+        "control-plane",
+        "--authz-bypass",
+        "true",
+        "--env",
+        "production",
+        "--data-plane-secret",
+        DP_SECRET,
     ]);
     assert!(c.validate().unwrap_err().contains("AUTHZ_BYPASS"));
 }
@@ -167,10 +353,16 @@ async fn probes_docs_and_openapi() {
     let (status, _) = call_at(&cp.url, "GET", "/healthz", None, None).await;
     assert_eq!(status, 200);
     let (status, body) = call_at(&cp.url, "GET", "/readyz", None, None).await;
-    assert_eq!((status, body["code"].as_str()), (503, Some("data_plane_unavailable")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("data_plane_unavailable"))
+    );
     let docs = reqwest::get(format!("{}/docs/", cp.url)).await.unwrap();
     assert_eq!(docs.status(), 200);
-    assert!(docs.text().await.unwrap().contains("swagger"), "Swagger UI at /docs");
+    assert!(
+        docs.text().await.unwrap().contains("swagger"),
+        "Swagger UI at /docs"
+    );
     let (status, spec) = call_at(&cp.url, "GET", "/openapi.json", None, None).await;
     assert_eq!(status, 200);
     assert!(spec["paths"]["/v1/jobs"]["post"].is_object());

@@ -50,10 +50,17 @@ async fn a_job_runs_and_its_output_is_kept() {
         assert_eq!(resp.text().await.unwrap(), "hi");
         let other = token("globex", &["agent"]);
         let (status, body) = s
-            .call("GET", &format!("/v1/artifacts/{artifact}"), Some(&other), None)
+            .call(
+                "GET",
+                &format!("/v1/artifacts/{artifact}"),
+                Some(&other),
+                None,
+            )
             .await;
         assert_eq!(status, 404, "{body}");
-        let (status, _) = s.call("GET", &format!("/v1/jobs/{id}"), Some(&other), None).await;
+        let (status, _) = s
+            .call("GET", &format!("/v1/jobs/{id}"), Some(&other), None)
+            .await;
         assert_eq!(status, 404);
         // A failing job fails with the reason.
         let (_, job) = s
@@ -62,11 +69,21 @@ async fn a_job_runs_and_its_output_is_kept() {
         let failed = wait_job(&s.cp.url, &t, job["jobId"].as_str().unwrap(), 60).await;
         assert_eq!(failed["status"], "failed");
         assert_eq!(failed["error"]["code"], "execution_error");
-        assert!(failed["error"]["message"].as_str().unwrap().contains("ZeroDivisionError"));
+        assert!(
+            failed["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("ZeroDivisionError")
+        );
         // The lifecycle is audited.
         let admin = token("acme", &["admin"]);
         let (_, audit) = s
-            .call("GET", &format!("/v1/audit?resource=job/{id}"), Some(&admin), None)
+            .call(
+                "GET",
+                &format!("/v1/audit?resource=job/{id}"),
+                Some(&admin),
+                None,
+            )
             .await;
         let actions: Vec<&str> = audit["events"]
             .as_array()
@@ -74,7 +91,11 @@ async fn a_job_runs_and_its_output_is_kept() {
             .iter()
             .map(|e| e["action"].as_str().unwrap())
             .collect();
-        assert_eq!(actions, ["job.submit", "job.start", "job.finish"], "{audit}");
+        assert_eq!(
+            actions,
+            ["job.submit", "job.start", "job.finish"],
+            "{audit}"
+        );
         s.stop().await;
     }
 }
@@ -85,27 +106,75 @@ async fn idempotency_keys_replay_refuse_and_deduplicate() {
         let s = stack(driver, &[]).await;
         let t = token("acme", &["agent"]);
         let body = json!({"code": "1+1"});
-        let first = call_full(&s.cp.url, "POST", "/v1/jobs", Some(&t), Some(body.clone()), &[("idempotency-key", "k-1")]).await;
+        let first = call_full(
+            &s.cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(body.clone()),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
         assert_eq!(first.0, 202, "{}", first.2);
         assert!(first.1.get("idempotent-replayed").is_none());
-        let again = call_full(&s.cp.url, "POST", "/v1/jobs", Some(&t), Some(body.clone()), &[("idempotency-key", "k-1")]).await;
+        let again = call_full(
+            &s.cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(body.clone()),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
         assert_eq!(again.0, 202);
         assert_eq!(again.1["idempotent-replayed"], "true");
         assert_eq!(again.2, first.2, "the replay is the first response");
         // Same key, other body: 422.
-        let other = call_full(&s.cp.url, "POST", "/v1/jobs", Some(&t), Some(json!({"code": "2+2"})), &[("idempotency-key", "k-1")]).await;
+        let other = call_full(
+            &s.cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(json!({"code": "2+2"})),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
         assert_eq!(other.0, 422, "{}", other.2);
         assert_eq!(other.2["code"], "idempotency_key_reused");
         // The body's requestId is the same key.
-        let via_body = call_full(&s.cp.url, "POST", "/v1/jobs", Some(&t), Some(json!({"code": "1+1", "requestId": "k-2"})), &[]).await;
+        let via_body = call_full(
+            &s.cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(json!({"code": "1+1", "requestId": "k-2"})),
+            &[],
+        )
+        .await;
         assert_eq!(via_body.0, 202);
         // Keys are per tenant: globex's k-1 is a new job.
         let g = token("globex", &["agent"]);
-        let theirs = call_full(&s.cp.url, "POST", "/v1/jobs", Some(&g), Some(body.clone()), &[("idempotency-key", "k-1")]).await;
+        let theirs = call_full(
+            &s.cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&g),
+            Some(body.clone()),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
         assert_eq!(theirs.0, 202);
         assert_ne!(theirs.2["jobId"], first.2["jobId"]);
         // A bad key is refused.
-        let bad = call_full(&s.cp.url, "POST", "/v1/jobs", Some(&t), Some(body.clone()), &[("idempotency-key", "has space")]).await;
+        let bad = call_full(
+            &s.cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(body.clone()),
+            &[("idempotency-key", "has space")],
+        )
+        .await;
         assert_eq!(bad.0, 400);
 
         // 50 concurrent submissions with one key: exactly one job.
@@ -114,7 +183,15 @@ async fn idempotency_keys_replay_refuse_and_deduplicate() {
             let url = s.cp.url.clone();
             let t = t.clone();
             tasks.push(tokio::spawn(async move {
-                call_full(&url, "POST", "/v1/jobs", Some(&t), Some(json!({"code": "3+3"})), &[("idempotency-key", "burst")]).await
+                call_full(
+                    &url,
+                    "POST",
+                    "/v1/jobs",
+                    Some(&t),
+                    Some(json!({"code": "3+3"})),
+                    &[("idempotency-key", "burst")],
+                )
+                .await
             }));
         }
         let mut ids = std::collections::HashSet::new();
@@ -157,7 +234,12 @@ async fn listing_filters_and_pages() {
         for n in 0..5 {
             let team = if n % 2 == 0 { "a" } else { "b" };
             let (status, job) = s
-                .call("POST", "/v1/jobs", Some(&t), Some(json!({"code": format!("{n}"), "labels": {"team": team}})))
+                .call(
+                    "POST",
+                    "/v1/jobs",
+                    Some(&t),
+                    Some(json!({"code": format!("{n}"), "labels": {"team": team}})),
+                )
                 .await;
             assert_eq!(status, 202);
             ids.push(job["jobId"].as_str().unwrap().to_owned());
@@ -167,7 +249,9 @@ async fn listing_filters_and_pages() {
         }
         let (_, a) = s.call("GET", "/v1/jobs?label=team=a", Some(&t), None).await;
         assert_eq!(a["jobs"].as_array().unwrap().len(), 3, "{a}");
-        let (_, ok) = s.call("GET", "/v1/jobs?status=succeeded", Some(&t), None).await;
+        let (_, ok) = s
+            .call("GET", "/v1/jobs?status=succeeded", Some(&t), None)
+            .await;
         assert_eq!(ok["jobs"].as_array().unwrap().len(), 5);
         // Pages of two, newest first, no overlap, all five.
         let mut seen = Vec::new();
@@ -199,10 +283,15 @@ async fn listing_filters_and_pages() {
         ] {
             let (status, body) = s.call("GET", path, Some(&t), None).await;
             assert_eq!(status, 400, "{path}: {body}");
-            assert!(body["code"] == code || body["code"] == "invalid_json", "{path}: {body}");
+            assert!(
+                body["code"] == code || body["code"] == "invalid_json",
+                "{path}: {body}"
+            );
         }
         // Another tenant sees none of them.
-        let (_, none) = s.call("GET", "/v1/jobs", Some(&token("globex", &[])), None).await;
+        let (_, none) = s
+            .call("GET", "/v1/jobs", Some(&token("globex", &[])), None)
+            .await;
         assert_eq!(none["jobs"].as_array().unwrap().len(), 0);
         s.stop().await;
     }
@@ -213,13 +302,20 @@ async fn cancellation_reaches_the_data_plane() {
     let s = stack(DatabaseDriver::Sqlite, &[]).await;
     let t = token("acme", &["agent"]);
     let (_, job) = s
-        .call("POST", "/v1/jobs", Some(&t), Some(json!({"code": "import time\ntime.sleep(60)", "timeoutMs": 90000})))
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(json!({"code": "import time\ntime.sleep(60)", "timeoutMs": 90000})),
+        )
         .await;
     let id = job["jobId"].as_str().unwrap().to_owned();
     // Wait until it runs.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, j) = s.call("GET", &format!("/v1/jobs/{id}"), Some(&t), None).await;
+        let (_, j) = s
+            .call("GET", &format!("/v1/jobs/{id}"), Some(&t), None)
+            .await;
         if j["status"] == "running" {
             break;
         }
@@ -228,18 +324,28 @@ async fn cancellation_reaches_the_data_plane() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
-    let (status, body) = s.call("POST", &format!("/v1/jobs/{id}/cancel"), Some(&t), None).await;
+    let (status, body) = s
+        .call("POST", &format!("/v1/jobs/{id}/cancel"), Some(&t), None)
+        .await;
     assert_eq!(status, 200, "{body}");
     let done = wait_job(&s.cp.url, &t, &id, 20).await;
     assert_eq!(done["status"], "cancelled", "{done}");
     assert!(started.elapsed() < Duration::from_secs(20));
     // No sandbox left behind.
     let (_, sessions) = s.call("GET", "/v1/sessions", Some(&t), None).await;
-    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 0, "{sessions}");
+    assert_eq!(
+        sessions["sessions"].as_array().unwrap().len(),
+        0,
+        "{sessions}"
+    );
     // Finished: 409. Unknown: 404.
-    let (status, body) = s.call("POST", &format!("/v1/jobs/{id}/cancel"), Some(&t), None).await;
+    let (status, body) = s
+        .call("POST", &format!("/v1/jobs/{id}/cancel"), Some(&t), None)
+        .await;
     assert_eq!((status, body["code"].as_str()), (409, Some("job_finished")));
-    let (status, _) = s.call("POST", "/v1/jobs/job_nope/cancel", Some(&t), None).await;
+    let (status, _) = s
+        .call("POST", "/v1/jobs/job_nope/cancel", Some(&t), None)
+        .await;
     assert_eq!(status, 404);
     s.stop().await;
 }
@@ -248,7 +354,10 @@ async fn cancellation_reaches_the_data_plane() {
 /// back; the synchronous calls get 503 `data_plane_unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_survives_an_unavailable_data_plane() {
-    let state = tempfile::Builder::new().prefix("cp-dpdown-").tempdir_in("/tmp").unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("cp-dpdown-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let agent = agent_proc(&state.path().join("agent"), &[]).await;
     // Reserve an address for the data plane, then leave it closed.
     let addr = {
@@ -258,16 +367,30 @@ async fn a_job_survives_an_unavailable_data_plane() {
     let db = TestDb::new(DatabaseDriver::Sqlite).await;
     let (cp, _app) = cp_proc(&db, &format!("http://{addr}"), &[]).await;
     let t = token("acme", &["agent"]);
-    let (status, job) = call_at(&cp.url, "POST", "/v1/jobs", Some(&t), Some(json!({"code": "21*2"}))).await;
+    let (status, job) = call_at(
+        &cp.url,
+        "POST",
+        "/v1/jobs",
+        Some(&t),
+        Some(json!({"code": "21*2"})),
+    )
+    .await;
     assert_eq!(status, 202, "{job}");
     let id = job["jobId"].as_str().unwrap().to_owned();
     let (status, body) = call_at(&cp.url, "POST", "/v1/sessions", Some(&t), Some(json!({}))).await;
-    assert_eq!((status, body["code"].as_str()), (503, Some("data_plane_unavailable")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("data_plane_unavailable")),
+        "{body}"
+    );
     let (status, _) = call_at(&cp.url, "GET", "/readyz", None, None).await;
     assert_eq!(status, 503);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, j) = call_at(&cp.url, "GET", &format!("/v1/jobs/{id}"), Some(&t), None).await;
-    assert_eq!(j["status"], "queued", "kept while the data plane is down: {j}");
+    assert_eq!(
+        j["status"], "queued",
+        "kept while the data plane is down: {j}"
+    );
     assert!(j["attempts"].as_u64().unwrap() >= 1, "{j}");
     let dp = dp_proc(&agent.url, &state.path().join("dp"), Some(&addr)).await;
     let done = wait_job(&cp.url, &t, &id, 60).await;
@@ -281,8 +404,11 @@ async fn a_job_survives_an_unavailable_data_plane() {
 /// Two control planes on one PostgreSQL queue: every job runs exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_share_the_postgres_queue() {
-    let state = tempfile::Builder::new().prefix("cp-replicas-").tempdir_in("/tmp").unwrap();
-    let agent = agent_proc(&state.path().join("agent"), &["--pool-size", "4"]).await;
+    let state = tempfile::Builder::new()
+        .prefix("cp-replicas-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let agent = agent_proc(&state.path().join("agent"), &["--warm-pool", "python=4"]).await;
     let dp = dp_proc(&agent.url, &state.path().join("dp"), None).await;
     let db = TestDb::new(DatabaseDriver::Postgres).await;
     let (a, _) = cp_proc(&db, &dp.url, &["--job-workers", "2"]).await;
@@ -291,7 +417,14 @@ async fn replicas_share_the_postgres_queue() {
     let mut ids = Vec::new();
     for n in 0..12 {
         let base = if n % 2 == 0 { &a.url } else { &b.url };
-        let (status, job) = call_at(base, "POST", "/v1/jobs", Some(&t), Some(json!({"code": format!("{n}*2")}))).await;
+        let (status, job) = call_at(
+            base,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(json!({"code": format!("{n}*2")})),
+        )
+        .await;
         assert_eq!(status, 202);
         ids.push(job["jobId"].as_str().unwrap().to_owned());
     }
@@ -303,7 +436,14 @@ async fn replicas_share_the_postgres_queue() {
     }
     // The audit shows one start per job, from either replica.
     let admin = token("acme", &["admin"]);
-    let (_, audit) = call_at(&a.url, "GET", "/v1/audit?action=job.start&limit=1000", Some(&admin), None).await;
+    let (_, audit) = call_at(
+        &a.url,
+        "GET",
+        "/v1/audit?action=job.start&limit=1000",
+        Some(&admin),
+        None,
+    )
+    .await;
     assert_eq!(audit["events"].as_array().unwrap().len(), 12);
     let (_, verify) = call_at(&b.url, "GET", "/v1/audit/verify", Some(&admin), None).await;
     assert_eq!(verify["ok"], true, "{verify}");
@@ -319,7 +459,10 @@ async fn replicas_share_the_postgres_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_control_plane_finishes_the_job_once() {
     for driver in DRIVERS {
-        let state = tempfile::Builder::new().prefix("cp-kill-").tempdir_in("/tmp").unwrap();
+        let state = tempfile::Builder::new()
+            .prefix("cp-kill-")
+            .tempdir_in("/tmp")
+            .unwrap();
         let agent = agent_proc(&state.path().join("agent"), &[]).await;
         let dp = dp_proc(&agent.url, &state.path().join("dp"), None).await;
         let db = TestDb::new(driver).await;
@@ -327,8 +470,14 @@ async fn a_killed_control_plane_finishes_the_job_once() {
         db.connect().await.close().await;
         let mut cp = CpProcess::start(&db, &dp.url).await;
         let t = token("acme", &["agent"]);
-        let (status, job) = call_at(&cp.url, "POST", "/v1/jobs", Some(&t),
-            Some(json!({"code": "import time\ntime.sleep(3)\nprint('ran')\n7"}))).await;
+        let (status, job) = call_at(
+            &cp.url,
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(json!({"code": "import time\ntime.sleep(3)\nprint('ran')\n7"})),
+        )
+        .await;
         assert_eq!(status, 202, "{job}");
         let id = job["jobId"].as_str().unwrap().to_owned();
         // Kill it while the job runs in the data plane.
@@ -352,8 +501,20 @@ async fn a_killed_control_plane_finishes_the_job_once() {
         assert_eq!(done["output"]["stdout"], "ran\n");
         assert_eq!(done["attempts"], 2, "{done}");
         let admin = token("acme", &["admin"]);
-        let (_, audit) = call_at(&cp2.url, "GET", &format!("/v1/audit?resource=job/{id}"), Some(&admin), None).await;
-        let finishes = audit["events"].as_array().unwrap().iter().filter(|e| e["action"] == "job.finish").count();
+        let (_, audit) = call_at(
+            &cp2.url,
+            "GET",
+            &format!("/v1/audit?resource=job/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+        let finishes = audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "job.finish")
+            .count();
         assert_eq!(finishes, 1, "{audit}");
         let (_, verify) = call_at(&cp2.url, "GET", "/v1/audit/verify", Some(&admin), None).await;
         assert_eq!(verify["ok"], true, "{verify}");
@@ -386,7 +547,10 @@ impl CpProcess {
         // The URL with the schema replaces the plain one.
         let pos = args.iter().position(|a| a == "--database-url").unwrap();
         args[pos + 1] = url;
-        #[allow(clippy::disallowed_methods, reason = "the test runs the real binary to kill it")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the test runs the real binary to kill it"
+        )]
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"))
             .args(&args)
             .env("RUST_LOG", "warn")
@@ -395,7 +559,10 @@ impl CpProcess {
         let url = format!("http://{addr}");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while reqwest::get(format!("{url}/healthz")).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "control plane did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "control plane did not start"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         CpProcess { url, child }

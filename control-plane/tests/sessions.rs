@@ -13,17 +13,32 @@ async fn a_session_keeps_state_across_steps() {
         let s = stack(driver, &[]).await;
         let t = token("acme", &["agent"]);
         let (status, session) = s
-            .call("POST", "/v1/sessions", Some(&t), Some(json!({"ttlSeconds": 300})))
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(&t),
+                Some(json!({"ttlSeconds": 300})),
+            )
             .await;
         assert_eq!(status, 201, "{driver:?}: {session}");
         assert_eq!(session["runtime"], "python");
         let id = session["sessionId"].as_str().unwrap().to_owned();
         let (status, r) = s
-            .call("POST", &format!("/v1/sessions/{id}/steps"), Some(&t), Some(json!({"code": "x = 20"})))
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/steps"),
+                Some(&t),
+                Some(json!({"code": "x = 20"})),
+            )
             .await;
         assert_eq!(status, 200, "{r}");
         let (_, r) = s
-            .call("POST", &format!("/v1/sessions/{id}/steps"), Some(&t), Some(json!({"code": "print('hi')\nx + 22"})))
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/steps"),
+                Some(&t),
+                Some(json!({"code": "print('hi')\nx + 22"})),
+            )
             .await;
         assert_eq!(r["status"], "ok", "{r}");
         assert_eq!(r["result"], 42);
@@ -43,7 +58,9 @@ async fn a_session_keeps_state_across_steps() {
         assert!(text.contains("event: result"), "{text}");
         assert!(text.contains("\"result\":20"), "{text}");
         // The history, in order, without another tenant seeing it.
-        let (status, history) = s.call("GET", &format!("/v1/sessions/{id}/steps"), Some(&t), None).await;
+        let (status, history) = s
+            .call("GET", &format!("/v1/sessions/{id}/steps"), Some(&t), None)
+            .await;
         assert_eq!(status, 200);
         let steps = history["steps"].as_array().unwrap();
         assert_eq!(steps.len(), 3, "{history}");
@@ -61,9 +78,17 @@ async fn a_session_keeps_state_across_steps() {
             assert_eq!(status, 404, "{method} {path}: {body}");
         }
         let (status, body) = s
-            .call("POST", &format!("/v1/sessions/{id}/steps"), Some(&other), Some(json!({"code": "x"})))
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/steps"),
+                Some(&other),
+                Some(json!({"code": "x"})),
+            )
             .await;
-        assert_eq!((status, body["code"].as_str()), (404, Some("session_not_found")));
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (404, Some("session_not_found"))
+        );
         // Files.
         let put = reqwest::Client::new()
             .put(format!("{}/v1/sessions/{id}/files/data/in.txt", s.cp.url))
@@ -74,7 +99,12 @@ async fn a_session_keeps_state_across_steps() {
             .unwrap();
         assert_eq!(put.status(), 204);
         let (_, r) = s
-            .call("POST", &format!("/v1/sessions/{id}/steps"), Some(&t), Some(json!({"code": "open('data/in.txt').read()"})))
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/steps"),
+                Some(&t),
+                Some(json!({"code": "open('data/in.txt').read()"})),
+            )
             .await;
         assert_eq!(r["result"], "payload");
         let got = reqwest::Client::new()
@@ -85,24 +115,41 @@ async fn a_session_keeps_state_across_steps() {
             .unwrap();
         assert_eq!(got.text().await.unwrap(), "payload");
         let (status, body) = s
-            .call("GET", &format!("/v1/sessions/{id}/files/..%2F..%2Fetc%2Fpasswd"), Some(&t), None)
+            .call(
+                "GET",
+                &format!("/v1/sessions/{id}/files/..%2F..%2Fetc%2Fpasswd"),
+                Some(&t),
+                None,
+            )
             .await;
         assert_eq!(status, 400, "{body}");
         // Deleted: gone for good.
-        let (status, _) = s.call("DELETE", &format!("/v1/sessions/{id}"), Some(&t), None).await;
+        let (status, _) = s
+            .call("DELETE", &format!("/v1/sessions/{id}"), Some(&t), None)
+            .await;
         assert_eq!(status, 204);
-        let (status, _) = s.call("GET", &format!("/v1/sessions/{id}"), Some(&t), None).await;
+        let (status, _) = s
+            .call("GET", &format!("/v1/sessions/{id}"), Some(&t), None)
+            .await;
         assert_eq!(status, 404);
         // Audited: create, steps (ahead and after), file write, delete.
         let admin = token("acme", &["admin"]);
-        let (_, audit) = s.call("GET", "/v1/audit?limit=1000", Some(&admin), None).await;
+        let (_, audit) = s
+            .call("GET", "/v1/audit?limit=1000", Some(&admin), None)
+            .await;
         let actions: Vec<&str> = audit["events"]
             .as_array()
             .unwrap()
             .iter()
             .map(|e| e["action"].as_str().unwrap())
             .collect();
-        for a in ["session.create", "step.run", "step.finish", "file.write", "session.delete"] {
+        for a in [
+            "session.create",
+            "step.run",
+            "step.finish",
+            "file.write",
+            "session.delete",
+        ] {
             assert!(actions.contains(&a), "{a} missing: {actions:?}");
         }
         let finish = audit["events"]
@@ -127,15 +174,29 @@ async fn bad_session_input_gets_coded_errors() {
     let t = token("acme", &["agent"]);
     for (body, status, code) in [
         (json!({"runtime": "cobol"}), 400, "unknown_runtime"),
-        (json!({"limits": {"memoryMb": 1_000_000}}), 400, "limit_exceeded"),
+        (
+            json!({"limits": {"memoryMb": 1_000_000}}),
+            400,
+            "limit_exceeded",
+        ),
         (json!({"colour": "red"}), 400, "invalid_json"),
         (json!({"egress": ["example.com"]}), 403, "policy_denied"),
     ] {
-        let (got, resp) = s.call("POST", "/v1/sessions", Some(&t), Some(body.clone())).await;
-        assert_eq!((got, resp["code"].as_str()), (status, Some(code)), "{body}: {resp}");
+        let (got, resp) = s
+            .call("POST", "/v1/sessions", Some(&t), Some(body.clone()))
+            .await;
+        assert_eq!(
+            (got, resp["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {resp}"
+        );
     }
     let (status, resp) = s.call("GET", "/v1/sessions", Some(&t), None).await;
     assert_eq!(status, 200);
-    assert_eq!(resp["sessions"].as_array().unwrap().len(), 0, "nothing half-made");
+    assert_eq!(
+        resp["sessions"].as_array().unwrap().len(),
+        0,
+        "nothing half-made"
+    );
     s.stop().await;
 }

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use axum::{
     Json,
     body::Bytes,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, header},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::ErrorCode;
 use shared::dataplane::RuntimeList;
-use shared::server::{ApiError, ApiJson};
+use shared::server::{ApiError, ApiJson, ApiQuery};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{Caller, require_admin};
@@ -120,7 +120,9 @@ pub async fn put_policy(
         ));
     };
     Ok(Json(
-        app.policy.put_tenant_policy(&caller, &tenant, &rego).await?,
+        app.policy
+            .put_tenant_policy(&caller, &tenant, &rego)
+            .await?,
     ))
 }
 
@@ -186,7 +188,7 @@ pub struct AuditPage {
 pub async fn audit_list(
     State(app): State<Arc<App>>,
     caller: Caller,
-    Query(q): Query<AuditParams>,
+    ApiQuery(q): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
     require_auditor(&caller)?;
     if let Some(limit) = q.limit

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::{
     Json,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -14,7 +14,7 @@ use shared::ErrorCode;
 use shared::controlplane::{
     IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Job, JobList, JobRequest, JobStatus,
 };
-use shared::server::{ApiError, ApiJson};
+use shared::server::{ApiError, ApiJson, ApiQuery};
 use utoipa::IntoParams;
 
 use super::Caller;
@@ -59,15 +59,16 @@ pub async fn submit(
     let status = StatusCode::from_u16(submitted.status).unwrap_or(StatusCode::ACCEPTED);
     let mut resp = (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         submitted.body,
     )
         .into_response();
     if submitted.replayed {
-        resp.headers_mut().insert(
-            IDEMPOTENT_REPLAYED_HEADER,
-            HeaderValue::from_static("true"),
-        );
+        resp.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
     }
     Ok(resp)
 }
@@ -88,7 +89,7 @@ pub async fn get(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<WaitQuery>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Job>, ApiError> {
     let job = match q.wait_ms {
         Some(ms) if ms > 0 => {
@@ -125,7 +126,7 @@ pub struct ListQuery {
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
     let status = match q.status.as_deref() {

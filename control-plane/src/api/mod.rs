@@ -48,15 +48,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics));
     let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
     let metrics = app.metrics.clone();
-    shared::server::with_common_layers(
-        v1.merge(probes)
-            .merge(docs)
-            .with_state(app)
-            .layer(middleware::from_fn_with_state(
-                metrics,
-                crate::telemetry::track_http,
-            )),
-    )
+    shared::server::with_common_layers(v1.merge(probes).merge(docs).with_state(app).layer(
+        middleware::from_fn_with_state(metrics, crate::telemetry::track_http),
+    ))
 }
 
 /// Authenticates the caller and attaches its [`Identity`]. A failure is

@@ -123,7 +123,8 @@ mod tests {
     #[test]
     fn fingerprint_ignores_key_order_not_values() {
         let a = fingerprint(&json!({"code": "1", "runtime": "python"}));
-        let b: serde_json::Value = serde_json::from_str(r#"{ "runtime":"python","code":"1" }"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{ "runtime":"python","code":"1" }"#).unwrap();
         assert_eq!(a, fingerprint(&b));
         assert_ne!(a, fingerprint(&json!({"code": "2", "runtime": "python"})));
     }

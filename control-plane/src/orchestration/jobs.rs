@@ -99,7 +99,10 @@ where
     let spec: String = row.try_get("spec").map_err(db_error)?;
     let spec: JobRequest =
         serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
-    let output = match row.try_get::<Option<String>, _>("result").map_err(db_error)? {
+    let output = match row
+        .try_get::<Option<String>, _>("result")
+        .map_err(db_error)?
+    {
         Some(text) => Some(
             serde_json::from_str::<JobOutput>(&text)
                 .map_err(|e| corrupt("result", e.to_string()))?,
@@ -135,7 +138,10 @@ where
         },
         tenant: row.try_get("tenant").map_err(db_error)?,
         spec,
-        cancel_requested: row.try_get::<i64, _>("cancel_requested").map_err(db_error)? != 0,
+        cancel_requested: row
+            .try_get::<i64, _>("cancel_requested")
+            .map_err(db_error)?
+            != 0,
         max_attempts: u32::try_from(row.try_get::<i64, _>("max_attempts").map_err(db_error)?)
             .unwrap_or(1),
     })
@@ -163,7 +169,12 @@ fn encode_cursor(created_ms: i64, id: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
-    let bad = || ApiError::new(ErrorCode::InvalidArgument, "cursor is not one this API issued");
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            "cursor is not one this API issued",
+        )
+    };
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
     let raw = String::from_utf8(raw).map_err(|_| bad())?;
     let (ms, id) = raw.split_once(':').ok_or_else(bad)?;
@@ -224,7 +235,10 @@ impl JobService {
             )
             .await?;
         let hash = fingerprint(&serde_json::to_value(&req).map_err(|e| {
-            ApiError::new(ErrorCode::Internal, format!("request does not serialize: {e}"))
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("request does not serialize: {e}"),
+            )
         })?);
         let now = now_ms();
         let id = new_id("job");
@@ -328,7 +342,12 @@ impl JobService {
     }
 
     /// Policy for an action on one existing job.
-    async fn authorize_on(&self, identity: &Identity, action: &str, id: &str) -> Result<(), ApiError> {
+    async fn authorize_on(
+        &self,
+        identity: &Identity,
+        action: &str,
+        id: &str,
+    ) -> Result<(), ApiError> {
         self.policy
             .authorize(
                 identity,

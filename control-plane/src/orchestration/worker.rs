@@ -141,7 +141,9 @@ async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiErro
         Ok(Some(row))
     }.await)?;
     if claimed.is_some() {
-        jobs.metrics.job_queue_depth.set(queue_depth(jobs).await.unwrap_or(0));
+        jobs.metrics
+            .job_queue_depth
+            .set(queue_depth(jobs).await.unwrap_or(0));
     }
     Ok(claimed)
 }
@@ -167,8 +169,8 @@ async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &Cancel
         packages: spec.packages.clone(),
     };
     // The call may take as long as the step, plus sandbox start and packages.
-    let budget = Duration::from_millis(spec.timeout_ms.unwrap_or(30_000))
-        + jobs.dp.call_timeout() * 2;
+    let budget =
+        Duration::from_millis(spec.timeout_ms.unwrap_or(30_000)) + jobs.dp.call_timeout() * 2;
     let dispatch = {
         let call = jobs.dp.run_job(&tenant, request, budget);
         let renew = renew_lease(jobs, owner, &tenant, &id);
@@ -216,13 +218,28 @@ async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &Cancel
                         row.job.attempts
                     ),
                 };
-                finalize(jobs, &row, Some(owner), JobStatus::Failed, None, Some(failure)).await
+                finalize(
+                    jobs,
+                    &row,
+                    Some(owner),
+                    JobStatus::Failed,
+                    None,
+                    Some(failure),
+                )
+                .await
             } else {
                 requeue(jobs, &row, owner, &reason, backoff(row.job.attempts)).await
             }
         }
         Dispatch::Interrupted => {
-            requeue(jobs, &row, owner, "the control plane shut down", Duration::ZERO).await
+            requeue(
+                jobs,
+                &row,
+                owner,
+                "the control plane shut down",
+                Duration::ZERO,
+            )
+            .await
         }
     };
     if let Err(e) = outcome {

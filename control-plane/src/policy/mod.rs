@@ -222,9 +222,10 @@ impl PolicyService {
                 broken: None,
             },
             _ => {
-                let policy = self.get_tenant_policy(tenant).await?.ok_or_else(|| {
-                    ApiError::new(ErrorCode::Internal, "tenant policy vanished")
-                })?;
+                let policy = self
+                    .get_tenant_policy(tenant)
+                    .await?
+                    .ok_or_else(|| ApiError::new(ErrorCode::Internal, "tenant policy vanished"))?;
                 // Compiled when stored; a failure now means the platform
                 // policy changed under it: deny everything for the tenant.
                 let compiled = compile(&self.platform_source(), Some(&policy.rego));
@@ -232,7 +233,10 @@ impl PolicyService {
                     version: policy.version,
                     checked: Instant::now(),
                     broken: compiled.as_ref().err().map(|e| {
-                        format!("tenant policy version {} no longer compiles: {e}", policy.version)
+                        format!(
+                            "tenant policy version {} no longer compiles: {e}",
+                            policy.version
+                        )
                     }),
                     engine: compiled.ok(),
                 }
@@ -490,7 +494,10 @@ deny contains "agents get at most 256 MiB" if {
             let t = TestDb::new(driver).await;
             let (policy, _, _) = service(&t.db);
             let admin = who("acme", &["admin"]);
-            let stored = policy.put_tenant_policy(&admin, "acme", NARROW).await.unwrap();
+            let stored = policy
+                .put_tenant_policy(&admin, "acme", NARROW)
+                .await
+                .unwrap();
             assert_eq!(stored.version, 1);
             let agent = who("acme", &["agent"]);
             let d = policy
@@ -502,7 +509,10 @@ deny contains "agents get at most 256 MiB" if {
             let d = policy
                 .evaluate(
                     &agent,
-                    &ask("job.submit", json!({"runtime": "python", "limits": {"memoryMb": 512}})),
+                    &ask(
+                        "job.submit",
+                        json!({"runtime": "python", "limits": {"memoryMb": 512}}),
+                    ),
                 )
                 .await
                 .unwrap();
@@ -511,7 +521,10 @@ deny contains "agents get at most 256 MiB" if {
             let d = policy
                 .evaluate(
                     &admin,
-                    &ask("job.submit", json!({"runtime": "python", "limits": {"memoryMb": 512}})),
+                    &ask(
+                        "job.submit",
+                        json!({"runtime": "python", "limits": {"memoryMb": 512}}),
+                    ),
                 )
                 .await
                 .unwrap();
@@ -547,9 +560,15 @@ deny contains "agents get at most 256 MiB" if {
                 "package sandbox.tenant\ndeny contains".to_owned(),
                 "package sandbox.platform\ndeny contains \"x\" if true\n".to_owned(),
                 "package other\nallow := true\n".to_owned(),
-                format!("package sandbox.tenant\n# {}\n", "x".repeat(MAX_POLICY_BYTES)),
+                format!(
+                    "package sandbox.tenant\n# {}\n",
+                    "x".repeat(MAX_POLICY_BYTES)
+                ),
             ] {
-                let e = policy.put_tenant_policy(&admin, "acme", &bad).await.unwrap_err();
+                let e = policy
+                    .put_tenant_policy(&admin, "acme", &bad)
+                    .await
+                    .unwrap_err();
                 assert_eq!(e.code, ErrorCode::PolicyInvalid, "{}", &bad[..30]);
             }
             assert!(policy.get_tenant_policy("acme").await.unwrap().is_none());
@@ -558,7 +577,8 @@ deny contains "agents get at most 256 MiB" if {
                 let policy = policy.clone();
                 let admin = admin.clone();
                 tasks.push(tokio::spawn(async move {
-                    let rego = format!("package sandbox.tenant\n\ndeny contains \"v{n}\" if false\n");
+                    let rego =
+                        format!("package sandbox.tenant\n\ndeny contains \"v{n}\" if false\n");
                     policy.put_tenant_policy(&admin, "acme", &rego).await
                 }));
             }
@@ -568,7 +588,15 @@ deny contains "agents get at most 256 MiB" if {
             }
             versions.sort_unstable();
             assert_eq!(versions, (1..=10).collect::<Vec<_>>(), "{driver:?}");
-            assert_eq!(policy.get_tenant_policy("acme").await.unwrap().unwrap().version, 10);
+            assert_eq!(
+                policy
+                    .get_tenant_policy("acme")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .version,
+                10
+            );
             assert_eq!(policy.list_versions("acme", 100).await.unwrap().len(), 10);
             t.cleanup().await;
         }
@@ -584,7 +612,12 @@ deny contains "agents get at most 256 MiB" if {
             .await
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::PolicyDenied);
-        assert!(e.details.unwrap()["reasons"][0].as_str().unwrap().contains("egress"));
+        assert!(
+            e.details.unwrap()["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains("egress")
+        );
         let denied = audit
             .list(
                 "acme",
@@ -597,7 +630,11 @@ deny contains "agents get at most 256 MiB" if {
             .unwrap();
         assert_eq!(denied.len(), 1);
         assert_eq!(denied[0].action, "job.submit");
-        assert!(metrics.encode().contains("control_plane_policy_denials_total{action=\"job.submit\"} 1"));
+        assert!(
+            metrics
+                .encode()
+                .contains("control_plane_policy_denials_total{action=\"job.submit\"} 1")
+        );
         // No audit, no denial answer either: the request fails as unavailable.
         t.db.close().await;
         let e = policy
@@ -605,7 +642,10 @@ deny contains "agents get at most 256 MiB" if {
             .await
             .unwrap_err();
         assert!(
-            matches!(e.code, ErrorCode::AuditUnavailable | ErrorCode::StorageUnavailable),
+            matches!(
+                e.code,
+                ErrorCode::AuditUnavailable | ErrorCode::StorageUnavailable
+            ),
             "{e:?}"
         );
     }

@@ -79,7 +79,10 @@ impl Db {
                     StorageError::Config(format!("DATABASE_URL {}: {e}", redact_url(url)))
                 })?;
                 if let Some(schema) = schema {
-                    if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    if !schema
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
                         return Err(StorageError::Config(format!("bad schema name {schema:?}")));
                     }
                     let admin = PgPoolOptions::new()
@@ -133,8 +136,7 @@ impl Db {
 
     /// A cheap round trip, for `/readyz`.
     pub async fn ping(&self) -> Result<(), ApiError> {
-        on_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
-            .map_err(db_error)
+        on_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(db_error)
     }
 
     /// Closes every connection.

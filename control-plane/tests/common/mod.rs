@@ -214,7 +214,11 @@ pub async fn cp_proc(db: &TestDb, dp_url: &str, extra: &[&str]) -> (Proc, Arc<co
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(control_plane::serve(listener, app.clone(), shutdown.clone()));
+    let task = tokio::spawn(control_plane::serve(
+        listener,
+        app.clone(),
+        shutdown.clone(),
+    ));
     wait_up(&url, "/healthz").await;
     (
         Proc {
@@ -256,7 +260,13 @@ pub async fn stack(driver: DatabaseDriver, extra: &[&str]) -> Stack {
 }
 
 impl Stack {
-    pub async fn call(&self, method: &str, path: &str, auth: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         call_at(&self.cp.url, method, path, auth, body).await
     }
 
@@ -342,12 +352,22 @@ pub async fn call_full(
 pub async fn wait_job(base: &str, auth: &str, id: &str, secs: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let (status, job) = call_at(base, "GET", &format!("/v1/jobs/{id}?waitMs=2000"), Some(auth), None).await;
+        let (status, job) = call_at(
+            base,
+            "GET",
+            &format!("/v1/jobs/{id}?waitMs=2000"),
+            Some(auth),
+            None,
+        )
+        .await;
         assert_eq!(status, 200, "{job}");
         let s = job["status"].as_str().unwrap_or_default();
         if matches!(s, "succeeded" | "failed" | "cancelled") {
             return job;
         }
-        assert!(Instant::now() < deadline, "job {id} still {s} after {secs}s: {job}");
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still {s} after {secs}s: {job}"
+        );
     }
 }

@@ -265,14 +265,26 @@ impl JobService {
     /// Runs a job, or returns the outcome of its first run (or of its
     /// cancellation). A caller that repeats an id while the first run is in
     /// progress waits for it.
-    pub async fn run(&self, caller: &Caller, req: RunJob) -> Result<JobResult, ApiError> {
+    ///
+    /// The run itself is a task of its own: it goes on when the caller
+    /// disconnects (a control plane that dies mid-job retries with the same
+    /// id and must find the outcome here, not a run cut short).
+    pub async fn run(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: RunJob,
+    ) -> Result<JobResult, ApiError> {
         validate_id("jobId", &req.job_id)
             .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
         let key = (caller.tenant.clone(), req.job_id.clone());
         enum Decision {
             Replay(JobResult),
             Wait(watch::Receiver<Outcome>),
-            Run(watch::Sender<Outcome>, Arc<Mutex<RunControl>>),
+            Run(
+                watch::Sender<Outcome>,
+                watch::Receiver<Outcome>,
+                Arc<Mutex<RunControl>>,
+            ),
         }
         // Decide under the lock; never await while holding it.
         let decision = {
@@ -286,15 +298,15 @@ impl JobService {
                     jobs.insert(
                         key.clone(),
                         Entry::Running {
-                            outcome: rx,
+                            outcome: rx.clone(),
                             control: control.clone(),
                         },
                     );
-                    Decision::Run(tx, control)
+                    Decision::Run(tx, rx, control)
                 }
             }
         };
-        let (tx, control) = match decision {
+        let (tx, mut first, control) = match decision {
             Decision::Replay(r) => return Ok(replayed(r)),
             Decision::Wait(mut rx) => {
                 let vanished =
@@ -310,14 +322,40 @@ impl JobService {
                     None => Err(vanished()),
                 };
             }
-            Decision::Run(tx, control) => (tx, control),
+            Decision::Run(tx, rx, control) => (tx, rx, control),
         };
+        let this = self.clone();
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            this.run_detached(&caller, req, key, tx, control).await;
+        });
+        let vanished = || ApiError::new(ErrorCode::Internal, "the run of this job vanished");
+        let done = first
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| vanished())?
+            .clone();
+        match done {
+            Some(outcome) => outcome,
+            None => Err(vanished()),
+        }
+    }
+
+    /// The run proper, to its end whoever waits for it.
+    async fn run_detached(
+        &self,
+        caller: &Caller,
+        req: RunJob,
+        key: (String, String),
+        tx: watch::Sender<Outcome>,
+        control: Arc<Mutex<RunControl>>,
+    ) {
         // An outcome saved by an earlier run of this data plane (file/redis),
         // a cancellation included.
         if let Some(saved) = self.stored(caller, &req.job_id).await {
             self.remember(&mut self.jobs(), key, saved.clone());
-            let _ = tx.send(Some(Ok(saved.clone())));
-            return Ok(replayed(saved));
+            let _ = tx.send(Some(Ok(replayed(saved))));
+            return;
         }
         let running = &self.sessions.metrics().jobs_running;
         running.inc();
@@ -336,8 +374,7 @@ impl JobService {
                 Ok(r) => self.remember(&mut jobs, key, r.clone()),
             }
         }
-        let _ = tx.send(Some(outcome.clone()));
-        outcome
+        let _ = tx.send(Some(outcome));
     }
 
     async fn execute(
