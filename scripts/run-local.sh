@@ -33,7 +33,7 @@ export ARTIFACT_ROOT=${ARTIFACT_ROOT:-$PWD/.local/artifacts}
 dev_key() {
   mkdir -p .local
   if [ ! -s ".local/$1" ]; then
-    echo "[run-local] generating a development signing key in .local/$1 (mode 0600)"
+    echo "[run-local] generating a development signing key in .local/$1 (mode 0600)" >&2
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > ".local/$1")
   fi
   cat ".local/$1"
