@@ -369,6 +369,57 @@ async fn probes_docs_and_openapi() {
     cp.stop().await;
 }
 
+/// `control-plane audit verify` from the shell: exit 0 on an intact chain,
+/// 1 with the first broken link after an edit.
+#[tokio::test]
+async fn audit_verify_command() {
+    let (cp, db) = lone_cp(&[]).await;
+    for _ in 0..3 {
+        call_at(&cp.url, "GET", "/v1/jobs", None, None).await; // audited 401s
+    }
+    cp.stop().await;
+    let run = || {
+        #[allow(clippy::disallowed_methods, reason = "the test runs the real binary")]
+        std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .args([
+                "audit",
+                "verify",
+                "--database-driver",
+                "sqlite",
+                "--database-url",
+                &db.url,
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = run();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"ok\": true"));
+    let pool = db.connect().await;
+    if let control_plane::storage::Db::Sqlite(p) = &pool {
+        sqlx::query("DROP TRIGGER audit_events_no_update")
+            .execute(p)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit_events SET outcome = 'ok' WHERE seq = 2")
+            .execute(p)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    let broken = run();
+    assert_eq!(broken.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&broken.stdout);
+    assert!(
+        out.contains("\"seq\": 2") && out.contains("edited"),
+        "{out}"
+    );
+}
+
 /// The committed OpenAPI file is what the code describes; regenerate it
 /// with `make openapi` when this fails.
 #[test]

@@ -525,6 +525,48 @@ async fn a_killed_control_plane_finishes_the_job_once() {
     }
 }
 
+/// A job whose worker was lost as many times as it may be dispatched fails
+/// with a reason instead of running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_out_of_attempts_fails_with_a_reason() {
+    let state = tempfile::Builder::new()
+        .prefix("cp-attempts-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let agent = agent_proc(&state.path().join("agent"), &[]).await;
+    let dp = dp_proc(&agent.url, &state.path().join("dp"), None).await;
+    let db = TestDb::new(DatabaseDriver::Sqlite).await;
+    let mut cp = CpProcess::start_with(&db, &dp.url, &["--job-max-attempts", "1"]).await;
+    let t = token("acme", &["agent"]);
+    let (_, job) = call_at(
+        &cp.url,
+        "POST",
+        "/v1/jobs",
+        Some(&t),
+        Some(json!({"code": "import time\ntime.sleep(2)\n1"})),
+    )
+    .await;
+    let id = job["jobId"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, j) = call_at(&cp.url, "GET", &format!("/v1/jobs/{id}"), Some(&t), None).await;
+        if j["status"] == "running" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cp.kill9();
+    let cp2 = CpProcess::start_with(&db, &dp.url, &["--job-max-attempts", "1"]).await;
+    let done = wait_job(&cp2.url, &t, &id, 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "lease_expired", "{done}");
+    assert_eq!(done["attempts"], 1);
+    drop(cp2);
+    dp.stop().await;
+    agent.stop().await;
+}
+
 /// The control-plane binary as a child process (so it can be killed -9).
 struct CpProcess {
     url: String,
@@ -533,12 +575,18 @@ struct CpProcess {
 
 impl CpProcess {
     async fn start(db: &TestDb, dp_url: &str) -> CpProcess {
+        Self::start_with(db, dp_url, &[]).await
+    }
+
+    async fn start_with(db: &TestDb, dp_url: &str, extra: &[&str]) -> CpProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let addr = format!("127.0.0.1:{port}");
-        let mut args = cp_args(db, dp_url, &["--addr", &addr]);
+        let mut flags = vec!["--addr", addr.as_str()];
+        flags.extend_from_slice(extra);
+        let mut args = cp_args(db, dp_url, &flags);
         args.remove(0);
         let mut url = db.url.clone();
         if let Some(schema) = &db.schema {
