@@ -243,6 +243,7 @@ impl SessionService {
         )
         .await?;
         // 404 before anything is recorded for a session that is not there.
+        self.session_runtime(&identity.tenant, id).await?;
         self.dp.get_session(&identity.tenant, id).await?;
         self.audit
             .record(AuditEvent::by(
@@ -508,6 +509,7 @@ impl SessionService {
     /// Lists the workspace's top directory.
     pub async fn list_files(&self, identity: &Identity, id: &str) -> Result<FileList, ApiError> {
         self.file_policy(identity, "file.read", id, "").await?;
+        self.session_runtime(&identity.tenant, id).await?;
         self.dp.list_files(&identity.tenant, id).await
     }
 
@@ -519,6 +521,7 @@ impl SessionService {
         path: &str,
     ) -> Result<PathContent, ApiError> {
         self.file_policy(identity, "file.read", id, path).await?;
+        self.session_runtime(&identity.tenant, id).await?;
         self.dp.read_path(&identity.tenant, id, path).await
     }
 
