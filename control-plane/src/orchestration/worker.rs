@@ -482,6 +482,13 @@ async fn sweeper_loop(jobs: Arc<JobService>, shutdown: CancellationToken) {
         if let Ok(depth) = queue_depth(&jobs).await {
             jobs.metrics.job_queue_depth.set(depth);
         }
+        // Keys past IDEMPOTENCY_TTL are forgotten (their jobs stay).
+        let now = now_ms();
+        if let Err(e) = on_db!(&jobs.db, p => sqlx::query("DELETE FROM idempotency_keys WHERE expires_ms < $1")
+            .bind(now).execute(p).await.map(|_| ()))
+        {
+            tracing::warn!(error = %e, "expiring idempotency keys failed");
+        }
     }
 }
 
