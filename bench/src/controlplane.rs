@@ -14,9 +14,11 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{Agent, Args, Row, Series, Sizes, wait_pool_full};
+use super::{Agent, Args, Row, Series, Sizes, token, wait_pool};
 
 const DP_SECRET: &str = "bench-dp-secret-bench-dp-secret-bench!";
+/// Warm sandboxes kept by the agent in this phase.
+const POOL: usize = 4;
 const USER_SECRET: &str = "bench-user-secret-bench-user-secret!!";
 
 struct Server {
@@ -175,7 +177,7 @@ pub(super) async fn phase_control_plane(
     sizes: Sizes,
     rows: &mut CpRows,
 ) -> anyhow::Result<()> {
-    let agent = Agent::start(args, "python=4").await?;
+    let agent = Agent::start(args, &format!("python={POOL}")).await?;
     let root = tempfile::Builder::new()
         .prefix("cp-bench-")
         .tempdir_in("/tmp")?;
@@ -289,7 +291,7 @@ async fn measure(
     // 2. One job at a time, the pool full before each (untimed).
     let (mut via_cp, mut via_dp) = (Vec::new(), Vec::new());
     for i in 0..sizes.warmup_creates + sizes.warm_n {
-        wait_pool_full(agent).await?;
+        wait_pool(agent, POOL).await?;
         let t = Instant::now();
         let job = post(
             http,
@@ -308,7 +310,7 @@ async fn measure(
             .await?;
         let a = t.elapsed();
         ensure!(done["status"] == "succeeded", "job ended {done}");
-        wait_pool_full(agent).await?;
+        wait_pool(agent, POOL).await?;
         let t = Instant::now();
         let r = post(
             http,
@@ -354,7 +356,7 @@ async fn throughput(
     let mut per_job = Vec::new();
     let mut failures = 0usize;
     for _ in 0..3 {
-        wait_pool_full(agent).await?;
+        wait_pool(agent, POOL).await?;
         let t = Instant::now();
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
@@ -390,6 +392,22 @@ async fn throughput(
         per_job.push(t.elapsed().as_secs_f64() * 1000.0 / n as f64);
     }
     ensure!(failures == 0, "{failures} jobs failed under load");
+    // Baseline: the same number of single-use sandboxes cycled straight on
+    // the agent (create, one step, delete; 8 at a time): what the machine
+    // can churn, whatever sits in front of it.
+    let mut churn = Vec::new();
+    for _ in 0..3 {
+        wait_pool(agent, POOL).await?;
+        churn.push(agent_churn(agent, n, 8).await?);
+    }
+    row.baseline = Some(Series::new(
+        "sandbox churn on the agent",
+        &format!(
+            "{n} create + `1+1` + delete cycles straight to the agent, 8 concurrent, ms per cycle"
+        ),
+        "ms/job",
+        churn,
+    ));
     row.series = Some(Series::new(
         "sustained jobs",
         &format!(
@@ -400,4 +418,52 @@ async fn throughput(
         per_job,
     ));
     Ok(())
+}
+
+/// `n` single-use sessions on the agent, `concurrency` at a time; ms each.
+async fn agent_churn(agent: &Agent, n: usize, concurrency: usize) -> anyhow::Result<f64> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = agent.client.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let (id, tok) = (
+                    format!("churn-{i}-{}", hex::encode(rand::random::<[u8; 4]>())),
+                    token(),
+                );
+                let req = shared::agent::CreateSessionRequest {
+                    session_id: id.clone(),
+                    runtime: "python".into(),
+                    token: Some(tok.clone()),
+                    limits: None,
+                    env: None,
+                    ttl_seconds: None,
+                    idle_timeout_seconds: None,
+                    packages_dir: None,
+                };
+                client.create_session(&req).await?;
+                let step = shared::agent::StepRequest {
+                    session_id: id.clone(),
+                    step_id: "1".into(),
+                    code: "1+1".into(),
+                    timeout_ms: None,
+                    mode: None,
+                    event: None,
+                };
+                client.step(&step, Some(&tok)).await?;
+                client.delete_session(&id, Some(&tok)).await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.context("churn task")??;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0 / n as f64)
 }

@@ -999,13 +999,19 @@ async fn phase_pool_agent(args: &Args, sizes: Sizes, row: &mut Row) -> anyhow::R
 }
 
 async fn wait_pool_full(agent: &Agent) -> anyhow::Result<Duration> {
+    wait_pool(agent, 2).await
+}
+
+/// Waits (untimed) until the python pool holds `n` idle sandboxes and no
+/// session or teardown is left.
+async fn wait_pool(agent: &Agent, n: usize) -> anyhow::Result<Duration> {
     let t = Instant::now();
     loop {
         let h = agent.client.health().await?;
         // Full pool and no teardown still running in the background.
-        if h.warm_pool.get("python") == Some(&2)
+        if h.warm_pool.get("python") == Some(&n)
             && h.sessions == 0
-            && agent.sandbox_ids().len() == 2
+            && agent.sandbox_ids().len() == n
         {
             return Ok(t.elapsed());
         }

@@ -353,13 +353,14 @@ impl SessionService {
         let timeout = req
             .timeout_ms
             .map_or(session_timeout, Duration::from_millis);
-        self.authorize(
-            identity,
-            "step.run",
-            json!({"type": "session", "id": session_id}),
-            json!({"runtime": runtime, "timeoutMs": req.timeout_ms, "mode": req.mode}),
-        )
-        .await?;
+        let decision = self
+            .authorize(
+                identity,
+                "step.run",
+                json!({"type": "session", "id": session_id}),
+                json!({"runtime": runtime, "timeoutMs": req.timeout_ms, "mode": req.mode}),
+            )
+            .await?;
         let step_id = new_id("stp");
         self.audit
             .record(
@@ -369,7 +370,11 @@ impl SessionService {
                     format!("session/{session_id}/step/{step_id}"),
                 )
                 .outcome("started")
-                .details(json!({"runtime": runtime, "codeBytes": req.code.len()})),
+                .details(json!({
+                    "runtime": runtime,
+                    "codeBytes": req.code.len(),
+                    "policyVersion": decision.policy_version,
+                })),
             )
             .await?;
         let run = RunStep {

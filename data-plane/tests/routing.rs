@@ -742,6 +742,38 @@ async fn one_shot_jobs_run_once_and_keep_their_output() {
     s.stop().await;
 }
 
+/// A caller that goes away mid-run (a control plane killed with -9) does
+/// not cut the run short: the retry with the same id gets its result.
+#[tokio::test]
+async fn a_job_outlives_a_caller_that_disconnects() {
+    let s = stack(true, &[]).await;
+    let acme = credential("acme");
+    let job =
+        json!({"jobId": "job-gone", "code": "import time\ntime.sleep(2)\nprint('finished')\n7"});
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let dropped = impatient
+        .post(format!("{}/internal/v1/jobs", s.dp))
+        .bearer_auth(&acme)
+        .json(&job)
+        .send()
+        .await;
+    assert!(dropped.is_err(), "the first caller gave up before the end");
+    let (status, r) = s
+        .call("POST", "/internal/v1/jobs", Some(&acme), Some(job))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["stdout"], "finished\n", "{r}");
+    assert_eq!(r["result"], 7);
+    assert_eq!(
+        r["replayed"], true,
+        "the first run's result, not a second run"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_slow_agent_gives_a_bounded_503() {
     // An "agent" that accepts connections and never answers.
