@@ -145,6 +145,25 @@ fn deny_reasons(engine: &Engine, input: &regorus::Value, rule: &str) -> Vec<Stri
     }
 }
 
+/// Evaluates a new tenant policy once on a plain job submission: regorus
+/// finds a misspelt builtin or a wrongly typed `deny` only when it runs, and
+/// such a policy is refused now rather than denying everything later.
+fn trial(engine: &Engine) -> Result<(), String> {
+    let mut engine = engine.clone();
+    engine.set_input(regorus::Value::from(json!({
+        "identity": {"tenant": "trial", "subject": "trial", "app": null, "agent": null, "roles": []},
+        "action": "job.submit",
+        "resource": {"type": "job"},
+        "request": {"runtime": "python", "limits": {}, "packages": [], "egress": [], "secrets": []},
+    })));
+    match engine.eval_rule(TENANT_DENY.into()) {
+        Ok(regorus::Value::Undefined) => Ok(()),
+        Ok(v) if v.as_set().is_ok() => Ok(()),
+        Ok(_) => Err("`deny` must be a set of reasons".into()),
+        Err(e) => Err(format!("the policy fails on a plain job submission: {e}")),
+    }
+}
+
 impl PolicyService {
     /// Compiles the platform policy (`default_rego`, else the bundled one);
     /// one that does not compile stops start-up.
@@ -342,7 +361,8 @@ impl PolicyService {
                 rego.len()
             )));
         }
-        compile(&self.platform_source(), Some(rego)).map_err(invalid)?;
+        let engine = compile(&self.platform_source(), Some(rego)).map_err(invalid)?;
+        trial(&engine).map_err(invalid)?;
         let sha = hex::encode(Sha256::digest(rego.as_bytes()));
         let now = now_ms();
         let dialect = self.db.dialect();
@@ -560,6 +580,9 @@ deny contains "agents get at most 256 MiB" if {
                 "package sandbox.tenant\ndeny contains".to_owned(),
                 "package sandbox.platform\ndeny contains \"x\" if true\n".to_owned(),
                 "package other\nallow := true\n".to_owned(),
+                "package sandbox.tenant\ndeny contains msg if { msg := no_such_builtin(1) }\n"
+                    .to_owned(),
+                "package sandbox.tenant\ndeny := 5\n".to_owned(),
                 format!(
                     "package sandbox.tenant\n# {}\n",
                     "x".repeat(MAX_POLICY_BYTES)
@@ -655,17 +678,18 @@ deny contains "agents get at most 256 MiB" if {
         let t = TestDb::new(DatabaseDriver::Sqlite).await;
         let (policy, _, _) = service(&t.db);
         let admin = who("acme", &["admin"]);
-        // Division by zero at evaluation time.
+        // Division by zero at evaluation time, for one package only (the
+        // trial run at PUT, with none, passes).
         policy
             .put_tenant_policy(
                 &admin,
                 "acme",
-                "package sandbox.tenant\n\ndeny contains msg if {\n\tx := 1 / count(input.request.packages)\n\tmsg := sprintf(\"%v\", [x])\n}\n",
+                "package sandbox.tenant\n\ndeny contains msg if {\n\tx := 1 / (count(input.request.packages) - 1)\n\tmsg := sprintf(\"%v\", [x])\n}\n",
             )
             .await
             .unwrap();
         let d = policy
-            .evaluate(&admin, &ask("job.submit", json!({"packages": []})))
+            .evaluate(&admin, &ask("job.submit", json!({"packages": ["one"]})))
             .await
             .unwrap();
         assert!(!d.allow, "an error must deny: {d:?}");
