@@ -80,6 +80,10 @@ pub struct SandboxSpec {
 /// Where a session's packages appear inside the sandbox.
 pub const SANDBOX_PACKAGES: &str = "/packages";
 
+/// How long a gVisor sandbox gets to end by itself after its stdin closes
+/// before it is killed.
+const EXIT_ON_EOF_GRACE: Duration = Duration::from_millis(500);
+
 /// Why a sandbox could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -432,6 +436,13 @@ impl Sandbox {
     /// only the fallback.)
     pub async fn destroy(mut self) {
         drop(self.stdio.take());
+        // Every driver exits on stdin EOF, and a sandbox whose init exits
+        // ends by itself: an idle gVisor sandbox is gone without spawning
+        // `runsc kill` (a Go process per teardown, the larger part of its
+        // CPU cost). A busy one is killed after the grace.
+        if self.launcher.kind() == IsolationKind::Gvisor {
+            let _ = tokio::time::timeout(EXIT_ON_EOF_GRACE, self.child.wait()).await;
+        }
         if self.try_exit().is_none() {
             match self.launcher.kind() {
                 IsolationKind::Gvisor => {
