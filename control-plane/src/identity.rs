@@ -482,46 +482,25 @@ mod tests {
             bypass: false,
         })
         .unwrap();
-        let mut h = Header::new(Algorithm::RS256);
-        h.kid = Some("rsa-1".into());
-        let rs = jsonwebtoken::encode(
-            &h,
-            &claims(60),
-            &EncodingKey::from_rsa_pem(test_keys::RSA_PRIVATE_PEM.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let rsa = EncodingKey::from_rsa_pem(test_keys::RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_pem(test_keys::EC_PRIVATE_PEM.as_bytes()).unwrap();
+        let sign_as = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+            let mut h = Header::new(alg);
+            h.kid = Some(kid.into());
+            jsonwebtoken::encode(&h, &claims(60), key).unwrap()
+        };
+        let rs = sign_as(Algorithm::RS256, "rsa-1", &rsa);
         assert_eq!(v.verify(&rs).unwrap().tenant, "acme");
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("ec-1".into());
-        let es = jsonwebtoken::encode(
-            &h,
-            &claims(60),
-            &EncodingKey::from_ec_pem(test_keys::EC_PRIVATE_PEM.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let es = sign_as(Algorithm::ES256, "ec-1", &ec);
         assert_eq!(v.verify(&es).unwrap().tenant, "acme");
         // The RSA key's kid with ES256: the key is pinned to RS256.
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("rsa-1".into());
-        let swapped = jsonwebtoken::encode(
-            &h,
-            &claims(60),
-            &EncodingKey::from_ec_pem(test_keys::EC_PRIVATE_PEM.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let swapped = sign_as(Algorithm::ES256, "rsa-1", &ec);
         assert_eq!(
             v.verify(&swapped).unwrap_err().code,
             ErrorCode::Unauthorized
         );
         // Unknown kid.
-        let mut h = Header::new(Algorithm::RS256);
-        h.kid = Some("nope".into());
-        let unknown = jsonwebtoken::encode(
-            &h,
-            &claims(60),
-            &EncodingKey::from_rsa_pem(test_keys::RSA_PRIVATE_PEM.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let unknown = sign_as(Algorithm::RS256, "nope", &rsa);
         assert_eq!(
             v.verify(&unknown).unwrap_err().code,
             ErrorCode::Unauthorized

@@ -311,17 +311,7 @@ async fn cancellation_reaches_the_data_plane() {
         .await;
     let id = job["jobId"].as_str().unwrap().to_owned();
     // Wait until it runs.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, j) = s
-            .call("GET", &format!("/v1/jobs/{id}"), Some(&t), None)
-            .await;
-        if j["status"] == "running" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_running(&s.cp.url, &t, &id).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
     let (status, body) = s
@@ -481,15 +471,7 @@ async fn a_killed_control_plane_finishes_the_job_once() {
         assert_eq!(status, 202, "{job}");
         let id = job["jobId"].as_str().unwrap().to_owned();
         // Kill it while the job runs in the data plane.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, j) = call_at(&cp.url, "GET", &format!("/v1/jobs/{id}"), Some(&t), None).await;
-            if j["status"] == "running" {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{j}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_running(&cp.url, &t, &id).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         cp.kill9();
         // Restart: the lease (3 s) expires, the job is claimed again with the
@@ -547,15 +529,7 @@ async fn a_job_out_of_attempts_fails_with_a_reason() {
     )
     .await;
     let id = job["jobId"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, j) = call_at(&cp.url, "GET", &format!("/v1/jobs/{id}"), Some(&t), None).await;
-        if j["status"] == "running" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&cp.url, &t, &id).await;
     cp.kill9();
     let cp2 = CpProcess::start_with(&db, &dp.url, &["--job-max-attempts", "1"]).await;
     let done = wait_job(&cp2.url, &t, &id, 60).await;

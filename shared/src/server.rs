@@ -187,6 +187,39 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     }
 }
 
+/// One streamed step event as SSE (`stdout`, `stderr`, `result` or `error`).
+/// A broken upstream stream becomes an `error` event with `broken` and a
+/// message naming `upstream`.
+#[cfg(feature = "client")]
+pub fn step_sse_event(
+    ev: Result<crate::client::StepEvent, crate::client::ClientError>,
+    broken: ErrorCode,
+    upstream: &str,
+) -> axum::response::sse::Event {
+    use crate::agent::{OutputChunk, sse_event};
+    use crate::client::StepEvent;
+    use axum::response::sse::Event;
+    let event = match ev {
+        Ok(StepEvent::Stdout(data)) => Event::default()
+            .event(sse_event::STDOUT)
+            .json_data(OutputChunk { data }),
+        Ok(StepEvent::Stderr(data)) => Event::default()
+            .event(sse_event::STDERR)
+            .json_data(OutputChunk { data }),
+        Ok(StepEvent::Result(r)) => Event::default().event(sse_event::RESULT).json_data(r),
+        Ok(StepEvent::Error(body)) => Event::default().event(sse_event::ERROR).json_data(body),
+        Err(e) => Event::default()
+            .event(sse_event::ERROR)
+            .json_data(ErrorBody {
+                code: broken,
+                message: format!("the step stream from the {upstream} broke: {e}"),
+                request_id: None,
+                details: None,
+            }),
+    };
+    event.unwrap_or_default()
+}
+
 /// Fallback for unknown routes.
 pub async fn route_not_found() -> ApiError {
     ApiError::new(ErrorCode::RouteNotFound, "no such route")

@@ -11,14 +11,14 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{
         IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
+        sse::{KeepAlive, Sse},
     },
     routing::get,
 };
 use futures::StreamExt;
 use shared::ErrorCode;
-use shared::agent::{FileList, OutputChunk, StepResult, sse_event};
-use shared::client::{PathContent, StepEvent};
+use shared::agent::{FileList, StepResult};
+use shared::client::PathContent;
 use shared::controlplane::{SessionRequest, StepRequest};
 use shared::dataplane::{ArtifactInfo, SessionView, SessionViewList};
 use shared::server::{ApiError, ApiJson};
@@ -119,25 +119,11 @@ pub async fn run_step(
     }
     let events = app.sessions.step_stream(&caller, &id, step).await?;
     let sse = events.map(|ev| {
-        let event = match ev {
-            Ok(StepEvent::Stdout(data)) => Event::default()
-                .event(sse_event::STDOUT)
-                .json_data(OutputChunk { data }),
-            Ok(StepEvent::Stderr(data)) => Event::default()
-                .event(sse_event::STDERR)
-                .json_data(OutputChunk { data }),
-            Ok(StepEvent::Result(r)) => Event::default().event(sse_event::RESULT).json_data(r),
-            Ok(StepEvent::Error(body)) => Event::default().event(sse_event::ERROR).json_data(body),
-            Err(e) => Event::default()
-                .event(sse_event::ERROR)
-                .json_data(shared::ErrorBody {
-                    code: ErrorCode::DataPlaneUnavailable,
-                    message: format!("the step stream from the data plane broke: {e}"),
-                    request_id: None,
-                    details: None,
-                }),
-        };
-        Ok::<_, Infallible>(event.unwrap_or_default())
+        Ok::<_, Infallible>(shared::server::step_sse_event(
+            ev,
+            ErrorCode::DataPlaneUnavailable,
+            "data plane",
+        ))
     });
     Ok(Sse::new(sse)
         .keep_alive(KeepAlive::default())

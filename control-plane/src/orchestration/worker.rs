@@ -98,25 +98,24 @@ async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiErro
     let now = now_ms();
     let lease_until = now + jobs.settings.lease.as_millis() as i64;
     let dialect = jobs.db.dialect();
+    // One statement; Postgres also skips rows other replicas have locked.
+    macro_rules! claim_sql {
+        ($lock:literal) => {
+            concat!(
+                "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, ",
+                "attempts = attempts + 1, started_ms = COALESCE(started_ms, $3), updated_ms = $3 ",
+                "WHERE id = (SELECT id FROM jobs WHERE ((status = 'queued' AND next_run_ms <= $3) ",
+                "OR (status = 'running' AND lease_expires_ms < $3)) ",
+                "AND attempts < max_attempts AND cancel_requested = 0 ",
+                "ORDER BY next_run_ms, created_ms LIMIT 1",
+                $lock,
+                ") RETURNING *"
+            )
+        };
+    }
     let sql = match dialect {
-        Dialect::Postgres => {
-            "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, \
-             attempts = attempts + 1, started_ms = COALESCE(started_ms, $3), updated_ms = $3 \
-             WHERE id = (SELECT id FROM jobs WHERE ((status = 'queued' AND next_run_ms <= $3) \
-               OR (status = 'running' AND lease_expires_ms < $3)) \
-               AND attempts < max_attempts AND cancel_requested = 0 \
-               ORDER BY next_run_ms, created_ms LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING *"
-        }
-        Dialect::Sqlite => {
-            "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, \
-             attempts = attempts + 1, started_ms = COALESCE(started_ms, $3), updated_ms = $3 \
-             WHERE id = (SELECT id FROM jobs WHERE ((status = 'queued' AND next_run_ms <= $3) \
-               OR (status = 'running' AND lease_expires_ms < $3)) \
-               AND attempts < max_attempts AND cancel_requested = 0 \
-               ORDER BY next_run_ms, created_ms LIMIT 1) \
-             RETURNING *"
-        }
+        Dialect::Postgres => claim_sql!(" FOR UPDATE SKIP LOCKED"),
+        Dialect::Sqlite => claim_sql!(""),
     };
     let claimed = on_db!(&jobs.db, p => async {
         let mut tx = begin_write!(p, dialect)?;

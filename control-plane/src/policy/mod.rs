@@ -99,6 +99,8 @@ pub struct PolicyService {
     audit: AuditLog,
     metrics: Arc<Metrics>,
     platform: Engine,
+    /// Its source: a tenant policy is compiled together with it.
+    platform_rego: Arc<str>,
     tenants: Arc<Mutex<HashMap<String, Cached>>>,
 }
 
@@ -188,6 +190,7 @@ impl PolicyService {
             audit,
             metrics,
             platform,
+            platform_rego: rego.into(),
             tenants: Default::default(),
         })
     }
@@ -247,7 +250,7 @@ impl PolicyService {
                     .ok_or_else(|| ApiError::new(ErrorCode::Internal, "tenant policy vanished"))?;
                 // Compiled when stored; a failure now means the platform
                 // policy changed under it: deny everything for the tenant.
-                let compiled = compile(&self.platform_source(), Some(&policy.rego));
+                let compiled = compile(&self.platform_rego, Some(&policy.rego));
                 Cached {
                     version: policy.version,
                     checked: Instant::now(),
@@ -266,14 +269,6 @@ impl PolicyService {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(tenant.to_owned(), cached.clone());
         Ok(cached)
-    }
-
-    fn platform_source(&self) -> String {
-        self.platform
-            .get_policies()
-            .ok()
-            .and_then(|p| p.first().map(|s| s.get_contents().to_string()))
-            .unwrap_or_else(|| DEFAULT_POLICY.to_owned())
     }
 
     /// What policy decides, with nothing recorded (the dry run).
@@ -361,7 +356,7 @@ impl PolicyService {
                 rego.len()
             )));
         }
-        let engine = compile(&self.platform_source(), Some(rego)).map_err(invalid)?;
+        let engine = compile(&self.platform_rego, Some(rego)).map_err(invalid)?;
         trial(&engine).map_err(invalid)?;
         let sha = hex::encode(Sha256::digest(rego.as_bytes()));
         let now = now_ms();

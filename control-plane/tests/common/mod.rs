@@ -371,3 +371,16 @@ pub async fn wait_job(base: &str, auth: &str, id: &str, secs: u64) -> Value {
         );
     }
 }
+
+/// Polls a job until it is `running` (fails the test after 30 s).
+pub async fn wait_running(base: &str, auth: &str, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, job) = call_at(base, "GET", &format!("/v1/jobs/{id}"), Some(auth), None).await;
+        if job["status"] == "running" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {id} never ran: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
