@@ -1549,7 +1549,7 @@ fn bare_baselines(python: &Path, sizes: Sizes) -> anyhow::Result<Baselines> {
     let driver_steps = time_steps(sizes.steps, sizes.warmup_steps, |_| {
         let status = driver.eval("1+1")?;
         ensure!(
-            status.contains("\"result\": 2"),
+            serde_json::from_str::<Value>(&status)?["result"] == json!(2),
             "bare driver answered {status}"
         );
         Ok(())

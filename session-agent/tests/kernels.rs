@@ -45,6 +45,18 @@ async fn python_state_result_and_exception() {
     let r = agent.step("py", &t, "y = 1").await;
     assert_eq!(r.result, None);
 
+    // The driver starts on built-in modules only: under gVisor every module
+    // file costs Sentry work at each sandbox start (session-agent.md, 16).
+    let r = agent
+        .step(
+            "py",
+            &t,
+            "import sys\n[m for m in ('re', 'enum', 'functools', 'collections', 'json', 'ast', \
+             'signal', 'types', 'contextlib') if m in sys.modules]",
+        )
+        .await;
+    assert_eq!(r.result, Some(json!([])), "{r:?}");
+
     let r = agent
         .step("py", &t, "def f():\n    return 1 / 0\nf()")
         .await;
