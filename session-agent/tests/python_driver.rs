@@ -78,7 +78,20 @@ fn run(prelude: &str) -> Vec<(String, String)> {
 fn the_c_codec_and_the_json_fallback_agree_byte_for_byte() {
     let fast = run("");
     let fallback = run("import sys\nsys.modules['_json'] = None\n");
-    assert_eq!(fast, fallback);
+    // Byte for byte, except that the pure-Python encoder (which `json` uses
+    // when `_json` is missing) names the float it refuses.
+    let normalize = |answers: &[(String, String)]| -> Vec<(String, String)> {
+        answers
+            .iter()
+            .map(|(n, raw)| {
+                (
+                    n.clone(),
+                    raw.replace("not JSON compliant: inf", "not JSON compliant"),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(normalize(&fast), normalize(&fallback));
 
     let nonces: Vec<&str> = fast.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
