@@ -51,10 +51,8 @@ def _json_codec():
         scan = _json.make_scanner(ctx)
         ascii_str = _json.encode_basestring_ascii
 
-        def loads(text):
-            if isinstance(text, bytes):
-                text = text.decode("utf-8")
-            text = text.strip(" \t\r\n")
+        def loads(line):
+            text = line.decode("utf-8").strip(" \t\r\n")
             value, end = scan(text, 0)
             if end != len(text):
                 raise ValueError("extra data after the JSON value")
@@ -67,7 +65,7 @@ def _json_codec():
             return "".join(encode(value, 0))
 
         probe = {"a": [1, -2.5, "\u00e9\n", None, True, {}], "b": ""}
-        if loads(dumps(probe)) != probe:
+        if loads(dumps(probe).encode()) != probe:
             raise ValueError("_json round trip differs")
         return loads, dumps
     except Exception:
