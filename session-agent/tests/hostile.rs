@@ -244,6 +244,52 @@ r
     agent.stop().await;
 }
 
+/// Each sandbox has a process budget of its own. Under bwrap the rlimit was
+/// once set before bwrap made its user namespace, so every sandbox's
+/// processes counted against one per-uid budget on the host: eight
+/// concurrent sessions with `maxProcesses = 8` made bwrap itself fail with
+/// EAGAIN ("Creating new namespace failed").
+#[tokio::test]
+async fn sandboxes_do_not_share_a_process_budget() {
+    let agent = Arc::new(TestAgent::start(&[]).await);
+    let t = token();
+    let small = Limits {
+        max_processes: Some(8),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (agent, t, small) = (agent.clone(), t.clone(), small.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("budget-{i}");
+            agent.session_with(&id, "python", &t, Some(small)).await;
+            // Three children that stay alive while the others start theirs.
+            let code = "import os, time\nkids = []\nfor _ in range(3):\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n    kids.append(pid)\nlen(kids)";
+            agent.step_req(&id, &t, code, Some(20_000)).await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let r = task.await.unwrap();
+        assert_eq!(
+            r.result,
+            Some(json!(3)),
+            "session {i}: status={:?} error={:?}",
+            r.status,
+            r.error
+        );
+    }
+    for i in 0..8 {
+        agent
+            .client
+            .delete_session(&format!("budget-{i}"), Some(&t))
+            .await
+            .unwrap();
+    }
+    if let Ok(agent) = Arc::try_unwrap(agent) {
+        agent.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn fork_bomb_memory_hog_and_busy_loop_are_contained() {
     let agent = TestAgent::start(&[]).await;

@@ -1,10 +1,16 @@
 //! bubblewrap sandboxes (the fallback when runsc is absent) and the process
 //! chain shared with `none`:
 //! `sh` (joins the sandbox cgroup, then execs) -> `setpriv` (uid 65534, no
-//! groups, no new privileges) -> `prlimit` (rlimits) -> [`bwrap` ...] -> the
+//! groups, no new privileges) -> [`bwrap` ... -- ] `prlimit` (rlimits) -> the
 //! interpreter. bwrap thus runs unprivileged, so its user namespace maps to
 //! uid 65534, never to host root (SECURITY.md, hardening item 9), and its
 //! environment is cleared.
+//!
+//! Under bwrap the rlimits are set inside the sandbox, after bwrap made its
+//! user namespace: RLIMIT_NPROC then counts the processes of that namespace
+//! only (per-namespace ucounts, Linux 5.14+). Set before bwrap, it counted
+//! every uid-65534 process on the host, so a few concurrent sandboxes with a
+//! small `maxProcesses` made the next bwrap fail with EAGAIN.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -21,16 +27,22 @@ use super::{
 const JOIN_CGROUP_THEN_EXEC: &str =
     r#"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 126; shift; done; shift; exec "$@""#;
 
-/// The unprivileged, rlimited prefix: setpriv + prlimit.
-fn drop_privileges_and_limit(limits: &EffectiveLimits, runtime: Runtime) -> Vec<OsString> {
-    let mut v: Vec<OsString> = vec![
+/// The unprivileged prefix: uid and gid 65534, no groups, no new privileges.
+fn drop_privileges() -> Vec<OsString> {
+    vec![
         "setpriv".into(),
         format!("--reuid={SANDBOX_UID}").into(),
         format!("--regid={SANDBOX_UID}").into(),
         "--clear-groups".into(),
         "--no-new-privs".into(),
         "--".into(),
-        "prlimit".into(),
+    ]
+}
+
+/// The rlimits prefix: `prlimit ... --`, which then execs the interpreter.
+fn limit(limits: &EffectiveLimits, runtime: Runtime) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec![
+        "/usr/bin/prlimit".into(),
         format!("--nproc={}", limits.max_processes).into(),
         format!("--fsize={}", limits.disk_mb * 1024 * 1024).into(),
         "--nofile=1024".into(),
@@ -62,7 +74,8 @@ pub fn unisolated(
     argv: &[String],
     env: &[(String, String)],
 ) -> Command {
-    let mut inner = drop_privileges_and_limit(&spec.limits, spec.runtime);
+    let mut inner = drop_privileges();
+    inner.extend(limit(&spec.limits, spec.runtime));
     inner.extend(argv.iter().map(OsString::from));
     let mut cmd = in_cgroup(cgroup, inner);
     cmd.envs(env.iter().cloned()).current_dir(&spec.workspace);
@@ -78,7 +91,7 @@ pub fn command(
     argv: &[String],
     env: &[(String, String)],
 ) -> Command {
-    let mut v = drop_privileges_and_limit(&spec.limits, spec.runtime);
+    let mut v = drop_privileges();
     v.push(bwrap.into());
     for a in [
         "--unshare-all",
@@ -126,6 +139,7 @@ pub fn command(
         v.extend(["--setenv".into(), k.into(), val.into()]);
     }
     v.push("--".into());
+    v.extend(limit(&spec.limits, spec.runtime));
     v.extend(argv.iter().map(OsString::from));
     in_cgroup(cgroup, v)
 }
