@@ -731,9 +731,9 @@ fn mib(kib: u64) -> f64 {
 }
 
 /// The sandbox's memory cgroup as runsc created it from `linux.cgroupsPath`.
-fn cgroup_memory(sandbox_id: &str) -> Value {
-    let rel =
-        session_agent::isolation::CgroupParent::discover("session-agent").child_path(sandbox_id);
+fn cgroup_memory(state_dir: &Path, sandbox_id: &str) -> Value {
+    let rel = session_agent::isolation::CgroupParent::discover("session-agent", state_dir)
+        .child_path(sandbox_id);
     let rel = rel.trim_start_matches('/');
     let v1 = Path::new("/sys/fs/cgroup/memory").join(rel);
     let v2 = Path::new("/sys/fs/cgroup").join(rel);
@@ -917,7 +917,7 @@ async fn measure_memory(agent: &Agent, row: &mut Row) -> anyhow::Result<()> {
             e.2 += 1;
         }
         let launcher_pss: u64 = procs.iter().filter(|p| role(p).starts_with("runsc run")).map(|p| p.pss_kib).sum();
-        let cgroup = cgroup_memory(&sandbox_id);
+        let cgroup = cgroup_memory(agent.state.path(), &sandbox_id);
         row.series = Some(Series::new(
             "sandbox idle PSS",
             "sum of PSS (/proc/<pid>/smaps_rollup) of every host process of one idle python session: processes \

@@ -107,10 +107,12 @@ impl WarmPool {
             }
             match self.missing() {
                 Some(runtime) => {
-                    let started = tokio::select! {
-                        r = start(runtime) => r,
-                        _ = shutdown.cancelled() => break,
-                    };
+                    // A start is never abandoned midway, shutdown or not:
+                    // dropping it would SIGKILL the launcher and leave its
+                    // runsc state and cgroups behind. It is bounded by the
+                    // ready timeout, and a sandbox that comes up during
+                    // shutdown is destroyed with the idle ones below.
+                    let started = start(runtime).await;
                     match started {
                         Ok(warm) => {
                             backoff = Duration::from_millis(200);

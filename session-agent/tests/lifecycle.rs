@@ -102,6 +102,77 @@ fn mounts_under(state: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Files runsc keeps in this agent's runsc root (state and lock files).
+fn runsc_root_files(state: &Path) -> Vec<String> {
+    std::fs::read_dir(state.join("runsc"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sandbox cgroups of this agent, in any hierarchy.
+fn cgroups_of(state: &Path) -> Vec<std::path::PathBuf> {
+    session_agent::isolation::CgroupParent::discover("session-agent", state).children()
+}
+
+/// Everything a stopped agent must not leave on the host.
+fn assert_nothing_left(state: &Path, when: &str) {
+    assert_eq!(
+        runsc_containers(state),
+        Vec::<String>::new(),
+        "containers left {when}"
+    );
+    assert_eq!(
+        processes_under(state),
+        Vec::<String>::new(),
+        "processes left {when}"
+    );
+    assert_eq!(
+        mounts_under(state),
+        Vec::<String>::new(),
+        "workspace mounts left {when}"
+    );
+    assert_eq!(
+        runsc_root_files(state),
+        Vec::<String>::new(),
+        "runsc state left {when}"
+    );
+    assert_eq!(
+        cgroups_of(state),
+        Vec::<std::path::PathBuf>::new(),
+        "sandbox cgroups left {when}"
+    );
+    let bundles = std::fs::read_dir(state.join("bundles"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(bundles, 0, "sandbox bundles left {when}");
+}
+
+/// Sends SIGTERM and waits (30 s at most) for a clean exit.
+async fn terminate(child: &mut Child) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not stop within 30 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "agent exited with {status}");
+}
+
 async fn create(client: &AgentClient, id: &str, runtime: &str, t: &str) {
     let req = common::create_request(id, runtime, t);
     client
@@ -146,38 +217,29 @@ async fn sigterm_reaps_every_sandbox() {
     assert!(!processes_under(state.path()).is_empty());
     assert_eq!(mounts_under(state.path()).len(), 3);
 
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent did not stop within 30 s of SIGTERM"
+    assert!(!cgroups_of(state.path()).is_empty() || common::isolation() == "none");
+    terminate(&mut child).await;
+    assert_nothing_left(state.path(), "after SIGTERM");
+}
+
+/// SIGTERM while the warm pool is still starting its sandboxes: the starts
+/// in flight finish and are destroyed, none is cut off midway (a killed
+/// launcher would leave runsc's state, the bundle and the cgroups behind).
+#[tokio::test]
+async fn sigterm_while_the_pool_fills_leaves_nothing() {
+    for delay_ms in [0u64, 60, 150] {
+        let state = tempfile::Builder::new()
+            .prefix("sa-fill-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let (mut child, _client) = start_agent(state.path(), "python=3,bash=1").await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        terminate(&mut child).await;
+        assert_nothing_left(
+            state.path(),
+            &format!("after SIGTERM {delay_ms} ms into the pool fill"),
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "agent exited with {status}");
-    assert_eq!(
-        runsc_containers(state.path()),
-        Vec::<String>::new(),
-        "containers left after SIGTERM"
-    );
-    assert_eq!(
-        processes_under(state.path()),
-        Vec::<String>::new(),
-        "processes left after SIGTERM"
-    );
-    assert_eq!(
-        mounts_under(state.path()),
-        Vec::<String>::new(),
-        "workspace mounts left after SIGTERM"
-    );
+    }
 }
 
 #[tokio::test]
@@ -212,10 +274,13 @@ async fn restart_after_kill_9_destroys_leftovers() {
     if common::isolation() == "gvisor" {
         assert_eq!(runsc_containers(state.path()).len(), 1);
     }
+    assert!(!cgroups_of(state.path()).is_empty() || common::isolation() == "none");
     // ...until the next agent on the same state dir starts.
     let (mut child, client) = start_agent(state.path(), "").await;
     assert_eq!(runsc_containers(state.path()), Vec::<String>::new());
     assert_eq!(mounts_under(state.path()), Vec::<String>::new());
+    assert_eq!(runsc_root_files(state.path()), Vec::<String>::new());
+    assert_eq!(cgroups_of(state.path()), Vec::<std::path::PathBuf>::new());
     let leftovers: Vec<String> = processes_under(state.path())
         .into_iter()
         .filter(|p| !p.contains("session-agent"))
@@ -235,10 +300,6 @@ async fn restart_after_kill_9_destroys_leftovers() {
     child.wait().unwrap();
     // Clean up after the second kill -9 with a third, orderly agent.
     let (mut child, _client) = start_agent(state.path(), "").await;
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    child.wait().unwrap();
+    terminate(&mut child).await;
+    assert_nothing_left(state.path(), "after kill -9, restart and SIGTERM");
 }

@@ -149,7 +149,7 @@ impl Launcher {
         }
         let root = SandboxRoot::prepare(&state.join("root"))
             .map_err(|e| LaunchError::Prepare(format!("sandbox root: {e}")))?;
-        let cgroups = CgroupParent::discover("session-agent");
+        let cgroups = CgroupParent::discover("session-agent", state);
         let launcher = Launcher {
             inner: Arc::new(LauncherInner {
                 runsc_flags: runsc_global_flags(&config, &runsc_root)?,
@@ -311,32 +311,60 @@ impl Launcher {
         }
     }
 
-    /// Destroys every gVisor container in the agent's runsc root: the ones a
-    /// previous agent left behind when it was killed.
+    /// Destroys every gVisor container in the agent's runsc root, then the
+    /// bundles, runsc lock files and sandbox cgroups: what a previous agent
+    /// on this state directory left behind when it was killed.
     async fn reap_leftovers(&self) {
-        if self.inner.config.kind != IsolationKind::Gvisor {
-            return;
-        }
-        let Ok(out) = self.runsc(&["list", "-quiet"]).await else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
+        if self.inner.config.kind == IsolationKind::Gvisor
+            && let Ok(out) = self.runsc(&["list", "-quiet"]).await
         {
-            tracing::warn!(
-                sandbox = id,
-                "destroying a sandbox left by a previous agent"
-            );
-            let _ = self.runsc(&["delete", "-force", id]).await;
+            for id in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+            {
+                tracing::warn!(
+                    sandbox = id,
+                    "destroying a sandbox left by a previous agent"
+                );
+                let _ = self.runsc(&["delete", "-force", id]).await;
+            }
+            self.remove_stale_runsc_locks();
         }
         let _ = std::fs::remove_dir_all(&self.inner.bundles);
         let _ = std::fs::create_dir_all(&self.inner.bundles);
+        let swept = self.inner.cgroups.sweep();
+        if swept > 0 {
+            tracing::warn!(
+                cgroups = swept,
+                "removed sandbox cgroups left by a previous agent"
+            );
+        }
     }
 
-    /// Removes the agent's cgroup parent (called once at shutdown).
+    /// runsc keeps `<id>_sandbox:<id>.lock` beside each container's state
+    /// file and leaves it when its launcher is killed; a lock without a
+    /// state file belongs to no container.
+    fn remove_stale_runsc_locks(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.inner.runsc_root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "lock")
+                && !path.with_extension("state").exists()
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Removes what sandboxes left on the host beyond their own teardown
+    /// (called once at shutdown, after every sandbox is destroyed).
     pub fn cleanup_host_state(&self) {
+        if self.inner.config.kind == IsolationKind::Gvisor {
+            self.remove_stale_runsc_locks();
+        }
         self.inner.cgroups.remove_parent();
     }
 }
@@ -472,7 +500,7 @@ impl Sandbox {
             Cleanup::Bundle(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            Cleanup::Cgroup(Some(cg)) => cg.remove(),
+            Cleanup::Cgroup(Some(cg)) => cg.remove().await,
             Cleanup::Cgroup(None) => {}
         }
     }
