@@ -1,26 +1,13 @@
 //! Prometheus metrics of the control plane (`GET /metrics`, text format).
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::{
-    extract::{MatchedPath, Request, State},
-    middleware::Next,
-    response::Response,
-};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    pub route: String,
-    pub method: String,
-    pub status: u16,
-}
+use shared::metrics::{Histograms, HttpMetrics, latency};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
@@ -32,17 +19,10 @@ pub struct StatusLabel {
     pub status: String,
 }
 
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn latency() -> Histogram {
-    // 0.25 ms .. ~8 s
-    Histogram::new(exponential_buckets(0.00025, 2.0, 16))
-}
-
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
-    pub http: Histograms<HttpLabels>,
+    pub http: HttpMetrics,
     /// Submit-to-finish latency of jobs, by final status.
     pub job_duration: Histograms<StatusLabel>,
     /// Jobs that reached a final status.
@@ -59,7 +39,7 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("control_plane");
         let m = Metrics {
-            http: Family::new_with_constructor(latency),
+            http: HttpMetrics::default(),
             job_duration: Family::new_with_constructor(latency),
             jobs_finished: Family::default(),
             job_queue_depth: Gauge::default(),
@@ -68,11 +48,7 @@ impl Metrics {
             audit_write_failures: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency by route and status",
-            m.http.clone(),
-        );
+        m.http.register(&mut registry);
         registry.register(
             "job_duration_seconds",
             "Job latency from submission to a final status",
@@ -108,33 +84,8 @@ impl Metrics {
 
     /// The text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        shared::metrics::encode(&self.registry)
     }
-}
-
-/// Middleware: request latency by matched route (never the raw path, so ids
-/// do not explode the label set), method and status.
-pub async fn track_http(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    metrics
-        .http
-        .get_or_create(&HttpLabels {
-            route,
-            method,
-            status: resp.status().as_u16(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    resp
 }
 
 #[cfg(test)]
@@ -161,13 +112,7 @@ mod tests {
                 status: "succeeded".into(),
             })
             .observe(0.05);
-        m.http
-            .get_or_create(&HttpLabels {
-                route: "/healthz".into(),
-                method: "GET".into(),
-                status: 200,
-            })
-            .observe(0.001);
+        m.http.observe("/healthz", "GET", 200, 0.001);
         let text = m.encode();
         for name in [
             "control_plane_http_request_duration_seconds",

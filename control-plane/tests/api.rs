@@ -168,6 +168,13 @@ async fn bad_input_gets_coded_4xx_and_leaves_nothing() {
         metrics.contains("control_plane_policy_denials_total{action=\"job.submit\"} 2"),
         "{metrics}"
     );
+    // Request latency is labelled by the route template, never the raw path.
+    assert!(
+        metrics.contains(
+            "control_plane_http_request_duration_seconds_count{route=\"/v1/jobs\",method=\"POST\",status=\"403\"}"
+        ),
+        "{metrics}"
+    );
     let admin = token("acme", &["admin"]);
     let (_, audit) = call_at(
         &cp.url,

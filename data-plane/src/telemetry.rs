@@ -1,26 +1,14 @@
 //! Prometheus metrics of the data plane (`GET /metrics`, text format).
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::{
-    extract::{MatchedPath, Request, State},
-    middleware::Next,
-    response::Response,
-};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    pub route: String,
-    pub method: String,
-    pub status: u16,
-}
+use shared::metrics::HttpMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StartLabels {
@@ -48,15 +36,15 @@ pub struct DirectionLabel {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Sandbox starts and steps: 0.5 ms .. ~16 s.
 fn latency() -> Histogram {
-    // 0.5 ms .. ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
-    pub http: Histograms<HttpLabels>,
+    pub http: HttpMetrics,
     pub sandbox_start: Histograms<StartLabels>,
     pub step: Histograms<StepLabels>,
     pub sessions_active: Gauge,
@@ -70,7 +58,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("data_plane");
-        let http: Histograms<HttpLabels> = Family::new_with_constructor(latency);
+        let http = HttpMetrics::default();
         let sandbox_start: Histograms<StartLabels> = Family::new_with_constructor(latency);
         let step: Histograms<StepLabels> = Family::new_with_constructor(latency);
         let sessions_active = Gauge::default();
@@ -78,11 +66,7 @@ impl Metrics {
         let warm_pool_idle = Family::<RuntimeLabel, Gauge>::default();
         let artifact_bytes = Family::<DirectionLabel, Counter>::default();
         let dependency_decisions = Family::<StepLabels, Counter>::default();
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency by route and status",
-            http.clone(),
-        );
+        http.register(&mut registry);
         registry.register(
             "sandbox_start_seconds",
             "Time to a ready session, cold or warm",
@@ -129,33 +113,8 @@ impl Metrics {
 
     /// The text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        shared::metrics::encode(&self.registry)
     }
-}
-
-/// Middleware: request latency by matched route (never the raw path, so ids
-/// do not explode the label set), method and status.
-pub async fn track_http(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    metrics
-        .http
-        .get_or_create(&HttpLabels {
-            route,
-            method,
-            status: resp.status().as_u16(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    resp
 }
 
 #[cfg(test)]
@@ -172,13 +131,7 @@ mod tests {
                 status: "ok".into(),
             })
             .observe(0.001);
-        m.http
-            .get_or_create(&HttpLabels {
-                route: "/healthz".into(),
-                method: "GET".into(),
-                status: 200,
-            })
-            .observe(0.001);
+        m.http.observe("/healthz", "GET", 200, 0.001);
         m.sandbox_start
             .get_or_create(&StartLabels {
                 kind: "cold".into(),

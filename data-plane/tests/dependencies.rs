@@ -204,6 +204,10 @@ async fn allowed_packages_are_installed_read_only_and_others_refused() {
             .contains("data_plane_dependency_decisions_total{runtime=\"node\",status=\"allow\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("data_plane_http_request_duration_seconds_count{route=\"/internal/v1/sessions\",method=\"POST\""),
+        "{metrics}"
+    );
 
     // The agent mounts only directories inside its package root.
     let (st, e) = call_at(

@@ -9,6 +9,8 @@ pub mod error;
 pub mod telemetry;
 
 #[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
 
 #[cfg(feature = "client")]

@@ -47,9 +47,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
-    let metrics = app.metrics.clone();
+    let http = app.metrics.http.clone();
     shared::server::with_common_layers(v1.merge(probes).merge(docs).with_state(app).layer(
-        middleware::from_fn_with_state(metrics, crate::telemetry::track_http),
+        middleware::from_fn_with_state(http, shared::metrics::track_http),
     ))
 }
 

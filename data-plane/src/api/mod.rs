@@ -89,13 +89,13 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
-    let metrics = state.sessions.metrics().clone();
+    let http = state.sessions.metrics().http.clone();
     shared::server::with_common_layers(
         internal
             .merge(probes)
             .route_layer(middleware::from_fn_with_state(
-                metrics,
-                crate::telemetry::track_http,
+                http,
+                shared::metrics::track_http,
             ))
             .layer(DefaultBodyLimit::max(max_body_bytes))
             .with_state(state),
