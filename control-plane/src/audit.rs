@@ -93,7 +93,11 @@ pub struct VerifyReport {
     pub ok: bool,
     /// Events checked (up to and including the first broken one).
     pub checked: u64,
-    /// Hash of the last event checked: export it to catch a truncated tail.
+    /// `seq` of the last event checked (0 for an empty log).
+    pub head_seq: i64,
+    /// Hash of the last event checked. Saved outside the database as an
+    /// anchor (`headSeq:head`), it lets a later verify catch a chain that
+    /// was rewritten with recomputed hashes, or cut short.
     pub head: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_broken: Option<BrokenLink>,
@@ -104,8 +108,47 @@ pub struct VerifyReport {
 #[serde(rename_all = "camelCase")]
 pub struct BrokenLink {
     pub seq: i64,
-    pub id: String,
+    /// The event's id; absent when the event itself is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub reason: String,
+}
+
+/// An event's hash saved earlier outside the database (a verify report's
+/// `headSeq` and `head`): the chain must still hold that event unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl Anchor {
+    /// Checks a `seq` and a 64-hex-digit SHA-256; the message names the
+    /// fault.
+    pub fn new(seq: i64, hash: &str) -> Result<Anchor, String> {
+        if seq < 1 {
+            return Err(format!("anchor seq must be at least 1, got {seq}"));
+        }
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("anchor hash must be 64 hexadecimal digits (a SHA-256)".into());
+        }
+        Ok(Anchor {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+
+    /// `SEQ:HASH`, as the CLI takes it.
+    pub fn parse(text: &str) -> Result<Anchor, String> {
+        let (seq, hash) = text
+            .split_once(':')
+            .ok_or_else(|| format!("anchor {text:?} is not SEQ:HASH"))?;
+        let seq = seq
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("anchor seq {seq:?} is not a number"))?;
+        Anchor::new(seq, hash.trim())
+    }
 }
 
 /// Filters of `GET /v1/audit`.
@@ -351,6 +394,14 @@ impl AuditLog {
     /// Walks the whole chain from the first event and reports the first
     /// broken link: a changed field, a missing or reordered row.
     pub async fn verify(&self) -> Result<VerifyReport, ApiError> {
+        self.verify_against(None).await
+    }
+
+    /// [`AuditLog::verify`], and the event at `anchor.seq` must still carry
+    /// the anchored hash. The chain alone cannot show a rewrite by someone
+    /// who recomputed every hash after an edit, or a cut tail; an anchor
+    /// kept elsewhere can.
+    pub async fn verify_against(&self, anchor: Option<&Anchor>) -> Result<VerifyReport, ApiError> {
         const PAGE: i64 = 1000;
         let mut expected_prev = GENESIS_HASH.to_owned();
         let mut expected_seq = 1i64;
@@ -378,10 +429,11 @@ impl AuditLog {
                 let broken = |reason: String| VerifyReport {
                     ok: false,
                     checked,
+                    head_seq: expected_seq - 1,
                     head: expected_prev.clone(),
                     first_broken: Some(BrokenLink {
                         seq: r.seq,
-                        id: r.id.clone(),
+                        id: Some(r.id.clone()),
                         reason,
                     }),
                 };
@@ -401,13 +453,44 @@ impl AuditLog {
                         "the event's content does not match its hash: it was edited".into(),
                     ));
                 }
+                if let Some(a) = anchor
+                    && a.seq == r.seq
+                    && a.hash != r.hash
+                {
+                    return Ok(broken(
+                        "the event's hash differs from the anchor saved earlier: the chain was \
+                         rewritten at or before this event"
+                            .into(),
+                    ));
+                }
                 expected_prev = r.hash.clone();
                 expected_seq += 1;
             }
             if done {
+                let last = expected_seq - 1;
+                if let Some(a) = anchor
+                    && a.seq > last
+                {
+                    return Ok(VerifyReport {
+                        ok: false,
+                        checked,
+                        head_seq: last,
+                        head: expected_prev,
+                        first_broken: Some(BrokenLink {
+                            seq: a.seq,
+                            id: None,
+                            reason: format!(
+                                "the anchored event #{} is missing: the chain ends at #{last}, \
+                                 it was cut short",
+                                a.seq
+                            ),
+                        }),
+                    });
+                }
                 return Ok(VerifyReport {
                     ok: true,
                     checked,
+                    head_seq: last,
                     head: expected_prev,
                     first_broken: None,
                 });
@@ -448,7 +531,7 @@ mod tests {
 
     /// Runs raw SQL as a database administrator would: with the append-only
     /// triggers out of the way.
-    async fn tamper(db: &Db, sql: &'static str) {
+    async fn tamper(db: &Db, sql: &str) {
         match db {
             Db::Postgres(p) => {
                 let mut c = p.acquire().await.unwrap();
@@ -468,16 +551,101 @@ mod tests {
                     .unwrap();
             }
             Db::Sqlite(p) => {
-                sqlx::query("DROP TRIGGER audit_events_no_update")
+                sqlx::query("DROP TRIGGER IF EXISTS audit_events_no_update")
                     .execute(p)
                     .await
                     .unwrap();
-                sqlx::query("DROP TRIGGER audit_events_no_delete")
+                sqlx::query("DROP TRIGGER IF EXISTS audit_events_no_delete")
                     .execute(p)
                     .await
                     .unwrap();
-                sqlx::query(sql).execute(p).await.unwrap();
+                for part in sql.split(';') {
+                    sqlx::query(sqlx::AssertSqlSafe(part.to_owned()))
+                        .execute(p)
+                        .await
+                        .unwrap();
+                }
             }
+        }
+    }
+
+    /// What someone who knows the scheme does after an edit: recompute the
+    /// event's hash so the chain holds again.
+    async fn rehash(db: &Db, seq: i64) {
+        let (record, details) = on_db!(db, p => {
+            let row = sqlx::query("SELECT * FROM audit_events WHERE seq = $1")
+                .bind(seq)
+                .fetch_one(p)
+                .await
+                .unwrap();
+            let details: String = row.try_get("details").unwrap();
+            (record_from(&row).unwrap(), details)
+        });
+        let sql = format!(
+            "UPDATE audit_events SET hash = '{}' WHERE seq = {seq}",
+            event_hash(&record, &details)
+        );
+        tamper(db, &sql).await;
+    }
+
+    #[tokio::test]
+    async fn an_anchor_catches_a_rehashed_rewrite_and_a_cut_tail() {
+        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
+            // A rewrite of the last event with its hash recomputed.
+            let (t, log) = seeded(driver).await;
+            let before = log.verify().await.unwrap();
+            assert_eq!((before.ok, before.head_seq), (true, 6), "{driver:?}");
+            let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
+            assert!(log.verify_against(Some(&anchor)).await.unwrap().ok);
+            tamper(
+                &t.db,
+                "UPDATE audit_events SET outcome = 'denied' WHERE seq = 6",
+            )
+            .await;
+            rehash(&t.db, 6).await;
+            let plain = log.verify().await.unwrap();
+            assert!(plain.ok, "{driver:?}: the chain alone cannot see it");
+            let anchored = log.verify_against(Some(&anchor)).await.unwrap();
+            assert!(!anchored.ok, "{driver:?}: {anchored:?}");
+            let broken = anchored.first_broken.unwrap();
+            assert_eq!(broken.seq, 6);
+            assert!(broken.reason.contains("anchor"), "{}", broken.reason);
+            t.cleanup().await;
+
+            // The tail cut off.
+            let (t, log) = seeded(driver).await;
+            let before = log.verify().await.unwrap();
+            let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
+            tamper(&t.db, "DELETE FROM audit_events WHERE seq >= 5").await;
+            let plain = log.verify().await.unwrap();
+            assert_eq!((plain.ok, plain.head_seq), (true, 4), "{driver:?}");
+            let anchored = log.verify_against(Some(&anchor)).await.unwrap();
+            assert!(!anchored.ok, "{driver:?}: {anchored:?}");
+            let broken = anchored.first_broken.unwrap();
+            assert_eq!((broken.seq, broken.id), (6, None));
+            assert!(broken.reason.contains("cut short"), "{}", broken.reason);
+            t.cleanup().await;
+        }
+    }
+
+    #[test]
+    fn anchors_are_checked() {
+        let h = "a".repeat(64);
+        assert_eq!(Anchor::parse(&format!("7:{h}")).unwrap().seq, 7);
+        assert_eq!(
+            Anchor::parse(&format!("7:{}", "A".repeat(64)))
+                .unwrap()
+                .hash,
+            h
+        );
+        for bad in [
+            "7",
+            "x:aa",
+            &format!("0:{h}"),
+            "7:abc",
+            &format!("7:{}", "g".repeat(64)),
+        ] {
+            assert!(Anchor::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -22,6 +22,11 @@ struct AuditArgs {
         default_value = "file:control-plane.db?cache=shared&mode=rwc"
     )]
     database_url: String,
+    /// `SEQ:HASH` (`headSeq` and `head` of a report saved earlier outside
+    /// the database): the event at SEQ must still carry HASH. Catches a
+    /// chain rewritten with recomputed hashes, or cut short.
+    #[arg(long)]
+    anchor: Option<String>,
 }
 
 #[tokio::main]
@@ -42,11 +47,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Some("audit") if args.get(2).map(String::as_str) == Some("verify") => {
             let a = AuditArgs::parse_from(args.iter().skip(2));
+            let anchor = a
+                .anchor
+                .as_deref()
+                .map(control_plane::audit::Anchor::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             let db =
                 control_plane::storage::Db::connect(a.database_driver, &a.database_url, 2).await?;
             let report =
                 control_plane::audit::AuditLog::new(db, control_plane::telemetry::Metrics::new())
-                    .verify()
+                    .verify_against(anchor.as_ref())
                     .await
                     .map_err(|e| anyhow::anyhow!(e.to_string()))?;
             println!("{}", serde_json::to_string_pretty(&report)?);

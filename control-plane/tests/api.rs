@@ -63,6 +63,65 @@ async fn bad_tokens_get_401_and_are_audited() {
     assert_eq!(status, 200);
     assert_eq!(body["ok"], true);
     assert!(body["checked"].as_u64().unwrap() >= 6, "{body}");
+    // The head, saved elsewhere, anchors a later verify.
+    let (seq, head) = (
+        body["headSeq"].as_i64().unwrap(),
+        body["head"].as_str().unwrap(),
+    );
+    assert!(seq >= 6, "{body}");
+    let (status, anchored) = call_at(
+        &cp.url,
+        "GET",
+        &format!("/v1/audit/verify?anchorSeq={seq}&anchorHash={head}"),
+        Some(&good),
+        None,
+    )
+    .await;
+    assert_eq!((status, &anchored["ok"]), (200, &json!(true)), "{anchored}");
+    let (status, wrong) = call_at(
+        &cp.url,
+        "GET",
+        &format!(
+            "/v1/audit/verify?anchorSeq={seq}&anchorHash={}",
+            "0".repeat(64)
+        ),
+        Some(&good),
+        None,
+    )
+    .await;
+    assert_eq!((status, &wrong["ok"]), (200, &json!(false)), "{wrong}");
+    assert_eq!(wrong["firstBroken"]["seq"], json!(seq), "{wrong}");
+    let (status, ahead) = call_at(
+        &cp.url,
+        "GET",
+        &format!(
+            "/v1/audit/verify?anchorSeq={}&anchorHash={head}",
+            seq + 1000
+        ),
+        Some(&good),
+        None,
+    )
+    .await;
+    assert_eq!((status, &ahead["ok"]), (200, &json!(false)), "{ahead}");
+    for bad in [
+        format!("anchorSeq={seq}"),
+        format!("anchorHash={head}"),
+        format!("anchorSeq={seq}&anchorHash=abc"),
+        format!("anchorSeq=0&anchorHash={head}"),
+        format!("anchorSeq=x&anchorHash={head}"),
+        "anchor=1".to_owned(),
+    ] {
+        let (status, e) = call_at(
+            &cp.url,
+            "GET",
+            &format!("/v1/audit/verify?{bad}"),
+            Some(&good),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {e}");
+        assert_eq!(e["code"], "invalid_argument", "{bad}: {e}");
+    }
     cp.stop().await;
 }
 
@@ -385,7 +444,7 @@ async fn audit_verify_command() {
         call_at(&cp.url, "GET", "/v1/jobs", None, None).await; // audited 401s
     }
     cp.stop().await;
-    let run = || {
+    let run_with = |extra: &[&str]| {
         #[allow(clippy::disallowed_methods, reason = "the test runs the real binary")]
         std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"))
             .args([
@@ -396,9 +455,11 @@ async fn audit_verify_command() {
                 "--database-url",
                 &db.url,
             ])
+            .args(extra)
             .output()
             .unwrap()
     };
+    let run = || run_with(&[]);
     let ok = run();
     assert!(
         ok.status.success(),
@@ -406,6 +467,25 @@ async fn audit_verify_command() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("\"ok\": true"));
+    // The report's head is the anchor of a later run.
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let anchor = format!("{}:{}", report["headSeq"], report["head"].as_str().unwrap());
+    let anchored = run_with(&["--anchor", &anchor]);
+    assert!(
+        anchored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&anchored.stdout)
+    );
+    let beyond = run_with(&["--anchor", &format!("999:{}", "0".repeat(64))]);
+    assert_eq!(beyond.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&beyond.stdout).contains("cut short"));
+    let malformed = run_with(&["--anchor", "nonsense"]);
+    assert!(!malformed.status.success());
+    assert!(
+        String::from_utf8_lossy(&malformed.stderr).contains("SEQ:HASH"),
+        "{}",
+        String::from_utf8_lossy(&malformed.stderr)
+    );
     let pool = db.connect().await;
     if let control_plane::storage::Db::Sqlite(p) = &pool {
         sqlx::query("DROP TRIGGER audit_events_no_update")
@@ -441,4 +521,32 @@ fn committed_openapi_is_fresh() {
         committed.trim() == current.trim(),
         "{path} is stale: run `make openapi` and commit it"
     );
+}
+
+/// Every parameter sits where the server reads it: a path parameter is a
+/// `{name}` of its route, the rest are optional query parameters or
+/// headers (a query struct once came out as required path parameters).
+#[test]
+fn openapi_parameters_are_where_the_server_reads_them() {
+    let spec: serde_json::Value =
+        serde_json::from_str(&control_plane::api::openapi_json()).unwrap();
+    let mut queries = 0;
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let (name, place) = (p["name"].as_str().unwrap(), p["in"].as_str().unwrap());
+                let in_route = path.contains(&format!("{{{name}}}"));
+                match place {
+                    "path" => assert!(in_route, "{method} {path}: {name} is not in the route"),
+                    "query" | "header" => {
+                        assert!(!in_route, "{method} {path}: {name} belongs to the path");
+                        assert_ne!(p["required"], json!(true), "{method} {path}: {name}");
+                        queries += usize::from(place == "query");
+                    }
+                    other => panic!("{method} {path}: {name} in {other}"),
+                }
+            }
+        }
+    }
+    assert!(queries >= 10, "query parameters missing: {queries}");
 }

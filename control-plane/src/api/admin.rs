@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{Caller, require_admin};
 use crate::App;
-use crate::audit::{AuditQuery, AuditRecord, VerifyReport};
+use crate::audit::{Anchor, AuditQuery, AuditRecord, VerifyReport};
 use crate::policy::{Decision, PolicyInput, TenantPolicy};
 
 /// The runtimes jobs and sessions may use, with their default and maximum
@@ -161,6 +161,7 @@ pub async fn evaluate_policy(
 /// Filters of `GET /v1/audit`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
     action: Option<String>,
     resource: Option<String>,
@@ -213,16 +214,44 @@ pub async fn audit_list(
     }))
 }
 
+/// An anchor for `GET /v1/audit/verify`: both fields or neither.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct VerifyParams {
+    /// `headSeq` of a report saved earlier outside the database.
+    anchor_seq: Option<i64>,
+    /// `head` of that report (64 hex digits): the event at `anchorSeq` must
+    /// still carry it.
+    anchor_hash: Option<String>,
+}
+
 /// Walks the whole hash chain and reports the first broken link (admin or
-/// auditor role).
-#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit",
-    responses((status = 200, description = "`ok: false` names the first broken link", body = VerifyReport), (status = 403, body = shared::ErrorBody)))]
+/// auditor role). With an anchor from an earlier report, also catches a
+/// chain rewritten with recomputed hashes, or cut short.
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit", params(VerifyParams),
+    responses((status = 200, description = "`ok: false` names the first broken link", body = VerifyReport),
+        (status = 400, description = "`invalid_argument`: half an anchor, or a malformed one", body = shared::ErrorBody),
+        (status = 403, body = shared::ErrorBody)))]
 pub async fn audit_verify(
     State(app): State<Arc<App>>,
     caller: Caller,
+    ApiQuery(q): ApiQuery<VerifyParams>,
 ) -> Result<Json<VerifyReport>, ApiError> {
     require_auditor(&caller)?;
-    Ok(Json(app.audit.verify().await?))
+    let anchor = match (q.anchor_seq, q.anchor_hash.as_deref()) {
+        (None, None) => None,
+        (Some(seq), Some(hash)) => {
+            Some(Anchor::new(seq, hash).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?)
+        }
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "anchorSeq and anchorHash go together",
+            ));
+        }
+    };
+    Ok(Json(app.audit.verify_against(anchor.as_ref()).await?))
 }
 
 fn require_auditor(caller: &Caller) -> Result<(), ApiError> {

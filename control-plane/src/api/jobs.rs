@@ -76,6 +76,7 @@ pub async fn submit(
 /// Query of `GET /v1/jobs/{id}`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Wait up to this long (ms, at most 60000) for a final status.
     wait_ms: Option<u64>,
@@ -105,6 +106,7 @@ pub async fn get(
 /// Query of `GET /v1/jobs`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
     status: Option<String>,
