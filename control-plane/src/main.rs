@@ -25,8 +25,8 @@ struct AuditArgs {
     /// `SEQ:HASH` (`headSeq` and `head` of a report saved earlier outside
     /// the database): the event at SEQ must still carry HASH. Catches a
     /// chain rewritten with recomputed hashes, or cut short.
-    #[arg(long)]
-    anchor: Option<String>,
+    #[arg(long, value_name = "SEQ:HASH", value_parser = control_plane::audit::Anchor::parse)]
+    anchor: Option<control_plane::audit::Anchor>,
 }
 
 #[tokio::main]
@@ -47,17 +47,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Some("audit") if args.get(2).map(String::as_str) == Some("verify") => {
             let a = AuditArgs::parse_from(args.iter().skip(2));
-            let anchor = a
-                .anchor
-                .as_deref()
-                .map(control_plane::audit::Anchor::parse)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
             let db =
                 control_plane::storage::Db::connect(a.database_driver, &a.database_url, 2).await?;
             let report =
                 control_plane::audit::AuditLog::new(db, control_plane::telemetry::Metrics::new())
-                    .verify_against(anchor.as_ref())
+                    .verify_against(a.anchor.as_ref())
                     .await
                     .map_err(|e| anyhow::anyhow!(e.to_string()))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
