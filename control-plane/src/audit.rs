@@ -468,31 +468,21 @@ impl AuditLog {
             }
             if done {
                 let last = expected_seq - 1;
-                if let Some(a) = anchor
-                    && a.seq > last
-                {
-                    return Ok(VerifyReport {
-                        ok: false,
-                        checked,
-                        head_seq: last,
-                        head: expected_prev,
-                        first_broken: Some(BrokenLink {
-                            seq: a.seq,
-                            id: None,
-                            reason: format!(
-                                "the anchored event #{} is missing: the chain ends at #{last}, \
-                                 it was cut short",
-                                a.seq
-                            ),
-                        }),
-                    });
-                }
+                let first_broken = anchor.filter(|a| a.seq > last).map(|a| BrokenLink {
+                    seq: a.seq,
+                    id: None,
+                    reason: format!(
+                        "the anchored event #{} is missing: the chain ends at #{last}, \
+                         it was cut short",
+                        a.seq
+                    ),
+                });
                 return Ok(VerifyReport {
-                    ok: true,
+                    ok: first_broken.is_none(),
                     checked,
                     head_seq: last,
                     head: expected_prev,
-                    first_broken: None,
+                    first_broken,
                 });
             }
         }

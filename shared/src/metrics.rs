@@ -49,11 +49,17 @@ impl HttpMetrics {
         );
     }
 
-    pub fn observe(&self, route: &str, method: &str, status: u16, seconds: f64) {
+    pub fn observe(
+        &self,
+        route: impl Into<String>,
+        method: impl Into<String>,
+        status: u16,
+        seconds: f64,
+    ) {
         self.0
             .get_or_create(&HttpLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
+                route: route.into(),
+                method: method.into(),
                 status,
             })
             .observe(seconds);
@@ -71,8 +77,8 @@ pub async fn track_http(State(http): State<HttpMetrics>, req: Request, next: Nex
     let started = Instant::now();
     let resp = next.run(req).await;
     http.observe(
-        &route,
-        &method,
+        route,
+        method,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
