@@ -2,6 +2,8 @@
 //! figure measured in the same run:
 //! - a warm Python step through control plane -> data plane -> agent vs the
 //!   same step sent to the data plane directly;
+//! - the same step as the `run_step` MCP tool (rmcp client, Streamable HTTP
+//!   on the MCP port) vs the REST step of the same run (target: p50 <= 1.5x);
 //! - a one-shot job, submit to result (POST, then a long poll), warm pool,
 //!   vs the data plane's synchronous job;
 //! - sustained one-shot jobs, on SQLite and on PostgreSQL, as ms per job
@@ -14,7 +16,9 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{Agent, Args, Row, Series, Sizes, token, wait_pool};
+use crate::harness::{Agent, token, wait_pool};
+use crate::report::{Row, Series};
+use crate::{Args, Sizes};
 
 const DP_SECRET: &str = "bench-dp-secret-bench-dp-secret-bench!";
 /// Warm sandboxes kept by the agent in this phase.
@@ -23,6 +27,8 @@ const USER_SECRET: &str = "bench-user-secret-bench-user-secret!!";
 
 struct Server {
     url: String,
+    /// The MCP port (`/mcp`, `/tools/*`); empty for the data plane.
+    mcp: String,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -56,6 +62,8 @@ async fn start_dp(agent: &Agent, root: &std::path::Path) -> anyhow::Result<Serve
         DP_SECRET,
         "--agent-endpoint",
         agent.url.as_str(),
+        "--agent-admin-token",
+        agent.admin_token.as_str(),
         "--artifact-root",
         artifacts.as_str(),
     ])?;
@@ -63,6 +71,7 @@ async fn start_dp(agent: &Agent, root: &std::path::Path) -> anyhow::Result<Serve
     let handle = tokio::spawn(data_plane::serve(listener, config, shutdown.clone()));
     Ok(Server {
         url,
+        mcp: String::new(),
         shutdown,
         handle,
     })
@@ -103,10 +112,18 @@ async fn start_cp(
     let app = control_plane::App::build_with_db(config, db)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = format!("http://{}", listener.local_addr()?);
+    let mcp_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mcp = format!("http://{}", mcp_listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(control_plane::serve(listener, app, shutdown.clone()));
+    let handle = tokio::spawn(control_plane::serve_all(
+        listener,
+        Some(mcp_listener),
+        app,
+        shutdown.clone(),
+    ));
     Ok(Server {
         url: addr,
+        mcp,
         shutdown,
         handle,
     })
@@ -151,6 +168,22 @@ fn dp_credential() -> anyhow::Result<String> {
     )?)
 }
 
+/// An MCP client of `mcp` (the MCP port's base URL), initialized.
+async fn mcp_client(
+    mcp: &str,
+    token: &str,
+) -> anyhow::Result<rmcp::service::RunningService<rmcp::RoleClient, ()>> {
+    use rmcp::ServiceExt;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let transport = StreamableHttpClientTransport::with_client(
+        http,
+        StreamableHttpClientTransportConfig::with_uri(format!("{mcp}/mcp")).auth_header(token),
+    );
+    ().serve(transport).await.context("MCP initialize")
+}
+
 async fn post(
     http: &reqwest::Client,
     url: &str,
@@ -167,6 +200,7 @@ async fn post(
 /// The control-plane rows.
 pub(super) struct CpRows {
     pub step: Row,
+    pub mcp_step: Row,
     pub job: Row,
     pub throughput_sqlite: Row,
     pub throughput_postgres: Row,
@@ -187,7 +221,7 @@ pub(super) async fn phase_control_plane(
     let sqlite_url = format!("file:{}/cp.db?mode=rwc", root.path().display());
     let cp = start_cp(&dp.url, "sqlite", &sqlite_url, None).await?;
     wait_up(&http, &cp.url).await?;
-    let result = measure(args, sizes, &agent, &http, &dp.url, &cp.url, rows).await;
+    let result = measure(args, sizes, &agent, &http, &dp.url, &cp, rows).await;
     let stopped = cp.stop().await;
 
     // The same burst on PostgreSQL, in a schema of its own.
@@ -224,10 +258,12 @@ async fn measure(
     agent: &Agent,
     http: &reqwest::Client,
     dp: &str,
-    cp: &str,
+    cp_server: &Server,
     rows: &mut CpRows,
 ) -> anyhow::Result<()> {
+    let cp = cp_server.url.as_str();
     let user = user_token()?;
+    let mcp = mcp_client(&cp_server.mcp, &user).await?;
     let cred = dp_credential()?;
     // 1. Steps: through the control plane, and to the data plane directly.
     let session = post(http, &format!("{cp}/v1/sessions"), &user, &json!({})).await?;
@@ -246,8 +282,12 @@ async fn measure(
         .as_str()
         .context("session id")?
         .to_owned();
-    let (mut via_cp, mut via_dp) = (Vec::new(), Vec::new());
+    let (mut via_cp, mut via_dp, mut via_mcp) = (Vec::new(), Vec::new(), Vec::new());
     let body = json!({"code": "1+1"});
+    let step_args = json!({"sessionId": sid, "code": "1+1"});
+    let serde_json::Value::Object(step_args) = step_args else {
+        anyhow::bail!("arguments are an object")
+    };
     for i in 0..sizes.warmup_steps + sizes.steps {
         // Interleaved, so both see the same machine noise.
         let t = Instant::now();
@@ -264,11 +304,27 @@ async fn measure(
         .await?;
         let b = t.elapsed();
         ensure!(r["result"] == json!(2), "step answered {r}");
+        let t = Instant::now();
+        let r = mcp
+            .call_tool(
+                rmcp::model::CallToolRequestParams::new("run_step")
+                    .with_arguments(step_args.clone()),
+            )
+            .await
+            .context("run_step over MCP")?;
+        let c = t.elapsed();
+        ensure!(
+            r.is_error != Some(true)
+                && r.structured_content.as_ref().map(|v| &v["result"]) == Some(&json!(2)),
+            "run_step answered {r:?}"
+        );
         if i >= sizes.warmup_steps {
             via_cp.push(a);
             via_dp.push(b);
+            via_mcp.push(c);
         }
     }
+    mcp.cancel().await.context("closing the MCP client")?;
     rows.step.series = Some(Series::ms(
         "step through the control plane",
         "POST /v1/sessions/{id}/steps `1+1`: JWT, policy (regorus), write-ahead and completion audit events + step \
@@ -279,6 +335,17 @@ async fn measure(
         "step through the data plane",
         "POST /internal/v1/sessions/{id}/steps `1+1`, interleaved with the row's samples",
         &via_dp,
+    ));
+    rows.mcp_step.series = Some(Series::ms(
+        "run_step tool through MCP",
+        "tools/call run_step `1+1` with the rmcp client (Streamable HTTP, stateless, JSON response) on the MCP \
+         port: the same JWT, policy, audit and step history as REST, plus the tool's rendering; same session",
+        &via_mcp,
+    ));
+    rows.mcp_step.baseline = Some(Series::ms(
+        "step through REST (row above)",
+        "POST /v1/sessions/{id}/steps `1+1`, interleaved with the row's samples",
+        &via_cp,
     ));
     for (url, auth) in [
         (format!("{cp}/v1/sessions/{sid}"), &user),

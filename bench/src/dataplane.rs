@@ -14,11 +14,13 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{Agent, Args, Row, Series, Sizes, token, wait_pool_full};
+use crate::harness::{Agent, token, wait_pool_full};
+use crate::report::{Row, Series};
+use crate::{Args, Sizes};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 
-struct DataPlane {
+struct DataPlaneServer {
     url: String,
     http: reqwest::Client,
     credential: String,
@@ -27,8 +29,8 @@ struct DataPlane {
     root: tempfile::TempDir,
 }
 
-impl DataPlane {
-    async fn start(agent: &Agent) -> anyhow::Result<DataPlane> {
+impl DataPlaneServer {
+    async fn start(agent: &Agent) -> anyhow::Result<DataPlaneServer> {
         let root = tempfile::Builder::new()
             .prefix("dp-bench-")
             .tempdir_in("/tmp")?;
@@ -43,6 +45,8 @@ impl DataPlane {
             SECRET,
             "--agent-endpoint",
             agent.url.as_str(),
+            "--agent-admin-token",
+            agent.admin_token.as_str(),
             "--artifact-root",
             artifacts.as_str(),
             "--artifact-max-bytes",
@@ -71,7 +75,7 @@ impl DataPlane {
             &claims,
             &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
         )?;
-        Ok(DataPlane {
+        Ok(DataPlaneServer {
             url,
             http,
             credential,
@@ -116,7 +120,7 @@ pub(super) async fn phase_data_plane(
     rows: &mut DpRows,
 ) -> anyhow::Result<()> {
     let agent = Agent::start(args, "python=2").await?;
-    let dp = DataPlane::start(&agent).await?;
+    let dp = DataPlaneServer::start(&agent).await?;
     let result = measure(args, sizes, &agent, &dp, rows).await;
     let stopped = dp.stop().await;
     let agent_stopped = agent.stop().await;
@@ -127,7 +131,7 @@ async fn measure(
     args: &Args,
     sizes: Sizes,
     agent: &Agent,
-    dp: &DataPlane,
+    dp: &DataPlaneServer,
     rows: &mut DpRows,
 ) -> anyhow::Result<()> {
     // 1. Steps: through the data plane, and straight to the agent.

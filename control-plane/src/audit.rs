@@ -16,7 +16,7 @@ use crate::on_db;
 use crate::storage::{Db, db_error, new_id, now_ms};
 use std::sync::Arc;
 
-use crate::telemetry::Metrics;
+use crate::metrics::Metrics;
 
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -44,7 +44,7 @@ impl AuditEvent {
     /// An event about `identity` doing `action` on `resource`.
     pub fn by(identity: &Identity, action: &str, resource: impl Into<String>) -> AuditEvent {
         AuditEvent {
-            tenant: identity.tenant.clone(),
+            tenant: identity.tenant.to_string(),
             actor: identity.actor(),
             action: action.into(),
             resource: resource.into(),
@@ -69,6 +69,9 @@ impl AuditEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
+    /// In `GET /v1/audit`: the event's position in its tenant's own log
+    /// (1, 2, 3, ... without gaps, so other tenants' volume does not show);
+    /// in the chain itself, the global position.
     pub seq: i64,
     pub id: String,
     pub ts_ms: i64,
@@ -366,13 +369,16 @@ impl AuditLog {
         let limit = q.limit.unwrap_or(100).clamp(1, 1000);
         // Parameters are numbered in the order they appear (SQLite binds
         // `$N` by position of first use).
-        let sql = "SELECT * FROM audit_events WHERE tenant = $1 \
+        // `seq` is renumbered per tenant (issue 15, section 6): global
+        // numbers would show, by their gaps, how busy other tenants are.
+        let sql = "SELECT * FROM (SELECT e.*, ROW_NUMBER() OVER (ORDER BY e.seq) AS tenant_seq \
+                   FROM audit_events e WHERE e.tenant = $1) t WHERE 1 = 1 \
                    AND ($2 IS NULL OR action = $2) \
                    AND ($3 IS NULL OR resource = $3) \
                    AND ($4 IS NULL OR outcome = $4) \
                    AND ($5 IS NULL OR ts_ms >= $5) \
                    AND ($6 IS NULL OR ts_ms < $6) \
-                   AND seq > $7 ORDER BY seq LIMIT $8";
+                   AND tenant_seq > $7 ORDER BY tenant_seq LIMIT $8";
         let rows = on_db!(&self.db, p => {
             let rows = sqlx::query(sql)
                 .bind(tenant)
@@ -386,9 +392,64 @@ impl AuditLog {
                 .fetch_all(p)
                 .await
                 .map_err(db_error)?;
-            rows.iter().map(record_from).collect::<Result<Vec<_>, _>>()
+            rows.iter()
+                .map(|r| {
+                    let mut record = record_from(r)?;
+                    record.seq = r.try_get("tenant_seq").map_err(db_error)?;
+                    Ok(record)
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
         })?;
         Ok(rows)
+    }
+
+    /// A tenant's view of [`AuditLog::verify`]: the whole chain is walked
+    /// (its integrity is global), but the answer names no other tenant's
+    /// event and no global position: `checked` counts the tenant's own
+    /// events, `headSeq`/`head` are empty, and a break is located only when
+    /// it is at one of the tenant's events. The global walk is for the
+    /// platform role.
+    pub async fn verify_for_tenant(&self, tenant: &str) -> Result<VerifyReport, ApiError> {
+        let global = self.verify_against(None).await?;
+        let checked: i64 = on_db!(&self.db, p => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM audit_events WHERE tenant = $1 AND seq <= $2")
+            .bind(tenant)
+            .bind(global.head_seq)
+            .fetch_one(p).await.map_err(db_error))?;
+        let first_broken = match global.first_broken {
+            None => None,
+            Some(b) => {
+                let owner: Option<String> = match &b.id {
+                    Some(id) => on_db!(&self.db, p => sqlx::query_scalar(
+                        "SELECT tenant FROM audit_events WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(p).await.map_err(db_error))?,
+                    None => None,
+                };
+                Some(if owner.as_deref() == Some(tenant) {
+                    BrokenLink {
+                        seq: 0,
+                        id: b.id,
+                        reason: b.reason,
+                    }
+                } else {
+                    BrokenLink {
+                        seq: 0,
+                        id: None,
+                        reason: "the chain is broken at an event that is not this tenant's; \
+                                 a platform administrator can locate it"
+                            .into(),
+                    }
+                })
+            }
+        };
+        Ok(VerifyReport {
+            ok: global.ok,
+            checked: checked.max(0) as u64,
+            head_seq: 0,
+            head: String::new(),
+            first_broken,
+        })
     }
 
     /// Walks the whole chain from the first event and reports the first
@@ -578,44 +639,42 @@ mod tests {
         tamper(db, &sql).await;
     }
 
-    #[tokio::test]
-    async fn an_anchor_catches_a_rehashed_rewrite_and_a_cut_tail() {
-        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
-            // A rewrite of the last event with its hash recomputed.
-            let (t, log) = seeded(driver).await;
-            let before = log.verify().await.unwrap();
-            assert_eq!((before.ok, before.head_seq), (true, 6), "{driver:?}");
-            let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
-            assert!(log.verify_against(Some(&anchor)).await.unwrap().ok);
-            tamper(
-                &t.db,
-                "UPDATE audit_events SET outcome = 'denied' WHERE seq = 6",
-            )
-            .await;
-            rehash(&t.db, 6).await;
-            let plain = log.verify().await.unwrap();
-            assert!(plain.ok, "{driver:?}: the chain alone cannot see it");
-            let anchored = log.verify_against(Some(&anchor)).await.unwrap();
-            assert!(!anchored.ok, "{driver:?}: {anchored:?}");
-            let broken = anchored.first_broken.unwrap();
-            assert_eq!(broken.seq, 6);
-            assert!(broken.reason.contains("anchor"), "{}", broken.reason);
-            t.cleanup().await;
+    crate::both_databases!(an_anchor_catches_a_rehashed_rewrite_and_a_cut_tail);
+    async fn an_anchor_catches_a_rehashed_rewrite_and_a_cut_tail(driver: DatabaseDriver) {
+        // A rewrite of the last event with its hash recomputed.
+        let (t, log) = seeded(driver).await;
+        let before = log.verify().await.unwrap();
+        assert_eq!((before.ok, before.head_seq), (true, 6), "{driver:?}");
+        let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
+        assert!(log.verify_against(Some(&anchor)).await.unwrap().ok);
+        tamper(
+            &t.db,
+            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 6",
+        )
+        .await;
+        rehash(&t.db, 6).await;
+        let plain = log.verify().await.unwrap();
+        assert!(plain.ok, "{driver:?}: the chain alone cannot see it");
+        let anchored = log.verify_against(Some(&anchor)).await.unwrap();
+        assert!(!anchored.ok, "{driver:?}: {anchored:?}");
+        let broken = anchored.first_broken.unwrap();
+        assert_eq!(broken.seq, 6);
+        assert!(broken.reason.contains("anchor"), "{}", broken.reason);
+        t.cleanup().await;
 
-            // The tail cut off.
-            let (t, log) = seeded(driver).await;
-            let before = log.verify().await.unwrap();
-            let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
-            tamper(&t.db, "DELETE FROM audit_events WHERE seq >= 5").await;
-            let plain = log.verify().await.unwrap();
-            assert_eq!((plain.ok, plain.head_seq), (true, 4), "{driver:?}");
-            let anchored = log.verify_against(Some(&anchor)).await.unwrap();
-            assert!(!anchored.ok, "{driver:?}: {anchored:?}");
-            let broken = anchored.first_broken.unwrap();
-            assert_eq!((broken.seq, broken.id), (6, None));
-            assert!(broken.reason.contains("cut short"), "{}", broken.reason);
-            t.cleanup().await;
-        }
+        // The tail cut off.
+        let (t, log) = seeded(driver).await;
+        let before = log.verify().await.unwrap();
+        let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
+        tamper(&t.db, "DELETE FROM audit_events WHERE seq >= 5").await;
+        let plain = log.verify().await.unwrap();
+        assert_eq!((plain.ok, plain.head_seq), (true, 4), "{driver:?}");
+        let anchored = log.verify_against(Some(&anchor)).await.unwrap();
+        assert!(!anchored.ok, "{driver:?}: {anchored:?}");
+        let broken = anchored.first_broken.unwrap();
+        assert_eq!((broken.seq, broken.id), (6, None));
+        assert!(broken.reason.contains("cut short"), "{}", broken.reason);
+        t.cleanup().await;
     }
 
     #[test]
@@ -639,115 +698,140 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn chain_verifies_and_lists_per_tenant() {
-        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
+    crate::both_databases!(chain_verifies_and_lists_per_tenant);
+    async fn chain_verifies_and_lists_per_tenant(driver: DatabaseDriver) {
+        let (t, log) = seeded(driver).await;
+        let report = log.verify().await.unwrap();
+        assert!(report.ok, "{driver:?}: {report:?}");
+        assert_eq!(report.checked, 6);
+        let acme = log.list("acme", &AuditQuery::default()).await.unwrap();
+        assert_eq!(acme.len(), 3);
+        assert!(acme.iter().all(|r| r.tenant == "acme"));
+        let page = log
+            .list(
+                "acme",
+                &AuditQuery {
+                    after: Some(acme[0].seq),
+                    limit: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].seq, acme[1].seq);
+        // Numbered per tenant: no gaps where globex's events are.
+        assert_eq!(acme.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let filtered = log
+            .list(
+                "globex",
+                &AuditQuery {
+                    resource: Some("job/3".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(filtered.len(), 1);
+        t.cleanup().await;
+    }
+
+    crate::both_databases!(the_database_refuses_edits_and_deletes);
+    async fn the_database_refuses_edits_and_deletes(driver: DatabaseDriver) {
+        let (t, _log) = seeded(driver).await;
+        for sql in [
+            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
+            "DELETE FROM audit_events WHERE seq = 3",
+        ] {
+            let r = on_db!(&t.db, p => sqlx::query(sql).execute(p).await.map(|_| ()));
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("append-only"), "{driver:?} {sql}: {e}");
+        }
+        t.cleanup().await;
+    }
+
+    crate::both_databases!(edits_deletes_and_reorders_are_caught);
+    async fn edits_deletes_and_reorders_are_caught(driver: DatabaseDriver) {
+        for (what, sql, seq) in [
+            (
+                "edit",
+                "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3",
+                3,
+            ),
+            ("delete", "DELETE FROM audit_events WHERE seq = 2", 3),
+            (
+                // Swap rows 4 and 5 by renumbering them.
+                "reorder",
+                "UPDATE audit_events SET seq = -4 WHERE seq = 4; \
+                 UPDATE audit_events SET seq = 4 WHERE seq = 5; \
+                 UPDATE audit_events SET seq = 5 WHERE seq = -4",
+                4,
+            ),
+            (
+                "edit details",
+                "UPDATE audit_events SET details = '{\"n\":99}' WHERE seq = 6",
+                6,
+            ),
+        ] {
             let (t, log) = seeded(driver).await;
+            tamper(&t.db, sql).await;
             let report = log.verify().await.unwrap();
-            assert!(report.ok, "{driver:?}: {report:?}");
-            assert_eq!(report.checked, 6);
-            let acme = log.list("acme", &AuditQuery::default()).await.unwrap();
-            assert_eq!(acme.len(), 3);
-            assert!(acme.iter().all(|r| r.tenant == "acme"));
-            let page = log
-                .list(
-                    "acme",
-                    &AuditQuery {
-                        after: Some(acme[0].seq),
-                        limit: Some(1),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(page.len(), 1);
-            assert_eq!(page[0].seq, acme[1].seq);
-            let filtered = log
-                .list(
-                    "globex",
-                    &AuditQuery {
-                        resource: Some("job/3".into()),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(filtered.len(), 1);
+            assert!(!report.ok, "{driver:?} {what}: not caught");
+            let broken = report.first_broken.unwrap();
+            assert_eq!(broken.seq, seq, "{driver:?} {what}: {}", broken.reason);
             t.cleanup().await;
         }
     }
 
-    #[tokio::test]
-    async fn the_database_refuses_edits_and_deletes() {
-        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
-            let (t, _log) = seeded(driver).await;
-            for sql in [
-                "UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
-                "DELETE FROM audit_events WHERE seq = 3",
-            ] {
-                let r = on_db!(&t.db, p => sqlx::query(sql).execute(p).await.map(|_| ()));
-                let e = r.unwrap_err().to_string();
-                assert!(e.contains("append-only"), "{driver:?} {sql}: {e}");
-            }
-            t.cleanup().await;
-        }
+    crate::both_databases!(a_tenant_verify_reveals_no_other_tenant);
+    /// Issue 15, section 6: a tenant's verify names none of another
+    /// tenant's events and no global position.
+    async fn a_tenant_verify_reveals_no_other_tenant(driver: DatabaseDriver) {
+        let (t, log) = seeded(driver).await;
+        let ok = log.verify_for_tenant("acme").await.unwrap();
+        assert_eq!(
+            (ok.ok, ok.checked, ok.head_seq, ok.head.as_str()),
+            (true, 3, 0, "")
+        );
+        // Break a globex event (seq 4): acme learns that, not where.
+        tamper(
+            &t.db,
+            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 4",
+        )
+        .await;
+        let globex_id: String = on_db!(&t.db, p => sqlx::query_scalar(
+            "SELECT id FROM audit_events WHERE seq = 4").fetch_one(p).await)
+        .unwrap();
+        let report = log.verify_for_tenant("acme").await.unwrap();
+        assert!(!report.ok);
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(!text.contains(&globex_id), "{driver:?}: {text}");
+        let broken = report.first_broken.unwrap();
+        assert_eq!((broken.seq, broken.id), (0, None));
+        // globex is told which of its events.
+        let own = log.verify_for_tenant("globex").await.unwrap();
+        assert_eq!(own.first_broken.unwrap().id, Some(globex_id));
+        t.cleanup().await;
     }
 
-    #[tokio::test]
-    async fn edits_deletes_and_reorders_are_caught() {
-        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
-            for (what, sql, seq) in [
-                (
-                    "edit",
-                    "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3",
-                    3,
-                ),
-                ("delete", "DELETE FROM audit_events WHERE seq = 2", 3),
-                (
-                    // Swap rows 4 and 5 by renumbering them.
-                    "reorder",
-                    "UPDATE audit_events SET seq = -4 WHERE seq = 4; \
-                     UPDATE audit_events SET seq = 4 WHERE seq = 5; \
-                     UPDATE audit_events SET seq = 5 WHERE seq = -4",
-                    4,
-                ),
-                (
-                    "edit details",
-                    "UPDATE audit_events SET details = '{\"n\":99}' WHERE seq = 6",
-                    6,
-                ),
-            ] {
-                let (t, log) = seeded(driver).await;
-                tamper(&t.db, sql).await;
-                let report = log.verify().await.unwrap();
-                assert!(!report.ok, "{driver:?} {what}: not caught");
-                let broken = report.first_broken.unwrap();
-                assert_eq!(broken.seq, seq, "{driver:?} {what}: {}", broken.reason);
-                t.cleanup().await;
-            }
+    crate::both_databases!(concurrent_appends_keep_one_chain);
+    async fn concurrent_appends_keep_one_chain(driver: DatabaseDriver) {
+        let t = TestDb::new(driver).await;
+        // Two logs on one database: two replicas.
+        let a = AuditLog::new(t.db.clone(), Metrics::new());
+        let b = AuditLog::new(t.db.clone(), Metrics::new());
+        let mut tasks = Vec::new();
+        for n in 0..40 {
+            let log = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move { log.record(ev("acme", n)).await }));
         }
-    }
-
-    #[tokio::test]
-    async fn concurrent_appends_keep_one_chain() {
-        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
-            let t = TestDb::new(driver).await;
-            // Two logs on one database: two replicas.
-            let a = AuditLog::new(t.db.clone(), Metrics::new());
-            let b = AuditLog::new(t.db.clone(), Metrics::new());
-            let mut tasks = Vec::new();
-            for n in 0..40 {
-                let log = if n % 2 == 0 { a.clone() } else { b.clone() };
-                tasks.push(tokio::spawn(async move { log.record(ev("acme", n)).await }));
-            }
-            for task in tasks {
-                task.await.unwrap().unwrap();
-            }
-            let report = a.verify().await.unwrap();
-            assert!(report.ok, "{driver:?}: {report:?}");
-            assert_eq!(report.checked, 40);
-            t.cleanup().await;
+        for task in tasks {
+            task.await.unwrap().unwrap();
         }
+        let report = a.verify().await.unwrap();
+        assert!(report.ok, "{driver:?}: {report:?}");
+        assert_eq!(report.checked, 40);
+        t.cleanup().await;
     }
 
     #[tokio::test]

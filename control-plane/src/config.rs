@@ -96,6 +96,24 @@ pub struct Config {
     /// How often idle workers look for jobs queued by other replicas.
     #[arg(long, env = "JOB_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub job_poll_interval: Duration,
+    /// Jobs one tenant may have queued (not yet running); one more -> 429
+    /// `tenant_quota_exceeded`.
+    #[arg(long, env = "JOB_TENANT_MAX_QUEUED", default_value_t = 100)]
+    pub job_tenant_max_queued: i64,
+    /// Jobs of one tenant running at once across replicas; the rest wait
+    /// while other tenants' jobs are claimed.
+    #[arg(long, env = "JOB_TENANT_MAX_RUNNING", default_value_t = 2)]
+    pub job_tenant_max_running: i64,
+    /// Long polls (`waitMs`) and event streams one tenant may hold open at
+    /// once in this replica; one more -> 429 `tenant_quota_exceeded`.
+    #[arg(long, env = "TENANT_MAX_WAITERS", default_value_t = 32)]
+    pub tenant_max_waiters: usize,
+    /// Tenant policy evaluations running at once in this replica.
+    #[arg(long, env = "POLICY_MAX_CONCURRENT", default_value_t = 4)]
+    pub policy_max_concurrent: usize,
+    /// Of which one tenant may hold at most this many.
+    #[arg(long, env = "POLICY_TENANT_MAX_CONCURRENT", default_value_t = 2)]
+    pub policy_tenant_max_concurrent: usize,
     /// How long an `Idempotency-Key` is remembered (at least 24 h).
     #[arg(long, env = "IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
@@ -106,6 +124,31 @@ pub struct Config {
     /// Largest request body accepted, bytes.
     #[arg(long, env = "CONTROL_PLANE_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Listen address of the MCP server (Streamable HTTP at `/mcp`, the
+    /// `/tools/*` routes); empty disables it.
+    #[arg(long, env = "MCP_ADDR", default_value = ":8090")]
+    pub mcp_addr: String,
+    /// `Host` names the MCP port answers (DNS rebinding), comma-separated;
+    /// `*` stands for one DNS label. Default: localhost, 127.0.0.1, [::1]
+    /// and the Kubernetes service names `control-plane`,
+    /// `control-plane.*.svc`, `control-plane.*.svc.cluster.local`.
+    #[arg(long, env = "MCP_ALLOWED_HOSTS")]
+    pub mcp_allowed_hosts: Option<String>,
+    /// Browser `Origin`s allowed on the MCP port (`scheme://host[:port]`,
+    /// comma-separated). Default: http(s) origins on an allowed host.
+    /// Requests without `Origin` (non-browser clients) pass.
+    #[arg(long, env = "MCP_ALLOWED_ORIGINS")]
+    pub mcp_allowed_origins: Option<String>,
+    /// Characters of stdout, stderr or file text one MCP tool result carries
+    /// before it is cut with a "[truncated, N more bytes ...]" marker.
+    #[arg(long, env = "MCP_MAX_OUTPUT_CHARS", default_value_t = 20_000)]
+    pub mcp_max_output_chars: usize,
+    /// Public URL of the MCP endpoint (`https://sandbox.example.com/mcp`),
+    /// named by the protected-resource metadata; default: from the request's
+    /// `Host`.
+    #[arg(long, env = "MCP_RESOURCE_URL")]
+    pub mcp_resource_url: Option<String>,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `24h` or a bare number of seconds.
@@ -127,6 +170,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    /// Outside production, fills unset signing keys with the development
+    /// keys in `.local/` (the ones `make run-local` uses), so the seed's
+    /// "run locally" commands give a working stack. Production is untouched
+    /// and `validate` refuses it without real keys.
+    pub fn use_dev_keys(&mut self) -> Result<(), String> {
+        let dir = std::path::Path::new(shared::env::DEV_KEY_DIR);
+        if !self.authz_bypass && self.jwks_path.is_none() {
+            shared::env::dev_key_fallback(
+                &mut self.jwt_secret,
+                &self.environment,
+                "AUTH_JWT_SECRET",
+                dir,
+                shared::env::dev_keys::USER,
+            )?;
+        }
+        shared::env::dev_key_fallback(
+            &mut self.data_plane_secret,
+            &self.environment,
+            "DATA_PLANE_JWT_SECRET",
+            dir,
+            shared::env::dev_keys::SERVICE,
+        )
+    }
+
     /// Checks the configuration before any socket is bound; the message
     /// names the variable at fault.
     pub fn validate(&self) -> Result<(), String> {
@@ -196,8 +263,45 @@ impl Config {
         if self.idempotency_ttl < Duration::from_secs(24 * 3600) {
             return Err("IDEMPOTENCY_TTL must be at least 24h".into());
         }
+        for (name, v) in [
+            ("JOB_TENANT_MAX_QUEUED", self.job_tenant_max_queued),
+            ("JOB_TENANT_MAX_RUNNING", self.job_tenant_max_running),
+            ("TENANT_MAX_WAITERS", self.tenant_max_waiters as i64),
+            ("POLICY_MAX_CONCURRENT", self.policy_max_concurrent as i64),
+            (
+                "POLICY_TENANT_MAX_CONCURRENT",
+                self.policy_tenant_max_concurrent as i64,
+            ),
+        ] {
+            if v < 1 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
         if self.max_body_bytes < 1024 {
             return Err("CONTROL_PLANE_MAX_BODY_BYTES must be at least 1024".into());
+        }
+        if !self.mcp_addr.is_empty() {
+            shared::server::parse_listen_addr(&self.mcp_addr)
+                .map_err(|e| format!("MCP_ADDR: {e}"))?;
+        }
+        if self.mcp_max_output_chars < 200 {
+            return Err("MCP_MAX_OUTPUT_CHARS must be at least 200".into());
+        }
+        if let Some(u) = &self.mcp_resource_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(format!(
+                "MCP_RESOURCE_URL {u:?} must start with http:// or https://"
+            ));
+        }
+        if let Some(list) = &self.mcp_allowed_origins {
+            for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+                if !(o.starts_with("http://") || o.starts_with("https://")) {
+                    return Err(format!(
+                        "MCP_ALLOWED_ORIGINS: {o:?} must be scheme://host[:port]"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -271,6 +375,12 @@ mod tests {
             (vec!["--job-workers", "0"], "JOB_WORKERS"),
             (vec!["--idempotency-ttl", "1h"], "IDEMPOTENCY_TTL"),
             (vec!["--data-plane-url", "ftp://x"], "DATA_PLANE_URL"),
+            (vec!["--mcp-addr", "nonsense"], "MCP_ADDR"),
+            (vec!["--mcp-max-output-chars", "10"], "MCP_MAX_OUTPUT_CHARS"),
+            (
+                vec!["--mcp-allowed-origins", "evil.com"],
+                "MCP_ALLOWED_ORIGINS",
+            ),
         ] {
             let e = with(&args).unwrap_err();
             assert!(e.contains(var), "{args:?}: {e}");

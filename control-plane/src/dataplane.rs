@@ -11,11 +11,12 @@ use futures::Stream;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use shared::ErrorCode;
 use shared::agent::{FileList, Limits, StepResult};
-use shared::client::{ClientError, DataPlaneClient, PathContent, StepEvent, TenantClient};
+use shared::client::{ClientError, DataPlaneClient, PathStream, StepEvent, TenantClient};
 use shared::dataplane::{
     ArtifactInfo, CreateSession, JobResult, RunJob, RunStep, RuntimeInfo, ServiceClaims,
     SessionView,
 };
+use shared::ids::{ArtifactId, JobId, SessionId, TenantId};
 use shared::server::ApiError;
 
 use crate::Config;
@@ -62,9 +63,10 @@ pub fn dp_error(e: ClientError) -> ApiError {
             ErrorCode::DataPlaneUnavailable,
             format!("the data plane answered outside its contract ({status}): {detail}"),
         ),
+        // Never the data plane's address: internal URLs stay inside.
         ClientError::Transport(e) => ApiError::new(
             ErrorCode::DataPlaneUnavailable,
-            format!("the data plane cannot be reached: {e}"),
+            format!("the data plane cannot be reached: {}", e.without_url()),
         ),
     }
 }
@@ -235,7 +237,7 @@ impl DataPlane {
     /// Runs a job (idempotent by its id in the data plane).
     pub async fn run_job(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         job: RunJob,
         timeout: Duration,
     ) -> Result<JobResult, ClientError> {
@@ -252,7 +254,7 @@ impl DataPlane {
     }
 
     /// Stops a running job.
-    pub async fn cancel_job(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+    pub async fn cancel_job(&self, tenant: &TenantId, id: &JobId) -> Result<(), ApiError> {
         self.scoped(tenant)?
             .cancel_job(id)
             .await
@@ -262,7 +264,7 @@ impl DataPlane {
 
     pub async fn create_session(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         req: CreateSession,
     ) -> Result<SessionView, ApiError> {
         self.scoped(tenant)?
@@ -271,11 +273,15 @@ impl DataPlane {
             .map_err(dp_error)
     }
 
-    pub async fn get_session(&self, tenant: &str, id: &str) -> Result<SessionView, ApiError> {
+    pub async fn get_session(
+        &self,
+        tenant: &TenantId,
+        id: &SessionId,
+    ) -> Result<SessionView, ApiError> {
         self.scoped(tenant)?.get_session(id).await.map_err(dp_error)
     }
 
-    pub async fn list_sessions(&self, tenant: &str) -> Result<Vec<SessionView>, ApiError> {
+    pub async fn list_sessions(&self, tenant: &TenantId) -> Result<Vec<SessionView>, ApiError> {
         Ok(self
             .scoped(tenant)?
             .list_sessions()
@@ -284,7 +290,7 @@ impl DataPlane {
             .sessions)
     }
 
-    pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+    pub async fn delete_session(&self, tenant: &TenantId, id: &SessionId) -> Result<(), ApiError> {
         self.scoped(tenant)?
             .delete_session(id)
             .await
@@ -293,8 +299,8 @@ impl DataPlane {
 
     pub async fn step(
         &self,
-        tenant: &str,
-        id: &str,
+        tenant: &TenantId,
+        id: &SessionId,
         step: RunStep,
         step_timeout: Duration,
     ) -> Result<StepResult, ApiError> {
@@ -306,8 +312,8 @@ impl DataPlane {
 
     pub async fn step_stream(
         &self,
-        tenant: &str,
-        id: &str,
+        tenant: &TenantId,
+        id: &SessionId,
         step: RunStep,
         step_timeout: Duration,
     ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError> {
@@ -317,7 +323,11 @@ impl DataPlane {
             .map_err(dp_error)
     }
 
-    pub async fn list_files(&self, tenant: &str, id: &str) -> Result<FileList, ApiError> {
+    pub async fn list_files(
+        &self,
+        tenant: &TenantId,
+        id: &SessionId,
+    ) -> Result<FileList, ApiError> {
         self.scoped(tenant)?
             .list_files(id, "")
             .await
@@ -329,17 +339,18 @@ impl DataPlane {
         tenant: &str,
         id: &str,
         path: &str,
-    ) -> Result<PathContent, ApiError> {
+    ) -> Result<PathStream, ApiError> {
+        // Streamed: a file's bytes are passed on as they arrive, never held whole.
         self.scoped(tenant)?
-            .read_path(id, path)
+            .open_path(id, path)
             .await
             .map_err(dp_error)
     }
 
     pub async fn write_file(
         &self,
-        tenant: &str,
-        id: &str,
+        tenant: &TenantId,
+        id: &SessionId,
         path: &str,
         body: Bytes,
     ) -> Result<(), ApiError> {
@@ -349,14 +360,23 @@ impl DataPlane {
             .map_err(dp_error)
     }
 
-    pub async fn delete_file(&self, tenant: &str, id: &str, path: &str) -> Result<(), ApiError> {
+    pub async fn delete_file(
+        &self,
+        tenant: &TenantId,
+        id: &SessionId,
+        path: &str,
+    ) -> Result<(), ApiError> {
         self.scoped(tenant)?
             .delete_file(id, path)
             .await
             .map_err(dp_error)
     }
 
-    pub async fn artifact_info(&self, tenant: &str, id: &str) -> Result<ArtifactInfo, ApiError> {
+    pub async fn artifact_info(
+        &self,
+        tenant: &TenantId,
+        id: &ArtifactId,
+    ) -> Result<ArtifactInfo, ApiError> {
         self.scoped(tenant)?
             .artifact_info(id)
             .await
@@ -365,8 +385,8 @@ impl DataPlane {
 
     pub async fn artifact_download(
         &self,
-        tenant: &str,
-        id: &str,
+        tenant: &TenantId,
+        id: &ArtifactId,
     ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static, ApiError> {
         self.scoped(tenant)?
             .download_artifact(id)
@@ -375,10 +395,62 @@ impl DataPlane {
             .map_err(dp_error)
     }
 
-    pub async fn artifact_delete(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+    /// Stores an artifact: `body` is passed on to the data plane chunk by
+    /// chunk as it arrives, never held whole (the data plane bounds it by
+    /// its `ARTIFACT_MAX_BYTES`: 413 `payload_too_large`).
+    pub async fn artifact_upload<S, E>(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        session_id: Option<&SessionId>,
+        body: S,
+    ) -> Result<ArtifactInfo, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        self.scoped(tenant)?
+            .upload_artifact(
+                name,
+                session_id.map(|s| s.as_ref()),
+                reqwest::Body::wrap_stream(body),
+            )
+            .await
+            .map_err(dp_error)
+    }
+
+    pub async fn artifact_delete(
+        &self,
+        tenant: &TenantId,
+        id: &ArtifactId,
+    ) -> Result<(), ApiError> {
         self.scoped(tenant)?
             .delete_artifact(id)
             .await
             .map_err(dp_error)
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// An unreachable data plane is a coded 503 whose message names no
+    /// internal address (issue 15 §4: the URL once reached the caller).
+    #[tokio::test]
+    async fn unreachable_data_plane_names_no_address() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let err = DataPlaneClient::new(&base)
+            .unwrap()
+            .as_tenant("jwt")
+            .open_path("ses-1", "a.txt")
+            .await
+            .unwrap_err();
+        let api = dp_error(err);
+        assert_eq!(api.code, ErrorCode::DataPlaneUnavailable);
+        assert!(!api.message.contains("127.0.0.1"), "{}", api.message);
+        assert!(!api.message.contains("http://"), "{}", api.message);
     }
 }

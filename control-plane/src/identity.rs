@@ -12,10 +12,15 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use shared::ErrorCode;
+use shared::ids::TenantId;
 use shared::server::ApiError;
 
 /// The role that may read and replace its tenant's policy and verify audit.
 pub const ADMIN_ROLE: &str = "admin";
+
+/// The operator's role: the global audit chain (`GET /v1/audit/verify`
+/// across tenants, anchors). Tenant admins get a tenant-scoped answer.
+pub const PLATFORM_ADMIN_ROLE: &str = "platform-admin";
 
 /// Header naming the tenant under `AUTHZ_BYPASS` (no token).
 pub const BYPASS_TENANT_HEADER: &str = "x-tenant-id";
@@ -43,7 +48,8 @@ pub struct Claims {
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Identity {
-    pub tenant: String,
+    /// Validated ([`shared::ids::check_tenant`]): never `-`, `..` or a path.
+    pub tenant: TenantId,
     pub subject: String,
     pub app: Option<String>,
     pub agent: Option<String>,
@@ -224,14 +230,14 @@ impl Verifier {
 }
 
 fn identity_from(c: Claims) -> Result<Identity, ApiError> {
-    shared::agent::validate_id("tenant", &c.tenant).map_err(|m| {
+    let tenant = TenantId::parse(c.tenant).map_err(|m| {
         ApiError::new(
             ErrorCode::Unauthorized,
             format!("the token's tenant is malformed: {m}"),
         )
     })?;
     Ok(Identity {
-        tenant: c.tenant,
+        tenant,
         subject: c.sub,
         app: c.app,
         agent: c.agent,
@@ -243,14 +249,14 @@ fn identity_from(c: Claims) -> Result<Identity, ApiError> {
 /// The identity used for every request under `AUTHZ_BYPASS`.
 pub fn bypass_identity(tenant: Option<&str>) -> Result<Identity, ApiError> {
     let tenant = tenant.unwrap_or("dev");
-    shared::agent::validate_id("tenant", tenant).map_err(|m| {
+    let tenant = TenantId::parse(tenant).map_err(|m| {
         ApiError::new(
             ErrorCode::InvalidArgument,
             format!("{BYPASS_TENANT_HEADER}: {m}"),
         )
     })?;
     Ok(Identity {
-        tenant: tenant.to_owned(),
+        tenant,
         subject: "authz-bypass".into(),
         app: None,
         agent: None,
@@ -277,8 +283,10 @@ pub struct TokenArgs {
     pub app: Option<String>,
     #[arg(long)]
     pub agent: Option<String>,
+    /// The control plane's `AUTH_JWT_SECRET`; unset outside production, the
+    /// development key in `.local/` that a control plane started alone uses.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
-    pub secret: String,
+    pub secret: Option<String>,
     #[arg(long, env = "AUTH_ISSUER", default_value = "sandbox-dev-idp")]
     pub issuer: String,
     #[arg(long, env = "AUTH_AUDIENCE", default_value = "control-plane")]
@@ -298,7 +306,16 @@ pub fn mint_dev_token(args: &TokenArgs) -> Result<String, String> {
                 .into(),
         );
     }
-    shared::agent::validate_id("tenant", &args.tenant)?;
+    TenantId::parse(args.tenant.as_str()).map_err(|e| e.to_string())?;
+    let mut secret = args.secret.clone();
+    shared::env::dev_key_fallback(
+        &mut secret,
+        &args.environment,
+        "AUTH_JWT_SECRET",
+        std::path::Path::new(shared::env::DEV_KEY_DIR),
+        shared::env::dev_keys::USER,
+    )?;
+    let secret = secret.ok_or("AUTH_JWT_SECRET is required")?;
     let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims {
         iss: args.issuer.clone(),
@@ -321,7 +338,7 @@ pub fn mint_dev_token(args: &TokenArgs) -> Result<String, String> {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(args.secret.as_bytes()),
+        &EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| e.to_string())
 }

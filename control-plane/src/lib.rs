@@ -10,11 +10,13 @@ pub mod audit;
 pub mod config;
 pub mod dataplane;
 pub mod identity;
+pub mod mcp;
+pub mod metrics;
 pub mod orchestration;
 pub mod policy;
 pub mod sessions;
 pub mod storage;
-pub mod telemetry;
+pub mod waiters;
 
 use std::sync::Arc;
 
@@ -28,11 +30,11 @@ pub use config::Config;
 use crate::audit::AuditLog;
 use crate::dataplane::DataPlane;
 use crate::identity::{Verifier, VerifierConfig};
+use crate::metrics::Metrics;
 use crate::orchestration::{Dispatcher, JobService, JobSettings};
 use crate::policy::PolicyService;
 use crate::sessions::SessionService;
 use crate::storage::Db;
-use crate::telemetry::Metrics;
 
 /// The runtime used when a request names none.
 pub const DEFAULT_RUNTIME: &str = "python";
@@ -48,6 +50,8 @@ pub struct App {
     pub jobs: Arc<JobService>,
     pub sessions: SessionService,
     pub metrics: Arc<Metrics>,
+    /// Open long polls and event streams per tenant.
+    pub waiters: Arc<waiters::Waiters>,
 }
 
 impl App {
@@ -86,7 +90,11 @@ impl App {
             None => None,
         };
         let policy = PolicyService::new(db.clone(), default_rego, audit.clone(), metrics.clone())
-            .map_err(|e| anyhow::anyhow!("POLICY_DEFAULT_PATH: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("POLICY_DEFAULT_PATH: {e}"))?
+            .with_limits(crate::policy::PolicyLimits {
+                max_concurrent: config.policy_max_concurrent,
+                tenant_max_concurrent: config.policy_tenant_max_concurrent,
+            });
         let dp = DataPlane::new(&config).map_err(anyhow::Error::msg)?;
         let jobs = JobService::new(
             db.clone(),
@@ -99,10 +107,14 @@ impl App {
                 lease: config.job_lease,
                 poll_interval: config.job_poll_interval,
                 workers: config.job_workers,
+                tenant_max_queued: config.job_tenant_max_queued,
+                tenant_max_running: config.job_tenant_max_running,
             },
         );
         let sessions = SessionService::new(db.clone(), policy.clone(), dp.clone(), audit.clone());
+        let waiters = waiters::Waiters::new(config.tenant_max_waiters);
         Ok(Arc::new(App {
+            waiters,
             config,
             db,
             verifier,
@@ -123,14 +135,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
+    let mcp = if config.mcp_addr.is_empty() {
+        None
+    } else {
+        let addr =
+            shared::server::parse_listen_addr(&config.mcp_addr).map_err(anyhow::Error::msg)?;
+        Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding MCP_ADDR {addr}"))?,
+        )
+    };
     let app = App::build(config).await?;
-    serve(listener, app, shutdown).await
+    serve_all(listener, mcp, app, shutdown).await
 }
 
 /// Serves on a bound listener with the job workers running, until
 /// `shutdown`; then drains requests and workers.
 pub async fn serve(
     listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_all(listener, None, app, shutdown).await
+}
+
+/// As [`serve`], with the MCP server (`mcp::router`) on a second listener
+/// when one is given; both drain on `shutdown`.
+pub async fn serve_all(
+    listener: TcpListener,
+    mcp_listener: Option<TcpListener>,
     app: Arc<App>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -148,7 +182,31 @@ pub async fn serve(
         data_plane = %app.config.data_plane_url,
         "control-plane listening"
     );
-    let served = shared::server::serve(listener, api::router(app.clone()), shutdown.clone()).await;
+    let rest = shared::server::serve(listener, api::router(app.clone()), shutdown.clone());
+    let served = match mcp_listener {
+        Some(l) => {
+            tracing::info!(addr = %l.local_addr()?, "MCP server listening (/mcp, /tools)");
+            let mcp = shared::server::serve(
+                l,
+                mcp::router_with_shutdown(app.clone(), shutdown.clone()),
+                shutdown.clone(),
+            );
+            // Either server failing stops both.
+            let mcp = async {
+                let r = mcp.await;
+                shutdown.cancel();
+                r
+            };
+            let rest = async {
+                let r = rest.await;
+                shutdown.cancel();
+                r
+            };
+            let (a, b) = tokio::join!(rest, mcp);
+            a.and(b)
+        }
+        None => rest.await,
+    };
     shutdown.cancel();
     tracker.wait().await;
     app.db.close().await;

@@ -35,10 +35,10 @@ async fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("token") => {
             let a = control_plane::identity::TokenArgs::parse_from(args.iter().skip(1));
-            println!(
-                "{}",
-                control_plane::identity::mint_dev_token(&a).map_err(anyhow::Error::msg)?
-            );
+            match control_plane::identity::mint_dev_token(&a) {
+                Ok(token) => println!("{token}"),
+                Err(e) => shared::env::exit_on_config_error("control-plane token", e),
+            }
             return Ok(());
         }
         Some("openapi") => {
@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
             let db =
                 control_plane::storage::Db::connect(a.database_driver, &a.database_url, 2).await?;
             let report =
-                control_plane::audit::AuditLog::new(db, control_plane::telemetry::Metrics::new())
+                control_plane::audit::AuditLog::new(db, control_plane::metrics::Metrics::new())
                     .verify_against(a.anchor.as_ref())
                     .await
                     .map_err(|e| anyhow::anyhow!(e.to_string()))?;
@@ -62,14 +62,19 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let config = control_plane::Config::parse();
+    let mut config = control_plane::Config::parse();
     shared::telemetry::init_tracing();
-    config.validate().map_err(anyhow::Error::msg)?;
+    if let Err(e) = config.use_dev_keys() {
+        shared::env::exit_on_config_error("control-plane", e);
+    }
+    if let Err(e) = config.validate() {
+        shared::env::exit_on_config_error("control-plane", e);
+    }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         shared::server::shutdown_signal().await;
         trigger.cancel();
     });
-    control_plane::run(config, shutdown).await
+    shared::env::exit_on_run_error("control-plane", control_plane::run(config, shutdown).await)
 }

@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::ErrorCode;
 use shared::agent::{FileList, StepResult};
-use shared::client::{ClientError, PathContent, StepEvent};
-use shared::controlplane::{SessionRequest, StepRequest};
+use shared::client::{ClientError, PathStream, StepEvent};
+use shared::controlplane::{SessionRequest, SessionStepRequest};
 use shared::dataplane::{ArtifactInfo, CreateSession, RunStep, SessionView};
+use shared::ids::{ArtifactId, SessionId};
 use shared::server::ApiError;
 use sqlx::Row;
 use utoipa::ToSchema;
@@ -44,8 +45,8 @@ pub struct StepRecord {
     pub duration_ms: i64,
     /// The code, cut at 64 KiB.
     pub code: String,
-    /// The result, with stdout and stderr cut at 64 KiB each.
-    #[schema(value_type = Object)]
+    /// The step's result (a `StepResult`, with stdout and stderr cut at 64
+    /// KiB each), or the coded error body of a step that never ran.
     pub result: serde_json::Value,
     pub created_at_ms: i64,
 }
@@ -130,6 +131,7 @@ impl SessionService {
         identity: &Identity,
         req: SessionRequest,
     ) -> Result<SessionView, ApiError> {
+        crate::orchestration::jobs::validate_packages(req.packages.as_deref())?;
         let runtime = req
             .runtime
             .clone()
@@ -181,7 +183,7 @@ impl SessionService {
             sqlx::query(
                 "INSERT INTO sessions (id, tenant, subject, app, agent, runtime, timeout_ms, created_ms, expires_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                .bind(&view.session_id).bind(&identity.tenant).bind(&identity.subject)
+                .bind(&view.session_id).bind(identity.tenant.as_str()).bind(&identity.subject)
                 .bind(&identity.app).bind(&identity.agent).bind(&view.runtime)
                 .bind(view.limits.timeout_ms as i64)
                 .bind(view.created_at_ms as i64).bind(view.expires_at_ms as i64)
@@ -191,11 +193,14 @@ impl SessionService {
             Ok::<(), ApiError>(())
         }.await);
         if let Err(e) = recorded {
-            if let Err(cleanup) = self
-                .dp
-                .delete_session(&identity.tenant, &view.session_id)
-                .await
-            {
+            let undone = match SessionId::parse(view.session_id.as_str()) {
+                Ok(sid) => self.dp.delete_session(&identity.tenant, &sid).await,
+                Err(e) => Err(ApiError::new(
+                    ErrorCode::DataPlaneUnavailable,
+                    e.to_string(),
+                )),
+            };
+            if let Err(cleanup) = undone {
                 tracing::error!(session = %view.session_id, error = %cleanup,
                     "an unrecorded session could not be destroyed; the data plane's TTL will reap it");
             }
@@ -209,7 +214,7 @@ impl SessionService {
     }
 
     /// One session of the caller's tenant.
-    pub async fn get(&self, identity: &Identity, id: &str) -> Result<SessionView, ApiError> {
+    pub async fn get(&self, identity: &Identity, id: &SessionId) -> Result<SessionView, ApiError> {
         self.authorize(
             identity,
             "session.read",
@@ -234,7 +239,7 @@ impl SessionService {
 
     /// Destroys a session and its workspace (recorded first: a deletion that
     /// cannot be audited does not happen).
-    pub async fn delete(&self, identity: &Identity, id: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, identity: &Identity, id: &SessionId) -> Result<(), ApiError> {
         self.authorize(
             identity,
             "session.delete",
@@ -256,7 +261,7 @@ impl SessionService {
         let now = now_ms();
         let r = on_db!(&self.db, p => sqlx::query(
             "UPDATE sessions SET deleted_ms = $1 WHERE tenant = $2 AND id = $3")
-            .bind(now).bind(&identity.tenant).bind(id)
+            .bind(now).bind(identity.tenant.as_str()).bind(id.as_str())
             .execute(p).await.map(|_| ()));
         if let Err(e) = r {
             tracing::warn!(session = %id, error = %e, "could not mark the session deleted");
@@ -269,8 +274,8 @@ impl SessionService {
     pub async fn step(
         &self,
         identity: &Identity,
-        session_id: &str,
-        req: StepRequest,
+        session_id: &SessionId,
+        req: SessionStepRequest,
     ) -> Result<StepResult, ApiError> {
         let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
         let outcome = self
@@ -289,8 +294,8 @@ impl SessionService {
     pub async fn step_stream(
         &self,
         identity: &Identity,
-        session_id: &str,
-        req: StepRequest,
+        session_id: &SessionId,
+        req: SessionStepRequest,
     ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError> {
         use futures::StreamExt;
         let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
@@ -344,7 +349,7 @@ impl SessionService {
         &self,
         identity: &Identity,
         session_id: &str,
-        req: &StepRequest,
+        req: &SessionStepRequest,
     ) -> Result<(String, RunStep, String, Duration), ApiError> {
         if req.code.is_empty() {
             return Err(ApiError::new(ErrorCode::InvalidArgument, "code is empty"));
@@ -461,7 +466,7 @@ impl SessionService {
                 "INSERT INTO steps (id, session_id, tenant, seq, status, duration_ms, code, result, created_ms) \
                  VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE tenant = $3 AND session_id = $2), \
                  $4, $5, $6, $7, $8)")
-                .bind(step_id).bind(session_id).bind(&identity.tenant)
+                .bind(step_id).bind(session_id).bind(identity.tenant.as_str())
                 .bind(&status).bind(duration).bind(&code).bind(&result).bind(now)
                 .execute(&mut *tx).await.map_err(db_error)?;
             append_tx!(&mut tx, dialect, ev)?;
@@ -476,7 +481,7 @@ impl SessionService {
     pub async fn steps(
         &self,
         identity: &Identity,
-        session_id: &str,
+        session_id: &SessionId,
     ) -> Result<StepHistory, ApiError> {
         self.authorize(
             identity,
@@ -487,7 +492,7 @@ impl SessionService {
         .await?;
         let known: Option<i64> = on_db!(&self.db, p => sqlx::query_scalar(
             "SELECT created_ms FROM sessions WHERE tenant = $1 AND id = $2")
-            .bind(&identity.tenant).bind(session_id)
+            .bind(identity.tenant.as_str()).bind(session_id.as_str())
             .fetch_optional(p).await.map_err(db_error))?;
         if known.is_none() {
             return Err(session_not_found(session_id));
@@ -495,7 +500,7 @@ impl SessionService {
         let steps = on_db!(&self.db, p => {
             let rows = sqlx::query(
                 "SELECT * FROM steps WHERE tenant = $1 AND session_id = $2 ORDER BY seq")
-                .bind(&identity.tenant).bind(session_id)
+                .bind(identity.tenant.as_str()).bind(session_id.as_str())
                 .fetch_all(p).await.map_err(db_error)?;
             rows.iter().map(|r| Ok::<_, ApiError>(StepRecord {
                 step_id: r.try_get("id").map_err(db_error)?,
@@ -512,19 +517,23 @@ impl SessionService {
     }
 
     /// Lists the workspace's top directory.
-    pub async fn list_files(&self, identity: &Identity, id: &str) -> Result<FileList, ApiError> {
+    pub async fn list_files(
+        &self,
+        identity: &Identity,
+        id: &SessionId,
+    ) -> Result<FileList, ApiError> {
         self.file_policy(identity, "file.read", id, "").await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.dp.list_files(&identity.tenant, id).await
     }
 
-    /// A file's bytes, or a directory's listing.
+    /// A file's bytes (streamed), or a directory's listing.
     pub async fn read_path(
         &self,
         identity: &Identity,
         id: &str,
         path: &str,
-    ) -> Result<PathContent, ApiError> {
+    ) -> Result<PathStream, ApiError> {
         self.file_policy(identity, "file.read", id, path).await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.dp.read_path(&identity.tenant, id, path).await
@@ -534,7 +543,7 @@ impl SessionService {
     pub async fn write_file(
         &self,
         identity: &Identity,
-        id: &str,
+        id: &SessionId,
         path: &str,
         body: Bytes,
     ) -> Result<(), ApiError> {
@@ -553,7 +562,7 @@ impl SessionService {
     pub async fn delete_file(
         &self,
         identity: &Identity,
-        id: &str,
+        id: &SessionId,
         path: &str,
     ) -> Result<(), ApiError> {
         self.file_policy(identity, "file.delete", id, path).await?;
@@ -589,7 +598,7 @@ impl SessionService {
     pub async fn artifact_info(
         &self,
         identity: &Identity,
-        id: &str,
+        id: &ArtifactId,
     ) -> Result<ArtifactInfo, ApiError> {
         self.authorize(
             identity,
@@ -606,7 +615,7 @@ impl SessionService {
     pub async fn artifact_download(
         &self,
         identity: &Identity,
-        id: &str,
+        id: &ArtifactId,
     ) -> Result<
         (
             ArtifactInfo,
@@ -625,8 +634,64 @@ impl SessionService {
         Ok((info, body))
     }
 
+    /// Stores an artifact whose bytes are streamed through to the data plane
+    /// (never held whole; its `ARTIFACT_MAX_BYTES` bounds the size). Policy
+    /// action `artifact.write`; recorded first (`started`, refused if the
+    /// record fails), then completed with the id, size and digest.
+    pub async fn artifact_upload<S, E>(
+        &self,
+        identity: &Identity,
+        name: &str,
+        session_id: Option<&SessionId>,
+        body: S,
+    ) -> Result<ArtifactInfo, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        self.authorize(
+            identity,
+            "artifact.write",
+            json!({"type": "artifact", "name": name, "session": session_id}),
+            json!({}),
+        )
+        .await?;
+        self.audit
+            .record(
+                AuditEvent::by(identity, "artifact.write", "artifact")
+                    .outcome("started")
+                    .details(json!({"name": name, "session": session_id})),
+            )
+            .await?;
+        let result = self
+            .dp
+            .artifact_upload(&identity.tenant, name, session_id, body)
+            .await;
+        let ev = match &result {
+            Ok(info) => AuditEvent::by(
+                identity,
+                "artifact.write",
+                format!("artifact/{}", info.artifact_id),
+            )
+            .details(json!({"name": name, "session": session_id, "size": info.size, "sha256": info.sha256})),
+            Err(e) => AuditEvent::by(identity, "artifact.write", "artifact")
+                .outcome("failed")
+                .details(json!({"name": name, "session": session_id, "error": e.code})),
+        };
+        // The bytes are stored (or refused) already: the `started` record
+        // stands for them if this one cannot be written.
+        if let Err(e) = self.audit.record(ev).await {
+            tracing::warn!(code = ?e.code, "artifact.write completion not recorded");
+        }
+        result
+    }
+
     /// Deletes an artifact (crypto-shredded by the data plane; recorded first).
-    pub async fn artifact_delete(&self, identity: &Identity, id: &str) -> Result<(), ApiError> {
+    pub async fn artifact_delete(
+        &self,
+        identity: &Identity,
+        id: &ArtifactId,
+    ) -> Result<(), ApiError> {
         self.authorize(
             identity,
             "artifact.delete",

@@ -59,7 +59,29 @@ async fn bad_tokens_get_401_and_are_audited() {
         assert_eq!(body["code"], "unauthorized", "{name}");
         assert!(body["request_id"].is_string());
     }
-    let (status, body) = call_at(&cp.url, "GET", "/v1/audit/verify", Some(&good), None).await;
+    // A tenant's admin gets its own view: no global position, no anchors
+    // (issue 15, section 6); the platform role gets the global chain.
+    let (status, own) = call_at(&cp.url, "GET", "/v1/audit/verify", Some(&good), None).await;
+    assert_eq!(
+        (status, &own["ok"], &own["headSeq"]),
+        (200, &json!(true), &json!(0)),
+        "{own}"
+    );
+    let (status, e) = call_at(
+        &cp.url,
+        "GET",
+        &format!("/v1/audit/verify?anchorSeq=1&anchorHash={}", "0".repeat(64)),
+        Some(&good),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (403, Some("forbidden")),
+        "{e}"
+    );
+    let platform = token("operator", &["platform-admin"]);
+    let (status, body) = call_at(&cp.url, "GET", "/v1/audit/verify", Some(&platform), None).await;
     assert_eq!(status, 200);
     assert_eq!(body["ok"], true);
     assert!(body["checked"].as_u64().unwrap() >= 6, "{body}");
@@ -73,7 +95,7 @@ async fn bad_tokens_get_401_and_are_audited() {
         &cp.url,
         "GET",
         &format!("/v1/audit/verify?anchorSeq={seq}&anchorHash={head}"),
-        Some(&good),
+        Some(&platform),
         None,
     )
     .await;
@@ -85,7 +107,7 @@ async fn bad_tokens_get_401_and_are_audited() {
             "/v1/audit/verify?anchorSeq={seq}&anchorHash={}",
             "0".repeat(64)
         ),
-        Some(&good),
+        Some(&platform),
         None,
     )
     .await;
@@ -98,7 +120,7 @@ async fn bad_tokens_get_401_and_are_audited() {
             "/v1/audit/verify?anchorSeq={}&anchorHash={head}",
             seq + 1000
         ),
-        Some(&good),
+        Some(&platform),
         None,
     )
     .await;
@@ -115,7 +137,7 @@ async fn bad_tokens_get_401_and_are_audited() {
             &cp.url,
             "GET",
             &format!("/v1/audit/verify?{bad}"),
-            Some(&good),
+            Some(&platform),
             None,
         )
         .await;
@@ -549,4 +571,271 @@ fn openapi_parameters_are_where_the_server_reads_them() {
         }
     }
     assert!(queries >= 10, "query parameters missing: {queries}");
+}
+
+/// One raw HTTP/1.1 request, so the path reaches the server exactly as
+/// written (a client library would normalise `%2e%2e` away): (status, body).
+async fn raw(
+    base: &str,
+    method: &str,
+    path: &str,
+    auth: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    // Chunked or not, the JSON object is the part between the outer braces.
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => serde_json::from_str(&body[a..=b]).unwrap_or(json!({"raw": body})),
+        _ => json!({"raw": body}),
+    };
+    (status, json)
+}
+
+/// Issue 15, section 1: every id-bearing route refuses every traversal form
+/// with 400 `invalid_argument` before the id reaches SQL or the data plane
+/// (whose 404 or 503 would otherwise answer), and a malformed tenant never
+/// authenticates.
+#[tokio::test]
+async fn traversal_ids_are_refused_at_the_edge_of_every_route() {
+    let (cp, _db) = lone_cp(&[]).await;
+    let admin = token("acme", &["admin"]);
+    let forms = [
+        "..%2Fother%2Fart-1",
+        "%2e%2e",
+        "%2e%2e%2fother",
+        "%252e%252e%252f",
+        "a%00b",
+        "..%5Cother",
+        "%5C..%5Cother",
+        "%2Fetc%2Fpasswd",
+        "..",
+        ".hidden",
+    ];
+    let routes: &[(&str, &str, &str)] = &[
+        ("GET", "/v1/sessions/{}", ""),
+        ("DELETE", "/v1/sessions/{}", ""),
+        ("GET", "/v1/sessions/{}/steps", ""),
+        ("POST", "/v1/sessions/{}/steps", r#"{"code":"1+1"}"#),
+        ("GET", "/v1/sessions/{}/files", ""),
+        ("GET", "/v1/sessions/{}/files/a.txt", ""),
+        ("PUT", "/v1/sessions/{}/files/a.txt", "x"),
+        ("DELETE", "/v1/sessions/{}/files/a.txt", ""),
+        ("GET", "/v1/jobs/{}", ""),
+        ("POST", "/v1/jobs/{}/cancel", ""),
+        ("GET", "/v1/artifacts/{}", ""),
+        ("GET", "/v1/artifacts/{}/info", ""),
+        ("DELETE", "/v1/artifacts/{}", ""),
+        ("GET", "/v1/tenants/{}/policy", ""),
+        (
+            "PUT",
+            "/v1/tenants/{}/policy",
+            r#"{"rego":"package sandbox.tenant\n"}"#,
+        ),
+    ];
+    for (method, route, body) in routes {
+        for form in forms {
+            let path = route.replace("{}", form);
+            let (status, e) = raw(&cp.url, method, &path, &admin, body).await;
+            assert_eq!(
+                (status, e["code"].as_str()),
+                (400, Some("invalid_argument")),
+                "{method} {path}: {e}"
+            );
+        }
+    }
+    // A tenant that is not an identifier never authenticates, and the
+    // token command refuses to mint one.
+    for tenant in ["-", "..", "a/b", "Acme", "-acme"] {
+        let (status, e) = call_at(
+            &cp.url,
+            "GET",
+            "/v1/jobs",
+            Some(&token(tenant, &["admin"])),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{tenant}: {e}"
+        );
+        let args = <control_plane::identity::TokenArgs as clap::Parser>::parse_from([
+            "token",
+            &format!("--tenant={tenant}"),
+            "--secret",
+            USER_SECRET,
+        ]);
+        assert!(
+            control_plane::identity::mint_dev_token(&args).is_err(),
+            "{tenant}"
+        );
+    }
+    cp.stop().await;
+}
+
+fn vm_rss_mb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+/// Issue 15, section 3: a tenant's Rego cannot stall or bloat the control
+/// plane. The two policies of the report are refused at PUT (even dodging
+/// the trial evaluation); variants that pass the static check but go over
+/// the time or size limits fail closed with `policy_limit_exceeded` while
+/// another tenant's requests keep being answered, and the process does not
+/// grow by hundreds of MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_tenant_policy_neither_stalls_nor_bloats_the_control_plane() {
+    // The control plane on a runtime of its own (2 workers), as in a
+    // deployment: its clients never share its threads.
+    let (url_tx, url_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let (cp, _db) = lone_cp(&[]).await;
+                url_tx.send(cp.url.clone()).unwrap();
+                let _ = stop_rx.await;
+                cp.stop().await;
+            })
+    });
+    struct Url {
+        url: String,
+    }
+    let cp = Url {
+        url: url_rx.await.unwrap(),
+    };
+    let attacker = token("mallory", &["admin"]);
+    let victim = token("acme", &["agent"]);
+    let policy = |expr: &str| {
+        format!(
+            "package sandbox.tenant\n\ndeny contains \"x\" if {{\n\tinput.identity.tenant != \"trial\"\n\t{expr}\n}}\n"
+        )
+    };
+    for expr in [
+        "count([x | some x in numbers.range(1, 3000000); x % 7 == 0]) < 0",
+        "count(numbers.range(1, 20000000)) < 0",
+    ] {
+        let (status, e) = call_at(
+            &cp.url,
+            "PUT",
+            "/v1/tenants/mallory/policy",
+            Some(&attacker),
+            Some(json!({"rego": policy(expr)})),
+        )
+        .await;
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (400, Some("policy_invalid")),
+            "{expr}: {e}"
+        );
+    }
+    let mut doubling = String::from("s0 := \"aaaaaaaaaaaaaaaa\"\n");
+    for i in 0..40 {
+        doubling.push_str(&format!("\ts{} := concat(\"\", [s{i}, s{i}])\n", i + 1));
+    }
+    doubling.push_str("\tcount(s40) < 0");
+    let rss_before = vm_rss_mb();
+    for expr in [
+        // 10^8 interpreter steps: the timer's case.
+        "count([x | some i in numbers.range(1, 9999); some j in numbers.range(1, 9999); x := i * j; x % 7 == 0]) < 0".to_owned(),
+        // 2^40 bytes by doubling: the builtins' bound.
+        doubling,
+    ] {
+        let (status, e) = call_at(
+            &cp.url,
+            "PUT",
+            "/v1/tenants/mallory/policy",
+            Some(&attacker),
+            Some(json!({"rego": policy(&expr)})),
+        )
+        .await;
+        assert_eq!(status, 200, "{e}");
+        let url = cp.url.clone();
+        let flood: Vec<_> = (0..60)
+            .map(|_| {
+                let (url, attacker) = (url.clone(), attacker.clone());
+                tokio::spawn(async move { call_at(&url, "GET", "/v1/jobs", Some(&attacker), None).await })
+            })
+            .collect();
+        // The victim's requests are answered while the flood is evaluated.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut took = Vec::new();
+        for _ in 0..10 {
+            let start = std::time::Instant::now();
+            let (status, body) = call_at(&cp.url, "GET", "/v1/jobs", Some(&victim), None).await;
+            assert_eq!(status, 200, "{body}");
+            took.push(start.elapsed());
+        }
+        let still_flooding = flood.iter().any(|t| !t.is_finished());
+        for task in flood {
+            let (status, e) = task.await.unwrap();
+            assert!(
+                matches!(
+                    (status, e["code"].as_str()),
+                    (403, Some("policy_limit_exceeded")) | (429, Some("tenant_quota_exceeded"))
+                ),
+                "{status} {e}"
+            );
+        }
+        took.sort();
+        assert!(
+            took[took.len() / 2] < std::time::Duration::from_millis(500),
+            "victim p50 {:?} (flood still running: {still_flooding})",
+            took[took.len() / 2]
+        );
+    }
+    let grown = vm_rss_mb().saturating_sub(rss_before);
+    assert!(grown < 200, "the process grew by {grown} MB");
+    // The tenant's admin sees why, in the policy and in the audit log.
+    let (status, p) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/tenants/mallory/policy",
+        Some(&attacker),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{p}");
+    assert!(
+        p["lastFault"]["reason"].as_str().unwrap().contains("limit"),
+        "{p}"
+    );
+    let (status, page) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/audit?action=policy.limit_exceeded",
+        Some(&attacker),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(!page["events"].as_array().unwrap().is_empty(), "{page}");
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || server.join().unwrap())
+        .await
+        .unwrap();
 }

@@ -1,6 +1,7 @@
 //! Jobs through the whole stack, on SQLite and on PostgreSQL: results,
 //! idempotency, listing, cancellation, an unavailable data plane, several
-//! replicas on one queue, and a control plane killed mid-job.
+//! replicas on one queue, and a control plane killed mid-job. Integration
+//! tier: every test here runs real sandboxes (`make test-integration`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,6 +13,7 @@ use control_plane::config::DatabaseDriver;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
 async fn a_job_runs_and_its_output_is_kept() {
     for driver in DRIVERS {
         let s = stack(driver, &[]).await;
@@ -101,6 +103,7 @@ async fn a_job_runs_and_its_output_is_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
 async fn idempotency_keys_replay_refuse_and_deduplicate() {
     for driver in DRIVERS {
         let s = stack(driver, &[]).await;
@@ -226,6 +229,7 @@ async fn idempotency_keys_replay_refuse_and_deduplicate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
 async fn listing_filters_and_pages() {
     for driver in DRIVERS {
         let s = stack(driver, &[]).await;
@@ -298,6 +302,7 @@ async fn listing_filters_and_pages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn cancellation_reaches_the_data_plane() {
     let s = stack(DatabaseDriver::Sqlite, &[]).await;
     let t = token("acme", &["agent"]);
@@ -343,6 +348,7 @@ async fn cancellation_reaches_the_data_plane() {
 /// The data plane is down: the job waits in the queue and runs once it is
 /// back; the synchronous calls get 503 `data_plane_unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn a_job_survives_an_unavailable_data_plane() {
     let state = tempfile::Builder::new()
         .prefix("cp-dpdown-")
@@ -393,6 +399,7 @@ async fn a_job_survives_an_unavailable_data_plane() {
 
 /// Two control planes on one PostgreSQL queue: every job runs exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
 async fn replicas_share_the_postgres_queue() {
     let state = tempfile::Builder::new()
         .prefix("cp-replicas-")
@@ -447,6 +454,7 @@ async fn replicas_share_the_postgres_queue() {
 /// kill -9 of the control plane while a job runs; after a restart the job
 /// ends exactly once, with its result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
 async fn a_killed_control_plane_finishes_the_job_once() {
     for driver in DRIVERS {
         let state = tempfile::Builder::new()
@@ -510,6 +518,7 @@ async fn a_killed_control_plane_finishes_the_job_once() {
 /// A job whose worker was lost as many times as it may be dispatched fails
 /// with a reason instead of running again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn a_job_out_of_attempts_fails_with_a_reason() {
     let state = tempfile::Builder::new()
         .prefix("cp-attempts-")
@@ -600,4 +609,156 @@ impl Drop for CpProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Issue 15, section 5: one tenant flooding the queue neither fills it for
+/// everyone (its queued jobs are capped: 429 `tenant_quota_exceeded`) nor
+/// starves another tenant: with two workers and one tenant at its running
+/// cap, the other tenant's `1+1` is claimed ahead of the flood's older
+/// queued jobs and finishes while they still wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
+async fn one_tenant_cannot_starve_the_others() {
+    for driver in DRIVERS {
+        let s = stack(
+            driver,
+            &[
+                "--job-workers",
+                "2",
+                "--job-tenant-max-running",
+                "1",
+                "--job-tenant-max-queued",
+                "3",
+            ],
+        )
+        .await;
+        let flood = token("mallory", &["agent"]);
+        let victim = token("acme", &["agent"]);
+        let submit = |t: String, code: &'static str| {
+            let url = s.cp.url.clone();
+            async move {
+                call_at(
+                    &url,
+                    "POST",
+                    "/v1/jobs",
+                    Some(&t),
+                    Some(json!({"code": code})),
+                )
+                .await
+            }
+        };
+        let (status, first) = submit(flood.clone(), "import time\ntime.sleep(4)").await;
+        assert_eq!(status, 202, "{first}");
+        let first = first["jobId"].as_str().unwrap().to_owned();
+        wait_running(&s.cp.url, &flood, &first).await;
+        let mut queued = Vec::new();
+        for _ in 0..3 {
+            let (status, job) = submit(flood.clone(), "import time\ntime.sleep(4)").await;
+            assert_eq!(status, 202, "{driver:?}: {job}");
+            queued.push(job["jobId"].as_str().unwrap().to_owned());
+        }
+        let (status, e) = submit(flood.clone(), "1").await;
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (429, Some("tenant_quota_exceeded")),
+            "{driver:?}: {e}"
+        );
+        let (status, job) = submit(victim.clone(), "1+1").await;
+        assert_eq!(status, 202, "{job}");
+        let done = wait_job(&s.cp.url, &victim, job["jobId"].as_str().unwrap(), 60).await;
+        assert_eq!(done["status"], "succeeded", "{driver:?}: {done}");
+        assert_eq!(done["output"]["result"], 2);
+        // Structural: the flood's queued jobs had not even started.
+        for id in &queued {
+            let (_, j) = call_at(
+                &s.cp.url,
+                "GET",
+                &format!("/v1/jobs/{id}"),
+                Some(&flood),
+                None,
+            )
+            .await;
+            assert_eq!(j["status"], "queued", "{driver:?}: {j}");
+        }
+        s.stop().await;
+    }
+}
+
+/// Issue 15, section 6: one tenant's long polls are capped (429
+/// `tenant_quota_exceeded`), a plain read and other tenants are not, and a
+/// slot is freed when its poll ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn long_polls_are_capped_per_tenant() {
+    let s = stack(DatabaseDriver::Sqlite, &["--tenant-max-waiters", "2"]).await;
+    let t = token("mallory", &["agent"]);
+    let (status, job) = s
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(&t),
+            Some(json!({"code": "import time\ntime.sleep(30)"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["jobId"].as_str().unwrap().to_owned();
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, t, id) = (s.cp.url.clone(), t.clone(), id.clone());
+            tokio::spawn(async move {
+                call_at(
+                    &url,
+                    "GET",
+                    &format!("/v1/jobs/{id}?waitMs=60000"),
+                    Some(&t),
+                    None,
+                )
+                .await
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.app.waiters.open("mallory") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the polls never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, e) = s
+        .call("GET", &format!("/v1/jobs/{id}?waitMs=1000"), Some(&t), None)
+        .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (429, Some("tenant_quota_exceeded")),
+        "{e}"
+    );
+    let (status, _) = s
+        .call("GET", &format!("/v1/jobs/{id}"), Some(&t), None)
+        .await;
+    assert_eq!(status, 200);
+    let other = token("acme", &["agent"]);
+    let (status, e) = s
+        .call(
+            "GET",
+            &format!("/v1/jobs/{id}?waitMs=100"),
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (404, Some("job_not_found")),
+        "{e}"
+    );
+    let (status, _) = s
+        .call("POST", &format!("/v1/jobs/{id}/cancel"), Some(&t), None)
+        .await;
+    assert!(status < 300, "{status}");
+    for p in polls {
+        let (status, _) = p.await.unwrap();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(s.app.waiters.open("mallory"), 0);
+    s.stop().await;
 }

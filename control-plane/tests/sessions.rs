@@ -1,5 +1,6 @@
 //! Sessions through the control plane: create, steps that keep state (sync
-//! and SSE), the step history, files, tenancy, deletion, audit.
+//! and SSE), the step history, files, tenancy, deletion, audit. Integration
+//! tier: every test here runs real sandboxes (`make test-integration`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -8,6 +9,7 @@ use common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root, and PostgreSQL on 127.0.0.1:5432 (make deps; make test-integration)"]
 async fn a_session_keeps_state_across_steps() {
     for driver in DRIVERS {
         let s = stack(driver, &[]).await;
@@ -169,6 +171,7 @@ async fn a_session_keeps_state_across_steps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn bad_session_input_gets_coded_errors() {
     let s = stack(control_plane::config::DatabaseDriver::Sqlite, &[]).await;
     let t = token("acme", &["agent"]);
@@ -198,5 +201,56 @@ async fn bad_session_input_gets_coded_errors() {
         0,
         "nothing half-made"
     );
+    s.stop().await;
+}
+
+/// Issue 15, section 6: one tenant's open event streams are capped (429
+/// `tenant_quota_exceeded`), and the slot is freed when the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn event_streams_are_capped_per_tenant() {
+    let s = stack(
+        control_plane::config::DatabaseDriver::Sqlite,
+        &["--tenant-max-waiters", "1"],
+    )
+    .await;
+    let t = token("acme", &["agent"]);
+    let (status, session) = s
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&t),
+            Some(json!({"ttlSeconds": 300})),
+        )
+        .await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["sessionId"].as_str().unwrap().to_owned();
+    let stream = |code: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/sessions/{id}/steps", s.cp.url))
+            .bearer_auth(&t)
+            .header("accept", "text/event-stream")
+            .json(&json!({"code": code}))
+            .send()
+    };
+    let first = stream("import time\nprint('a', flush=True)\ntime.sleep(2)\n1")
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(s.app.waiters.open("acme"), 1);
+    let second = stream("2").await.unwrap();
+    assert_eq!(second.status(), 429);
+    let e: serde_json::Value = second.json().await.unwrap();
+    assert_eq!(e["code"], "tenant_quota_exceeded", "{e}");
+    let text = first.text().await.unwrap();
+    assert!(text.contains("event: result"), "{text}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.app.waiters.open("acme") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     s.stop().await;
 }

@@ -13,6 +13,7 @@ use axum::{
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use shared::ErrorCode;
 use shared::dataplane::ServiceClaims;
+use shared::ids::TenantId;
 use shared::server::ApiError;
 
 /// Clock skew accepted on `exp`/`nbf`, seconds.
@@ -24,7 +25,8 @@ pub const BYPASS_TENANT_HEADER: &str = "x-tenant-id";
 /// Who is calling, attached to every authenticated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub tenant: String,
+    /// Validated: it names directories and storage keys.
+    pub tenant: TenantId,
     pub subject: String,
     /// Authorization was bypassed (development only).
     pub bypass: bool,
@@ -71,15 +73,16 @@ impl Authenticator {
                 )
             })?;
         let claims = data.claims;
-        // The tenant names directories and keys: only a plain id will do.
-        shared::agent::validate_id("tenant", &claims.tenant).map_err(|m| {
+        // The tenant names directories and keys: only a plain identifier will
+        // do (never `-`, `.`, `..` or anything path-like).
+        let tenant = TenantId::parse(claims.tenant).map_err(|m| {
             ApiError::new(
                 ErrorCode::Unauthorized,
                 format!("the service credential's tenant is malformed: {m}"),
             )
         })?;
         Ok(Caller {
-            tenant: claims.tenant,
+            tenant,
             subject: claims.sub,
             bypass: false,
         })
@@ -99,8 +102,10 @@ impl Authenticator {
 pub struct TokenArgs {
     #[arg(long)]
     pub tenant: String,
+    /// The data plane's `AUTH_JWT_SECRET`; unset outside production, the
+    /// development key in `.local/` that a data plane started alone uses.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
-    pub secret: String,
+    pub secret: Option<String>,
     #[arg(long, env = "AUTH_ISSUER", default_value = "control-plane")]
     pub issuer: String,
     #[arg(long, env = "AUTH_AUDIENCE", default_value = "data-plane")]
@@ -120,7 +125,16 @@ pub fn mint_dev_token(args: &TokenArgs) -> Result<String, String> {
                 .into(),
         );
     }
-    shared::agent::validate_id("tenant", &args.tenant)?;
+    shared::ids::check_tenant(&args.tenant).map_err(|e| e.0)?;
+    let mut secret = args.secret.clone();
+    shared::env::dev_key_fallback(
+        &mut secret,
+        &args.environment,
+        "AUTH_JWT_SECRET",
+        std::path::Path::new(shared::env::DEV_KEY_DIR),
+        shared::env::dev_keys::SERVICE,
+    )?;
+    let secret = secret.ok_or("AUTH_JWT_SECRET is required")?;
     let now = jsonwebtoken::get_current_timestamp();
     let claims = ServiceClaims {
         iss: args.issuer.clone(),
@@ -134,7 +148,7 @@ pub fn mint_dev_token(args: &TokenArgs) -> Result<String, String> {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(args.secret.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| e.to_string())
 }
@@ -150,9 +164,8 @@ pub async fn require_credential(
             .headers()
             .get(BYPASS_TENANT_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|t| shared::agent::validate_id("tenant", t).is_ok())
-            .unwrap_or("dev")
-            .to_owned();
+            .and_then(|t| TenantId::parse(t).ok())
+            .unwrap_or_else(|| TenantId::parse("dev").expect("a valid literal tenant"));
         // Decision 9: every bypassed call leaves an audit record.
         tracing::warn!(target: "audit", bypass = true, tenant = %tenant, method = %req.method(),
             path = %req.uri().path(), "authorization bypassed (AUTHZ_BYPASS=true)");
@@ -227,7 +240,7 @@ mod tests {
     fn dev_tokens_verify_and_are_refused_in_production() {
         let mut args = TokenArgs {
             tenant: "acme".into(),
-            secret: SECRET.into(),
+            secret: Some(SECRET.into()),
             issuer: "control-plane".into(),
             audience: "data-plane".into(),
             ttl: 60,
@@ -280,6 +293,14 @@ mod tests {
             tenant: "../other".into(),
             ..claims()
         };
+        let dash = ServiceClaims {
+            tenant: "-".into(),
+            ..claims()
+        };
+        let upper = ServiceClaims {
+            tenant: "Other".into(),
+            ..claims()
+        };
         for (why, token) in [
             ("expired", sign(&expired, SECRET, Algorithm::HS256)),
             ("not yet valid", sign(&early, SECRET, Algorithm::HS256)),
@@ -289,6 +310,11 @@ mod tests {
             (
                 "tenant with a path",
                 sign(&traversal, SECRET, Algorithm::HS256),
+            ),
+            ("tenant '-'", sign(&dash, SECRET, Algorithm::HS256)),
+            (
+                "tenant not an identifier",
+                sign(&upper, SECRET, Algorithm::HS256),
             ),
             (
                 "wrong secret",

@@ -80,8 +80,9 @@ pub struct Config {
         default_value = "http://127.0.0.1:9000"
     )]
     pub agent_endpoint: String,
-    /// The agent's admin credential: with it, recovery destroys sandboxes
-    /// that no session record owns.
+    /// The agent's admin credential, the data plane's own: the agent creates
+    /// sessions only with it (unless it runs with SESSION_AGENT_AUTH_BYPASS),
+    /// and recovery destroys sandboxes that no session record owns.
     #[arg(long, env = "SESSION_AGENT_ADMIN_TOKEN", hide_env_values = true)]
     pub agent_admin_token: Option<String>,
     #[arg(
@@ -138,6 +139,9 @@ pub struct Config {
     /// Concurrent sessions per tenant; more -> 429.
     #[arg(long, env = "TENANT_MAX_SESSIONS", default_value_t = 20)]
     pub tenant_max_sessions: usize,
+    /// Concurrent file and artifact transfers per tenant; more -> 429.
+    #[arg(long, env = "TENANT_MAX_TRANSFERS", default_value_t = 4)]
+    pub tenant_max_transfers: usize,
     #[arg(long, env = "ARTIFACT_STORE", value_enum, default_value = "fs")]
     pub artifact_store: ArtifactBackend,
     /// Root of the `fs` artifact store.
@@ -192,6 +196,19 @@ pub struct Config {
     /// Largest request body, bytes (-> 413 above).
     #[arg(long, env = "DATA_PLANE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Finished jobs' outcomes kept per tenant for replays (results and
+    /// cancel markers); a tenant's flood evicts only its own.
+    #[arg(long, env = "JOB_KEEP_PER_TENANT", default_value_t = 10_000)]
+    pub job_keep_per_tenant: usize,
+    /// Bytes of job output kept per tenant for replays.
+    #[arg(long, env = "JOB_KEEP_TENANT_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub job_keep_tenant_bytes: u64,
+    /// Bytes of job output kept for all tenants together.
+    #[arg(long, env = "JOB_KEEP_TOTAL_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub job_keep_total_bytes: u64,
+    /// How long a finished job's outcome is kept (in memory and saved).
+    #[arg(long, env = "JOB_RESULT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub job_result_ttl: Duration,
 }
 
 /// `60s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
@@ -221,10 +238,11 @@ impl Config {
         use crate::workspace::blobs::Blobs;
         match self.artifact_store {
             ArtifactBackend::Fs => {
-                for d in ["objects", "meta", "keys"] {
-                    std::fs::create_dir_all(self.artifact_root.join(d)).map_err(|e| {
-                        format!("ARTIFACT_ROOT {}: {e}", self.artifact_root.display())
-                    })?;
+                // Private: 0700 directories (the objects in them are 0600).
+                for d in ["", "objects", "meta", "keys"] {
+                    crate::workspace::blobs::private_dir_all(&self.artifact_root.join(d)).map_err(
+                        |e| format!("ARTIFACT_ROOT {}: {e}", self.artifact_root.display()),
+                    )?;
                 }
                 Ok(Blobs::Fs {
                     root: self.artifact_root.clone(),
@@ -280,7 +298,8 @@ impl Config {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    crate::workspace::blobs::private_dir_all(dir)
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
                 }
                 let key = SecretKey::generate();
                 let opened = std::fs::OpenOptions::new()
@@ -304,6 +323,30 @@ impl Config {
             }
             Err(e) => Err(format!("ARTIFACT_KEK_FILE {}: {e}", path.display())),
         }
+    }
+
+    /// Outside production, fills an unset service-credential secret and
+    /// agent credential with the development keys in `.local/` (the ones
+    /// `make run-local` uses), so the seed's "run locally" commands give a
+    /// working stack. Production is untouched and `validate` refuses it.
+    pub fn use_dev_keys(&mut self) -> Result<(), String> {
+        let dir = std::path::Path::new(shared::env::DEV_KEY_DIR);
+        if !self.authz_bypass {
+            shared::env::dev_key_fallback(
+                &mut self.jwt_secret,
+                &self.environment,
+                "AUTH_JWT_SECRET",
+                dir,
+                shared::env::dev_keys::SERVICE,
+            )?;
+        }
+        shared::env::dev_key_fallback(
+            &mut self.agent_admin_token,
+            &self.environment,
+            "SESSION_AGENT_ADMIN_TOKEN",
+            dir,
+            shared::env::dev_keys::AGENT_ADMIN,
+        )
     }
 
     /// Refuses unsafe or unavailable settings, naming the variable.
@@ -361,11 +404,30 @@ impl Config {
         } else if shared::env::is_production(&self.environment) {
             return Err("ARTIFACT_KEK is required when ENV=production".into());
         }
+        // A production agent creates sessions only for this credential (its
+        // bypass is refused there): fail at start, naming it, not per request.
+        if shared::env::is_production(&self.environment)
+            && self.agent_admin_token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err("SESSION_AGENT_ADMIN_TOKEN is required when ENV=production: the session agent creates sessions only for its holder".into());
+        }
         if !self.agent_prefer {
             return Err("SESSION_AGENT_PREFER=false: this data plane executes only through the session agent".into());
         }
         if self.tenant_max_sessions == 0 {
             return Err("TENANT_MAX_SESSIONS must be at least 1".into());
+        }
+        if self.job_keep_per_tenant == 0 {
+            return Err("JOB_KEEP_PER_TENANT must be at least 1".into());
+        }
+        if self.job_keep_tenant_bytes > self.job_keep_total_bytes {
+            return Err("JOB_KEEP_TENANT_BYTES must not exceed JOB_KEEP_TOTAL_BYTES".into());
+        }
+        if self.job_result_ttl.is_zero() {
+            return Err("JOB_RESULT_TTL must be positive".into());
+        }
+        if self.tenant_max_transfers == 0 {
+            return Err("TENANT_MAX_TRANSFERS must be at least 1".into());
         }
         Ok(())
     }
@@ -423,6 +485,25 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.contains("SESSION_AGENT_AUTH_MODE"), "{e}");
+    }
+
+    #[test]
+    fn the_agent_credential_is_required_in_production() {
+        let kek = "ab".repeat(32);
+        let prod = [
+            "--env",
+            "production",
+            "--jwt-secret",
+            SECRET,
+            "--artifact-kek",
+            &kek,
+        ];
+        let e = parse(&prod).validate().unwrap_err();
+        assert!(e.contains("SESSION_AGENT_ADMIN_TOKEN"), "{e}");
+        let admin = "a".repeat(43);
+        let mut with = prod.to_vec();
+        with.extend(["--agent-admin-token", &admin]);
+        assert!(parse(&with).validate().is_ok());
     }
 
     #[test]

@@ -9,10 +9,10 @@ pub mod auth;
 pub mod config;
 pub mod dependencies;
 pub mod execution;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod sessions;
-pub mod telemetry;
 pub mod workspace;
 
 use std::sync::Arc;
@@ -27,7 +27,7 @@ pub use config::Config;
 use crate::auth::Authenticator;
 use crate::execution::JobService;
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
-use crate::sessions::{SessionService, SessionServiceParts, SessionSettings};
+use crate::sessions::{SessionRouter, SessionRouterParts, SessionSettings};
 use crate::workspace::artifacts::ArtifactStore;
 
 /// Binds `DATA_PLANE_ADDR` and serves until `shutdown`.
@@ -60,9 +60,11 @@ pub async fn serve(
         .build()
         .context("building the agent client")?;
     let backend = RuntimeBackend::Local {
-        agent: shared::client::AgentClient::with_http(&config.agent_endpoint, http),
+        // The agent creates sessions only for the holder of this credential.
+        agent: shared::client::AgentClient::with_http(&config.agent_endpoint, http)
+            .with_admin_token(config.agent_admin_token.clone()),
     };
-    let metrics = telemetry::Metrics::new();
+    let metrics = metrics::Metrics::new();
     let kek = config.load_kek().map_err(anyhow::Error::msg)?;
     let store = match config.registry {
         config::RegistryKind::Memory => registry::SessionRegistry::Memory,
@@ -79,7 +81,7 @@ pub async fn serve(
         kek.clone(),
         config.artifact_max_bytes,
     );
-    let sessions = Arc::new(SessionService::new(SessionServiceParts {
+    let sessions = Arc::new(SessionRouter::new(SessionRouterParts {
         registry,
         backend,
         artifacts,
@@ -89,6 +91,7 @@ pub async fn serve(
             ready_timeout: config.ready_timeout,
             agent_timeout: config.agent_timeout,
             tenant_max_sessions: config.tenant_max_sessions,
+            tenant_max_transfers: config.tenant_max_transfers,
         },
         metrics: metrics.clone(),
         store,
@@ -104,6 +107,21 @@ pub async fn serve(
         .recover()
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
+    // Expired sessions are swept: records removed, artifacts shredded.
+    let sweep_stop = shutdown.child_token();
+    let sweeper = {
+        let (sessions, stop) = (sessions.clone(), sweep_stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(sessions::SWEEP_INTERVAL) => {
+                        sessions.sweep_expired().await;
+                    }
+                }
+            }
+        })
+    };
     let auth = Authenticator::new(
         if config.authz_bypass {
             None
@@ -113,14 +131,25 @@ pub async fn serve(
         &config.issuer,
         &config.audience,
     );
-    let jobs = Arc::new(JobService::new(sessions.clone()));
+    let jobs = Arc::new(JobService::new(
+        sessions.clone(),
+        execution::KeepLimits {
+            per_tenant: config.job_keep_per_tenant,
+            tenant_bytes: config.job_keep_tenant_bytes,
+            total_bytes: config.job_keep_total_bytes,
+            lifetime: config.job_result_ttl,
+        },
+    ));
     let router = api::router(
         api::AppState { sessions, jobs },
         auth,
         config.max_body_bytes,
     );
     tracing::info!(addr = %listener.local_addr()?, agent = %config.agent_endpoint, "data-plane listening");
-    shared::server::serve(listener, router, shutdown).await?;
+    let served = shared::server::serve(listener, router, shutdown).await;
+    sweep_stop.cancel();
+    let _ = sweeper.await;
+    served?;
     tracing::info!("data-plane stopped");
     Ok(())
 }

@@ -8,20 +8,25 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("token") {
         let args = data_plane::auth::TokenArgs::parse_from(std::env::args().skip(1));
-        println!(
-            "{}",
-            data_plane::auth::mint_dev_token(&args).map_err(anyhow::Error::msg)?
-        );
+        match data_plane::auth::mint_dev_token(&args) {
+            Ok(token) => println!("{token}"),
+            Err(e) => shared::env::exit_on_config_error("data-plane token", e),
+        }
         return Ok(());
     }
-    let config = data_plane::Config::parse();
+    let mut config = data_plane::Config::parse();
     shared::telemetry::init_tracing();
-    config.validate().map_err(anyhow::Error::msg)?;
+    if let Err(e) = config.use_dev_keys() {
+        shared::env::exit_on_config_error("data-plane", e);
+    }
+    if let Err(e) = config.validate() {
+        shared::env::exit_on_config_error("data-plane", e);
+    }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         shared::server::shutdown_signal().await;
         trigger.cancel();
     });
-    data_plane::run(config, shutdown).await
+    shared::env::exit_on_run_error("data-plane", data_plane::run(config, shutdown).await)
 }

@@ -9,27 +9,32 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use shared::ErrorCode;
-use shared::agent::{CreateSessionRequest, EffectiveLimits, StepRequest, StepResult, validate_id};
-use shared::client::{AgentClient, ClientError, PathContent, StepEvent};
+use shared::agent::{CreateSessionRequest, EffectiveLimits, FileList, StepRequest, StepResult};
+use shared::client::{AgentClient, ClientError, PathStream, StepEvent};
 use shared::dataplane::{CreateSession, RunStep, SessionView};
+use shared::ids::{StepId, TenantId};
 use shared::server::ApiError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Caller;
 use crate::config::AgentAuthMode;
 use crate::dependencies::Dependencies;
+use crate::metrics::{Metrics, StartLabels, StepLabels};
 use crate::registry::{SessionRegistry, StoredSession};
 use crate::runtime::{RuntimeBackend, RuntimeRegistry};
-use crate::telemetry::{Metrics, StartLabels, StepLabels};
 use crate::workspace::artifacts::{ArtifactError, ArtifactStore};
 use crate::workspace::crypto::{CryptoError, SecretKey};
+
+/// How often expired sessions are swept (their artifacts shredded).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Time allowed beyond a step's own timeout (interrupt grace, restart).
 const STEP_MARGIN: Duration = Duration::from_millis(shared::dataplane::STEP_MARGIN_MS);
 
 struct SessionRecord {
-    tenant: String,
+    tenant: TenantId,
     runtime: String,
     /// The agent token; never logged, never returned.
     token: Option<String>,
@@ -42,16 +47,23 @@ struct SessionRecord {
     lost: bool,
 }
 
+/// The associated data a session's agent token is sealed under: the tenant
+/// and the session, so a stored record moved to another tenant (or another
+/// id) does not open.
+fn token_aad(tenant: &str, session_id: &str) -> String {
+    format!("session:{tenant}/{session_id}")
+}
+
 impl SessionRecord {
     fn stored(&self, id: &str, kek: &SecretKey) -> StoredSession {
         StoredSession {
             session_id: id.to_owned(),
-            tenant: self.tenant.clone(),
+            tenant: self.tenant.to_string(),
             runtime: self.runtime.clone(),
             sealed_token: self
                 .token
                 .as_deref()
-                .map(|t| kek.seal_secret(t, &format!("session:{id}"))),
+                .map(|t| kek.seal_secret(t, &token_aad(&self.tenant, id))),
             limits: self.limits,
             isolation: self.isolation.clone(),
             warm: self.warm,
@@ -64,7 +76,7 @@ impl SessionRecord {
     fn view(&self, id: &str) -> SessionView {
         SessionView {
             session_id: id.to_owned(),
-            tenant: self.tenant.clone(),
+            tenant: self.tenant.to_string(),
             runtime: self.runtime.clone(),
             limits: self.limits,
             isolation: self.isolation.clone(),
@@ -85,10 +97,65 @@ pub struct SessionSettings {
     pub ready_timeout: Duration,
     pub agent_timeout: Duration,
     pub tenant_max_sessions: usize,
+    /// Concurrent file and artifact transfers per tenant.
+    pub tenant_max_transfers: usize,
 }
 
-/// Everything a [`SessionService`] is built from.
-pub struct SessionServiceParts {
+/// What a workspace path read gives: a listing, or a file streamed from the
+/// agent (the tenant's transfer slot is held until the stream ends).
+pub enum PathRead {
+    Dir(FileList),
+    File {
+        size: Option<u64>,
+        body: futures::stream::BoxStream<'static, Result<Bytes, ClientError>>,
+    },
+}
+
+/// Per-tenant caps on concurrent transfers (file reads and writes, artifact
+/// uploads and downloads): one tenant cannot hold every connection and
+/// buffer of the data plane.
+struct Transfers {
+    max: usize,
+    per_tenant: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+}
+
+impl Transfers {
+    fn semaphore(&self, tenant: &TenantId) -> Arc<Semaphore> {
+        let mut map = self
+            .per_tenant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Idle tenants are forgotten (no permit out: nothing refers to them).
+        let max = self.max;
+        map.retain(|_, s| s.available_permits() < max || Arc::strong_count(s) > 1);
+        map.entry(tenant.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(max)))
+            .clone()
+    }
+
+    /// A slot now, or 429.
+    fn acquire(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, ApiError> {
+        let max = self.max;
+        self.semaphore(tenant).try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                ErrorCode::TenantQuotaExceeded,
+                format!("tenant {tenant} has its maximum of {max} concurrent transfers; retry when one ends"),
+            )
+        })
+    }
+
+    /// A slot, waiting for one (the data plane's own transfers, such as
+    /// collecting a job's output, queue instead of failing).
+    async fn acquire_wait(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.semaphore(tenant)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "transfers are closed"))
+    }
+}
+
+/// Everything a [`SessionRouter`] is built from.
+pub struct SessionRouterParts {
     pub registry: RuntimeRegistry,
     pub backend: RuntimeBackend,
     pub artifacts: ArtifactStore,
@@ -100,7 +167,7 @@ pub struct SessionServiceParts {
 }
 
 /// Sessions of every tenant on this data plane.
-pub struct SessionService {
+pub struct SessionRouter {
     metrics: Arc<Metrics>,
     store: SessionRegistry,
     kek: SecretKey,
@@ -110,6 +177,7 @@ pub struct SessionService {
     backend: RuntimeBackend,
     settings: SessionSettings,
     records: Mutex<HashMap<String, SessionRecord>>,
+    transfers: Transfers,
 }
 
 /// What a session-scoped call needs from its record.
@@ -141,9 +209,10 @@ fn agent_error(e: ClientError) -> ApiError {
             ErrorCode::SandboxUnavailable,
             format!("the session agent answered outside its contract ({status}): {detail}"),
         ),
+        // Without the agent's address: internal addresses never reach a caller.
         ClientError::Transport(e) => ApiError::new(
             ErrorCode::SandboxUnavailable,
-            format!("the session agent is unreachable: {e}"),
+            format!("the session agent is unreachable: {}", e.without_url()),
         ),
     }
 }
@@ -154,6 +223,11 @@ pub fn artifact_error(e: ArtifactError) -> ApiError {
         ArtifactError::NotFound | ArtifactError::Crypto(CryptoError::KeyDestroyed) => {
             ApiError::new(ErrorCode::ArtifactNotFound, "no such artifact")
         }
+        // A key the backend refused (outside the id alphabet): as missing.
+        ArtifactError::Io(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            ApiError::new(ErrorCode::ArtifactNotFound, "no such artifact")
+        }
+        ArtifactError::BadName(m) => ApiError::new(ErrorCode::InvalidArgument, m),
         ArtifactError::TooLarge(max) => ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!("the artifact is larger than {max} bytes"),
@@ -163,8 +237,10 @@ pub fn artifact_error(e: ArtifactError) -> ApiError {
             ErrorCode::InvalidArgument,
             format!("the upload broke off: {m}"),
         ),
+        // The detail (an S3 endpoint, a path) is logged, never returned.
         ArtifactError::Io(e) => {
-            ApiError::new(ErrorCode::Internal, format!("artifact storage failed: {e}"))
+            tracing::warn!(error = %e, "artifact storage failed");
+            ApiError::new(ErrorCode::Internal, "artifact storage failed")
         }
     }
 }
@@ -186,9 +262,9 @@ async fn bounded<T>(
     }
 }
 
-impl SessionService {
-    pub fn new(parts: SessionServiceParts) -> Self {
-        let SessionServiceParts {
+impl SessionRouter {
+    pub fn new(parts: SessionRouterParts) -> Self {
+        let SessionRouterParts {
             registry,
             backend,
             artifacts,
@@ -198,7 +274,7 @@ impl SessionService {
             kek,
             dependencies,
         } = parts;
-        SessionService {
+        SessionRouter {
             metrics,
             store,
             kek,
@@ -206,9 +282,19 @@ impl SessionService {
             registry,
             artifacts,
             backend,
+            transfers: Transfers {
+                max: settings.tenant_max_transfers.max(1),
+                per_tenant: Mutex::new(HashMap::new()),
+            },
             settings,
             records: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A transfer slot of the caller's tenant, held while bytes flow; 429
+    /// `tenant_quota_exceeded` when the tenant has all of its slots in use.
+    pub fn transfer(&self, caller: &Caller) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.transfers.acquire(&caller.tenant)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -233,6 +319,11 @@ impl SessionService {
         &self.artifacts
     }
 
+    /// The key-encryption key (jobs seal their saved results with it).
+    pub fn kek(&self) -> &SecretKey {
+        &self.kek
+    }
+
     pub fn registry(&self) -> &RuntimeRegistry {
         &self.registry
     }
@@ -249,16 +340,15 @@ impl SessionService {
 
     /// The record of `id` if it belongs to the caller's tenant and is alive.
     fn route(&self, caller: &Caller, id: &str) -> Result<Route, ApiError> {
-        let mut records = self.records();
+        let records = self.records();
         let not_found = || ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"));
         let rec = records.get(id).ok_or_else(not_found)?;
         if rec.tenant != caller.tenant {
             return Err(not_found());
         }
         if rec.expires_ms <= now_ms() {
-            // The agent ended it on its TTL; forget it here too (the stored
-            // record goes at the next restart's recovery).
-            records.remove(id);
+            // The agent ended it on its TTL; the sweep (or a DELETE) removes
+            // the record and shreds its artifacts.
             return Err(not_found());
         }
         if rec.lost {
@@ -288,7 +378,7 @@ impl SessionService {
         req: CreateSession,
     ) -> Result<SessionView, ApiError> {
         if let Some(t) = &req.tenant
-            && *t != caller.tenant
+            && t.as_str() != caller.tenant.as_str()
         {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
@@ -302,9 +392,11 @@ impl SessionService {
         if let Some(l) = &req.limits {
             self.registry.check_limits(&runtime, l)?;
         }
-        // Packages: allowlisted (each decision audited and counted), then
-        // installed outside the sandbox before it exists.
-        let packages_dir = match req.packages.as_deref() {
+        // Packages: allowlisted (each decision audited and counted; a long
+        // or repeated list refused before anything is read), then, once the
+        // tenant's quota holds a slot, installed outside the sandbox before
+        // it exists.
+        let packages = match req.packages.as_deref() {
             Some(pkgs) if !pkgs.is_empty() => {
                 let checked = self.dependencies.check(&caller.tenant, &runtime.name, pkgs);
                 let decision = if checked.is_ok() { "allow" } else { "deny" };
@@ -315,23 +407,20 @@ impl SessionService {
                         status: decision.into(),
                     })
                     .inc();
-                let checked = checked?;
-                let (deps, name) = (self.dependencies.clone(), runtime.name.clone());
-                let dir = tokio::task::spawn_blocking(move || deps.install(&name, &checked))
-                    .await
-                    .map_err(|_| ApiError::new(ErrorCode::Internal, "the install task failed"))??;
-                Some(dir.display().to_string())
+                Some(checked?)
             }
             _ => None,
         };
         let id = format!("ses-{}", hex_id());
+        // Expired sessions go first (their artifacts shredded), so they do
+        // not count against the quota.
+        self.sweep_expired().await;
         {
             let mut records = self.records();
             let now = now_ms();
-            records.retain(|_, r| r.expires_ms > now);
             let live = records
                 .values()
-                .filter(|r| r.tenant == caller.tenant)
+                .filter(|r| r.tenant == caller.tenant && r.expires_ms > now)
                 .count();
             if live >= self.settings.tenant_max_sessions {
                 return Err(ApiError::new(
@@ -358,6 +447,25 @@ impl SessionService {
                 },
             );
         }
+        // Installed only now, with the slot held: a tenant at its quota
+        // never gets as far as reading the index.
+        let packages_dir = match packages {
+            Some(checked) => {
+                let (deps, name) = (self.dependencies.clone(), runtime.name.clone());
+                let installed = tokio::task::spawn_blocking(move || deps.install(&name, &checked))
+                    .await
+                    .map_err(|_| ApiError::new(ErrorCode::Internal, "the install task failed"))
+                    .and_then(|r| r);
+                match installed {
+                    Ok(dir) => Some(dir.display().to_string()),
+                    Err(e) => {
+                        self.records().remove(&id);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let token = match self.settings.agent_auth {
             AgentAuthMode::Enforced => Some(new_token()),
             AgentAuthMode::Bypass => None,
@@ -385,6 +493,17 @@ impl SessionService {
                 // A create that timed out may still finish on the agent.
                 if e.code == ErrorCode::SandboxUnavailable {
                     self.forget_on_agent(&id, token);
+                }
+                // The agent refused the data plane's own credential: a
+                // deployment fault, not the caller's (whose credential was good).
+                if e.code == ErrorCode::Unauthorized {
+                    tracing::error!(
+                        "the session agent refused SESSION_AGENT_ADMIN_TOKEN; sessions cannot be created"
+                    );
+                    return Err(ApiError::new(
+                        ErrorCode::SandboxUnavailable,
+                        "the session agent refused the data plane's credential",
+                    ));
                 }
                 return Err(e);
             }
@@ -477,12 +596,21 @@ impl SessionService {
         let (mut kept, mut lost) = (0, 0);
         for st in stored {
             let id = st.session_id.clone();
-            if st.expires_ms <= now {
+            let (Ok(tenant), Ok(_)) = (
+                TenantId::parse(st.tenant.as_str()),
+                shared::ids::SessionId::parse(id.as_str()),
+            ) else {
+                tracing::warn!(session = %id, "stored session has a malformed tenant or id; dropping the record");
                 let _ = self.store.remove(&id).await;
+                continue;
+            };
+            if st.expires_ms <= now {
+                // Expired while the data plane was down: its artifacts go too.
+                self.shred_expired(&id, &tenant).await;
                 continue;
             }
             let token = match &st.sealed_token {
-                Some(sealed) => match self.kek.open_secret(sealed, &format!("session:{id}")) {
+                Some(sealed) => match self.kek.open_secret(sealed, &token_aad(&st.tenant, &id)) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         tracing::warn!(session = %id, error = %e, "stored session token does not open; dropping the record");
@@ -493,7 +621,7 @@ impl SessionService {
                 None => None,
             };
             let mut rec = SessionRecord {
-                tenant: st.tenant,
+                tenant,
                 runtime: st.runtime,
                 token,
                 limits: st.limits,
@@ -558,8 +686,60 @@ impl SessionService {
         out
     }
 
-    /// Ends a session: the agent destroys its sandbox and workspace.
+    /// Removes every expired session (record, stored record) and shreds
+    /// its artifacts; returns how many went. Run periodically and before a
+    /// create.
+    pub async fn sweep_expired(&self) -> usize {
+        let now = now_ms();
+        let expired: Vec<(String, TenantId)> = {
+            let mut records = self.records();
+            let ids: Vec<String> = records
+                .iter()
+                .filter(|(_, r)| r.expires_ms <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| records.remove(&id).map(|r| (id, r.tenant)))
+                .collect()
+        };
+        for (id, tenant) in &expired {
+            self.shred_expired(id, tenant).await;
+        }
+        expired.len()
+    }
+
+    /// An expired session's stored record and artifacts (keys first).
+    async fn shred_expired(&self, id: &str, tenant: &TenantId) {
+        if let Err(e) = self.store.remove(id).await {
+            tracing::warn!(session = %id, error = %e, "could not remove the stored session record");
+        }
+        match self.artifacts.delete_session(tenant, id).await {
+            Ok(n) => {
+                tracing::info!(target: "audit", session = %id, tenant = %tenant, artifacts = n, "session expired; its artifacts were shredded")
+            }
+            Err(e) => {
+                tracing::warn!(session = %id, tenant = %tenant, error = %e, "could not shred an expired session's artifacts")
+            }
+        }
+    }
+
+    /// Ends a session: the agent destroys its sandbox and workspace. An
+    /// expired session of the caller's is still deleted (its artifacts
+    /// shredded), not 404.
     pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
+        let expired = {
+            let records = self.records();
+            records
+                .get(id)
+                .is_some_and(|r| r.tenant == caller.tenant && r.expires_ms <= now_ms())
+        };
+        if expired {
+            let token = self.records().remove(id).and_then(|r| r.token);
+            self.forget_on_agent(id, token);
+            self.shred_expired(id, &caller.tenant).await;
+            tracing::info!(session = %id, tenant = %caller.tenant, "expired session deleted");
+            return Ok(());
+        }
         let route = match self.route(caller, id) {
             // A lost session can (only) be deleted: nothing to tear down.
             Err(e) if e.code == ErrorCode::SessionLost => None,
@@ -594,11 +774,11 @@ impl SessionService {
 
     fn step_request(id: &str, step: RunStep) -> Result<StepRequest, ApiError> {
         let step_id = step.step_id.unwrap_or_else(|| format!("step-{}", hex_id()));
-        validate_id("stepId", &step_id)
-            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+        let step_id =
+            StepId::parse(step_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m.0))?;
         Ok(StepRequest {
             session_id: id.to_owned(),
-            step_id,
+            step_id: step_id.into_string(),
             code: step.code,
             timeout_ms: step.timeout_ms,
             mode: step.mode,
@@ -655,18 +835,64 @@ impl SessionService {
         .await
     }
 
+    /// Reads a workspace path: a listing, or the file streamed from the
+    /// agent as it arrives (never held whole), in one of the tenant's
+    /// transfer slots.
     pub async fn read_path(
         &self,
         caller: &Caller,
         id: &str,
         path: &str,
-    ) -> Result<PathContent, ApiError> {
+    ) -> Result<PathRead, ApiError> {
+        self.open_path(caller, id, path, false).await
+    }
+
+    /// [`Self::read_path`] that waits for a transfer slot instead of 429
+    /// (job output collection).
+    pub async fn read_path_queued(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+    ) -> Result<PathRead, ApiError> {
+        self.open_path(caller, id, path, true).await
+    }
+
+    async fn open_path(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+        wait: bool,
+    ) -> Result<PathRead, ApiError> {
         let route = self.route(caller, id)?;
-        bounded(
+        // Bounded up to the response head; the body takes as long as it takes.
+        let opened = bounded(
             self.settings.agent_timeout,
-            route.agent.read_path(id, path, route.token.as_deref()),
+            route.agent.open_path(id, path, route.token.as_deref()),
         )
-        .await
+        .await?;
+        Ok(match opened {
+            PathStream::Dir(list) => PathRead::Dir(list),
+            // A refused file read drops the response unread.
+            PathStream::File(file) => {
+                let permit = if wait {
+                    self.transfers.acquire_wait(&caller.tenant).await?
+                } else {
+                    self.transfer(caller)?
+                };
+                PathRead::File {
+                    size: file.size,
+                    body: file
+                        .into_stream()
+                        .map(move |chunk| {
+                            let _slot = &permit;
+                            chunk
+                        })
+                        .boxed(),
+                }
+            }
+        })
     }
 
     pub async fn write_file(
@@ -677,6 +903,7 @@ impl SessionService {
         body: Bytes,
     ) -> Result<(), ApiError> {
         let route = self.route(caller, id)?;
+        let _slot = self.transfer(caller)?;
         bounded(
             self.settings.agent_timeout,
             route
@@ -723,4 +950,664 @@ fn hex_id() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod token_aad_tests {
+    use super::*;
+
+    /// Issue 15 §7: a stored session record moved to another tenant (its
+    /// `tenant` field rewritten at rest) must not yield the agent token.
+    #[test]
+    fn a_sealed_token_opens_only_for_its_tenant_and_session() {
+        let kek = SecretKey::generate();
+        let sealed = kek.seal_secret("agent-token", &token_aad("a", "ses-1"));
+        assert_eq!(
+            kek.open_secret(&sealed, &token_aad("a", "ses-1")).unwrap(),
+            "agent-token"
+        );
+        assert!(kek.open_secret(&sealed, &token_aad("b", "ses-1")).is_err());
+        assert!(kek.open_secret(&sealed, &token_aad("a", "ses-2")).is_err());
+        // The former associated data (no tenant) does not open it either.
+        assert!(kek.open_secret(&sealed, "session:ses-1").is_err());
+    }
+}
+
+/// An honest fake session agent for the unit tests of this module and of
+/// `execution`: the routes the data plane calls, with the agent's own checks
+/// (the admin credential to create, the session's token for everything
+/// else, coded errors) and a log of what it was asked. No sandbox runs: a
+/// step answers the code it was given as its result.
+#[cfg(test)]
+pub(crate) mod fake_agent {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::Path;
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::time::Duration;
+
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use clap::Parser;
+    use shared::ErrorCode;
+    use shared::agent::{
+        ADMIN_TOKEN_HEADER, CreateSessionRequest, FileEntry, FileList, Runtime,
+        SESSION_TOKEN_HEADER, SessionInfo, SessionList, StepRequest, StepResult, StepStatus,
+    };
+    use shared::client::AgentClient;
+    use shared::ids::TenantId;
+    use shared::server::ApiError;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{SessionRouter, SessionRouterParts, SessionSettings};
+    use crate::auth::Caller;
+    use crate::config::AgentAuthMode;
+    use crate::dependencies::Dependencies;
+    use crate::metrics::Metrics;
+    use crate::registry::SessionRegistry;
+    use crate::runtime::{RuntimeBackend, RuntimeRegistry};
+    use crate::workspace::artifacts::ArtifactStore;
+    use crate::workspace::crypto::SecretKey;
+
+    /// The agent's admin credential (the data plane's own).
+    pub const ADMIN: &str = "fake-agent-admin-credential-0123456789abcdef";
+
+    pub struct FakeSession {
+        /// The token the data plane generated for the session.
+        pub token: Option<String>,
+        pub info: SessionInfo,
+    }
+
+    #[derive(Default)]
+    pub struct FakeState {
+        pub sessions: HashMap<String, FakeSession>,
+        /// Sessions created (accepted creates).
+        pub creates: usize,
+        /// Steps run.
+        pub steps: usize,
+        pub deletes: usize,
+        /// Every request as `METHOD /path` (the path as sent, encoded).
+        pub log: Vec<String>,
+        /// Every token presented (`x-session-token`), for leak checks.
+        pub tokens_seen: Vec<String>,
+        /// Creates answer this error (the request still counts in `log`).
+        pub create_error: Option<ErrorCode>,
+        /// Steps answer this error instead of running.
+        pub step_error: Option<ErrorCode>,
+        /// Every session's workspace: path -> content (`output/a.txt`).
+        pub files: BTreeMap<String, Vec<u8>>,
+    }
+
+    type Shared = Arc<Mutex<FakeState>>;
+
+    pub struct FakeAgent {
+        pub url: String,
+        pub state: Shared,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakeAgent {
+        pub async fn start() -> FakeAgent {
+            let state: Shared = Arc::default();
+            let app = Router::new()
+                .route("/v1/health", get(|| async { "ok" }))
+                .route("/v1/sessions", post(create).get(list))
+                .route("/v1/sessions/{id}", get(info).delete(delete))
+                .route("/v1/sessions/{id}/files", get(files_root))
+                .route("/v1/sessions/{id}/files/{*path}", get(files))
+                .route("/v1/steps", post(step))
+                .layer(axum::middleware::from_fn_with_state(state.clone(), record))
+                .with_state(state.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let stop = CancellationToken::new();
+            let shutdown = stop.clone();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .unwrap();
+            });
+            FakeAgent {
+                url,
+                state,
+                stop,
+                task,
+            }
+        }
+
+        pub fn state(&self) -> MutexGuard<'_, FakeState> {
+            self.state.lock().unwrap()
+        }
+
+        /// Stops listening and closes every connection: the agent is down.
+        pub async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    async fn record(
+        State(state): State<Shared>,
+        req: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> Response {
+        {
+            let mut s = state.lock().unwrap();
+            s.log.push(format!("{} {}", req.method(), req.uri().path()));
+            if let Some(t) = req.headers().get(SESSION_TOKEN_HEADER) {
+                s.tokens_seen
+                    .push(t.to_str().unwrap_or_default().to_owned());
+            }
+        }
+        next.run(req).await
+    }
+
+    fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+        headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn is_admin(headers: &HeaderMap) -> bool {
+        header(headers, ADMIN_TOKEN_HEADER) == Some(ADMIN)
+    }
+
+    fn unauthorized() -> ApiError {
+        ApiError::new(ErrorCode::Unauthorized, "missing or wrong token")
+    }
+
+    /// The session, when the request carries its token (or the admin
+    /// credential, for lifecycle calls).
+    fn authorized<'a>(
+        s: &'a mut FakeState,
+        id: &str,
+        headers: &HeaderMap,
+        admin_ok: bool,
+    ) -> Result<&'a mut FakeSession, ApiError> {
+        let session = s
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}")))?;
+        let token_ok = session.token.as_deref().is_some()
+            && header(headers, SESSION_TOKEN_HEADER) == session.token.as_deref();
+        if token_ok || (admin_ok && is_admin(headers)) {
+            Ok(session)
+        } else {
+            Err(unauthorized())
+        }
+    }
+
+    async fn create(
+        State(state): State<Shared>,
+        headers: HeaderMap,
+        Json(req): Json<CreateSessionRequest>,
+    ) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
+        if !is_admin(&headers) {
+            return Err(unauthorized());
+        }
+        let token = req.token.clone().ok_or_else(unauthorized)?;
+        if header(&headers, SESSION_TOKEN_HEADER) != Some(token.as_str()) || token.len() < 43 {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, "bad token"));
+        }
+        let mut s = state.lock().unwrap();
+        if let Some(code) = s.create_error {
+            return Err(ApiError::new(code, "the fake agent refuses creates"));
+        }
+        if s.sessions.contains_key(&req.session_id) {
+            return Err(ApiError::new(ErrorCode::SessionExists, "exists"));
+        }
+        let now = super::now_ms();
+        let info = SessionInfo {
+            session_id: req.session_id.clone(),
+            runtime: Runtime::parse(&req.runtime).unwrap(),
+            isolation: "fake".into(),
+            limits: crate::runtime::DEFAULT_LIMITS,
+            created_at_ms: now,
+            expires_at_ms: now + req.ttl_seconds.unwrap_or(600) * 1000,
+            last_used_at_ms: now,
+            warm: false,
+            steps: 0,
+            restarts: 0,
+        };
+        s.creates += 1;
+        s.sessions.insert(
+            req.session_id,
+            FakeSession {
+                token: Some(token),
+                info: info.clone(),
+            },
+        );
+        Ok((StatusCode::CREATED, Json(info)))
+    }
+
+    async fn list(
+        State(state): State<Shared>,
+        headers: HeaderMap,
+    ) -> Result<Json<SessionList>, ApiError> {
+        if !is_admin(&headers) {
+            return Err(unauthorized());
+        }
+        let s = state.lock().unwrap();
+        let sessions = s.sessions.values().map(|f| f.info.clone()).collect();
+        Ok(Json(SessionList { sessions }))
+    }
+
+    async fn info(
+        State(state): State<Shared>,
+        UrlPath(id): UrlPath<String>,
+        headers: HeaderMap,
+    ) -> Result<Json<SessionInfo>, ApiError> {
+        let mut s = state.lock().unwrap();
+        Ok(Json(authorized(&mut s, &id, &headers, false)?.info.clone()))
+    }
+
+    async fn delete(
+        State(state): State<Shared>,
+        UrlPath(id): UrlPath<String>,
+        headers: HeaderMap,
+    ) -> Result<StatusCode, ApiError> {
+        let mut s = state.lock().unwrap();
+        authorized(&mut s, &id, &headers, true)?;
+        s.sessions.remove(&id);
+        s.deletes += 1;
+        Ok(StatusCode::NO_CONTENT)
+    }
+
+    async fn step(
+        State(state): State<Shared>,
+        headers: HeaderMap,
+        Json(req): Json<StepRequest>,
+    ) -> Result<Json<StepResult>, ApiError> {
+        let mut s = state.lock().unwrap();
+        authorized(&mut s, &req.session_id, &headers, false)?
+            .info
+            .steps += 1;
+        if let Some(code) = s.step_error {
+            return Err(ApiError::new(code, "the fake agent refuses steps"));
+        }
+        s.steps += 1;
+        Ok(Json(StepResult {
+            session_id: req.session_id,
+            step_id: req.step_id,
+            status: StepStatus::Ok,
+            stdout: format!("ran: {}\n", req.code),
+            stderr: String::new(),
+            result: Some(serde_json::Value::String(req.code)),
+            error: None,
+            duration_ms: 1,
+            truncated: false,
+            state_lost: false,
+        }))
+    }
+
+    async fn files_root(
+        state: State<Shared>,
+        UrlPath(id): UrlPath<String>,
+        headers: HeaderMap,
+    ) -> Result<Response, ApiError> {
+        files(state, UrlPath((id, String::new())), headers).await
+    }
+
+    /// A directory's entries (one level), or a file's bytes.
+    async fn files(
+        State(state): State<Shared>,
+        UrlPath((id, path)): UrlPath<(String, String)>,
+        headers: HeaderMap,
+    ) -> Result<Response, ApiError> {
+        let mut s = state.lock().unwrap();
+        authorized(&mut s, &id, &headers, false)?;
+        if let Some(bytes) = s.files.get(&path) {
+            return Ok((
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                bytes.clone(),
+            )
+                .into_response());
+        }
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        };
+        let mut entries: BTreeMap<String, FileEntry> = BTreeMap::new();
+        for (p, bytes) in &s.files {
+            let Some(rest) = p.strip_prefix(&prefix) else {
+                continue;
+            };
+            let (name, kind, size) = match rest.split_once('/') {
+                Some((dir, _)) => (dir, "dir", 0),
+                None => (rest, "file", bytes.len() as u64),
+            };
+            entries.insert(
+                name.to_owned(),
+                FileEntry {
+                    path: format!("{prefix}{name}"),
+                    kind: kind.into(),
+                    size,
+                    modified_ms: 0,
+                },
+            );
+        }
+        if entries.is_empty() && !path.is_empty() {
+            return Err(ApiError::new(ErrorCode::FileNotFound, format!("no {path}")));
+        }
+        Ok(Json(FileList {
+            files: entries.into_values().collect(),
+        })
+        .into_response())
+    }
+
+    pub fn caller(tenant: &str) -> Caller {
+        Caller {
+            tenant: TenantId::parse(tenant).unwrap(),
+            subject: "control-plane".into(),
+            bypass: false,
+        }
+    }
+
+    /// A session router in front of `agent_url` with the memory registry,
+    /// artifacts under `dir`, and `tenant_max_sessions`.
+    pub fn router(agent_url: &str, dir: &Path, tenant_max_sessions: usize) -> SessionRouter {
+        router_with(agent_url, dir, tenant_max_sessions, ADMIN)
+    }
+
+    pub fn router_with(
+        agent_url: &str,
+        dir: &Path,
+        tenant_max_sessions: usize,
+        admin: &str,
+    ) -> SessionRouter {
+        let config = crate::Config::parse_from(["data-plane", "--agent-endpoint", agent_url]);
+        let kek = SecretKey::generate();
+        SessionRouter::new(SessionRouterParts {
+            registry: RuntimeRegistry::load(&config).unwrap(),
+            backend: RuntimeBackend::Local {
+                agent: AgentClient::new(agent_url)
+                    .unwrap()
+                    .with_admin_token(Some(admin.to_owned())),
+            },
+            artifacts: ArtifactStore::new(dir.join("artifacts"), kek.clone(), 1 << 20).unwrap(),
+            settings: SessionSettings {
+                agent_auth: AgentAuthMode::Enforced,
+                agent_admin_token: Some(admin.to_owned()),
+                ready_timeout: Duration::from_secs(10),
+                agent_timeout: Duration::from_secs(10),
+                tenant_max_sessions,
+                tenant_max_transfers: 4,
+            },
+            metrics: Metrics::new(),
+            store: SessionRegistry::Memory,
+            kek,
+            dependencies: Dependencies::new(
+                Dependencies::load_allowlist(None).unwrap(),
+                None,
+                dir.join("cache"),
+            ),
+        })
+    }
+
+    /// A URL nobody listens on.
+    pub fn closed_url() -> String {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        url
+    }
+}
+
+/// `SessionRouter` in front of the fake agent: tenant scoping, the
+/// per-tenant quota, the agent's errors mapped to the contract.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::fake_agent::{self, FakeAgent, caller};
+    use super::*;
+
+    fn step(code: &str) -> RunStep {
+        RunStep {
+            step_id: None,
+            code: code.into(),
+            timeout_ms: None,
+            mode: None,
+            event: None,
+        }
+    }
+
+    fn python() -> CreateSession {
+        CreateSession {
+            tenant: None,
+            runtime: Some("python".into()),
+            ttl_seconds: None,
+            limits: None,
+            env: None,
+            packages: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn another_tenants_session_is_not_found_and_never_reaches_the_agent() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let router = fake_agent::router(&agent.url, dir.path(), 4);
+        let (acme, globex) = (caller("acme"), caller("globex"));
+        let view = router.create(&acme, python()).await.unwrap();
+        let id = view.session_id.clone();
+        assert_eq!(view.tenant, "acme");
+        let token = agent.state().sessions[&id].token.clone().unwrap();
+        assert!(
+            !serde_json::to_string(&view).unwrap().contains(&token),
+            "the agent token is never returned"
+        );
+        // The owner reaches the agent with the session's token.
+        let r = router.step(&acme, &id, step("1 + 1")).await.unwrap();
+        assert_eq!(r.result, Some(serde_json::json!("1 + 1")));
+        let before = agent.state().log.len();
+
+        let not_found = |e: ApiError| {
+            assert_eq!(e.code, ErrorCode::SessionNotFound, "{}", e.message);
+            assert_eq!(e.code.http_status(), 404);
+        };
+        not_found(router.get(&globex, &id).unwrap_err());
+        not_found(router.step(&globex, &id, step("x")).await.unwrap_err());
+        not_found(
+            router
+                .step_stream(&globex, &id, step("x"))
+                .await
+                .err()
+                .unwrap(),
+        );
+        not_found(router.read_path(&globex, &id, "").await.err().unwrap());
+        let body = Bytes::from_static(b"x");
+        not_found(
+            router
+                .write_file(&globex, &id, "a", body)
+                .await
+                .unwrap_err(),
+        );
+        not_found(router.delete_file(&globex, &id, "a").await.unwrap_err());
+        not_found(router.delete(&globex, &id).await.unwrap_err());
+        // Unknown ids look the same as another tenant's.
+        not_found(router.get(&acme, "ses-nope").unwrap_err());
+        assert!(router.list(&globex).is_empty());
+        assert_eq!(router.list(&acme).len(), 1);
+        assert_eq!(
+            agent.state().log.len(),
+            before,
+            "nothing reached the agent: {:?}",
+            &agent.state().log[before..]
+        );
+        assert!(agent.state().sessions.contains_key(&id), "still alive");
+
+        router.delete(&acme, &id).await.unwrap();
+        assert!(agent.state().sessions.is_empty());
+        not_found(router.get(&acme, &id).unwrap_err());
+        // The fake only ever saw the session's own token, never in a path.
+        let st = agent.state();
+        assert!(st.tokens_seen.iter().all(|t| *t == token));
+        assert!(!st.log.iter().any(|l| l.contains(&token)));
+    }
+
+    #[tokio::test]
+    async fn the_session_quota_is_per_tenant() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let router = fake_agent::router(&agent.url, dir.path(), 2);
+        let (acme, globex) = (caller("acme"), caller("globex"));
+        let a1 = router.create(&acme, python()).await.unwrap().session_id;
+        router.create(&acme, python()).await.unwrap();
+        let e = router.create(&acme, python()).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::CapacityExhausted, "{}", e.message);
+        assert_eq!(e.code.http_status(), 429);
+        assert_eq!(
+            agent.state().creates,
+            2,
+            "the refused create never reached the agent"
+        );
+        // Another tenant has its own quota.
+        router.create(&globex, python()).await.unwrap();
+        router.create(&globex, python()).await.unwrap();
+        assert_eq!(
+            router.create(&globex, python()).await.unwrap_err().code,
+            ErrorCode::CapacityExhausted
+        );
+        // A deleted session frees its slot.
+        router.delete(&acme, &a1).await.unwrap();
+        router.create(&acme, python()).await.unwrap();
+        assert_eq!(agent.state().creates, 5);
+        assert_eq!(router.count(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_agents_coded_errors_are_mapped() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let router = fake_agent::router(&agent.url, dir.path(), 2);
+        let acme = caller("acme");
+        let id = router.create(&acme, python()).await.unwrap().session_id;
+
+        // A step while another runs: the agent's 409 passes through.
+        agent.state().step_error = Some(ErrorCode::SessionBusy);
+        let e = router.step(&acme, &id, step("1")).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.code.http_status()),
+            (ErrorCode::SessionBusy, 409)
+        );
+
+        // The agent lost the session (TTL, restart): 404 session_not_found.
+        agent.state().step_error = None;
+        agent.state().sessions.remove(&id);
+        let e = router.step(&acme, &id, step("1")).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.code.http_status()),
+            (ErrorCode::SessionNotFound, 404)
+        );
+        // ... and a DELETE still removes the record.
+        router.delete(&acme, &id).await.unwrap();
+        assert!(router.list(&acme).is_empty());
+
+        // The agent at capacity: its 429 passes through, nothing is left
+        // half-done (the quota slot is released).
+        agent.state().create_error = Some(ErrorCode::CapacityExhausted);
+        for _ in 0..3 {
+            let e = router.create(&acme, python()).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::CapacityExhausted);
+        }
+        agent.state().create_error = None;
+        router.create(&acme, python()).await.unwrap();
+        router.create(&acme, python()).await.unwrap();
+
+        // Invalid input from the caller is refused before the agent.
+        let before = agent.state().log.len();
+        let e = router
+            .step(
+                &acme,
+                &router.list(&acme)[0].session_id,
+                RunStep {
+                    step_id: Some("../x".into()),
+                    ..step("1")
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        let mut other = python();
+        other.tenant = Some("globex".into());
+        assert_eq!(
+            router.create(&acme, other).await.unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+        assert_eq!(agent.state().log.len(), before);
+    }
+
+    #[tokio::test]
+    async fn an_agent_refusing_the_data_planes_credential_is_503_not_401() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = "w".repeat(43);
+        let router = fake_agent::router_with(&agent.url, dir.path(), 1, &wrong);
+        let acme = caller("acme");
+        let e = router.create(&acme, python()).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.code.http_status()),
+            (ErrorCode::SandboxUnavailable, 503),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains(&wrong));
+        // The refused create left no slot held.
+        assert!(router.list(&acme).is_empty());
+        assert_eq!(router.count(), 0);
+        assert_eq!(agent.state().creates, 0);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_is_down_is_503_without_its_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = fake_agent::closed_url();
+        let port = url.rsplit(':').next().unwrap().to_owned();
+        let no_address = |e: &ApiError| {
+            assert_eq!(
+                (e.code, e.code.http_status()),
+                (ErrorCode::SandboxUnavailable, 503),
+                "{}",
+                e.message
+            );
+            assert!(
+                !e.message.contains("127.0.0.1") && !e.message.contains(&port),
+                "the agent's address leaked: {}",
+                e.message
+            );
+        };
+        let router = fake_agent::router(&url, dir.path(), 1);
+        let acme = caller("acme");
+        no_address(&router.create(&acme, python()).await.unwrap_err());
+        // The failed create released its quota slot.
+        assert!(router.list(&acme).is_empty());
+        no_address(&router.agent_ready().await.unwrap_err());
+
+        // A session whose agent goes away: its steps and files are 503 too.
+        let agent = FakeAgent::start().await;
+        let router = fake_agent::router(&agent.url, dir.path(), 1);
+        let id = router.create(&acme, python()).await.unwrap().session_id;
+        let port = agent.url.rsplit(':').next().unwrap().to_owned();
+        agent.stop().await;
+        for e in [
+            router.step(&acme, &id, step("1")).await.unwrap_err(),
+            router.read_path(&acme, &id, "").await.err().unwrap(),
+            router.delete(&acme, &id).await.unwrap_err(),
+        ] {
+            assert_eq!(e.code, ErrorCode::SandboxUnavailable, "{}", e.message);
+            assert!(
+                !e.message.contains("127.0.0.1") && !e.message.contains(&port),
+                "{}",
+                e.message
+            );
+        }
+        // A delete that could not reach the agent keeps the record.
+        assert_eq!(router.list(&acme).len(), 1);
+    }
 }

@@ -173,6 +173,7 @@ async fn survives_restarts_and_marks_lost_sessions(
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn file_registry() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sessions").display().to_string();
@@ -186,6 +187,7 @@ async fn file_registry() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc, root and Redis on 127.0.0.1:6379 (make test-integration)"]
 async fn redis_registry() {
     let prefix = format!("dp-test-{}:", hex::encode(rand::random::<[u8; 6]>()));
     let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
@@ -211,6 +213,7 @@ async fn redis_registry() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn orphan_sandboxes_are_destroyed_at_recovery() {
     let state = tempfile::Builder::new()
         .prefix("dp-orph-")
@@ -240,7 +243,9 @@ async fn orphan_sandboxes_are_destroyed_at_recovery() {
     assert_eq!(st, 201, "{owned}");
     dp.stop().await;
     // A sandbox nobody's record owns (left by a data plane whose state was lost).
-    let client = shared::client::AgentClient::new(&agent.url).unwrap();
+    let client = shared::client::AgentClient::new(&agent.url)
+        .unwrap()
+        .with_admin_token(Some(admin.clone()));
     let orphan = shared::agent::CreateSessionRequest {
         session_id: "orphan".into(),
         runtime: "bash".into(),
@@ -281,6 +286,7 @@ async fn orphan_sandboxes_are_destroyed_at_recovery() {
 
 /// The data plane as a real process, killed with SIGKILL during a step.
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn kill_9_during_a_step_loses_no_registry_state() {
     #![allow(clippy::disallowed_methods)] // this test runs the data-plane binary
     let state = tempfile::Builder::new()
@@ -300,6 +306,7 @@ async fn kill_9_during_a_step_loses_no_registry_state() {
             .env("DATA_PLANE_ADDR", format!("127.0.0.1:{port}"))
             .env("AUTH_JWT_SECRET", common::SECRET)
             .env("SESSION_AGENT_ENDPOINT", &agent.url)
+            .env("SESSION_AGENT_ADMIN_TOKEN", common::AGENT_ADMIN)
             .env("SESSION_REGISTRY_BACKEND", "file")
             .env("SESSION_REGISTRY_PATH", &registry)
             .env("ARTIFACT_ROOT", state.path().join("artifacts"))

@@ -8,6 +8,7 @@ use clap::Parser;
 use shared::agent::EffectiveLimits;
 
 use crate::isolation::{IsolationKind, LauncherConfig};
+use crate::kernels::Interpreters;
 use crate::sessions::Settings;
 
 /// Session agent configuration.
@@ -15,6 +16,7 @@ use crate::sessions::Settings;
 #[command(
     name = "session-agent",
     version,
+    args_override_self = true,
     about = "Runs session steps in gVisor sandboxes"
 )]
 pub struct Config {
@@ -24,11 +26,13 @@ pub struct Config {
     /// Deployment environment; `production` refuses development-only flags.
     #[arg(long = "env", env = "ENV", default_value = "dev")]
     pub environment: String,
-    /// Skip session token checks (development only; refused in production).
+    /// Skip session token and creation credential checks (development only;
+    /// refused in production).
     #[arg(long, env = "SESSION_AGENT_AUTH_BYPASS", default_value_t = false, action = clap::ArgAction::Set)]
     pub auth_bypass: bool,
-    /// Admin credential (>= 43 characters): lists and deletes any session
-    /// (the data plane reaps orphans with it). Unset: no admin access.
+    /// The data plane's credential (>= 43 characters): creates sessions,
+    /// lists and deletes any (the data plane reaps orphans with it); never
+    /// runs code or reads files. Required unless SESSION_AGENT_AUTH_BYPASS.
     #[arg(long, env = "SESSION_AGENT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Sandbox technology: gvisor, bwrap or none (development only).
@@ -133,6 +137,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// Outside production and without `SESSION_AGENT_AUTH_BYPASS`, fills
+    /// an unset `SESSION_AGENT_ADMIN_TOKEN` with the development credential in
+    /// `.local/` (the one `make run-local` and a data plane started alone
+    /// use). Production is untouched and `validate` refuses it.
+    pub fn use_dev_keys(&mut self) -> Result<(), String> {
+        if self.auth_bypass {
+            return Ok(());
+        }
+        shared::env::dev_key_fallback(
+            &mut self.admin_token,
+            &self.environment,
+            "SESSION_AGENT_ADMIN_TOKEN",
+            std::path::Path::new(shared::env::DEV_KEY_DIR),
+            shared::env::dev_keys::AGENT_ADMIN,
+        )
+    }
+
     /// Refuses unsafe or malformed settings, naming the variable.
     pub fn validate(&self) -> Result<(), String> {
         shared::server::parse_listen_addr(&self.addr)
@@ -166,15 +187,22 @@ impl Config {
                 }
             }
         }
-        if self
-            .admin_token
-            .as_deref()
-            .is_some_and(|t| t.len() < crate::sessions::MIN_TOKEN_LEN)
-        {
-            return Err(format!(
-                "SESSION_AGENT_ADMIN_TOKEN must be at least {} characters",
-                crate::sessions::MIN_TOKEN_LEN
-            ));
+        match self.admin_token.as_deref() {
+            Some(t) if t.len() < crate::sessions::MIN_TOKEN_LEN => {
+                return Err(format!(
+                    "SESSION_AGENT_ADMIN_TOKEN must be at least {} characters (a 256-bit secret); make one with: {}",
+                    crate::sessions::MIN_TOKEN_LEN,
+                    crate::sessions::MAKE_TOKEN_COMMAND
+                ));
+            }
+            // Without it nobody could create a session, or everybody could.
+            None if !self.auth_bypass => {
+                return Err(
+                    "SESSION_AGENT_ADMIN_TOKEN is required: only the data plane, holding it, may create sessions (or SESSION_AGENT_AUTH_BYPASS=true outside production)"
+                        .into(),
+                );
+            }
+            _ => {}
         }
         if self.max_sessions == 0 {
             return Err("SESSION_AGENT_MAX_SESSIONS must be at least 1".into());
@@ -224,9 +252,15 @@ impl Config {
             runsc_platform: self.runsc_platform.clone(),
             runsc_extra_flags: self.runsc_flag_list(),
             bwrap_path: self.bwrap.clone(),
-            python_path: self.python.clone(),
-            node_path: self.node.clone(),
-            bash_path: self.bash.clone(),
+        }
+    }
+
+    /// The interpreter binaries kernels run.
+    pub fn interpreters(&self) -> Interpreters {
+        Interpreters {
+            python: self.python.clone(),
+            node: self.node.clone(),
+            bash: self.bash.clone(),
         }
     }
 
@@ -259,6 +293,7 @@ impl Config {
             interrupt_grace: Duration::from_millis(self.interrupt_grace_ms),
             workspace_root: self.workspace_root(),
             package_root: self.package_root.clone(),
+            interpreters: self.interpreters(),
             admin_token: self
                 .admin_token
                 .as_deref()
@@ -292,7 +327,25 @@ mod tests {
                 .validate()
                 .is_ok()
         );
-        assert!(parse(&["--env", "production"]).validate().is_ok());
+        let admin = "a".repeat(43);
+        assert!(
+            parse(&["--env", "production", "--admin-token", &admin])
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn without_the_creation_credential_start_up_is_refused() {
+        for env in ["dev", "production"] {
+            let e = parse(&["--env", env]).validate().unwrap_err();
+            assert!(e.contains("SESSION_AGENT_ADMIN_TOKEN is required"), "{e}");
+        }
+        let e = parse(&["--admin-token", "short"]).validate().unwrap_err();
+        assert!(e.contains("at least 43"), "{e}");
+        assert!(e.contains(crate::sessions::MAKE_TOKEN_COMMAND), "{e}");
+        // Only bypass (development) starts without it.
+        assert!(parse(&["--auth-bypass", "true"]).validate().is_ok());
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub async fn serve(
     config.validate().map_err(anyhow::Error::msg)?;
     if config.auth_bypass {
         tracing::warn!(
-            "SESSION_AGENT_AUTH_BYPASS=true: session tokens are NOT checked (development only)"
+            "SESSION_AGENT_AUTH_BYPASS=true: session tokens are NOT checked and anyone may create sessions (development only)"
         );
     }
     if config.isolation == isolation::IsolationKind::None {

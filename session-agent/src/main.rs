@@ -5,10 +5,13 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = session_agent::Config::parse();
+    let mut config = session_agent::Config::parse();
     shared::telemetry::init_tracing();
+    if let Err(e) = config.use_dev_keys() {
+        shared::env::exit_on_config_error("session-agent", e);
+    }
     if let Err(e) = config.validate() {
-        anyhow::bail!("invalid configuration: {e}");
+        shared::env::exit_on_config_error("session-agent", e);
     }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
@@ -16,5 +19,5 @@ async fn main() -> anyhow::Result<()> {
         shared::server::shutdown_signal().await;
         trigger.cancel();
     });
-    session_agent::run(config, shutdown).await
+    shared::env::exit_on_run_error("session-agent", session_agent::run(config, shutdown).await)
 }

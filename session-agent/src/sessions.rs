@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::isolation::{Launcher, SandboxSpec};
-use crate::kernels::{ExecRequest, Kernel, OutputEvent};
+use crate::kernels::{ExecRequest, Interpreters, Kernel, OutputEvent};
 use crate::pool::{WarmPool, WarmSandbox};
 use crate::workspace::Workspace;
 
@@ -30,13 +30,18 @@ use crate::workspace::Workspace;
 /// tokens from a CSPRNG.
 pub const MIN_TOKEN_LEN: usize = 43;
 
+/// A shell command that prints a valid token: 32 random bytes in unpadded
+/// base64url, 43 characters. Named in the messages that refuse a short one.
+pub const MAKE_TOKEN_COMMAND: &str = "head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='";
+
 /// Session policy: defaults, maximums and timeouts.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub defaults: EffectiveLimits,
     pub maximums: EffectiveLimits,
     pub auth_bypass: bool,
-    /// Digest of `SESSION_AGENT_ADMIN_TOKEN`: lists and deletes any session.
+    /// Digest of `SESSION_AGENT_ADMIN_TOKEN`: creates sessions, lists and
+    /// deletes any. `None` (only with auth bypass): nobody holds it.
     pub admin_token: Option<[u8; 32]>,
     pub max_sessions: usize,
     pub default_ttl: Duration,
@@ -47,9 +52,31 @@ pub struct Settings {
     pub workspace_root: PathBuf,
     /// The only tree a session's `packagesDir` may come from.
     pub package_root: PathBuf,
+    /// The interpreters kernels run (their argv is built by `kernels`).
+    pub interpreters: Interpreters,
 }
 
 impl Settings {
+    /// See [`SessionManager::authorize_create`].
+    fn authorize_create(&self, presented: Option<&str>) -> Result<(), ApiError> {
+        if self.auth_bypass || self.is_admin(presented) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "creating a session needs the data plane's credential (X-Agent-Admin-Token)",
+        ))
+    }
+
+    /// Whether `presented` is the admin credential (constant-time compare of
+    /// digests); no credential configured admits nobody.
+    fn is_admin(&self, presented: Option<&str>) -> bool {
+        match (self.admin_token, presented) {
+            (Some(want), Some(p)) => bool::from(TokenDigest::of(p).0.ct_eq(&want)),
+            _ => false,
+        }
+    }
+
     /// Applies defaults and refuses anything above a maximum, naming it.
     pub fn resolve_limits(&self, req: Option<&Limits>) -> Result<EffectiveLimits, ApiError> {
         let req = req.cloned().unwrap_or_default();
@@ -274,6 +301,7 @@ impl SessionManager {
         let spec = SandboxSpec {
             sandbox_id,
             runtime,
+            argv: self.settings.interpreters.argv(runtime, &limits),
             workspace: workspace.host_path.clone(),
             limits,
             packages,
@@ -330,7 +358,9 @@ impl SessionManager {
             (Some(t), _) if t.len() < MIN_TOKEN_LEN => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidArgument,
-                    format!("token must be at least {MIN_TOKEN_LEN} characters"),
+                    format!(
+                        "token must be at least {MIN_TOKEN_LEN} characters (a 256-bit secret); make one with: {MAKE_TOKEN_COMMAND}"
+                    ),
                 ));
             }
             (Some(t), _) => Some(TokenDigest::of(t)),
@@ -521,12 +551,16 @@ impl SessionManager {
         Ok(session)
     }
 
+    /// Who may create a session (and so choose its limits and `packagesDir`):
+    /// only the holder of the admin credential, the data plane, unless auth
+    /// is bypassed. Checked before anything is parsed or started.
+    pub fn authorize_create(&self, presented: Option<&str>) -> Result<(), ApiError> {
+        self.settings.authorize_create(presented)
+    }
+
     /// Whether `presented` is the admin credential (constant-time compare).
     pub fn is_admin(&self, presented: Option<&str>) -> bool {
-        match (self.settings.admin_token, presented) {
-            (Some(want), Some(p)) => bool::from(TokenDigest::of(p).0.ct_eq(&want)),
-            _ => false,
-        }
+        self.settings.is_admin(presented)
     }
 
     /// Every session (admin).
@@ -678,6 +712,10 @@ impl SessionManager {
         let spec = SandboxSpec {
             sandbox_id: new_sandbox_id(),
             runtime: session.runtime,
+            argv: self
+                .settings
+                .interpreters
+                .argv(session.runtime, &session.limits),
             workspace: session.workspace.host_path.clone(),
             limits: session.limits,
             packages: session.packages.clone(),
@@ -864,6 +902,11 @@ mod tests {
             interrupt_grace: Duration::from_secs(1),
             workspace_root: PathBuf::from("/nonexistent"),
             package_root: PathBuf::from("/nonexistent"),
+            interpreters: Interpreters {
+                python: PathBuf::from("/usr/bin/python3"),
+                node: PathBuf::from("/usr/bin/node"),
+                bash: PathBuf::from("/usr/bin/bash"),
+            },
             admin_token: None,
         }
     }
@@ -887,6 +930,26 @@ mod tests {
             .unwrap();
         assert_eq!(ok.memory_mb, 1024);
         assert_eq!(ok.timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn only_the_admin_credential_creates_unless_bypassed() {
+        let admin = "c".repeat(43);
+        let mut s = settings();
+        // No credential configured: nobody may create (never open).
+        for presented in [None, Some(""), Some(admin.as_str())] {
+            let e = s.authorize_create(presented).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+        }
+        s.admin_token = Some(TokenDigest::of(&admin).0);
+        assert!(s.authorize_create(Some(&admin)).is_ok());
+        let other = "d".repeat(43);
+        for wrong in [None, Some(""), Some(&admin[1..]), Some(other.as_str())] {
+            let e = s.authorize_create(wrong).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+        }
+        s.auth_bypass = true;
+        assert!(s.authorize_create(None).is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ fn step_body(session: &str, code: &str) -> Vec<u8> {
 const JSON: (&str, &str) = ("content-type", "application/json");
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn token_checks() {
     let agent = TestAgent::start(&[]).await;
     let (ta, tb) = (token(), token());
@@ -86,11 +87,12 @@ async fn token_checks() {
     );
 
     // Tokens are required and must be long; header and body must agree.
+    let admin = ("x-agent-admin-token", agent.admin_token.as_str());
     let (s, e) = agent
         .raw(
             "POST",
             "/v1/sessions",
-            &[JSON],
+            &[JSON, admin],
             Some(br#"{"sessionId":"c","runtime":"python"}"#.to_vec()),
         )
         .await;
@@ -99,7 +101,7 @@ async fn token_checks() {
         .raw(
             "POST",
             "/v1/sessions",
-            &[JSON],
+            &[JSON, admin],
             Some(br#"{"sessionId":"c","runtime":"python","token":"short"}"#.to_vec()),
         )
         .await;
@@ -110,7 +112,7 @@ async fn token_checks() {
         .raw(
             "POST",
             "/v1/sessions",
-            &[JSON, ("x-session-token", &ta)],
+            &[JSON, admin, ("x-session-token", &ta)],
             Some(b),
         )
         .await;
@@ -118,7 +120,61 @@ async fn token_checks() {
     agent.stop().await;
 }
 
+/// The seed's example token (`"token-1"`) is refused on purpose (tokens are
+/// 256-bit secrets); the refusal says how to make one, and what the command
+/// prints is accepted.
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_short_token_is_refused_with_the_command_that_makes_one() {
+    let agent = TestAgent::start(&[]).await;
+    let admin = ("x-agent-admin-token", agent.admin_token.as_str());
+    let (s, e) = agent
+        .raw(
+            "POST",
+            "/v1/sessions",
+            &[JSON, admin, ("x-session-token", "token-1")],
+            Some(br#"{"sessionId":"session-1","runtime":"python","token":"token-1"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("invalid_argument")));
+    let command = session_agent::sessions::MAKE_TOKEN_COMMAND;
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains(command), "{message}");
+
+    // Run the command the message names, exactly as a user would paste it.
+    #[allow(clippy::disallowed_methods)] // runs the documented shell command, no sandbox
+    let out = std::process::Command::new("sh")
+        .args(["-c", command])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let made = String::from_utf8(out.stdout).unwrap();
+    let made = made.trim_end_matches('\n');
+    assert_eq!(made.len(), 43, "{made:?}");
+    assert!(
+        made.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "{made:?}"
+    );
+    let body =
+        serde_json::to_vec(&json!({"sessionId": "session-1", "runtime": "python", "token": made}))
+            .unwrap();
+    let (s, r) = agent
+        .raw(
+            "POST",
+            "/v1/sessions",
+            &[JSON, admin, ("x-session-token", made)],
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    let r = agent.step("session-1", made, "1 + 1").await;
+    assert_eq!(r.result, Some(json!(2)));
+    agent.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn auth_bypass_accepts_tokenless_sessions() {
     let agent = TestAgent::start(&["--auth-bypass", "true"]).await;
     let (s, _) = agent
@@ -153,11 +209,13 @@ async fn auth_bypass_accepts_tokenless_sessions() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn bad_input_gets_coded_4xx() {
     let agent = TestAgent::start(&["--max-body-bytes", "65536"]).await;
     let t = token();
     agent.session("a", "python", &t).await;
     let auth = ("x-session-token", t.as_str());
+    let admin = ("x-agent-admin-token", agent.admin_token.as_str());
     // (method, path, headers, body, expected status, expected code)
     type Case<'a> = (
         &'a str,
@@ -176,12 +234,14 @@ async fn bad_input_gets_coded_4xx() {
         ("POST", "/v1/steps", vec![JSON, auth], serde_json::to_vec(&json!({"sessionId":"a","stepId":"../x","code":"1"})).unwrap(), 400, "invalid_argument"),
         ("POST", "/v1/steps", vec![JSON, auth], serde_json::to_vec(&json!({"sessionId":"a","stepId":"s","code":"1","timeoutMs": 100_000_000})).unwrap(), 400, "limit_exceeded"),
         ("POST", "/v1/steps", vec![JSON, auth], step_body("a", &"x".repeat(70_000)), 413, "payload_too_large"),
-        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"r","runtime":"cobol","token":token()})).unwrap(), 400, "unknown_runtime"),
-        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"a","runtime":"python","token":token()})).unwrap(), 409, "session_exists"),
-        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"m","runtime":"python","token":token(),"limits":{"memoryMb": 1_000_000}})).unwrap(), 400, "limit_exceeded"),
-        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"m","runtime":"python","token":token(),"limits":{"gpus": 1}})).unwrap(), 400, "invalid_json"),
-        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"a/b","runtime":"python","token":token()})).unwrap(), 400, "invalid_argument"),
-        ("POST", "/v1/sessions", vec![JSON], serde_json::to_vec(&json!({"sessionId":"e","runtime":"python","token":token(),"env":{"BAD NAME":"1"}})).unwrap(), 400, "invalid_argument"),
+        ("POST", "/v1/sessions", vec![JSON, admin], serde_json::to_vec(&json!({"sessionId":"r","runtime":"cobol","token":token()})).unwrap(), 400, "unknown_runtime"),
+        ("POST", "/v1/sessions", vec![JSON, admin], serde_json::to_vec(&json!({"sessionId":"a","runtime":"python","token":token()})).unwrap(), 409, "session_exists"),
+        ("POST", "/v1/sessions", vec![JSON, admin], serde_json::to_vec(&json!({"sessionId":"m","runtime":"python","token":token(),"limits":{"memoryMb": 1_000_000}})).unwrap(), 400, "limit_exceeded"),
+        ("POST", "/v1/sessions", vec![JSON, admin], serde_json::to_vec(&json!({"sessionId":"m","runtime":"python","token":token(),"limits":{"gpus": 1}})).unwrap(), 400, "invalid_json"),
+        ("POST", "/v1/sessions", vec![JSON, admin], serde_json::to_vec(&json!({"sessionId":"a/b","runtime":"python","token":token()})).unwrap(), 400, "invalid_argument"),
+        ("POST", "/v1/sessions", vec![JSON, admin], serde_json::to_vec(&json!({"sessionId":"e","runtime":"python","token":token(),"env":{"BAD NAME":"1"}})).unwrap(), 400, "invalid_argument"),
+        // The caller is checked before the body: no credential, no validation.
+        ("POST", "/v1/sessions", vec![JSON], b"{not json".to_vec(), 401, "unauthorized"),
         ("GET", "/v1/sessions/nope", vec![auth], vec![], 404, "session_not_found"),
         ("DELETE", "/v1/sessions/nope", vec![auth], vec![], 404, "session_not_found"),
         ("GET", "/v1/nothing", vec![], vec![], 404, "route_not_found"),
@@ -203,6 +263,7 @@ async fn bad_input_gets_coded_4xx() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn files_api_and_traversal() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -328,6 +389,7 @@ async fn files_api_and_traversal() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -369,6 +431,7 @@ async fn a_second_concurrent_step_is_refused_and_delete_stops_a_running_step() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn ttl_and_idle_timeout_end_sessions() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -432,6 +495,7 @@ async fn ttl_and_idle_timeout_end_sessions() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn warm_pool_is_claimed_once_and_refilled() {
     let agent = TestAgent::start(&["--warm-pool", "python=1,bash=1"]).await;
     let wait_full = || async {
@@ -482,6 +546,7 @@ async fn warm_pool_is_claimed_once_and_refilled() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn the_admin_credential_lists_and_deletes_but_runs_nothing() {
     let admin = token();
     let agent = TestAgent::start(&["--admin-token", &admin]).await;

@@ -11,6 +11,7 @@ use shared::agent::{Limits, StepMode, StepRequest, StepStatus};
 use shared::client::StepEvent;
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn python_state_result_and_exception() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -95,6 +96,7 @@ async fn python_state_result_and_exception() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn python_and_node_handler_mode() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -137,6 +139,7 @@ async fn python_and_node_handler_mode() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn node_state_result_and_exception() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -168,6 +171,7 @@ async fn node_state_result_and_exception() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn bash_state_and_exit_status() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -199,6 +203,7 @@ async fn bash_state_and_exit_status() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn timeouts_interrupt_then_restart() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -241,6 +246,7 @@ async fn timeouts_interrupt_then_restart() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn output_cap_truncates_each_stream() {
     let agent = TestAgent::start(&[]).await;
     let t = token();
@@ -276,6 +282,7 @@ async fn output_cap_truncates_each_stream() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn streaming_delivers_output_before_the_result() {
     let agent = TestAgent::start(&[]).await;
     let t = token();

@@ -21,6 +21,9 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The agent's creation credential (the data plane's, in production).
+const ADMIN_TOKEN: &str = "lifecycle-test-admin-credential-0123456789abcdef";
+
 fn spawn_agent(state: &Path, port: u16, pool: &str) -> Child {
     let iso = common::isolation();
     Command::new(env!("CARGO_BIN_EXE_session-agent"))
@@ -30,6 +33,7 @@ fn spawn_agent(state: &Path, port: u16, pool: &str) -> Child {
         .env("SESSION_AGENT_STATE_DIR", state)
         .env("SESSION_ISOLATION", iso)
         .env("SESSION_AGENT_WARM_POOL", pool)
+        .env("SESSION_AGENT_ADMIN_TOKEN", ADMIN_TOKEN)
         // A canary in the agent's own environment must never reach a sandbox.
         .env("AGENT_SECRET_CANARY", "canary-8d1f0b7e")
         .stdout(Stdio::null())
@@ -42,7 +46,9 @@ fn spawn_agent(state: &Path, port: u16, pool: &str) -> Child {
 async fn start_agent(state: &Path, pool: &str) -> (Child, AgentClient) {
     let port = free_port();
     let child = spawn_agent(state, port, pool);
-    let client = AgentClient::new(format!("http://127.0.0.1:{port}")).unwrap();
+    let client = AgentClient::new(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .with_admin_token(Some(ADMIN_TOKEN.into()));
     wait_healthy(&client).await;
     (child, client)
 }
@@ -182,6 +188,7 @@ async fn create(client: &AgentClient, id: &str, runtime: &str, t: &str) {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn sigterm_reaps_every_sandbox() {
     let state = tempfile::Builder::new()
         .prefix("sa-life-")
@@ -226,6 +233,7 @@ async fn sigterm_reaps_every_sandbox() {
 /// in flight finish and are destroyed, none is cut off midway (a killed
 /// launcher would leave runsc's state, the bundle and the cgroups behind).
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn sigterm_while_the_pool_fills_leaves_nothing() {
     for delay_ms in [0u64, 60, 150] {
         let state = tempfile::Builder::new()
@@ -243,6 +251,7 @@ async fn sigterm_while_the_pool_fills_leaves_nothing() {
 }
 
 #[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn restart_after_kill_9_destroys_leftovers() {
     let state = tempfile::Builder::new()
         .prefix("sa-kill-")

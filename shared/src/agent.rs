@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 /// The header that carries the per-session token.
 pub const SESSION_TOKEN_HEADER: &str = "x-session-token";
 
-/// The header of the agent's admin credential: it lists and deletes any
-/// session (lifecycle only: never steps or files).
+/// The header of the agent's admin credential, the data plane's own: it
+/// creates sessions, lists and deletes any (lifecycle only: never steps or
+/// files, which need the session's token).
 pub const ADMIN_TOKEN_HEADER: &str = "x-agent-admin-token";
 
 /// A language runtime a session can run.
@@ -276,21 +277,7 @@ pub struct FileList {
 /// Checks a client-chosen id (session or step): 1-128 of `[A-Za-z0-9._-]`,
 /// not starting with `.`. Ids become file and cgroup names, so nothing else.
 pub fn validate_id(kind: &str, id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 128 {
-        return Err(format!("{kind} must be 1-128 characters"));
-    }
-    if id.starts_with('.') {
-        return Err(format!("{kind} must not start with '.'"));
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(format!(
-            "{kind} may contain only letters, digits, '-', '_' and '.'"
-        ));
-    }
-    Ok(())
+    crate::ids::check_id(kind, id).map_err(|e| e.0)
 }
 
 #[cfg(test)]

@@ -33,6 +33,10 @@ pub struct RuntimeList {
     pub runtimes: Vec<RuntimeInfo>,
 }
 
+/// Packages one session or job may ask for, at most (both planes refuse a
+/// longer list with 400 `invalid_argument`, before anything is installed).
+pub const MAX_PACKAGES: usize = 64;
+
 /// `POST /internal/v1/sessions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -83,6 +83,16 @@ pub enum ErrorCode {
     StorageUnavailable,
     /// The audit event could not be written, so the request was refused.
     AuditUnavailable,
+    /// The tenant's policy went over an evaluation limit (time, size, an
+    /// unbounded builtin): the request is refused, policy fails closed.
+    PolicyLimitExceeded,
+    /// A per-tenant cap is reached (queued or running jobs, open long polls
+    /// or streams, concurrent policy evaluations, concurrent file and
+    /// artifact transfers in the data plane): retry later.
+    TenantQuotaExceeded,
+    /// The route is part of the contract but its feature does not exist yet
+    /// (`POST /tools/workflows` until workflows land).
+    NotImplemented,
     /// An unexpected failure inside the service (a bug, never bad input).
     Internal,
 }
@@ -100,7 +110,10 @@ impl ErrorCode {
             | Self::NotAFile
             | Self::PolicyInvalid => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden | Self::DependencyNotAllowed | Self::PolicyDenied => 403,
+            Self::Forbidden
+            | Self::DependencyNotAllowed
+            | Self::PolicyDenied
+            | Self::PolicyLimitExceeded => 403,
             Self::DependencyUnavailable => 424,
             Self::RouteNotFound
             | Self::SessionNotFound
@@ -118,13 +131,14 @@ impl ErrorCode {
             Self::IdempotencyKeyReused => 422,
             Self::UnsupportedMediaType => 415,
             Self::WorkspaceFull => 507,
-            Self::CapacityExhausted => 429,
+            Self::CapacityExhausted | Self::TenantQuotaExceeded => 429,
             Self::Internal | Self::SandboxStartFailed | Self::IntegrityError => 500,
             Self::SandboxUnavailable
             | Self::ShuttingDown
             | Self::DataPlaneUnavailable
             | Self::StorageUnavailable
             | Self::AuditUnavailable => 503,
+            Self::NotImplemented => 501,
         }
     }
 
@@ -168,6 +182,9 @@ impl ErrorCode {
             Self::DataPlaneUnavailable => "data_plane_unavailable",
             Self::StorageUnavailable => "storage_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
+            Self::PolicyLimitExceeded => "policy_limit_exceeded",
+            Self::TenantQuotaExceeded => "tenant_quota_exceeded",
+            Self::NotImplemented => "not_implemented",
             Self::Internal => "internal",
         }
     }
@@ -230,6 +247,9 @@ mod tests {
         ErrorCode::DataPlaneUnavailable,
         ErrorCode::StorageUnavailable,
         ErrorCode::AuditUnavailable,
+        ErrorCode::PolicyLimitExceeded,
+        ErrorCode::TenantQuotaExceeded,
+        ErrorCode::NotImplemented,
         ErrorCode::Internal,
     ];
 
@@ -285,6 +305,9 @@ mod tests {
             503 data_plane_unavailable
             503 storage_unavailable
             503 audit_unavailable
+            403 policy_limit_exceeded
+            429 tenant_quota_exceeded
+            501 not_implemented
             500 internal"#]]
         .assert_eq(&table.join("\n"));
     }

@@ -6,6 +6,7 @@ pub mod controlplane;
 pub mod dataplane;
 pub mod env;
 pub mod error;
+pub mod ids;
 pub mod telemetry;
 
 #[cfg(feature = "server")]

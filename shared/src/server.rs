@@ -169,6 +169,41 @@ where
     }
 }
 
+/// Path extractor whose rejection is a coded 400 (`invalid_argument`) with
+/// the id's own message. Used with the validated ids of [`crate::ids`], so a
+/// traversal form (`..%2F`, `%2e%2e`, NUL, ...) never reaches a handler.
+#[derive(Debug, Clone, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: axum::extract::rejection::PathRejection) -> ApiError {
+    use axum::extract::path::ErrorKind;
+    use axum::extract::rejection::PathRejection;
+    let message = match &rejection {
+        PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+            ErrorKind::Message(m) => m.clone(),
+            ErrorKind::InvalidUtf8InPathParam { key } => format!("{key} is not valid UTF-8"),
+            _ => e.body_text(),
+        },
+        other => other.body_text(),
+    };
+    ApiError::new(ErrorCode::InvalidArgument, message)
+}
+
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => ApiError::new(

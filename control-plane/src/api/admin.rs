@@ -5,17 +5,18 @@ use std::sync::Arc;
 use axum::{
     Json,
     body::Bytes,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, header},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::ErrorCode;
 use shared::dataplane::RuntimeList;
-use shared::server::{ApiError, ApiJson, ApiQuery};
+use shared::ids::TenantId;
+use shared::server::{ApiError, ApiJson, ApiPath, ApiQuery};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Caller, require_admin};
+use super::{IdentityExt, require_admin};
 use crate::App;
 use crate::audit::{Anchor, AuditQuery, AuditRecord, VerifyReport};
 use crate::policy::{Decision, PolicyInput, TenantPolicy};
@@ -26,7 +27,7 @@ use crate::policy::{Decision, PolicyInput, TenantPolicy};
     responses((status = 200, body = RuntimeList), (status = 503, description = "data_plane_unavailable", body = shared::ErrorBody)))]
 pub async fn runtimes(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
 ) -> Result<Json<RuntimeList>, ApiError> {
     app.policy
         .authorize(
@@ -44,7 +45,7 @@ pub async fn runtimes(
 }
 
 /// Only the caller's own tenant exists for it: another tenant -> 404.
-fn own_tenant(caller: &Caller, tenant: &str) -> Result<(), ApiError> {
+fn own_tenant(caller: &IdentityExt, tenant: &str) -> Result<(), ApiError> {
     if caller.tenant != tenant {
         return Err(ApiError::new(
             ErrorCode::PolicyNotFound,
@@ -61,15 +62,21 @@ fn own_tenant(caller: &Caller, tenant: &str) -> Result<(), ApiError> {
         (status = 404, description = "no policy stored, or another tenant", body = shared::ErrorBody)))]
 pub async fn get_policy(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(tenant): Path<String>,
+    caller: IdentityExt,
+    ApiPath(tenant): ApiPath<TenantId>,
 ) -> Result<Json<TenantPolicy>, ApiError> {
     own_tenant(&caller, &tenant)?;
     require_admin(&caller)?;
     app.policy
         .get_tenant_policy(&tenant)
         .await?
-        .map(Json)
+        .map(|mut p| {
+            p.last_fault = app
+                .policy
+                .last_fault(&tenant)
+                .filter(|f| f.version == p.version);
+            Json(p)
+        })
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::PolicyNotFound,
@@ -95,8 +102,8 @@ pub struct PolicyBody {
         (status = 403, body = shared::ErrorBody), (status = 404, body = shared::ErrorBody)))]
 pub async fn put_policy(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(tenant): Path<String>,
+    caller: IdentityExt,
+    ApiPath(tenant): ApiPath<TenantId>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<TenantPolicy>, ApiError> {
@@ -147,7 +154,7 @@ pub struct EvaluateBody {
     responses((status = 200, body = Decision), (status = 400, body = shared::ErrorBody)))]
 pub async fn evaluate_policy(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
     ApiJson(body): ApiJson<EvaluateBody>,
 ) -> Result<Json<Decision>, ApiError> {
     let input = PolicyInput {
@@ -188,7 +195,7 @@ pub struct AuditPage {
     responses((status = 200, body = AuditPage), (status = 403, body = shared::ErrorBody)))]
 pub async fn audit_list(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
     ApiQuery(q): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
     require_auditor(&caller)?;
@@ -226,19 +233,25 @@ pub struct VerifyParams {
     anchor_hash: Option<String>,
 }
 
-/// Walks the whole hash chain and reports the first broken link (admin or
-/// auditor role). With an anchor from an earlier report, also catches a
-/// chain rewritten with recomputed hashes, or cut short.
+/// Walks the whole hash chain and reports the first broken link. A tenant's
+/// admin or auditor gets the tenant's view: its own events counted, a break
+/// located only at its own event, no global `headSeq`/`head`. The
+/// `platform-admin` role gets the global report and may pass an anchor
+/// from an earlier report, which also catches a chain rewritten with
+/// recomputed hashes, or cut short.
 #[utoipa::path(get, path = "/v1/audit/verify", tag = "audit", params(VerifyParams),
     responses((status = 200, description = "`ok: false` names the first broken link", body = VerifyReport),
         (status = 400, description = "`invalid_argument`: half an anchor, or a malformed one", body = shared::ErrorBody),
-        (status = 403, body = shared::ErrorBody)))]
+        (status = 403, description = "not an admin or auditor; an anchor without the platform-admin role", body = shared::ErrorBody)))]
 pub async fn audit_verify(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
     ApiQuery(q): ApiQuery<VerifyParams>,
 ) -> Result<Json<VerifyReport>, ApiError> {
-    require_auditor(&caller)?;
+    let platform = caller.has_role(crate::identity::PLATFORM_ADMIN_ROLE);
+    if !platform {
+        require_auditor(&caller)?;
+    }
     let anchor = match (q.anchor_seq, q.anchor_hash.as_deref()) {
         (None, None) => None,
         (Some(seq), Some(hash)) => {
@@ -251,10 +264,19 @@ pub async fn audit_verify(
             ));
         }
     };
-    Ok(Json(app.audit.verify_against(anchor.as_ref()).await?))
+    if platform {
+        return Ok(Json(app.audit.verify_against(anchor.as_ref()).await?));
+    }
+    if anchor.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "anchors name global positions of the chain: the platform-admin role only",
+        ));
+    }
+    Ok(Json(app.audit.verify_for_tenant(&caller.tenant).await?))
 }
 
-fn require_auditor(caller: &Caller) -> Result<(), ApiError> {
+fn require_auditor(caller: &IdentityExt) -> Result<(), ApiError> {
     if caller.has_role("auditor") {
         return Ok(());
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -14,10 +14,11 @@ use shared::ErrorCode;
 use shared::controlplane::{
     IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Job, JobList, JobRequest, JobStatus,
 };
-use shared::server::{ApiError, ApiJson, ApiQuery};
+use shared::ids::JobId;
+use shared::server::{ApiError, ApiJson, ApiPath, ApiQuery};
 use utoipa::IntoParams;
 
-use super::Caller;
+use super::IdentityExt;
 use crate::App;
 use crate::orchestration::JobFilter;
 use crate::orchestration::idempotency::resolve_key;
@@ -41,7 +42,7 @@ const MAX_WAIT_MS: u64 = 60_000;
     ))]
 pub async fn submit(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
     headers: HeaderMap,
     ApiJson(req): ApiJson<JobRequest>,
 ) -> Result<Response, ApiError> {
@@ -85,15 +86,17 @@ pub struct WaitQuery {
 /// A job of the caller's tenant; `waitMs` long-polls for its end.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path), WaitQuery),
-    responses((status = 200, body = Job), (status = 404, description = "job_not_found (also another tenant's)", body = shared::ErrorBody)))]
+    responses((status = 200, body = Job), (status = 404, description = "job_not_found (also another tenant's)", body = shared::ErrorBody),
+        (status = 429, description = "tenant_quota_exceeded: too many open long polls", body = shared::ErrorBody)))]
 pub async fn get(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<JobId>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Job>, ApiError> {
     let job = match q.wait_ms {
         Some(ms) if ms > 0 => {
+            let _slot = app.waiters.enter(&caller.tenant)?;
             app.jobs
                 .wait(&caller, &id, Duration::from_millis(ms.min(MAX_WAIT_MS)))
                 .await?
@@ -127,7 +130,7 @@ pub struct ListQuery {
     responses((status = 200, body = JobList), (status = 400, body = shared::ErrorBody)))]
 pub async fn list(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
@@ -171,8 +174,8 @@ pub async fn list(
         (status = 404, body = shared::ErrorBody), (status = 409, description = "job_finished", body = shared::ErrorBody)))]
 pub async fn cancel(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<JobId>,
 ) -> Result<Json<Job>, ApiError> {
     Ok(Json(app.jobs.cancel(&caller, &id).await?))
 }

@@ -22,8 +22,9 @@ use crate::audit::AuditEvent;
 use crate::identity::{ADMIN_ROLE, BYPASS_TENANT_HEADER, Identity, bypass_identity};
 
 mod admin;
-mod jobs;
-mod sessions;
+pub(crate) mod artifacts;
+pub(crate) mod jobs;
+pub(crate) mod sessions;
 
 /// The routes, the middleware and the API description.
 pub fn router(app: Arc<App>) -> Router {
@@ -32,6 +33,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .merge(sessions::routes())
+        .route("/v1/artifacts", post(artifacts::upload))
         .route("/v1/runtimes", get(admin::runtimes))
         .route(
             "/v1/tenants/{tenant}/policy",
@@ -163,7 +165,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         sessions::create, sessions::get_one, sessions::list, sessions::delete,
         sessions::run_step, sessions::list_steps,
         sessions::list_files, sessions::read_file, sessions::write_file, sessions::delete_file,
-        sessions::artifact_info, sessions::artifact_download, sessions::artifact_delete,
+        artifacts::upload, sessions::artifact_info, sessions::artifact_download, sessions::artifact_delete,
         admin::runtimes, admin::get_policy, admin::put_policy, admin::evaluate_policy,
         admin::audit_list, admin::audit_verify, readyz,
     ),
@@ -204,5 +206,5 @@ pub fn openapi_json() -> String {
         .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-/// Extension extractor alias used by the handlers.
-pub(crate) type Caller = Extension<Identity>;
+/// The verified identity the authentication middleware attached to the request.
+pub(crate) type IdentityExt = Extension<Identity>;

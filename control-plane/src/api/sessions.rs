@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::{Path, State, rejection::BytesRejection},
+    extract::{State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
     response::{
         IntoResponse, Response,
@@ -18,12 +18,13 @@ use axum::{
 use futures::StreamExt;
 use shared::ErrorCode;
 use shared::agent::{FileList, StepResult};
-use shared::client::PathContent;
-use shared::controlplane::{SessionRequest, StepRequest};
+use shared::client::PathStream;
+use shared::controlplane::{SessionRequest, SessionStepRequest};
 use shared::dataplane::{ArtifactInfo, SessionView, SessionViewList};
-use shared::server::{ApiError, ApiJson};
+use shared::ids::{ArtifactId, SessionId};
+use shared::server::{ApiError, ApiJson, ApiPath};
 
-use super::Caller;
+use super::IdentityExt;
 use crate::App;
 use crate::sessions::StepHistory;
 
@@ -53,7 +54,7 @@ pub(super) fn routes() -> Router<Arc<App>> {
         (status = 503, description = "data_plane_unavailable", body = shared::ErrorBody)))]
 pub async fn create(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
     ApiJson(req): ApiJson<SessionRequest>,
 ) -> Result<Response, ApiError> {
     let view = app.sessions.create(&caller, req).await?;
@@ -65,8 +66,8 @@ pub async fn create(
     responses((status = 200, body = SessionView), (status = 404, body = shared::ErrorBody)))]
 pub async fn get_one(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<Json<SessionView>, ApiError> {
     Ok(Json(app.sessions.get(&caller, &id).await?))
 }
@@ -76,7 +77,7 @@ pub async fn get_one(
     responses((status = 200, body = SessionViewList)))]
 pub async fn list(
     State(app): State<Arc<App>>,
-    caller: Caller,
+    caller: IdentityExt,
 ) -> Result<Json<SessionViewList>, ApiError> {
     Ok(Json(SessionViewList {
         sessions: app.sessions.list(&caller).await?,
@@ -88,8 +89,8 @@ pub async fn list(
     responses((status = 204), (status = 404, body = shared::ErrorBody)))]
 pub async fn delete(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<StatusCode, ApiError> {
     app.sessions.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -99,16 +100,17 @@ pub async fn delete(
 /// `Accept: text/event-stream` the answer is SSE: `stdout`/`stderr` events
 /// as output arrives, then one `result` (or `error`).
 #[utoipa::path(post, path = "/v1/sessions/{id}/steps", tag = "sessions", params(("id" = String, Path)),
-    request_body = StepRequest,
+    request_body = SessionStepRequest,
     responses((status = 200, description = "The step's result (or an SSE stream)", body = StepResult),
         (status = 404, body = shared::ErrorBody), (status = 409, description = "session_busy", body = shared::ErrorBody),
-        (status = 410, description = "session_lost", body = shared::ErrorBody)))]
+        (status = 410, description = "session_lost", body = shared::ErrorBody),
+        (status = 429, description = "tenant_quota_exceeded: too many open event streams", body = shared::ErrorBody)))]
 pub async fn run_step(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<SessionId>,
     headers: HeaderMap,
-    ApiJson(step): ApiJson<StepRequest>,
+    ApiJson(step): ApiJson<SessionStepRequest>,
 ) -> Result<Response, ApiError> {
     let streaming = headers
         .get(header::ACCEPT)
@@ -117,8 +119,11 @@ pub async fn run_step(
     if !streaming {
         return Ok(Json(app.sessions.step(&caller, &id, step).await?).into_response());
     }
+    let slot = app.waiters.enter(&caller.tenant)?;
     let events = app.sessions.step_stream(&caller, &id, step).await?;
-    let sse = events.map(|ev| {
+    // The slot lives as long as the stream.
+    let sse = events.map(move |ev| {
+        let _slot = &slot;
         Ok::<_, Infallible>(shared::server::step_sse_event(
             ev,
             ErrorCode::DataPlaneUnavailable,
@@ -135,8 +140,8 @@ pub async fn run_step(
     responses((status = 200, body = StepHistory), (status = 404, body = shared::ErrorBody)))]
 pub async fn list_steps(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<Json<StepHistory>, ApiError> {
     Ok(Json(app.sessions.steps(&caller, &id).await?))
 }
@@ -146,8 +151,8 @@ pub async fn list_steps(
     responses((status = 200, body = FileList), (status = 404, body = shared::ErrorBody)))]
 pub async fn list_files(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<Json<FileList>, ApiError> {
     Ok(Json(app.sessions.list_files(&caller, &id).await?))
 }
@@ -160,17 +165,25 @@ pub async fn list_files(
         (status = 404, description = "file_not_found", body = shared::ErrorBody)))]
 pub async fn read_file(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path((id, path)): Path<(String, String)>,
+    caller: IdentityExt,
+    ApiPath((id, path)): ApiPath<(SessionId, String)>,
 ) -> Result<Response, ApiError> {
     Ok(match app.sessions.read_path(&caller, &id, &path).await? {
-        PathContent::Dir(list) => Json::<FileList>(list).into_response(),
-        PathContent::File(bytes) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response(),
+        PathStream::Dir(list) => Json::<FileList>(list).into_response(),
+        // Streamed through as the data plane sends it: never held whole.
+        PathStream::File(file) => {
+            let size = file.size;
+            let mut resp = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                axum::body::Body::from_stream(file.into_stream()),
+            )
+                .into_response();
+            if let Some(n) = size {
+                resp.headers_mut().insert(header::CONTENT_LENGTH, n.into());
+            }
+            resp
+        }
     })
 }
 
@@ -182,8 +195,8 @@ pub async fn read_file(
         (status = 507, description = "workspace_full", body = shared::ErrorBody)))]
 pub async fn write_file(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path((id, path)): Path<(String, String)>,
+    caller: IdentityExt,
+    ApiPath((id, path)): ApiPath<(SessionId, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let body = body.map_err(|e| {
@@ -206,8 +219,8 @@ pub async fn write_file(
     responses((status = 204), (status = 404, body = shared::ErrorBody)))]
 pub async fn delete_file(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path((id, path)): Path<(String, String)>,
+    caller: IdentityExt,
+    ApiPath((id, path)): ApiPath<(SessionId, String)>,
 ) -> Result<StatusCode, ApiError> {
     app.sessions.delete_file(&caller, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -218,8 +231,8 @@ pub async fn delete_file(
     responses((status = 200, body = ArtifactInfo), (status = 404, description = "artifact_not_found", body = shared::ErrorBody)))]
 pub async fn artifact_info(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<ArtifactId>,
 ) -> Result<Json<ArtifactInfo>, ApiError> {
     Ok(Json(app.sessions.artifact_info(&caller, &id).await?))
 }
@@ -230,8 +243,8 @@ pub async fn artifact_info(
         (status = 404, body = shared::ErrorBody)))]
 pub async fn artifact_download(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<ArtifactId>,
 ) -> Result<Response, ApiError> {
     let (info, body) = app.sessions.artifact_download(&caller, &id).await?;
     let body = Body::from_stream(body.map(|r| r.map_err(std::io::Error::other)));
@@ -255,8 +268,8 @@ pub async fn artifact_download(
     responses((status = 204), (status = 404, body = shared::ErrorBody)))]
 pub async fn artifact_delete(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
+    caller: IdentityExt,
+    ApiPath(id): ApiPath<ArtifactId>,
 ) -> Result<StatusCode, ApiError> {
     app.sessions.artifact_delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
 use shared::ErrorCode;
 use shared::controlplane::{Job, JobFailure, JobList, JobOutput, JobRequest, JobStatus};
+use shared::ids::JobId;
 use shared::server::ApiError;
 use sqlx::Row;
 use tokio::sync::{Notify, broadcast};
@@ -18,10 +19,10 @@ use super::idempotency::{Prior, fingerprint};
 use crate::audit::{AuditEvent, append_tx, begin_write};
 use crate::dataplane::DataPlane;
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::on_db;
 use crate::policy::{PolicyInput, PolicyService};
 use crate::storage::{Db, db_error, new_id, now_ms};
-use crate::telemetry::Metrics;
 
 /// Tuning of the job queue.
 #[derive(Debug, Clone)]
@@ -31,6 +32,10 @@ pub struct JobSettings {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub workers: usize,
+    /// Jobs one tenant may have queued; one more is refused (429).
+    pub tenant_max_queued: i64,
+    /// Jobs of one tenant running at once; the claim skips a tenant at it.
+    pub tenant_max_running: i64,
 }
 
 /// The answer to a submission.
@@ -216,6 +221,7 @@ impl JobService {
         if let Some(labels) = &req.labels {
             validate_labels(labels)?;
         }
+        validate_packages(req.packages.as_deref())?;
         let runtime = req
             .runtime
             .clone()
@@ -275,19 +281,19 @@ impl JobService {
             if let Some(key) = &key {
                 // A key past its time is forgotten, then reused.
                 sqlx::query("DELETE FROM idempotency_keys WHERE tenant = $1 AND idem_key = $2 AND expires_ms < $3")
-                    .bind(&identity.tenant).bind(key).bind(now)
+                    .bind(identity.tenant.as_str()).bind(key).bind(now)
                     .execute(&mut *tx).await.map_err(db_error)?;
                 let inserted = sqlx::query(
                     "INSERT INTO idempotency_keys (tenant, idem_key, request_hash, state, created_ms, expires_ms) \
                      VALUES ($1, $2, $3, 'processing', $4, $5) ON CONFLICT DO NOTHING")
-                    .bind(&identity.tenant).bind(key).bind(&hash).bind(now).bind(now + ttl_ms)
+                    .bind(identity.tenant.as_str()).bind(key).bind(&hash).bind(now).bind(now + ttl_ms)
                     .execute(&mut *tx).await.map_err(db_error)?
                     .rows_affected();
                 if inserted == 0 {
                     let row = sqlx::query(
                         "SELECT request_hash, state, response_status, response_body FROM idempotency_keys \
                          WHERE tenant = $1 AND idem_key = $2")
-                        .bind(&identity.tenant).bind(key)
+                        .bind(identity.tenant.as_str()).bind(key)
                         .fetch_one(&mut *tx).await.map_err(db_error)?;
                     let prior = Prior::judge(
                         &row.try_get::<String, _>("request_hash").map_err(db_error)?,
@@ -303,18 +309,30 @@ impl JobService {
                     };
                 }
             }
+            // One tenant cannot fill the queue for everyone (issue 15, s. 5).
+            let queued: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status = 'queued'")
+                .bind(identity.tenant.as_str())
+                .fetch_one(&mut *tx).await.map_err(db_error)?;
+            if queued >= self.settings.tenant_max_queued {
+                tx.rollback().await.map_err(db_error)?;
+                return Err(ApiError::new(
+                    ErrorCode::TenantQuotaExceeded,
+                    format!("the tenant has {queued} jobs queued, at most {}; retry when some have started", self.settings.tenant_max_queued),
+                ));
+            }
             sqlx::query(
                 "INSERT INTO jobs (id, tenant, subject, app, agent, status, runtime, spec, labels, \
                  attempts, max_attempts, next_run_ms, cancel_requested, created_ms, updated_ms) \
                  VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, 0, $9, $10, 0, $11, $12)")
-                .bind(&id).bind(&identity.tenant).bind(&identity.subject)
+                .bind(&id).bind(identity.tenant.as_str()).bind(&identity.subject)
                 .bind(&identity.app).bind(&identity.agent).bind(&runtime)
                 .bind(&spec).bind(&labels_json)
                 .bind(i64::from(self.settings.max_attempts)).bind(now).bind(now).bind(now)
                 .execute(&mut *tx).await.map_err(db_error)?;
             for (name, value) in &labels {
                 sqlx::query("INSERT INTO job_labels (job_id, tenant, name, value) VALUES ($1, $2, $3, $4)")
-                    .bind(&id).bind(&identity.tenant).bind(name).bind(value)
+                    .bind(&id).bind(identity.tenant.as_str()).bind(name).bind(value)
                     .execute(&mut *tx).await.map_err(db_error)?;
             }
             append_tx!(&mut tx, dialect, event.clone())?;
@@ -322,7 +340,7 @@ impl JobService {
                 sqlx::query(
                     "UPDATE idempotency_keys SET state = 'completed', response_status = 202, response_body = $1 \
                      WHERE tenant = $2 AND idem_key = $3")
-                    .bind(&body).bind(&identity.tenant).bind(key)
+                    .bind(&body).bind(identity.tenant.as_str()).bind(key)
                     .execute(&mut *tx).await.map_err(db_error)?;
             }
             tx.commit().await.map_err(db_error)?;
@@ -336,7 +354,7 @@ impl JobService {
     }
 
     /// One job of the caller's tenant (another tenant's -> 404).
-    pub async fn get(&self, identity: &Identity, id: &str) -> Result<Job, ApiError> {
+    pub async fn get(&self, identity: &Identity, id: &JobId) -> Result<Job, ApiError> {
         self.authorize_on(identity, "job.read", id).await?;
         Ok(self.row(&identity.tenant, id).await?.job)
     }
@@ -378,7 +396,7 @@ impl JobService {
     pub async fn wait(
         &self,
         identity: &Identity,
-        id: &str,
+        id: &JobId,
         timeout: Duration,
     ) -> Result<Job, ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -397,7 +415,7 @@ impl JobService {
                 _ = async {
                     loop {
                         match finished.recv().await {
-                            Ok(done) if done == id => break,
+                            Ok(done) if done == id.as_str() => break,
                             Ok(_) => continue,
                             Err(broadcast::error::RecvError::Lagged(_)) => break,
                             Err(broadcast::error::RecvError::Closed) => {
@@ -446,7 +464,7 @@ impl JobService {
                    ORDER BY created_ms DESC, id DESC LIMIT $9";
         let rows: Vec<JobRow> = on_db!(&self.db, p => {
             let rows = sqlx::query(sql)
-                .bind(&identity.tenant)
+                .bind(identity.tenant.as_str())
                 .bind(status)
                 .bind(f.created_after_ms)
                 .bind(f.created_before_ms)
@@ -476,7 +494,7 @@ impl JobService {
     /// Cancels a job: a queued one at once; a running one by asking the data
     /// plane to stop it (its worker then records `cancelled`). A finished
     /// job -> 409 `job_finished`.
-    pub async fn cancel(&self, identity: &Identity, id: &str) -> Result<Job, ApiError> {
+    pub async fn cancel(&self, identity: &Identity, id: &JobId) -> Result<Job, ApiError> {
         let row = self.row(&identity.tenant, id).await?;
         self.authorize_on(identity, "job.cancel", id).await?;
         if row.job.status.is_final() {
@@ -495,12 +513,12 @@ impl JobService {
                 "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_ms = $1, updated_ms = $1, \
                  error_code = 'cancelled', error_message = 'cancelled by the client' \
                  WHERE tenant = $2 AND id = $3 AND status = 'queued'")
-                .bind(now).bind(&identity.tenant).bind(id)
+                .bind(now).bind(identity.tenant.as_str()).bind(id.as_str())
                 .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
             let running = sqlx::query(
                 "UPDATE jobs SET cancel_requested = 1, updated_ms = $1 \
                  WHERE tenant = $2 AND id = $3 AND status = 'running'")
-                .bind(now).bind(&identity.tenant).bind(id)
+                .bind(now).bind(identity.tenant.as_str()).bind(id.as_str())
                 .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
             if queued + running == 0 {
                 tx.rollback().await.map_err(db_error)?;
@@ -532,10 +550,10 @@ impl JobService {
             }
             _ => {
                 self.metrics.job_queue_depth.dec();
-                let _ = self.finished.send(id.to_owned());
+                let _ = self.finished.send(id.to_string());
                 self.metrics
                     .jobs_finished
-                    .get_or_create(&crate::telemetry::StatusLabel {
+                    .get_or_create(&crate::metrics::StatusLabel {
                         status: "cancelled".into(),
                     })
                     .inc();
@@ -543,6 +561,33 @@ impl JobService {
             }
         }
     }
+}
+
+/// Packages: at most `MAX_PACKAGES` (the data plane's cap too), each
+/// named once and at most 200 bytes; the data plane checks the rest
+/// (syntax, allowlist, normalised duplicates) before installing anything.
+pub(crate) fn validate_packages(packages: Option<&[String]>) -> Result<(), ApiError> {
+    use shared::dataplane::MAX_PACKAGES;
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
+    let Some(packages) = packages else {
+        return Ok(());
+    };
+    if packages.len() > MAX_PACKAGES {
+        return Err(bad(format!(
+            "{} packages requested; at most {MAX_PACKAGES} are allowed",
+            packages.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for p in packages {
+        if p.len() > 200 {
+            return Err(bad("a package entry is longer than 200 bytes".into()));
+        }
+        if !seen.insert(p.trim()) {
+            return Err(bad(format!("package {p:?} is listed more than once")));
+        }
+    }
+    Ok(())
 }
 
 /// Labels: at most 32, names 1-63 of `[A-Za-z0-9._-]`, values up to 256.
@@ -583,6 +628,27 @@ mod tests {
                 decode_cursor(bad).unwrap_err().code,
                 ErrorCode::InvalidArgument,
                 "{bad}"
+            );
+        }
+    }
+
+    /// Issue 15 §7: 1,500 copies of one package name reached the data
+    /// plane; the list is capped and duplicates refused here too.
+    #[test]
+    fn package_lists_are_capped() {
+        let ok: Vec<String> = (0..shared::dataplane::MAX_PACKAGES)
+            .map(|i| format!("p{i}"))
+            .collect();
+        validate_packages(Some(&ok)).unwrap();
+        validate_packages(None).unwrap();
+        let over: Vec<String> = (0..=shared::dataplane::MAX_PACKAGES)
+            .map(|i| format!("p{i}"))
+            .collect();
+        let dups = vec!["six".to_owned(); 1500];
+        for bad in [over, dups, vec!["x".repeat(201)]] {
+            assert_eq!(
+                validate_packages(Some(&bad)).unwrap_err().code,
+                ErrorCode::InvalidArgument
             );
         }
     }

@@ -17,15 +17,16 @@ use shared::agent::StepStatus;
 use shared::client::ClientError;
 use shared::controlplane::{JobFailure, JobOutput, JobStatus};
 use shared::dataplane::{JobResult, RunJob};
+use shared::ids::{JobId, TenantId};
 use shared::server::ApiError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::jobs::{JobRow, JobService, row_to_job};
 use crate::audit::{AuditEvent, append_tx, begin_write};
+use crate::metrics::StatusLabel;
 use crate::on_db;
 use crate::storage::{Dialect, db_error, new_id, now_ms};
-use crate::telemetry::StatusLabel;
 
 /// Actor of the events the workers record.
 const WORKER_ACTOR: &str = "control-plane/worker";
@@ -99,15 +100,27 @@ async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiErro
     let lease_until = now + jobs.settings.lease.as_millis() as i64;
     let dialect = jobs.db.dialect();
     // One statement; Postgres also skips rows other replicas have locked.
+    // Fair across tenants (issue 15, section 5): a tenant already running
+    // `tenant_max_running` jobs is skipped, and the tenant with the fewest
+    // running jobs goes first; within a tenant, oldest first.
+    macro_rules! running_of_tenant {
+        () => {
+            "(SELECT COUNT(*) FROM jobs r WHERE r.tenant = j.tenant AND r.status = 'running' AND r.lease_expires_ms >= $3)"
+        };
+    }
     macro_rules! claim_sql {
         ($lock:literal) => {
             concat!(
                 "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, ",
                 "attempts = attempts + 1, started_ms = COALESCE(started_ms, $3), updated_ms = $3 ",
-                "WHERE id = (SELECT id FROM jobs WHERE ((status = 'queued' AND next_run_ms <= $3) ",
-                "OR (status = 'running' AND lease_expires_ms < $3)) ",
-                "AND attempts < max_attempts AND cancel_requested = 0 ",
-                "ORDER BY next_run_ms, created_ms LIMIT 1",
+                "WHERE id = (SELECT j.id FROM jobs j WHERE ((j.status = 'queued' AND j.next_run_ms <= $3) ",
+                "OR (j.status = 'running' AND j.lease_expires_ms < $3)) ",
+                "AND j.attempts < j.max_attempts AND j.cancel_requested = 0 ",
+                "AND ",
+                running_of_tenant!(),
+                " < $4 ORDER BY ",
+                running_of_tenant!(),
+                ", j.next_run_ms, j.created_ms LIMIT 1",
                 $lock,
                 ") RETURNING *"
             )
@@ -120,7 +133,7 @@ async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiErro
     let claimed = on_db!(&jobs.db, p => async {
         let mut tx = begin_write!(p, dialect)?;
         let Some(row) = sqlx::query(sql)
-            .bind(owner).bind(lease_until).bind(now)
+            .bind(owner).bind(lease_until).bind(now).bind(jobs.settings.tenant_max_running)
             .fetch_optional(&mut *tx).await.map_err(db_error)? else {
             tx.rollback().await.map_err(db_error)?;
             return Ok::<_, ApiError>(None);
@@ -171,7 +184,16 @@ async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &Cancel
     let budget =
         Duration::from_millis(spec.timeout_ms.unwrap_or(30_000)) + jobs.dp.call_timeout() * 2;
     let dispatch = {
-        let call = jobs.dp.run_job(&tenant, request, budget);
+        // Stored ids are parsed again before they reach the data plane.
+        let call = async {
+            match TenantId::parse(tenant.as_str()) {
+                Ok(t) => jobs.dp.run_job(&t, request, budget).await,
+                Err(e) => Err(ClientError::Protocol {
+                    status: 400,
+                    detail: e.to_string(),
+                }),
+            }
+        };
         let renew = renew_lease(jobs, owner, &tenant, &id);
         tokio::pin!(call);
         tokio::select! {
@@ -336,7 +358,8 @@ async fn renew_lease(jobs: &JobService, owner: &str, tenant: &str, id: &str) {
             }
         }
         if is_cancel_requested(jobs, id).await
-            && let Err(e) = jobs.dp.cancel_job(tenant, id).await
+            && let (Ok(t), Ok(j)) = (TenantId::parse(tenant), JobId::parse(id))
+            && let Err(e) = jobs.dp.cancel_job(&t, &j).await
         {
             tracing::debug!(job = %id, error = %e, "cancel push failed; will retry");
         }

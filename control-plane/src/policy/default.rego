@@ -16,7 +16,7 @@ known_actions := {
 	"session.create", "session.read", "session.delete",
 	"step.run", "step.read",
 	"file.read", "file.write", "file.delete",
-	"artifact.read", "artifact.delete",
+	"artifact.read", "artifact.write", "artifact.delete",
 	"runtime.list", "audit.read",
 }
 

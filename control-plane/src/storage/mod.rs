@@ -106,6 +106,7 @@ impl Db {
             }
             DatabaseDriver::Sqlite => {
                 let opts = sqlite_options(url)?;
+                private_files(opts.get_filename())?;
                 let pool = SqlitePoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(5))
@@ -143,6 +144,41 @@ impl Db {
     pub async fn close(&self) {
         on_db!(self, p => p.close().await)
     }
+}
+
+/// The SQLite file holds every tenant's code, outputs and audit trail:
+/// it is created 0600 (SQLite gives its `-wal` and `-shm` the database
+/// file's mode), an existing one and its companions are made 0600, and a
+/// missing directory is created 0700 (issue 15, section 6).
+fn private_files(path: &std::path::Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let name = path.to_string_lossy();
+    if name.is_empty() || name.starts_with(':') || name.contains("mode=memory") {
+        return Ok(());
+    }
+    let err = |e: std::io::Error| StorageError::Config(format!("DATABASE_URL {name}: {e}"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let file = std::path::PathBuf::from(format!("{name}{suffix}"));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 /// SQLite options from `file:NAME?...`, `sqlite:...` or `sqlite::memory:`:
@@ -265,21 +301,61 @@ pub mod testing {
     }
 }
 
+/// Runs `async fn $name(driver: DatabaseDriver)` on both databases, as two
+/// tests: `$name::sqlite` (hermetic: a temporary file) and `$name::postgres`,
+/// ignored outside the integration tier (`make test-integration`: PostgreSQL
+/// on 127.0.0.1:5432, or `DATABASE_TEST_URL`; absent, it fails saying how to
+/// start it).
+#[cfg(test)]
+#[macro_export]
+macro_rules! both_databases {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name($crate::config::DatabaseDriver::Sqlite).await
+            }
+
+            #[tokio::test]
+            #[ignore = "needs: PostgreSQL on 127.0.0.1:5432 (make test-integration)"]
+            async fn postgres() {
+                super::$name($crate::config::DatabaseDriver::Postgres).await
+            }
+        }
+    )+};
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::testing::TestDb;
     use super::*;
 
+    crate::both_databases!(both_databases_migrate_and_answer);
+    async fn both_databases_migrate_and_answer(driver: DatabaseDriver) {
+        let t = TestDb::new(driver).await;
+        t.db.ping().await.unwrap();
+        let n: i64 =
+            on_db!(&t.db, p => sqlx::query_scalar("SELECT COUNT(*) FROM jobs").fetch_one(p).await)
+                .unwrap();
+        assert_eq!(n, 0);
+        t.cleanup().await;
+    }
+
     #[tokio::test]
-    async fn both_databases_migrate_and_answer() {
-        for driver in [DatabaseDriver::Sqlite, DatabaseDriver::Postgres] {
-            let t = TestDb::new(driver).await;
-            t.db.ping().await.unwrap();
-            let n: i64 = on_db!(&t.db, p => sqlx::query_scalar("SELECT COUNT(*) FROM jobs").fetch_one(p).await).unwrap();
-            assert_eq!(n, 0);
-            t.cleanup().await;
+    async fn the_sqlite_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("local");
+        let url = format!("file:{}/cp.db?mode=rwc", dir.display());
+        let db = Db::connect(DatabaseDriver::Sqlite, &url, 2).await.unwrap();
+        db.ping().await.unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for name in ["cp.db", "cp.db-wal", "cp.db-shm"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
         }
+        db.close().await;
     }
 
     #[test]

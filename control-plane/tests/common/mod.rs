@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 pub const USER_SECRET: &str = "user-secret-user-secret-user-secret!";
 /// Signs the service credential (the data plane's AUTH_JWT_SECRET).
 pub const DP_SECRET: &str = "dp-secret-dp-secret-dp-secret-dp-secret";
+/// The session agent's admin credential: the agent creates sessions only for
+/// its holder, the data plane.
+pub const AGENT_ADMIN: &str = "cp-test-agent-admin-credential-0123456789abcdef";
 
 pub fn postgres_url() -> String {
     std::env::var("DATABASE_TEST_URL")
@@ -130,7 +133,15 @@ pub async fn agent_proc(state: &std::path::Path, extra: &[&str]) -> Proc {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let state = state.display().to_string();
-    let mut args = vec!["session-agent", "--isolation", &iso, "--state-dir", &state];
+    let mut args = vec![
+        "session-agent",
+        "--isolation",
+        &iso,
+        "--state-dir",
+        &state,
+        "--admin-token",
+        AGENT_ADMIN,
+    ];
     args.extend_from_slice(extra);
     let config = session_agent::Config::parse_from(args);
     let shutdown = CancellationToken::new();
@@ -158,6 +169,8 @@ pub async fn dp_proc(agent_url: &str, state: &std::path::Path, addr: Option<&str
         DP_SECRET,
         "--agent-endpoint",
         agent_url,
+        "--agent-admin-token",
+        AGENT_ADMIN,
         "--artifact-root",
         &root,
         "--ready-timeout",

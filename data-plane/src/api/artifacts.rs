@@ -3,25 +3,27 @@
 use axum::{
     Extension, Json,
     body::Body,
-    extract::{Path, Query, State},
+    extract::{Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
 use shared::ErrorCode;
 use shared::dataplane::ArtifactInfo;
-use shared::server::ApiError;
+use shared::ids::{ArtifactId, SessionId};
+use shared::server::{ApiError, ApiPath};
 
 use super::AppState;
 use crate::auth::Caller;
+use crate::metrics::DirectionLabel;
 use crate::sessions::artifact_error;
-use crate::telemetry::DirectionLabel;
+use crate::workspace::artifacts::check_name;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UploadParams {
     name: Option<String>,
-    session_id: Option<String>,
+    session_id: Option<SessionId>,
 }
 
 /// `POST /internal/v1/artifacts?name=&sessionId=` with the raw bytes as body.
@@ -34,23 +36,19 @@ pub async fn upload(
     let Query(params) =
         params.map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.body_text()))?;
     let name = params.name.unwrap_or_else(|| "artifact".into());
-    if name.len() > 255 || name.contains(['/', '\0']) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidArgument,
-            "name must be 1-255 bytes without '/'",
-        ));
-    }
+    check_name(&name).map_err(artifact_error)?;
     if let Some(sid) = &params.session_id {
         // Only the caller's own session can own it.
         app.sessions.get(&caller, sid)?;
     }
+    let _slot = app.sessions.transfer(&caller)?;
     let info = app
         .sessions
         .artifacts()
         .put(
             &caller.tenant,
             &name,
-            params.session_id.as_deref(),
+            params.session_id.as_ref(),
             body.into_data_stream(),
         )
         .await
@@ -69,7 +67,7 @@ pub async fn upload(
 pub async fn info(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<ArtifactId>,
 ) -> Result<Json<ArtifactInfo>, ApiError> {
     Ok(Json(
         app.sessions
@@ -83,14 +81,20 @@ pub async fn info(
 pub async fn download(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<ArtifactId>,
 ) -> Result<Response, ApiError> {
+    let slot = app.sessions.transfer(&caller)?;
     let (info, stream) = app
         .sessions
         .artifacts()
         .get(&caller.tenant, &id)
         .await
         .map_err(artifact_error)?;
+    // The slot is held until the body has been sent (or dropped).
+    let stream = futures::StreamExt::map(stream, move |chunk| {
+        let _slot = &slot;
+        chunk
+    });
     tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %id, "artifact read");
     app.sessions
         .metrics()
@@ -116,7 +120,7 @@ pub async fn download(
 pub async fn delete(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<ArtifactId>,
 ) -> Result<StatusCode, ApiError> {
     app.sessions
         .artifacts()

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use axum::{
     Extension, Json, Router,
+    body::Body,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
     middleware,
     response::{
@@ -19,22 +20,22 @@ use axum::{
 use futures::StreamExt;
 use shared::ErrorCode;
 use shared::agent::FileList;
-use shared::client::PathContent;
 use shared::dataplane::{
     CreateSession, JobResult, ProbeStatus, RunJob, RunStep, RuntimeList, SessionViewList,
 };
-use shared::server::{ApiError, ApiJson};
+use shared::ids::{JobId, SessionId};
+use shared::server::{ApiError, ApiJson, ApiPath};
 
 use crate::auth::{Authenticator, Caller, require_credential};
 use crate::execution::JobService;
-use crate::sessions::SessionService;
+use crate::sessions::{PathRead, SessionRouter};
 
 mod artifacts;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub sessions: Arc<SessionService>,
+    pub sessions: Arc<SessionRouter>,
     pub jobs: Arc<JobService>,
 }
 
@@ -123,7 +124,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     {
         for (runtime, idle) in health.warm_pool {
             m.warm_pool_idle
-                .get_or_create(&crate::telemetry::RuntimeLabel { runtime })
+                .get_or_create(&crate::metrics::RuntimeLabel { runtime })
                 .set(idle as i64);
         }
     }
@@ -164,7 +165,7 @@ async fn list_sessions(
 async fn get_session(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<Response, ApiError> {
     Ok(Json(app.sessions.get(&caller, &id)?).into_response())
 }
@@ -172,7 +173,7 @@ async fn get_session(
 async fn delete_session(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<StatusCode, ApiError> {
     app.sessions.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -181,7 +182,7 @@ async fn delete_session(
 async fn run_step(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<SessionId>,
     headers: HeaderMap,
     ApiJson(step): ApiJson<RunStep>,
 ) -> Result<Response, ApiError> {
@@ -210,13 +211,16 @@ async fn run_job(
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<RunJob>,
 ) -> Result<Json<JobResult>, ApiError> {
+    // The body's id is checked at the edge like a path's.
+    JobId::parse(req.job_id.as_str())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.0))?;
     Ok(Json(app.jobs.run(&caller, req).await?))
 }
 
 async fn get_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<JobId>,
 ) -> Result<Json<JobResult>, ApiError> {
     Ok(Json(app.jobs.get(&caller, &id).await?))
 }
@@ -224,7 +228,7 @@ async fn get_job(
 async fn cancel_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<JobId>,
 ) -> Result<Json<JobResult>, ApiError> {
     Ok(Json(app.jobs.cancel(&caller, &id).await?))
 }
@@ -232,7 +236,7 @@ async fn cancel_job(
 async fn list_root(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<SessionId>,
 ) -> Result<Response, ApiError> {
     path_response(app.sessions.read_path(&caller, &id, "").await?)
 }
@@ -240,27 +244,34 @@ async fn list_root(
 async fn read_path(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path((id, path)): Path<(String, String)>,
+    ApiPath((id, path)): ApiPath<(SessionId, String)>,
 ) -> Result<Response, ApiError> {
     path_response(app.sessions.read_path(&caller, &id, &path).await?)
 }
 
-fn path_response(content: PathContent) -> Result<Response, ApiError> {
+/// A listing as JSON, a file streamed through as it comes from the agent.
+fn path_response(content: PathRead) -> Result<Response, ApiError> {
     Ok(match content {
-        PathContent::Dir(list) => Json::<FileList>(list).into_response(),
-        PathContent::File(bytes) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response(),
+        PathRead::Dir(list) => Json::<FileList>(list).into_response(),
+        PathRead::File { size, body } => {
+            let mut resp = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                Body::from_stream(body),
+            )
+                .into_response();
+            if let Some(n) = size {
+                resp.headers_mut().insert(header::CONTENT_LENGTH, n.into());
+            }
+            resp
+        }
     })
 }
 
 async fn write_file(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path((id, path)): Path<(String, String)>,
+    ApiPath((id, path)): ApiPath<(SessionId, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let body = body.map_err(|e| {
@@ -280,7 +291,7 @@ async fn write_file(
 async fn delete_file(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path((id, path)): Path<(String, String)>,
+    ApiPath((id, path)): ApiPath<(SessionId, String)>,
 ) -> Result<StatusCode, ApiError> {
     app.sessions.delete_file(&caller, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)

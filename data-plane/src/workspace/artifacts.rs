@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use shared::dataplane::ArtifactInfo;
+use shared::ids::{ArtifactId, SessionId, TenantId, storage_key};
 use tokio::io::AsyncReadExt;
 
 use super::blobs::Blobs;
@@ -32,6 +33,51 @@ pub enum ArtifactError {
     Io(#[from] io::Error),
     #[error("the upload broke off: {0}")]
     Upload(String),
+    #[error("{0}")]
+    BadName(String),
+}
+
+/// The one check of an artifact name (uploads, and files collected from a
+/// sandbox's `output/`): 1-255 bytes, no `/`, `\`, NUL or other control
+/// character (CR, LF, escape codes), and not `.` or `..`.
+pub fn check_name(name: &str) -> Result<(), ArtifactError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c.is_control() || c == '/' || c == '\\');
+    if ok {
+        Ok(())
+    } else {
+        Err(ArtifactError::BadName(
+            "name must be 1-255 bytes, not '.' or '..', without '/', '\\' or control characters"
+                .into(),
+        ))
+    }
+}
+
+/// A name from a sandbox's file path made acceptable to [`check_name`]:
+/// separators and control characters become `_`, it is cut to 255 bytes.
+pub fn sanitize_name(raw: &str) -> String {
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '/' || c == '\\' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    while name.len() > 255 {
+        name.pop();
+    }
+    if name.is_empty() || name == "." || name == ".." {
+        name = format!("_{name}");
+    }
+    name
 }
 
 /// Encrypted artifacts over a [`Blobs`] backend.
@@ -49,23 +95,31 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn object_key(tenant: &str, id: &str) -> String {
-    format!("objects/{tenant}/{id}")
+// Keys are built from validated ids only, and `storage_key` checks every
+// part again (second line): a part with `/`, `..`, NUL or anything outside
+// the id alphabet is "not found" and never reaches the backend.
+fn key(parts: &[&str]) -> Result<String, ArtifactError> {
+    storage_key(parts).map_err(|_| ArtifactError::NotFound)
 }
 
-fn meta_key(tenant: &str, id: &str) -> String {
-    format!("meta/{tenant}/{id}.json")
+fn object_key(tenant: &TenantId, id: &ArtifactId) -> Result<String, ArtifactError> {
+    key(&["objects", tenant, id])
 }
 
-fn dek_key(tenant: &str, id: &str) -> String {
-    format!("keys/{tenant}/{id}.dek")
+fn meta_key(tenant: &TenantId, id: &ArtifactId) -> Result<String, ArtifactError> {
+    key(&["meta", tenant, &format!("{id}.json")])
+}
+
+fn dek_key(tenant: &TenantId, id: &ArtifactId) -> Result<String, ArtifactError> {
+    key(&["keys", tenant, &format!("{id}.dek")])
 }
 
 impl ArtifactStore {
     /// A store on the local filesystem under `root`.
     pub fn new(root: PathBuf, kek: SecretKey, max_bytes: u64) -> io::Result<Self> {
+        super::blobs::private_dir_all(&root)?;
         for d in ["objects", "meta", "keys"] {
-            std::fs::create_dir_all(root.join(d))?;
+            super::blobs::private_dir_all(&root.join(d))?;
         }
         Ok(ArtifactStore {
             blobs: Blobs::Fs { root },
@@ -85,8 +139,8 @@ impl ArtifactStore {
 
     /// The tenant's key, created on first use (exclusively, so concurrent
     /// first uploads agree on one key).
-    async fn tenant_key(&self, tenant: &str) -> Result<SecretKey, ArtifactError> {
-        let key = format!("keys/{tenant}/tenant.key");
+    async fn tenant_key(&self, tenant: &TenantId) -> Result<SecretKey, ArtifactError> {
+        let key = key(&["keys", tenant, "tenant.key"])?;
         let owner = format!("tenant:{tenant}");
         let fresh = SecretKey::generate();
         if self
@@ -104,10 +158,14 @@ impl ArtifactStore {
         Ok(self.kek.unwrap_key(&wrapped, &owner)?)
     }
 
-    async fn data_key(&self, tenant: &str, id: &str) -> Result<SecretKey, ArtifactError> {
+    async fn data_key(
+        &self,
+        tenant: &TenantId,
+        id: &ArtifactId,
+    ) -> Result<SecretKey, ArtifactError> {
         let wrapped = self
             .blobs
-            .read(&dek_key(tenant, id))
+            .read(&dek_key(tenant, id)?)
             .await?
             .ok_or(CryptoError::KeyDestroyed)?;
         let tk = self.tenant_key(tenant).await?;
@@ -117,16 +175,18 @@ impl ArtifactStore {
     /// Stores a stream as a new artifact. On any failure nothing remains.
     pub async fn put<S, E>(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         name: &str,
-        session_id: Option<&str>,
+        session_id: Option<&SessionId>,
         body: S,
     ) -> Result<ArtifactInfo, ArtifactError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let id = format!("art-{}", hex::encode(rand::random::<[u8; 12]>()));
+        check_name(name)?;
+        let id = ArtifactId::parse(format!("art-{}", hex::encode(rand::random::<[u8; 12]>())))
+            .map_err(|e| ArtifactError::Io(io::Error::other(e)))?;
         let result = self.put_inner(&id, tenant, name, session_id, body).await;
         if result.is_err() {
             self.remove_all(tenant, &id).await;
@@ -136,10 +196,10 @@ impl ArtifactStore {
 
     async fn put_inner<S, E>(
         &self,
-        id: &str,
-        tenant: &str,
+        id: &ArtifactId,
+        tenant: &TenantId,
         name: &str,
-        session_id: Option<&str>,
+        session_id: Option<&SessionId>,
         mut body: S,
     ) -> Result<ArtifactInfo, ArtifactError>
     where
@@ -150,11 +210,11 @@ impl ArtifactStore {
         let dek = SecretKey::generate();
         self.blobs
             .create_new(
-                &dek_key(tenant, id),
+                &dek_key(tenant, id)?,
                 &tk.wrap(&dek, &format!("artifact:{tenant}/{id}")),
             )
             .await?;
-        let mut out = self.blobs.writer(&object_key(tenant, id)).await?;
+        let mut out = self.blobs.writer(&object_key(tenant, id)?).await?;
         let written = async {
             out.write(MAGIC).await?;
             let mut sealer = Sealer::new(&dek, id);
@@ -188,27 +248,38 @@ impl ArtifactStore {
         };
         out.finish().await?;
         let info = ArtifactInfo {
-            artifact_id: id.to_owned(),
-            tenant: tenant.to_owned(),
+            artifact_id: id.to_string(),
+            tenant: tenant.to_string(),
             name: name.to_owned(),
-            session_id: session_id.map(str::to_owned),
+            session_id: session_id.map(SessionId::to_string),
             size,
             sha256,
             created_at_ms: now_ms(),
         };
         let meta = serde_json::to_vec(&info).map_err(io::Error::other)?;
-        self.blobs.create_new(&meta_key(tenant, id), &meta).await?;
+        self.blobs.create_new(&meta_key(tenant, id)?, &meta).await?;
         Ok(info)
     }
 
-    /// An artifact's metadata (another tenant's is simply not found).
-    pub async fn info(&self, tenant: &str, id: &str) -> Result<ArtifactInfo, ArtifactError> {
+    /// An artifact's metadata. The stored record must name the caller's
+    /// tenant and this id: another tenant's artifact is not found, exactly
+    /// like one that does not exist, whatever path led to its record.
+    pub async fn info(
+        &self,
+        tenant: &TenantId,
+        id: &ArtifactId,
+    ) -> Result<ArtifactInfo, ArtifactError> {
         let bytes = self
             .blobs
-            .read(&meta_key(tenant, id))
+            .read(&meta_key(tenant, id)?)
             .await?
             .ok_or(ArtifactError::NotFound)?;
-        serde_json::from_slice(&bytes).map_err(|e| ArtifactError::Io(io::Error::other(e)))
+        let info: ArtifactInfo =
+            serde_json::from_slice(&bytes).map_err(|_| CryptoError::Integrity)?;
+        if info.tenant != tenant.as_str() || info.artifact_id != id.as_str() {
+            return Err(ArtifactError::NotFound);
+        }
+        Ok(info)
     }
 
     /// Opens an artifact for streaming. The first chunk is checked before
@@ -216,8 +287,8 @@ impl ArtifactStore {
     /// broken stream; later chunks are checked before they are sent.
     pub async fn get(
         &self,
-        tenant: &str,
-        id: &str,
+        tenant: &TenantId,
+        id: &ArtifactId,
     ) -> Result<
         (
             ArtifactInfo,
@@ -229,7 +300,7 @@ impl ArtifactStore {
         let dek = self.data_key(tenant, id).await?;
         let raw = self
             .blobs
-            .reader(&object_key(tenant, id))
+            .reader(&object_key(tenant, id)?)
             .await?
             .ok_or(ArtifactError::NotFound)?;
         let mut file = tokio::io::BufReader::with_capacity(4 * CHUNK, raw);
@@ -265,46 +336,53 @@ impl ArtifactStore {
     }
 
     /// Destroys the artifact's data key (on `fs` overwritten, then removed) and its object.
-    pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), ArtifactError> {
+    pub async fn delete(&self, tenant: &TenantId, id: &ArtifactId) -> Result<(), ArtifactError> {
         self.info(tenant, id).await?;
         self.remove_all(tenant, id).await;
         Ok(())
     }
 
-    /// Deletes every artifact of a session (session teardown).
+    /// Deletes every artifact of a session (session teardown, expiry).
     pub async fn delete_session(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         session_id: &str,
     ) -> Result<usize, ArtifactError> {
         let mut n = 0;
-        for name in self.blobs.list(&format!("meta/{tenant}")).await? {
-            let Some(id) = name.strip_suffix(".json") else {
+        for name in self.blobs.list(&key(&["meta", tenant])?).await? {
+            let Some(Ok(id)) = name.strip_suffix(".json").map(ArtifactId::parse) else {
                 continue;
             };
-            if let Ok(info) = self.info(tenant, id).await
+            if let Ok(info) = self.info(tenant, &id).await
                 && info.session_id.as_deref() == Some(session_id)
             {
-                self.remove_all(tenant, id).await;
+                self.remove_all(tenant, &id).await;
                 n += 1;
             }
         }
         Ok(n)
     }
 
-    async fn remove_all(&self, tenant: &str, id: &str) {
+    async fn remove_all(&self, tenant: &TenantId, id: &ArtifactId) {
         // The key first: once it is gone, what remains is noise.
-        self.blobs.delete(&dek_key(tenant, id), true).await;
-        self.blobs.delete(&object_key(tenant, id), false).await;
-        self.blobs.delete(&meta_key(tenant, id), false).await;
+        let (Ok(dek), Ok(object), Ok(meta)) = (
+            dek_key(tenant, id),
+            object_key(tenant, id),
+            meta_key(tenant, id),
+        ) else {
+            return;
+        };
+        self.blobs.delete(&dek, true).await;
+        self.blobs.delete(&object, false).await;
+        self.blobs.delete(&meta, false).await;
     }
 
     /// Decrypts a copy of an object's bytes with the keys the store has now
     /// (what an attacker holding old ciphertext could do with them).
     pub async fn decrypt_copy(
         &self,
-        tenant: &str,
-        id: &str,
+        tenant: &TenantId,
+        id: &ArtifactId,
         object: &[u8],
     ) -> Result<Vec<u8>, ArtifactError> {
         let dek = self.data_key(tenant, id).await?;
@@ -321,18 +399,22 @@ impl ArtifactStore {
     }
 
     /// The raw (encrypted) bytes of an object, as stored.
-    pub async fn raw_object(&self, tenant: &str, id: &str) -> Result<Vec<u8>, ArtifactError> {
+    pub async fn raw_object(
+        &self,
+        tenant: &TenantId,
+        id: &ArtifactId,
+    ) -> Result<Vec<u8>, ArtifactError> {
         self.blobs
-            .read(&object_key(tenant, id))
+            .read(&object_key(tenant, id)?)
             .await?
             .ok_or(ArtifactError::NotFound)
     }
 
     /// Path of an artifact's object on the `fs` backend (tests alter it).
-    pub fn object_path(&self, tenant: &str, id: &str) -> PathBuf {
-        match &self.blobs {
-            Blobs::Fs { root } => root.join(object_key(tenant, id)),
-            Blobs::S3 { .. } => PathBuf::new(),
+    pub fn object_path(&self, tenant: &TenantId, id: &ArtifactId) -> PathBuf {
+        match (&self.blobs, object_key(tenant, id)) {
+            (Blobs::Fs { root }, Ok(key)) => root.join(key),
+            _ => PathBuf::new(),
         }
     }
 }
@@ -403,8 +485,23 @@ mod tests {
         futures::stream::iter(pieces)
     }
 
+    fn t(s: &str) -> TenantId {
+        TenantId::parse(s).unwrap()
+    }
+
+    fn aid(s: &str) -> ArtifactId {
+        ArtifactId::parse(s).unwrap()
+    }
+
+    fn sid(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+
     async fn read_all(s: &ArtifactStore, tenant: &str, id: &str) -> Result<Vec<u8>, String> {
-        let (_, stream) = s.get(tenant, id).await.map_err(|e| e.to_string())?;
+        let (_, stream) = s
+            .get(&t(tenant), &aid(id))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut stream = Box::pin(stream);
         let mut out = Vec::new();
         while let Some(b) = stream.next().await {
@@ -420,7 +517,7 @@ mod tests {
         for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
             let info = s
-                .put("acme", "f.bin", None, body(&data, 10_000))
+                .put(&t("acme"), "f.bin", None, body(&data, 10_000))
                 .await
                 .unwrap();
             assert_eq!(info.size, len as u64);
@@ -431,7 +528,7 @@ mod tests {
                 "len {len}"
             );
             // At rest it is not the plaintext.
-            let raw = std::fs::read(s.object_path("acme", &info.artifact_id)).unwrap();
+            let raw = std::fs::read(s.object_path(&t("acme"), &aid(&info.artifact_id))).unwrap();
             if len > 64 {
                 assert!(!raw.windows(64).any(|w| w == &data[..64]));
             }
@@ -444,8 +541,11 @@ mod tests {
         let s = store(tmp.path());
         let data = vec![42u8; 2 * CHUNK + 5];
         for offset in [10, 8 + CHUNK + TAG + 3, 8 + 2 * (CHUNK + TAG) + 1] {
-            let info = s.put("acme", "f", None, body(&data, CHUNK)).await.unwrap();
-            let path = s.object_path("acme", &info.artifact_id);
+            let info = s
+                .put(&t("acme"), "f", None, body(&data, CHUNK))
+                .await
+                .unwrap();
+            let path = s.object_path(&t("acme"), &aid(&info.artifact_id));
             let mut raw = std::fs::read(&path).unwrap();
             raw[offset] ^= 0x80;
             std::fs::write(&path, &raw).unwrap();
@@ -453,8 +553,11 @@ mod tests {
             assert!(got.unwrap_err().contains("integrity"), "offset {offset}");
         }
         // Truncation (drop the last chunk).
-        let info = s.put("acme", "f", None, body(&data, CHUNK)).await.unwrap();
-        let path = s.object_path("acme", &info.artifact_id);
+        let info = s
+            .put(&t("acme"), "f", None, body(&data, CHUNK))
+            .await
+            .unwrap();
+        let path = s.object_path(&t("acme"), &aid(&info.artifact_id));
         let raw = std::fs::read(&path).unwrap();
         std::fs::write(&path, &raw[..8 + 2 * (CHUNK + TAG)]).unwrap();
         assert!(
@@ -471,19 +574,19 @@ mod tests {
         let s = store(tmp.path());
         let data = b"secret report".repeat(1000);
         let info = s
-            .put("acme", "r", Some("ses-1"), body(&data, 4096))
+            .put(&t("acme"), "r", Some(&sid("ses-1")), body(&data, 4096))
             .await
             .unwrap();
-        let copy = std::fs::read(s.object_path("acme", &info.artifact_id)).unwrap();
+        let copy = std::fs::read(s.object_path(&t("acme"), &aid(&info.artifact_id))).unwrap();
         assert_eq!(
-            s.decrypt_copy("acme", &info.artifact_id, &copy)
+            s.decrypt_copy(&t("acme"), &aid(&info.artifact_id), &copy)
                 .await
                 .unwrap(),
             data
         );
-        s.delete("acme", &info.artifact_id).await.unwrap();
+        s.delete(&t("acme"), &aid(&info.artifact_id)).await.unwrap();
         let err = s
-            .decrypt_copy("acme", &info.artifact_id, &copy)
+            .decrypt_copy(&t("acme"), &aid(&info.artifact_id), &copy)
             .await
             .unwrap_err();
         assert!(
@@ -491,37 +594,42 @@ mod tests {
             "{err}"
         );
         assert!(matches!(
-            s.get("acme", &info.artifact_id).await,
+            s.get(&t("acme"), &aid(&info.artifact_id)).await,
             Err(ArtifactError::NotFound)
         ));
         // Session teardown takes the session's artifacts with it.
         let a = s
-            .put("acme", "a", Some("ses-2"), body(b"x", 1))
+            .put(&t("acme"), "a", Some(&sid("ses-2")), body(b"x", 1))
             .await
             .unwrap();
         let b = s
-            .put("acme", "b", Some("ses-3"), body(b"y", 1))
+            .put(&t("acme"), "b", Some(&sid("ses-3")), body(b"y", 1))
             .await
             .unwrap();
-        assert_eq!(s.delete_session("acme", "ses-2").await.unwrap(), 1);
+        assert_eq!(s.delete_session(&t("acme"), "ses-2").await.unwrap(), 1);
         assert!(matches!(
-            s.info("acme", &a.artifact_id).await,
+            s.info(&t("acme"), &aid(&a.artifact_id)).await,
             Err(ArtifactError::NotFound)
         ));
-        assert!(s.info("acme", &b.artifact_id).await.is_ok());
+        assert!(s.info(&t("acme"), &aid(&b.artifact_id)).await.is_ok());
     }
 
     #[tokio::test]
     async fn tenants_are_apart_and_limits_hold() {
         let tmp = tempfile::tempdir().unwrap();
         let s = ArtifactStore::new(tmp.path().to_path_buf(), SecretKey::generate(), 1000).unwrap();
-        let info = s.put("acme", "a", None, body(b"hello", 2)).await.unwrap();
+        let info = s
+            .put(&t("acme"), "a", None, body(b"hello", 2))
+            .await
+            .unwrap();
         assert!(matches!(
-            s.get("globex", &info.artifact_id).await,
+            s.get(&t("globex"), &aid(&info.artifact_id)).await,
             Err(ArtifactError::NotFound)
         ));
         // Files copied into another tenant's place do not open there.
-        s.put("globex", "own", None, body(b"g", 1)).await.unwrap();
+        s.put(&t("globex"), "own", None, body(b"g", 1))
+            .await
+            .unwrap();
         for (from, to) in [
             (
                 format!("objects/acme/{0}", info.artifact_id),
@@ -538,13 +646,31 @@ mod tests {
         ] {
             std::fs::copy(tmp.path().join(from), tmp.path().join(to)).unwrap();
         }
-        let err = s.get("globex", &info.artifact_id).await.err().unwrap();
+        // The copied record names its own tenant: not found here.
+        assert!(matches!(
+            s.get(&t("globex"), &aid(&info.artifact_id)).await,
+            Err(ArtifactError::NotFound)
+        ));
+        // Even with the record rewritten to claim globex, the keys are bound
+        // to acme: it does not open.
+        let meta = tmp
+            .path()
+            .join(format!("meta/globex/{0}.json", info.artifact_id));
+        let forged = std::fs::read_to_string(&meta)
+            .unwrap()
+            .replace("\"tenant\":\"acme\"", "\"tenant\":\"globex\"");
+        std::fs::write(&meta, forged).unwrap();
+        let err = s
+            .get(&t("globex"), &aid(&info.artifact_id))
+            .await
+            .err()
+            .unwrap();
         assert!(
             matches!(err, ArtifactError::Crypto(CryptoError::Integrity)),
             "{err}"
         );
         let err = s
-            .put("acme", "big", None, body(&[0u8; 2000], 100))
+            .put(&t("acme"), "big", None, body(&[0u8; 2000], 100))
             .await
             .unwrap_err();
         assert!(matches!(err, ArtifactError::TooLarge(1000)));
@@ -557,5 +683,99 @@ mod tests {
             .unwrap()
             .count();
         assert_eq!(keys, 2, "the tenant key and one data key");
+    }
+
+    #[tokio::test]
+    async fn keys_outside_the_id_alphabet_never_reach_the_backend() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        // A readable JSON file outside the store: no key may name it.
+        std::fs::write(tmp.path().join("secret.json"), b"{}").unwrap();
+        for bad in [
+            "../secret",
+            "meta/../../secret.json",
+            "meta/acme/..",
+            "/etc/passwd",
+            "meta\\x",
+            "meta/a\0b",
+            "meta//x",
+            "meta/%2e%2e",
+        ] {
+            let err = s.blobs.read(bad).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad}");
+            assert!(s.blobs.writer(bad).await.is_err(), "{bad}");
+            assert!(s.blobs.reader(bad).await.is_err(), "{bad}");
+            assert!(s.blobs.create_new(bad, b"x").await.is_err(), "{bad}");
+            assert!(s.blobs.list(bad).await.is_err(), "{bad}");
+            s.blobs.delete(bad, true).await;
+        }
+        assert!(tmp.path().join("secret.json").exists());
+        assert!(key(&["meta", "..", "x"]).is_err());
+        assert!(key(&["meta", "acme", "art-1.json"]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn names_are_checked_once_for_every_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a\\b",
+            "a\rb",
+            "a\nb",
+            "\u{1b}[31mred",
+            "a\0b",
+            "\u{7f}",
+            &"x".repeat(256),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+            let err = s
+                .put(&t("acme"), bad, None, body(b"x", 1))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ArtifactError::BadName(_)), "{bad:?}: {err}");
+            let fixed = sanitize_name(bad);
+            assert!(check_name(&fixed).is_ok(), "{bad:?} -> {fixed:?}");
+        }
+        for good in ["report.csv", "a b.txt", "données.json", "..hidden", "x..y"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
+        // Nothing was stored for the refused names.
+        assert!(s.blobs.list("meta/acme").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stored_files_and_folders_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let s = store(&root);
+        let info = s
+            .put(&t("acme"), "a", None, body(b"hello", 2))
+            .await
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for f in [
+            format!("objects/acme/{}", info.artifact_id),
+            format!("meta/acme/{}.json", info.artifact_id),
+            format!("keys/acme/{}.dek", info.artifact_id),
+            "keys/acme/tenant.key".to_owned(),
+        ] {
+            assert_eq!(mode(&root.join(&f)), 0o600, "{f}");
+        }
+        for d in [
+            "",
+            "objects",
+            "meta",
+            "keys",
+            "objects/acme",
+            "meta/acme",
+            "keys/acme",
+        ] {
+            assert_eq!(mode(&root.join(d)), 0o700, "{d:?}");
+        }
     }
 }

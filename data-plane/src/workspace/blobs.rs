@@ -30,13 +30,42 @@ fn s3_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("s3: {e}"))
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (the store's
+/// directories are private to the data plane's user).
+pub fn private_dir_all(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+async fn private_dir_all_async(dir: PathBuf) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || private_dir_all(&dir))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Refuses a key that could leave its prefix (the second line behind the
+/// typed ids): every `/`-separated part must be in the id alphabet, so no
+/// `..`, empty part, leading `/`, `\`, NUL or percent sign ever reaches the
+/// filesystem or the bucket.
+fn checked(key: &str) -> io::Result<&str> {
+    let parts: Vec<&str> = key.split('/').collect();
+    match shared::ids::storage_key(&parts) {
+        Ok(_) => Ok(key),
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidInput, e.0)),
+    }
+}
+
 impl Blobs {
-    fn path(root: &std::path::Path, key: &str) -> PathBuf {
-        root.join(key)
+    fn path(root: &std::path::Path, key: &str) -> io::Result<PathBuf> {
+        Ok(root.join(checked(key)?))
     }
 
-    fn s3_key(prefix: &str, key: &str) -> String {
-        format!("{prefix}{key}")
+    fn s3_key(prefix: &str, key: &str) -> io::Result<String> {
+        Ok(format!("{prefix}{}", checked(key)?))
     }
 
     /// An S3 object's body, `None` if the key does not exist.
@@ -55,7 +84,7 @@ impl Blobs {
     /// The bytes of a small blob (metadata, wrapped keys), `None` if absent.
     pub async fn read(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
         match self {
-            Blobs::Fs { root } => match tokio::fs::read(Self::path(root, key)).await {
+            Blobs::Fs { root } => match tokio::fs::read(Self::path(root, key)?).await {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
@@ -64,7 +93,7 @@ impl Blobs {
                 client,
                 bucket,
                 prefix,
-            } => match Self::get_object(client, bucket, Self::s3_key(prefix, key)).await? {
+            } => match Self::get_object(client, bucket, Self::s3_key(prefix, key)?).await? {
                 Some(body) => Ok(Some(
                     body.collect().await.map_err(s3_err)?.into_bytes().to_vec(),
                 )),
@@ -77,9 +106,9 @@ impl Blobs {
     pub async fn create_new(&self, key: &str, data: &[u8]) -> io::Result<bool> {
         match self {
             Blobs::Fs { root } => {
-                let path = Self::path(root, key);
+                let path = Self::path(root, key)?;
                 if let Some(dir) = path.parent() {
-                    tokio::fs::create_dir_all(dir).await?;
+                    private_dir_all_async(dir.to_path_buf()).await?;
                 }
                 let opened = tokio::fs::OpenOptions::new()
                     .write(true)
@@ -105,7 +134,7 @@ impl Blobs {
                 let put = client
                     .put_object()
                     .bucket(bucket)
-                    .key(Self::s3_key(prefix, key))
+                    .key(Self::s3_key(prefix, key)?)
                     .if_none_match("*")
                     .body(ByteStream::from(data.to_vec()))
                     .send()
@@ -125,7 +154,9 @@ impl Blobs {
     pub async fn delete(&self, key: &str, shred: bool) {
         match self {
             Blobs::Fs { root } => {
-                let path = Self::path(root, key);
+                let Ok(path) = Self::path(root, key) else {
+                    return;
+                };
                 if shred
                     && let Ok(meta) = tokio::fs::metadata(&path).await
                     && let Ok(mut f) = tokio::fs::OpenOptions::new().write(true).open(&path).await
@@ -140,12 +171,10 @@ impl Blobs {
                 bucket,
                 prefix,
             } => {
-                let _ = client
-                    .delete_object()
-                    .bucket(bucket)
-                    .key(Self::s3_key(prefix, key))
-                    .send()
-                    .await;
+                let Ok(key) = Self::s3_key(prefix, key) else {
+                    return;
+                };
+                let _ = client.delete_object().bucket(bucket).key(key).send().await;
             }
         }
     }
@@ -155,7 +184,7 @@ impl Blobs {
         match self {
             Blobs::Fs { root } => {
                 let mut out = Vec::new();
-                let Ok(mut entries) = tokio::fs::read_dir(Self::path(root, dir)).await else {
+                let Ok(mut entries) = tokio::fs::read_dir(Self::path(root, dir)?).await else {
                     return Ok(out);
                 };
                 while let Some(e) = entries.next_entry().await? {
@@ -168,7 +197,7 @@ impl Blobs {
                 bucket,
                 prefix,
             } => {
-                let full = Self::s3_key(prefix, &format!("{dir}/"));
+                let full = format!("{}/", Self::s3_key(prefix, dir)?);
                 let mut out = Vec::new();
                 let mut pages = client
                     .list_objects_v2()
@@ -194,11 +223,17 @@ impl Blobs {
     pub async fn writer(&self, key: &str) -> io::Result<BlobWriter> {
         match self {
             Blobs::Fs { root } => {
-                let path = Self::path(root, key);
+                let path = Self::path(root, key)?;
                 if let Some(dir) = path.parent() {
-                    tokio::fs::create_dir_all(dir).await?;
+                    private_dir_all_async(dir.to_path_buf()).await?;
                 }
-                let file = tokio::fs::File::create_new(&path).await?;
+                // Ciphertext, but still nobody else's business: 0600.
+                let file = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .await?;
                 Ok(BlobWriter::Fs {
                     out: tokio::io::BufWriter::with_capacity(256 * 1024, file),
                     path,
@@ -211,7 +246,7 @@ impl Blobs {
             } => Ok(BlobWriter::S3 {
                 client: client.clone(),
                 bucket: bucket.clone(),
-                key: Self::s3_key(prefix, key),
+                key: Self::s3_key(prefix, key)?,
                 upload_id: None,
                 parts: Vec::new(),
                 buf: Vec::with_capacity(PART),
@@ -222,7 +257,7 @@ impl Blobs {
     /// A streaming reader of an object.
     pub async fn reader(&self, key: &str) -> io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
         match self {
-            Blobs::Fs { root } => match tokio::fs::File::open(Self::path(root, key)).await {
+            Blobs::Fs { root } => match tokio::fs::File::open(Self::path(root, key)?).await {
                 Ok(f) => Ok(Some(Box::new(f))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
@@ -231,7 +266,7 @@ impl Blobs {
                 client,
                 bucket,
                 prefix,
-            } => Ok(Self::get_object(client, bucket, Self::s3_key(prefix, key))
+            } => Ok(Self::get_object(client, bucket, Self::s3_key(prefix, key)?)
                 .await?
                 .map(|body| Box::new(body.into_async_read()) as Box<dyn AsyncRead + Send + Unpin>)),
         }

@@ -114,6 +114,44 @@ impl SecretKey {
         hex::encode(out)
     }
 
+    /// Seals a record at rest (a saved job result) for `owner`, the
+    /// associated data (`job:{tenant}/{id}`): nonce || ciphertext.
+    pub fn seal_record(&self, plain: &[u8], owner: &str) -> Vec<u8> {
+        let nonce: [u8; 12] = rand::random();
+        let sealed = self
+            .cipher()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: owner.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(12 + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens what [`SecretKey::seal_record`] sealed for the same owner; a
+    /// record moved to another owner or altered is an integrity error.
+    pub fn open_record(&self, sealed: &[u8], owner: &str) -> Result<Vec<u8>, CryptoError> {
+        if sealed.len() < 12 + TAG {
+            return Err(CryptoError::Integrity);
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        self.cipher()
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: owner.as_bytes(),
+                },
+            )
+            .map_err(|_| CryptoError::Integrity)
+    }
+
     /// Opens what [`SecretKey::seal_secret`] sealed for the same owner.
     pub fn open_secret(&self, sealed: &str, owner: &str) -> Result<String, CryptoError> {
         let bytes = hex::decode(sealed).map_err(|_| CryptoError::Integrity)?;

@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
+/// The session agent's admin credential: the agent creates sessions only for
+/// its holder, the data plane (both get it, as `make run-local` does).
+pub const AGENT_ADMIN: &str = "test-agent-admin-credential-0123456789abcdef";
+
 pub struct Stack {
     pub dp: String,
     pub agent_url: String,
@@ -51,6 +55,8 @@ pub async fn stack(agent: bool, extra: &[&str]) -> Stack {
             &iso,
             "--state-dir",
             &state.path().display().to_string(),
+            "--admin-token",
+            AGENT_ADMIN,
         ]);
         eprintln!("isolation used: {iso}");
         tasks.push(tokio::spawn(session_agent::serve(
@@ -74,6 +80,8 @@ pub async fn stack(agent: bool, extra: &[&str]) -> Stack {
         SECRET,
         "--agent-endpoint",
         &agent_url,
+        "--agent-admin-token",
+        AGENT_ADMIN,
         "--ready-timeout",
         "30s",
         "--artifact-root",
@@ -215,7 +223,15 @@ pub async fn agent_proc(state: &std::path::Path, extra: &[&str]) -> Proc {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let state = state.display().to_string();
-    let mut args = vec!["session-agent", "--isolation", &iso, "--state-dir", &state];
+    let mut args = vec![
+        "session-agent",
+        "--isolation",
+        &iso,
+        "--state-dir",
+        &state,
+        "--admin-token",
+        AGENT_ADMIN,
+    ];
     args.extend_from_slice(extra);
     let config = session_agent::Config::parse_from(args);
     let shutdown = CancellationToken::new();
@@ -239,6 +255,8 @@ pub async fn dp_proc(agent_url: &str, state: &std::path::Path, extra: &[&str]) -
         SECRET,
         "--agent-endpoint",
         agent_url,
+        "--agent-admin-token",
+        AGENT_ADMIN,
         "--artifact-root",
         &root,
     ];

@@ -61,6 +61,12 @@ fn token(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+fn admin_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(ADMIN_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+}
+
 async fn health(State(app): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -74,8 +80,12 @@ async fn health(State(app): State<AppState>) -> Json<Health> {
 async fn create_session(
     State(app): State<AppState>,
     headers: HeaderMap,
-    ApiJson(req): ApiJson<CreateSessionRequest>,
+    body: Result<ApiJson<CreateSessionRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    // The caller first: an unauthenticated one learns nothing of the body's
+    // validation and starts no sandbox.
+    app.sessions.authorize_create(admin_token(&headers))?;
+    let ApiJson(req) = body?;
     // When both are given, the header must be the token being registered.
     if let (Some(h), Some(b)) = (token(&headers), req.token.as_deref())
         && h != b
@@ -102,10 +112,7 @@ async fn create_session(
 }
 
 async fn list_sessions(State(app): State<AppState>, headers: HeaderMap) -> Json<SessionList> {
-    let admin = headers
-        .get(ADMIN_TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok());
-    let sessions = if app.sessions.is_admin(admin) {
+    let sessions = if app.sessions.is_admin(admin_token(&headers)) {
         app.sessions.list_all()
     } else {
         app.sessions.list(token(&headers))
@@ -127,10 +134,7 @@ async fn delete_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let admin = headers
-        .get(ADMIN_TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok());
-    if !app.sessions.is_admin(admin) {
+    if !app.sessions.is_admin(admin_token(&headers)) {
         app.sessions.authorize(&id, token(&headers))?;
     }
     app.sessions.end(&id, "deleted").await?;

@@ -242,6 +242,7 @@ mod tests {
         let spec = SandboxSpec {
             sandbox_id: "sb-1".into(),
             runtime: Runtime::Python,
+            argv: vec!["/usr/bin/python3".into()],
             workspace: tmp.path().join("ws"),
             packages: None,
             limits: EffectiveLimits {

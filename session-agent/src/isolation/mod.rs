@@ -59,9 +59,6 @@ pub struct LauncherConfig {
     /// Extra runsc global flags (each checked against the deny list).
     pub runsc_extra_flags: Vec<String>,
     pub bwrap_path: PathBuf,
-    pub python_path: PathBuf,
-    pub node_path: PathBuf,
-    pub bash_path: PathBuf,
 }
 
 /// Everything about one sandbox to start.
@@ -69,7 +66,12 @@ pub struct LauncherConfig {
 pub struct SandboxSpec {
     /// Unique among live sandboxes; becomes a container id and cgroup name.
     pub sandbox_id: String,
+    /// Selects runtime-specific resource limits (rlimits); the launcher does
+    /// not know how an interpreter is started.
     pub runtime: Runtime,
+    /// The command run in the sandbox: `argv[0]` is an absolute path under
+    /// `/usr`. Built by `kernels` (interpreter, flags and inline driver).
+    pub argv: Vec<String>,
     /// The host directory mounted read-write at [`SANDBOX_WORKSPACE`].
     pub workspace: PathBuf,
     pub limits: EffectiveLimits,
@@ -168,36 +170,6 @@ impl Launcher {
         self.inner.config.kind
     }
 
-    /// The interpreter command line of a runtime (driver passed inline).
-    fn argv(&self, runtime: Runtime, limits: &EffectiveLimits) -> Vec<String> {
-        let c = &self.inner.config;
-        match runtime {
-            Runtime::Python => {
-                let mut argv = vec![c.python_path.display().to_string()];
-                argv.extend(crate::kernels::PYTHON_FLAGS.map(String::from));
-                argv.extend(["-c".into(), crate::kernels::PYTHON_DRIVER.into()]);
-                argv
-            }
-            Runtime::Node => vec![
-                c.node_path.display().to_string(),
-                // Leave room for the runtime's own memory outside the V8 heap.
-                format!(
-                    "--max-old-space-size={}",
-                    (limits.memory_mb * 3 / 4).max(16)
-                ),
-                "-e".into(),
-                crate::kernels::NODE_DRIVER.into(),
-            ],
-            Runtime::Bash => vec![
-                c.bash_path.display().to_string(),
-                "--norc".into(),
-                "--noprofile".into(),
-                "-c".into(),
-                crate::kernels::BASH_DRIVER.into(),
-            ],
-        }
-    }
-
     /// The environment of a fresh interpreter: nothing from the agent's own.
     fn env(&self) -> Vec<(String, String)> {
         vec![
@@ -209,9 +181,12 @@ impl Launcher {
         ]
     }
 
-    /// Starts a sandbox running the runtime's kernel driver.
+    /// Starts a sandbox running `spec.argv`.
     pub async fn start(&self, spec: &SandboxSpec) -> Result<Sandbox, LaunchError> {
-        let argv = self.argv(spec.runtime, &spec.limits);
+        let argv = &spec.argv;
+        if argv.is_empty() {
+            return Err(LaunchError::Config("empty sandbox command line".into()));
+        }
         let mut env = self.env();
         if let Some(p) = &spec.packages {
             // The driver puts this on the import path.
@@ -238,7 +213,7 @@ impl Launcher {
                     &inner.bundles,
                     &inner.root,
                     spec,
-                    &argv,
+                    argv,
                     &env,
                     &cgroups_path,
                 )?;
@@ -257,14 +232,14 @@ impl Launcher {
                     cgroup.as_ref(),
                     &inner.root,
                     spec,
-                    &argv,
+                    argv,
                     &env,
                 );
                 (cmd, Cleanup::Cgroup(cgroup))
             }
             IsolationKind::None => {
                 let cgroup = inner.cgroups.create(&spec.sandbox_id, &spec.limits);
-                let cmd = bwrap::unisolated(cgroup.as_ref(), spec, &argv, &env);
+                let cmd = bwrap::unisolated(cgroup.as_ref(), spec, argv, &env);
                 (cmd, Cleanup::Cgroup(cgroup))
             }
         };
@@ -569,4 +544,67 @@ fn runsc_global_flags(c: &LauncherConfig, runsc_root: &Path) -> Result<Vec<Strin
         flags::check_runsc_flag(f).map_err(|e| LaunchError::Config(e.to_string()))?;
     }
     Ok(flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// `isolation` is the bottom layer of the agent: it runs the argv it is
+    /// handed ([`super::SandboxSpec::argv`]) and imports no other module of
+    /// the crate (`kernels` once passed its drivers and flags this way; the
+    /// two imported each other). Reads every source file of the module, so a
+    /// new file is covered too.
+    #[test]
+    fn isolation_imports_no_other_module_of_the_crate() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        // The crate's other top-level modules: `src/x.rs` and `src/x/`.
+        let mut siblings: Vec<String> = std::fs::read_dir(&src)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter_map(|p| {
+                let stem = p.file_stem()?.to_str()?.to_owned();
+                (p.is_dir() || p.extension().is_some_and(|x| x == "rs")).then_some(stem)
+            })
+            .filter(|m| !["isolation", "lib", "main"].contains(&m.as_str()))
+            .collect();
+        siblings.sort();
+        siblings.dedup();
+        assert!(siblings.contains(&"kernels".to_owned()), "{siblings:?}");
+        // Spelt in pieces so this test does not match itself.
+        let (krate, sup, sep) = ("crate", "super", "::");
+        let mut forbidden = vec![format!("{sup}{sep}{sup}"), format!("{krate}{sep}{{")];
+        for m in &siblings {
+            forbidden.push(format!("{krate}{sep}{m}"));
+            forbidden.push(format!("{sup}{sep}{m}"));
+        }
+        let mut files = vec![src.join("isolation")];
+        let mut checked = 0;
+        let mut found = Vec::new();
+        while let Some(p) = files.pop() {
+            if p.is_dir() {
+                files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            checked += 1;
+            let text = std::fs::read_to_string(&p).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                for f in &forbidden {
+                    if line.contains(f.as_str()) {
+                        found.push(format!("{}:{}: {f}", p.display(), n + 1));
+                    }
+                }
+            }
+        }
+        assert!(checked >= 6, "only {checked} files under src/isolation");
+        assert!(
+            found.is_empty(),
+            "isolation must not import other modules of the agent (hand it data instead, \
+             e.g. SandboxSpec::argv):\n{}",
+            found.join("\n")
+        );
+    }
 }

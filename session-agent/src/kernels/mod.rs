@@ -11,11 +11,12 @@
 //! it): sizes are capped and a malformed status is an error, never a panic.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::agent::{Runtime, StepError, StepMode, StepStatus};
+use shared::agent::{EffectiveLimits, Runtime, StepError, StepMode, StepStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -33,6 +34,48 @@ pub const PYTHON_DRIVER: &str = include_str!("drivers/python_driver.py");
 pub const NODE_DRIVER: &str = include_str!("drivers/node_driver.js");
 /// The Bash driver, passed inline with `bash -c`.
 pub const BASH_DRIVER: &str = include_str!("drivers/bash_driver.sh");
+
+/// The interpreter binaries (`SESSION_AGENT_PYTHON`, `_NODE`, `_BASH`), all
+/// under `/usr` (the only host tree a sandbox sees).
+#[derive(Debug, Clone)]
+pub struct Interpreters {
+    pub python: PathBuf,
+    pub node: PathBuf,
+    pub bash: PathBuf,
+}
+
+impl Interpreters {
+    /// The command line of a runtime's kernel: the interpreter, its flags and
+    /// the driver passed inline. The launcher runs it as given
+    /// ([`SandboxSpec::argv`]).
+    pub fn argv(&self, runtime: Runtime, limits: &EffectiveLimits) -> Vec<String> {
+        match runtime {
+            Runtime::Python => {
+                let mut argv = vec![self.python.display().to_string()];
+                argv.extend(PYTHON_FLAGS.map(String::from));
+                argv.extend(["-c".into(), PYTHON_DRIVER.into()]);
+                argv
+            }
+            Runtime::Node => vec![
+                self.node.display().to_string(),
+                // Leave room for the runtime's own memory outside the V8 heap.
+                format!(
+                    "--max-old-space-size={}",
+                    (limits.memory_mb * 3 / 4).max(16)
+                ),
+                "-e".into(),
+                NODE_DRIVER.into(),
+            ],
+            Runtime::Bash => vec![
+                self.bash.display().to_string(),
+                "--norc".into(),
+                "--noprofile".into(),
+                "-c".into(),
+                BASH_DRIVER.into(),
+            ],
+        }
+    }
+}
 
 /// Bytes of the status line allowed beyond the output cap (result JSON).
 const STATUS_OVERHEAD: usize = 64 * 1024;

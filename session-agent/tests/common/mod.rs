@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 pub struct TestAgent {
     pub base: String,
     pub port: u16,
+    /// Creates sessions with `admin_token`, as the data plane does.
     pub client: AgentClient,
+    /// The agent's admin credential (the data plane's), unless `extra` set one.
+    pub admin_token: String,
     pub http: reqwest::Client,
     pub isolation: String,
     shutdown: CancellationToken,
@@ -50,8 +53,16 @@ impl TestAgent {
             .await
             .expect("bind");
         let port = listener.local_addr().unwrap().port();
+        // Creating a session needs the admin credential; a test may pass its own.
+        let admin_token = extra
+            .iter()
+            .position(|a| *a == "--admin-token")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(token, |t| (*t).to_owned());
         let mut args = vec![
             "session-agent".to_owned(),
+            "--admin-token".into(),
+            admin_token.clone(),
             "--isolation".into(),
             iso.clone(),
             "--state-dir".into(),
@@ -64,7 +75,9 @@ impl TestAgent {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(session_agent::serve(listener, config, shutdown.clone()));
         let base = format!("http://127.0.0.1:{port}");
-        let client = AgentClient::new(&base).unwrap();
+        let client = AgentClient::new(&base)
+            .unwrap()
+            .with_admin_token(Some(admin_token.clone()));
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .build()
@@ -82,6 +95,7 @@ impl TestAgent {
             base,
             port,
             client,
+            admin_token,
             http,
             isolation: iso,
             shutdown,

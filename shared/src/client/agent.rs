@@ -6,8 +6,8 @@ use futures::Stream;
 use reqwest::{Method, RequestBuilder};
 
 use super::{
-    ClientError, Endpoint, PathContent, StepEvent, decode, default_http, error_from, expect_empty,
-    files_path, path_content, segment, sse, success,
+    ClientError, Endpoint, MAX_BUFFERED_FILE, PathContent, PathStream, StepEvent, decode,
+    default_http, expect_empty, files_path, path_content, path_stream, segment, sse, success,
 };
 use crate::agent::{
     ADMIN_TOKEN_HEADER, CreateSessionRequest, FileList, Health, SESSION_TOKEN_HEADER, SessionInfo,
@@ -17,9 +17,24 @@ use crate::agent::{
 const SESSIONS: &str = "/v1/sessions";
 
 /// A client bound to one agent base URL (`http://127.0.0.1:9000`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentClient {
     endpoint: Endpoint,
+    /// The agent's admin credential, sent on session creation.
+    admin_token: Option<std::sync::Arc<str>>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    // The credential is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("endpoint", &self.endpoint)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl AgentClient {
@@ -32,7 +47,16 @@ impl AgentClient {
     pub fn with_http(base_url: impl Into<String>, http: reqwest::Client) -> Self {
         Self {
             endpoint: Endpoint::new(base_url, http),
+            admin_token: None,
         }
+    }
+
+    /// The same client, creating sessions with the agent's admin credential
+    /// (`SESSION_AGENT_ADMIN_TOKEN`): an agent that enforces auth refuses
+    /// creation without it.
+    pub fn with_admin_token(mut self, admin_token: Option<String>) -> Self {
+        self.admin_token = admin_token.map(Into::into);
+        self
     }
 
     /// The same client, sending `x-request-id` and `traceparent` so the
@@ -40,6 +64,7 @@ impl AgentClient {
     pub fn with_context(&self, request_id: Option<String>, traceparent: Option<String>) -> Self {
         Self {
             endpoint: self.endpoint.with_context(request_id, traceparent),
+            admin_token: self.admin_token.clone(),
         }
     }
 
@@ -56,14 +81,18 @@ impl AgentClient {
         decode(self.req(Method::GET, "/v1/health", None).send().await?).await
     }
 
-    /// `POST /v1/sessions`; the token in `req` is also sent as the header.
+    /// `POST /v1/sessions`; the token in `req` is also sent as the header,
+    /// with the admin credential when the client has one.
     pub async fn create_session(
         &self,
         req: &CreateSessionRequest,
     ) -> Result<SessionInfo, ClientError> {
-        let rb = self
+        let mut rb = self
             .req(Method::POST, SESSIONS, req.token.as_deref())
             .json(req);
+        if let Some(admin) = &self.admin_token {
+            rb = rb.header(ADMIN_TOKEN_HEADER, &**admin);
+        }
         decode(rb.send().await?).await
     }
 
@@ -150,24 +179,25 @@ impl AgentClient {
         decode(self.req(Method::GET, &path, token).send().await?).await
     }
 
-    /// Reads a workspace file.
+    /// Reads a small workspace file whole (at most [`MAX_BUFFERED_FILE`]
+    /// bytes; larger files: [`Self::open_path`]).
     pub async fn read_file(
         &self,
         id: &str,
         file: &str,
         token: Option<&str>,
     ) -> Result<Bytes, ClientError> {
-        let resp = self
-            .req(Method::GET, &files_path(SESSIONS, id, file), token)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            return Err(error_from(resp).await);
+        match self.open_path(id, file, token).await? {
+            PathStream::File(f) => f.bytes_limited(MAX_BUFFERED_FILE).await,
+            PathStream::Dir(_) => Err(ClientError::Protocol {
+                status: 200,
+                detail: format!("{file} is a directory"),
+            }),
         }
-        Ok(resp.bytes().await?)
     }
 
-    /// Reads a workspace path: a file's bytes or a directory's listing.
+    /// Reads a workspace path: a file's bytes (at most
+    /// [`MAX_BUFFERED_FILE`]) or a directory's listing.
     pub async fn read_path(
         &self,
         id: &str,
@@ -178,7 +208,22 @@ impl AgentClient {
             .req(Method::GET, &files_path(SESSIONS, id, path), token)
             .send()
             .await?;
-        path_content(resp).await
+        path_content(resp, MAX_BUFFERED_FILE).await
+    }
+
+    /// Opens a workspace path: a file's bytes as a stream (nothing buffers
+    /// the whole file) or a directory's listing.
+    pub async fn open_path(
+        &self,
+        id: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<PathStream, ClientError> {
+        let resp = self
+            .req(Method::GET, &files_path(SESSIONS, id, path), token)
+            .send()
+            .await?;
+        path_stream(resp).await
     }
 
     /// Writes (creates or replaces) a workspace file.
@@ -227,5 +272,34 @@ mod tests {
         let request = request.await.unwrap();
         assert!(request.contains("x-request-id: req-42"), "{request}");
         assert!(request.contains(&format!("traceparent: {tp}")), "{request}");
+    }
+
+    #[tokio::test]
+    async fn create_carries_the_admin_credential_and_debug_hides_it() {
+        let body = r#"{"code":"unauthorized","message":"no"}"#;
+        let (base, request) = crate::client::testing::answer_once(401, body).await;
+        let admin = "adm1n-credential-adm1n-credential-adm1n-cred".to_owned();
+        let client = AgentClient::new(base)
+            .unwrap()
+            .with_admin_token(Some(admin.clone()))
+            .with_context(Some("req-1".into()), None);
+        assert!(!format!("{client:?}").contains(&admin));
+        let req = CreateSessionRequest {
+            session_id: "s1".into(),
+            runtime: "python".into(),
+            token: None,
+            limits: None,
+            env: None,
+            ttl_seconds: None,
+            idle_timeout_seconds: None,
+            packages_dir: None,
+        };
+        let e = client.create_session(&req).await.unwrap_err();
+        assert_eq!(e.code(), Some(crate::ErrorCode::Unauthorized));
+        let request = request.await.unwrap();
+        assert!(
+            request.contains(&format!("{ADMIN_TOKEN_HEADER}: {admin}")),
+            "{request}"
+        );
     }
 }

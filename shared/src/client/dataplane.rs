@@ -10,8 +10,8 @@ use futures::{Stream, TryStreamExt};
 use reqwest::{Method, RequestBuilder};
 
 use super::{
-    ClientError, Endpoint, PathContent, StepEvent, decode, default_http, expect_empty, files_path,
-    path_content, segment, sse, success,
+    ClientError, Endpoint, MAX_BUFFERED_FILE, PathContent, PathStream, StepEvent, decode,
+    default_http, expect_empty, files_path, path_content, path_stream, segment, sse, success,
 };
 use crate::agent::{FileList, StepResult};
 use crate::dataplane::{
@@ -127,7 +127,7 @@ pub struct ArtifactDownload {
 impl ArtifactDownload {
     /// The bytes, chunk by chunk.
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static {
-        self.response.bytes_stream().map_err(ClientError::Transport)
+        self.response.bytes_stream().map_err(ClientError::from)
     }
 
     /// All the bytes at once (for small artifacts).
@@ -243,10 +243,24 @@ impl TenantClient {
         decode(self.call(Method::GET, &path).send().await?).await
     }
 
-    /// Reads a workspace path: a file's bytes or a directory's listing.
+    /// Reads a workspace path: a file's bytes (at most
+    /// [`MAX_BUFFERED_FILE`]; larger files: [`Self::open_path`]) or a
+    /// directory's listing.
     pub async fn read_path(&self, id: &str, path: &str) -> Result<PathContent, ClientError> {
         let url = files_path(SESSIONS, id, path);
-        path_content(self.call(Method::GET, &url).send().await?).await
+        path_content(
+            self.call(Method::GET, &url).send().await?,
+            MAX_BUFFERED_FILE,
+        )
+        .await
+    }
+
+    /// Opens a workspace path: a file's bytes as a stream, or a directory's
+    /// listing. Bounded only by the connect timeout, like an artifact
+    /// download (a large file takes as long as it takes).
+    pub async fn open_path(&self, id: &str, path: &str) -> Result<PathStream, ClientError> {
+        let url = files_path(SESSIONS, id, path);
+        path_stream(self.req(Method::GET, &url, None).send().await?).await
     }
 
     /// Reads a workspace file; a directory is a [`ClientError::Protocol`]

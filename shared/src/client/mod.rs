@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::{Stream, TryStreamExt};
 use reqwest::{Method, RequestBuilder};
 use serde::de::DeserializeOwned;
 
@@ -29,9 +30,29 @@ pub enum ClientError {
     #[error("unexpected response ({status}): {detail}")]
     Protocol { status: u16, detail: String },
     /// The server could not be reached, the connection broke, or the call
-    /// ran past its timeout.
-    #[error("transport: {0}")]
-    Transport(#[from] reqwest::Error),
+    /// ran past its timeout. The URL is stripped: internal addresses never
+    /// travel on in an error message.
+    #[error("transport: {} ({})", .0, transport_reason(.0))]
+    Transport(reqwest::Error),
+}
+
+/// What went wrong on the wire, in words that name no address.
+fn transport_reason(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the connection broke"
+    } else {
+        "request failed"
+    }
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(e: reqwest::Error) -> Self {
+        ClientError::Transport(e.without_url())
+    }
 }
 
 impl ClientError {
@@ -53,11 +74,82 @@ pub enum StepEvent {
     Error(ErrorBody),
 }
 
-/// What a workspace path holds.
+/// What a workspace path holds (a file's bytes read whole: small files only;
+/// see [`PathStream`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PathContent {
     File(Bytes),
     Dir(FileList),
+}
+
+/// What a workspace path holds, a file's bytes still to be streamed: nothing
+/// holds a whole file in memory on the way.
+#[derive(Debug)]
+pub enum PathStream {
+    File(FileStream),
+    Dir(FileList),
+}
+
+/// A workspace file being read: its size, then the bytes as they arrive.
+#[derive(Debug)]
+pub struct FileStream {
+    /// The size announced by the server (`content-length`).
+    pub size: Option<u64>,
+    response: reqwest::Response,
+}
+
+impl FileStream {
+    /// The bytes, chunk by chunk.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static {
+        self.response.bytes_stream().map_err(ClientError::from)
+    }
+
+    /// All the bytes, refused past `max` bytes (read no further than that).
+    pub async fn bytes_limited(self, max: usize) -> Result<Bytes, ClientError> {
+        let mut resp = self.response;
+        if resp.content_length().is_some_and(|n| n > max as u64) {
+            return Err(too_large(max));
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = resp.chunk().await? {
+            if out.len() + chunk.len() > max {
+                return Err(too_large(max));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+fn too_large(max: usize) -> ClientError {
+    ClientError::Api {
+        status: 413,
+        body: ErrorBody {
+            code: ErrorCode::PayloadTooLarge,
+            message: format!("the file is larger than {max} bytes; stream it instead"),
+            request_id: None,
+            details: None,
+        },
+    }
+}
+
+/// Largest error body read (a coded error is a few hundred bytes).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Largest directory listing read.
+const MAX_LISTING: usize = 16 * 1024 * 1024;
+
+/// At most `max` bytes of a body (the rest is left unread).
+async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, ClientError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = max - out.len();
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= max {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// A reqwest client with TCP_NODELAY (small request/response pairs must not
@@ -177,7 +269,7 @@ async fn success(resp: reqwest::Response) -> Result<reqwest::Response, ClientErr
 /// HTML page, a truncated body) is [`ClientError::Protocol`].
 async fn error_from(resp: reqwest::Response) -> ClientError {
     let status = resp.status();
-    match resp.bytes().await {
+    match read_capped(resp, MAX_ERROR_BODY).await {
         Ok(bytes) => match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => ClientError::Api {
                 status: status.as_u16(),
@@ -188,13 +280,13 @@ async fn error_from(resp: reqwest::Response) -> ClientError {
                 detail: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
             },
         },
-        Err(e) => ClientError::Transport(e),
+        Err(e) => e,
     }
 }
 
 /// A file read answers with the bytes, a directory read with a JSON listing:
-/// the content type tells them apart.
-async fn path_content(resp: reqwest::Response) -> Result<PathContent, ClientError> {
+/// the content type tells them apart. The file's bytes are not read here.
+async fn path_stream(resp: reqwest::Response) -> Result<PathStream, ClientError> {
     let resp = success(resp).await?;
     let status = resp.status();
     let is_json = resp
@@ -202,16 +294,30 @@ async fn path_content(resp: reqwest::Response) -> Result<PathContent, ClientErro
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let bytes = resp.bytes().await?;
     if is_json {
+        let bytes = read_capped(resp, MAX_LISTING).await?;
         let list = serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
             status: status.as_u16(),
             detail: format!("invalid listing: {e}"),
         })?;
-        return Ok(PathContent::Dir(list));
+        return Ok(PathStream::Dir(list));
     }
-    Ok(PathContent::File(bytes))
+    Ok(PathStream::File(FileStream {
+        size: resp.content_length(),
+        response: resp,
+    }))
 }
+
+/// [`path_stream`] with a file read whole, up to `max` bytes.
+async fn path_content(resp: reqwest::Response, max: usize) -> Result<PathContent, ClientError> {
+    Ok(match path_stream(resp).await? {
+        PathStream::Dir(list) => PathContent::Dir(list),
+        PathStream::File(f) => PathContent::File(f.bytes_limited(max).await?),
+    })
+}
+
+/// The most a buffered read ([`PathContent`]) holds; larger files stream.
+pub const MAX_BUFFERED_FILE: usize = 64 * 1024 * 1024;
 
 #[cfg(test)]
 pub(crate) mod testing {
@@ -262,5 +368,27 @@ mod tests {
         .unwrap();
         assert_eq!(url.path(), "/internal/v1/sessions/s/files/..%2F..%2Fetc");
         assert_eq!(files_path("/v1/sessions", "s", ""), "/v1/sessions/s/files");
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    /// A transport failure's message never carries the server's URL (it is
+    /// an internal address of the next plane).
+    #[tokio::test]
+    async fn transport_errors_carry_no_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let client = super::DataPlaneClient::new(&base).unwrap().as_tenant("jwt");
+        let err = client.get_job("j").await.unwrap_err();
+        // What callers and error bodies see: the Display.
+        let text = err.to_string();
+        assert!(text.contains("could not connect"), "{text}");
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        assert!(!text.contains("http://"), "{text}");
+        let agent = super::AgentClient::new(&base).unwrap();
+        let err = agent.health().await.unwrap_err();
+        assert!(!err.to_string().contains("127.0.0.1"), "{err}");
     }
 }

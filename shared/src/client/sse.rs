@@ -13,24 +13,31 @@ pub(super) fn step_events(
     body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
 ) -> impl Stream<Item = Result<StepEvent, ClientError>> {
     let body = Box::pin(body);
+    // `scanned`: how far `buf` is known to hold no event end, so a large
+    // event (a result with megabytes of output) is scanned once, not once
+    // per chunk.
     futures::stream::unfold(
-        (body, Vec::<u8>::new(), false),
-        |(mut body, mut buf, done)| async move {
+        (body, Vec::<u8>::new(), 0usize, false),
+        |(mut body, mut buf, mut scanned, done)| async move {
             if done {
                 return None;
             }
             loop {
-                if let Some(end) = find_event_end(&buf) {
-                    let raw: Vec<u8> = buf.drain(..end.0 + end.1).collect();
-                    match parse_event(&raw[..end.0]) {
-                        Some(ev) => return Some((ev, (body, buf, false))),
+                // An end may straddle chunks: look back 3 bytes.
+                let from = scanned.saturating_sub(3);
+                if let Some((at, len)) = find_event_end(&buf[from..]) {
+                    let raw: Vec<u8> = buf.drain(..from + at + len).collect();
+                    scanned = 0;
+                    match parse_event(&raw[..from + at]) {
+                        Some(ev) => return Some((ev, (body, buf, scanned, false))),
                         None => continue,
                     }
                 }
+                scanned = buf.len();
                 match body.next().await {
                     Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
                     Some(Err(e)) => {
-                        return Some((Err(ClientError::Transport(e)), (body, buf, true)));
+                        return Some((Err(ClientError::from(e)), (body, buf, scanned, true)));
                     }
                     None => return None,
                 }
@@ -110,5 +117,37 @@ mod tests {
             &StepEvent::Stdout("hi\n".into())
         );
         assert_eq!(events[1].as_ref().unwrap(), &StepEvent::Stderr("e".into()));
+    }
+
+    /// Every event end split across chunks, one byte at a time, and a large
+    /// event in many chunks (scanned incrementally, still whole).
+    #[tokio::test]
+    async fn event_ends_split_byte_by_byte_and_large_events() {
+        let big = "x".repeat(300_000);
+        let text = format!(
+            "event: stdout\r\ndata: {{\"data\":\"a\"}}\r\n\r\nevent: stderr\ndata: {{\"data\":\"b\"}}\n\nevent: stdout\ndata: {{\"data\":\"{big}\"}}\n\n"
+        );
+        let bytes = text.into_bytes();
+        for piece in [1usize, 3, 4096] {
+            let chunks: Vec<reqwest::Result<Bytes>> = bytes
+                .chunks(piece)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            if piece == 1 && bytes.len() > 1000 {
+                // Byte by byte only over the small events.
+                let small: Vec<reqwest::Result<Bytes>> = bytes[..80]
+                    .chunks(1)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                let events: Vec<_> = step_events(futures::stream::iter(small)).collect().await;
+                assert_eq!(events.len(), 2, "piece 1");
+                continue;
+            }
+            let events: Vec<_> = step_events(futures::stream::iter(chunks)).collect().await;
+            assert_eq!(events.len(), 3, "piece {piece}");
+            assert_eq!(events[0].as_ref().unwrap(), &StepEvent::Stdout("a".into()));
+            assert_eq!(events[1].as_ref().unwrap(), &StepEvent::Stderr("b".into()));
+            assert_eq!(events[2].as_ref().unwrap(), &StepEvent::Stdout(big.clone()));
+        }
     }
 }
