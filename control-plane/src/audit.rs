@@ -6,8 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 use sqlx::Row;
 use utoipa::ToSchema;
 
@@ -204,8 +204,8 @@ fn event_hash(r: &AuditRecord, details: &str) -> String {
     hex::encode(h.finalize())
 }
 
-fn unavailable(e: ApiError) -> ApiError {
-    ApiError::new(
+fn unavailable(e: CodedError) -> CodedError {
+    CodedError::new(
         ErrorCode::AuditUnavailable,
         format!(
             "the audit event could not be written, so the request was refused: {}",
@@ -219,7 +219,7 @@ fn unavailable(e: ApiError) -> ApiError {
 /// roll back together. On SQLite the transaction must have been opened with
 /// `BEGIN IMMEDIATE` (see [`begin_write!`]) so that reading the chain's head
 /// and appending happen under one write lock. Evaluates to
-/// `Result<AuditRecord, ApiError>`.
+/// `Result<AuditRecord, CodedError>`.
 macro_rules! append_tx {
     ($tx:expr, $dialect:expr, $ev:expr) => {
         async {
@@ -267,7 +267,7 @@ macro_rules! append_tx {
             .execute(&mut **$tx)
             .await
             .map_err($crate::storage::db_error)?;
-            Ok::<$crate::audit::AuditRecord, shared::server::ApiError>(record)
+            Ok::<$crate::audit::AuditRecord, shared::CodedError>(record)
         }
         .await
     };
@@ -276,7 +276,7 @@ pub(crate) use append_tx;
 
 /// Opens a write transaction: `BEGIN IMMEDIATE` on SQLite (take the write
 /// lock now, so a later write cannot fail on a stale snapshot), a plain
-/// `BEGIN` on Postgres. Evaluates to `Result<Transaction, ApiError>`.
+/// `BEGIN` on Postgres. Evaluates to `Result<Transaction, CodedError>`.
 macro_rules! begin_write {
     ($pool:expr, $dialect:expr) => {
         match $dialect {
@@ -311,7 +311,7 @@ pub fn seal(seq: i64, prev_hash: String, ev: AuditEvent) -> AuditRecord {
     record
 }
 
-fn record_from<R: Row>(row: &R) -> Result<AuditRecord, ApiError>
+fn record_from<R: Row>(row: &R) -> Result<AuditRecord, CodedError>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
@@ -348,14 +348,14 @@ impl AuditLog {
 
     /// Appends one event. On failure the caller must refuse its request
     /// (`audit_unavailable`); the failure is counted.
-    pub async fn record(&self, ev: AuditEvent) -> Result<AuditRecord, ApiError> {
+    pub async fn record(&self, ev: AuditEvent) -> Result<AuditRecord, CodedError> {
         let _serial = self.local.lock().await;
         let dialect = self.db.dialect();
         let result = on_db!(&self.db, p => async {
             let mut tx = begin_write!(p, dialect)?;
             let record = append_tx!(&mut tx, dialect, ev)?;
             tx.commit().await.map_err(db_error)?;
-            Ok::<_, ApiError>(record)
+            Ok::<_, CodedError>(record)
         }.await);
         result.map_err(|e| {
             self.metrics.audit_write_failures.inc();
@@ -365,7 +365,7 @@ impl AuditLog {
     }
 
     /// One tenant's events, oldest first, after the cursor.
-    pub async fn list(&self, tenant: &str, q: &AuditQuery) -> Result<Vec<AuditRecord>, ApiError> {
+    pub async fn list(&self, tenant: &str, q: &AuditQuery) -> Result<Vec<AuditRecord>, CodedError> {
         let limit = q.limit.unwrap_or(100).clamp(1, 1000);
         // Parameters are numbered in the order they appear (SQLite binds
         // `$N` by position of first use).
@@ -398,7 +398,7 @@ impl AuditLog {
                     record.seq = r.try_get("tenant_seq").map_err(db_error)?;
                     Ok(record)
                 })
-                .collect::<Result<Vec<_>, ApiError>>()
+                .collect::<Result<Vec<_>, CodedError>>()
         })?;
         Ok(rows)
     }
@@ -409,7 +409,7 @@ impl AuditLog {
     /// events, `headSeq`/`head` are empty, and a break is located only when
     /// it is at one of the tenant's events. The global walk is for the
     /// platform role.
-    pub async fn verify_for_tenant(&self, tenant: &str) -> Result<VerifyReport, ApiError> {
+    pub async fn verify_for_tenant(&self, tenant: &str) -> Result<VerifyReport, CodedError> {
         let global = self.verify_against(None).await?;
         let checked: i64 = on_db!(&self.db, p => sqlx::query_scalar(
             "SELECT COUNT(*) FROM audit_events WHERE tenant = $1 AND seq <= $2")
@@ -454,7 +454,7 @@ impl AuditLog {
 
     /// Walks the whole chain from the first event and reports the first
     /// broken link: a changed field, a missing or reordered row.
-    pub async fn verify(&self) -> Result<VerifyReport, ApiError> {
+    pub async fn verify(&self) -> Result<VerifyReport, CodedError> {
         self.verify_against(None).await
     }
 
@@ -462,7 +462,10 @@ impl AuditLog {
     /// the anchored hash. The chain alone cannot show a rewrite by someone
     /// who recomputed every hash after an edit, or a cut tail; an anchor
     /// kept elsewhere can.
-    pub async fn verify_against(&self, anchor: Option<&Anchor>) -> Result<VerifyReport, ApiError> {
+    pub async fn verify_against(
+        &self,
+        anchor: Option<&Anchor>,
+    ) -> Result<VerifyReport, CodedError> {
         const PAGE: i64 = 1000;
         let mut expected_prev = GENESIS_HASH.to_owned();
         let mut expected_seq = 1i64;
@@ -480,9 +483,9 @@ impl AuditLog {
                 rows.iter()
                     .map(|r| {
                         let details: String = r.try_get("details").map_err(db_error)?;
-                        Ok::<_, ApiError>((record_from(r)?, details))
+                        Ok::<_, CodedError>((record_from(r)?, details))
                     })
-                    .collect::<Result<Vec<_>, ApiError>>()
+                    .collect::<Result<Vec<_>, CodedError>>()
             })?;
             let done = (page.len() as i64) < PAGE;
             for (r, details) in page {

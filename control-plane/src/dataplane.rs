@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Stream;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{FileList, Limits, StepResult};
 use shared::client::{ClientError, DataPlaneClient, PathStream, StepEvent, TenantClient};
@@ -17,7 +18,6 @@ use shared::dataplane::{
     SessionView,
 };
 use shared::ids::{ArtifactId, JobId, SessionId, TenantId};
-use shared::server::ApiError;
 
 use crate::Config;
 
@@ -45,26 +45,26 @@ type CachedRuntimes = (Instant, Vec<RuntimeInfo>);
 /// (they are the same contract); a refused credential is our
 /// misconfiguration, not the caller's fault; anything else means the data
 /// plane is unavailable.
-pub fn dp_error(e: ClientError) -> ApiError {
+pub fn dp_error(e: ClientError) -> CodedError {
     match e {
         ClientError::Api { body, .. } if body.code == ErrorCode::Unauthorized => {
             tracing::error!(message = %body.message, "the data plane refused our service credential: check DATA_PLANE_JWT_SECRET/ISSUER/AUDIENCE");
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::DataPlaneUnavailable,
                 "the data plane refused the control plane's credential",
             )
         }
         ClientError::Api { body, .. } => {
-            let mut err = ApiError::new(body.code, body.message);
+            let mut err = CodedError::new(body.code, body.message);
             err.details = body.details;
             err
         }
-        ClientError::Protocol { status, detail } => ApiError::new(
+        ClientError::Protocol { status, detail } => CodedError::new(
             ErrorCode::DataPlaneUnavailable,
             format!("the data plane answered outside its contract ({status}): {detail}"),
         ),
         // Never the data plane's address: internal URLs stay inside.
-        ClientError::Transport(e) => ApiError::new(
+        ClientError::Transport(e) => CodedError::new(
             ErrorCode::DataPlaneUnavailable,
             format!("the data plane cannot be reached: {}", e.without_url()),
         ),
@@ -102,7 +102,7 @@ impl DataPlane {
     }
 
     /// The service credential for `tenant`, minted or reused.
-    fn credential(&self, tenant: &str) -> Result<String, ApiError> {
+    fn credential(&self, tenant: &str) -> Result<String, CodedError> {
         let mut cache = self
             .credentials
             .lock()
@@ -123,7 +123,7 @@ impl DataPlane {
             iat: Some(now),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("signing: {e}")))?;
+            .map_err(|e| CodedError::new(ErrorCode::Internal, format!("signing: {e}")))?;
         if cache.len() > 10_000 {
             cache.clear();
         }
@@ -134,7 +134,7 @@ impl DataPlane {
         Ok(token)
     }
 
-    fn scoped(&self, tenant: &str) -> Result<TenantClient, ApiError> {
+    fn scoped(&self, tenant: &str) -> Result<TenantClient, CodedError> {
         let token = self.credential(tenant)?;
         Ok(self
             .client
@@ -146,12 +146,12 @@ impl DataPlane {
     }
 
     /// The data plane answers its readiness probe.
-    pub async fn ready(&self) -> Result<(), ApiError> {
+    pub async fn ready(&self) -> Result<(), CodedError> {
         self.client.ready().await.map(|_| ()).map_err(dp_error)
     }
 
     /// The runtimes offered (cached for a short while).
-    pub async fn runtimes(&self, tenant: &str) -> Result<Vec<RuntimeInfo>, ApiError> {
+    pub async fn runtimes(&self, tenant: &str) -> Result<Vec<RuntimeInfo>, CodedError> {
         if let Some((at, list)) = self
             .runtimes
             .lock()
@@ -183,7 +183,7 @@ impl DataPlane {
         runtime: &str,
         limits: Option<&Limits>,
         timeout_ms: Option<u64>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         let list = match self.runtimes("control-plane").await {
             Ok(list) => list,
             Err(e) if e.code == ErrorCode::DataPlaneUnavailable => return Ok(()),
@@ -191,7 +191,7 @@ impl DataPlane {
         };
         let Some(info) = list.iter().find(|r| r.name == runtime) else {
             let names: Vec<&str> = list.iter().map(|r| r.name.as_str()).collect();
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::UnknownRuntime,
                 format!(
                     "unknown runtime {runtime:?}; available: {}",
@@ -223,7 +223,7 @@ impl DataPlane {
             over.push(format!("timeoutMs {t} > {}", max.timeout_ms));
         }
         if !over.is_empty() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::LimitExceeded,
                 format!(
                     "above the maximum of runtime {runtime}: {}",
@@ -254,7 +254,7 @@ impl DataPlane {
     }
 
     /// Stops a running job.
-    pub async fn cancel_job(&self, tenant: &TenantId, id: &JobId) -> Result<(), ApiError> {
+    pub async fn cancel_job(&self, tenant: &TenantId, id: &JobId) -> Result<(), CodedError> {
         self.scoped(tenant)?
             .cancel_job(id)
             .await
@@ -266,7 +266,7 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         req: CreateSession,
-    ) -> Result<SessionView, ApiError> {
+    ) -> Result<SessionView, CodedError> {
         self.scoped(tenant)?
             .create_session(&req)
             .await
@@ -277,11 +277,11 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         id: &SessionId,
-    ) -> Result<SessionView, ApiError> {
+    ) -> Result<SessionView, CodedError> {
         self.scoped(tenant)?.get_session(id).await.map_err(dp_error)
     }
 
-    pub async fn list_sessions(&self, tenant: &TenantId) -> Result<Vec<SessionView>, ApiError> {
+    pub async fn list_sessions(&self, tenant: &TenantId) -> Result<Vec<SessionView>, CodedError> {
         Ok(self
             .scoped(tenant)?
             .list_sessions()
@@ -290,7 +290,11 @@ impl DataPlane {
             .sessions)
     }
 
-    pub async fn delete_session(&self, tenant: &TenantId, id: &SessionId) -> Result<(), ApiError> {
+    pub async fn delete_session(
+        &self,
+        tenant: &TenantId,
+        id: &SessionId,
+    ) -> Result<(), CodedError> {
         self.scoped(tenant)?
             .delete_session(id)
             .await
@@ -303,7 +307,7 @@ impl DataPlane {
         id: &SessionId,
         step: RunStep,
         step_timeout: Duration,
-    ) -> Result<StepResult, ApiError> {
+    ) -> Result<StepResult, CodedError> {
         self.scoped(tenant)?
             .step(id, &step, step_timeout)
             .await
@@ -316,7 +320,8 @@ impl DataPlane {
         id: &SessionId,
         step: RunStep,
         step_timeout: Duration,
-    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError> {
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, CodedError>
+    {
         self.scoped(tenant)?
             .step_stream(id, &step, step_timeout)
             .await
@@ -327,7 +332,7 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         id: &SessionId,
-    ) -> Result<FileList, ApiError> {
+    ) -> Result<FileList, CodedError> {
         self.scoped(tenant)?
             .list_files(id, "")
             .await
@@ -339,7 +344,7 @@ impl DataPlane {
         tenant: &str,
         id: &str,
         path: &str,
-    ) -> Result<PathStream, ApiError> {
+    ) -> Result<PathStream, CodedError> {
         // Streamed: a file's bytes are passed on as they arrive, never held whole.
         self.scoped(tenant)?
             .open_path(id, path)
@@ -353,7 +358,7 @@ impl DataPlane {
         id: &SessionId,
         path: &str,
         body: Bytes,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.scoped(tenant)?
             .write_file(id, path, body)
             .await
@@ -365,7 +370,7 @@ impl DataPlane {
         tenant: &TenantId,
         id: &SessionId,
         path: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.scoped(tenant)?
             .delete_file(id, path)
             .await
@@ -376,7 +381,7 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         id: &ArtifactId,
-    ) -> Result<ArtifactInfo, ApiError> {
+    ) -> Result<ArtifactInfo, CodedError> {
         self.scoped(tenant)?
             .artifact_info(id)
             .await
@@ -387,7 +392,7 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         id: &ArtifactId,
-    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static, ApiError> {
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static, CodedError> {
         self.scoped(tenant)?
             .download_artifact(id)
             .await
@@ -404,7 +409,7 @@ impl DataPlane {
         name: &str,
         session_id: Option<&SessionId>,
         body: S,
-    ) -> Result<ArtifactInfo, ApiError>
+    ) -> Result<ArtifactInfo, CodedError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
@@ -423,7 +428,7 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         id: &ArtifactId,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.scoped(tenant)?
             .delete_artifact(id)
             .await

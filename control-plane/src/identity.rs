@@ -11,9 +11,9 @@ use std::sync::Arc;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::ids::TenantId;
-use shared::server::ApiError;
 
 /// The role that may read and replace its tenant's policy and verify audit.
 pub const ADMIN_ROLE: &str = "admin";
@@ -186,8 +186,8 @@ impl Verifier {
     }
 
     /// Checks a bearer token and returns the caller it names.
-    pub fn verify(&self, token: &str) -> Result<Identity, ApiError> {
-        let unauthorized = |m: String| ApiError::new(ErrorCode::Unauthorized, m);
+    pub fn verify(&self, token: &str) -> Result<Identity, CodedError> {
+        let unauthorized = |m: String| CodedError::new(ErrorCode::Unauthorized, m);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| unauthorized(format!("malformed token: {e}")))?;
         let keys = &self.inner;
@@ -229,9 +229,9 @@ impl Verifier {
     }
 }
 
-fn identity_from(c: Claims) -> Result<Identity, ApiError> {
+fn identity_from(c: Claims) -> Result<Identity, CodedError> {
     let tenant = TenantId::parse(c.tenant).map_err(|m| {
-        ApiError::new(
+        CodedError::new(
             ErrorCode::Unauthorized,
             format!("the token's tenant is malformed: {m}"),
         )
@@ -247,10 +247,10 @@ fn identity_from(c: Claims) -> Result<Identity, ApiError> {
 }
 
 /// The identity used for every request under `AUTHZ_BYPASS`.
-pub fn bypass_identity(tenant: Option<&str>) -> Result<Identity, ApiError> {
+pub fn bypass_identity(tenant: Option<&str>) -> Result<Identity, CodedError> {
     let tenant = tenant.unwrap_or("dev");
     let tenant = TenantId::parse(tenant).map_err(|m| {
-        ApiError::new(
+        CodedError::new(
             ErrorCode::InvalidArgument,
             format!("{BYPASS_TENANT_HEADER}: {m}"),
         )

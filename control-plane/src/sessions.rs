@@ -13,13 +13,13 @@ use bytes::Bytes;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{FileList, StepResult};
 use shared::client::{ClientError, PathStream, StepEvent};
 use shared::controlplane::{SessionRequest, SessionStepRequest};
 use shared::dataplane::{ArtifactInfo, CreateSession, RunStep, SessionView};
 use shared::ids::{ArtifactId, SessionId};
-use shared::server::ApiError;
 use sqlx::Row;
 use utoipa::ToSchema;
 
@@ -78,8 +78,8 @@ fn cut(s: &str, cap: usize) -> String {
     format!("{}…[cut]", &s[..end])
 }
 
-fn session_not_found(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"))
+fn session_not_found(id: &str) -> CodedError {
+    CodedError::new(ErrorCode::SessionNotFound, format!("no session {id}"))
 }
 
 /// The policy input of a session request: what it asks for.
@@ -110,7 +110,7 @@ impl SessionService {
         action: &str,
         resource: serde_json::Value,
         request: serde_json::Value,
-    ) -> Result<crate::policy::Decision, ApiError> {
+    ) -> Result<crate::policy::Decision, CodedError> {
         self.policy
             .authorize(
                 identity,
@@ -130,7 +130,7 @@ impl SessionService {
         &self,
         identity: &Identity,
         req: SessionRequest,
-    ) -> Result<SessionView, ApiError> {
+    ) -> Result<SessionView, CodedError> {
         crate::orchestration::jobs::validate_packages(req.packages.as_deref())?;
         let runtime = req
             .runtime
@@ -190,12 +190,12 @@ impl SessionService {
                 .execute(&mut *tx).await.map_err(db_error)?;
             append_tx!(&mut tx, dialect, ev)?;
             tx.commit().await.map_err(db_error)?;
-            Ok::<(), ApiError>(())
+            Ok::<(), CodedError>(())
         }.await);
         if let Err(e) = recorded {
             let undone = match SessionId::parse(view.session_id.as_str()) {
                 Ok(sid) => self.dp.delete_session(&identity.tenant, &sid).await,
-                Err(e) => Err(ApiError::new(
+                Err(e) => Err(CodedError::new(
                     ErrorCode::DataPlaneUnavailable,
                     e.to_string(),
                 )),
@@ -205,7 +205,7 @@ impl SessionService {
                     "an unrecorded session could not be destroyed; the data plane's TTL will reap it");
             }
             return Err(if e.code == ErrorCode::Internal {
-                ApiError::new(ErrorCode::AuditUnavailable, e.message)
+                CodedError::new(ErrorCode::AuditUnavailable, e.message)
             } else {
                 e
             });
@@ -214,7 +214,11 @@ impl SessionService {
     }
 
     /// One session of the caller's tenant.
-    pub async fn get(&self, identity: &Identity, id: &SessionId) -> Result<SessionView, ApiError> {
+    pub async fn get(
+        &self,
+        identity: &Identity,
+        id: &SessionId,
+    ) -> Result<SessionView, CodedError> {
         self.authorize(
             identity,
             "session.read",
@@ -226,7 +230,7 @@ impl SessionService {
     }
 
     /// The caller's tenant's live sessions.
-    pub async fn list(&self, identity: &Identity) -> Result<Vec<SessionView>, ApiError> {
+    pub async fn list(&self, identity: &Identity) -> Result<Vec<SessionView>, CodedError> {
         self.authorize(
             identity,
             "session.read",
@@ -239,7 +243,7 @@ impl SessionService {
 
     /// Destroys a session and its workspace (recorded first: a deletion that
     /// cannot be audited does not happen).
-    pub async fn delete(&self, identity: &Identity, id: &SessionId) -> Result<(), ApiError> {
+    pub async fn delete(&self, identity: &Identity, id: &SessionId) -> Result<(), CodedError> {
         self.authorize(
             identity,
             "session.delete",
@@ -276,7 +280,7 @@ impl SessionService {
         identity: &Identity,
         session_id: &SessionId,
         req: SessionStepRequest,
-    ) -> Result<StepResult, ApiError> {
+    ) -> Result<StepResult, CodedError> {
         let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
         let outcome = self
             .dp
@@ -296,7 +300,8 @@ impl SessionService {
         identity: &Identity,
         session_id: &SessionId,
         req: SessionStepRequest,
-    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, ApiError> {
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + Send + 'static, CodedError>
+    {
         use futures::StreamExt;
         let (step_id, run, runtime, timeout) = self.begin_step(identity, session_id, &req).await?;
         let events = self
@@ -318,9 +323,9 @@ impl SessionService {
                 let outcome = match &ev {
                     Ok(StepEvent::Result(r)) => Some(Ok((**r).clone())),
                     Ok(StepEvent::Error(body)) => {
-                        Some(Err(ApiError::new(body.code, body.message.clone())))
+                        Some(Err(CodedError::new(body.code, body.message.clone())))
                     }
-                    Err(e) => Some(Err(ApiError::new(
+                    Err(e) => Some(Err(CodedError::new(
                         ErrorCode::DataPlaneUnavailable,
                         e.to_string(),
                     ))),
@@ -350,9 +355,9 @@ impl SessionService {
         identity: &Identity,
         session_id: &str,
         req: &SessionStepRequest,
-    ) -> Result<(String, RunStep, String, Duration), ApiError> {
+    ) -> Result<(String, RunStep, String, Duration), CodedError> {
         if req.code.is_empty() {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, "code is empty"));
+            return Err(CodedError::new(ErrorCode::InvalidArgument, "code is empty"));
         }
         let (runtime, session_timeout) = self.session_runtime(&identity.tenant, session_id).await?;
         let timeout = req
@@ -398,7 +403,7 @@ impl SessionService {
         &self,
         tenant: &str,
         id: &str,
-    ) -> Result<(String, Duration), ApiError> {
+    ) -> Result<(String, Duration), CodedError> {
         let row: Option<(String, i64)> = on_db!(&self.db, p => sqlx::query_as(
             "SELECT runtime, timeout_ms FROM sessions WHERE tenant = $1 AND id = $2 AND deleted_ms IS NULL")
             .bind(tenant).bind(id)
@@ -417,8 +422,8 @@ impl SessionService {
         step_id: &str,
         code: &str,
         runtime: &str,
-        outcome: &Result<StepResult, ApiError>,
-    ) -> Result<(), ApiError> {
+        outcome: &Result<StepResult, CodedError>,
+    ) -> Result<(), CodedError> {
         let (status, duration, result) = match outcome {
             Ok(r) => {
                 let mut kept = r.clone();
@@ -471,9 +476,9 @@ impl SessionService {
                 .execute(&mut *tx).await.map_err(db_error)?;
             append_tx!(&mut tx, dialect, ev)?;
             tx.commit().await.map_err(db_error)?;
-            Ok::<(), ApiError>(())
+            Ok::<(), CodedError>(())
         }.await)
-        .map_err(|e| ApiError::new(ErrorCode::AuditUnavailable, format!(
+        .map_err(|e| CodedError::new(ErrorCode::AuditUnavailable, format!(
             "the step ran but its record could not be written: {}", e.message)))
     }
 
@@ -482,7 +487,7 @@ impl SessionService {
         &self,
         identity: &Identity,
         session_id: &SessionId,
-    ) -> Result<StepHistory, ApiError> {
+    ) -> Result<StepHistory, CodedError> {
         self.authorize(
             identity,
             "step.read",
@@ -502,7 +507,7 @@ impl SessionService {
                 "SELECT * FROM steps WHERE tenant = $1 AND session_id = $2 ORDER BY seq")
                 .bind(identity.tenant.as_str()).bind(session_id.as_str())
                 .fetch_all(p).await.map_err(db_error)?;
-            rows.iter().map(|r| Ok::<_, ApiError>(StepRecord {
+            rows.iter().map(|r| Ok::<_, CodedError>(StepRecord {
                 step_id: r.try_get("id").map_err(db_error)?,
                 seq: r.try_get("seq").map_err(db_error)?,
                 status: r.try_get("status").map_err(db_error)?,
@@ -521,7 +526,7 @@ impl SessionService {
         &self,
         identity: &Identity,
         id: &SessionId,
-    ) -> Result<FileList, ApiError> {
+    ) -> Result<FileList, CodedError> {
         self.file_policy(identity, "file.read", id, "").await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.dp.list_files(&identity.tenant, id).await
@@ -533,7 +538,7 @@ impl SessionService {
         identity: &Identity,
         id: &str,
         path: &str,
-    ) -> Result<PathStream, ApiError> {
+    ) -> Result<PathStream, CodedError> {
         self.file_policy(identity, "file.read", id, path).await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.dp.read_path(&identity.tenant, id, path).await
@@ -546,7 +551,7 @@ impl SessionService {
         id: &SessionId,
         path: &str,
         body: Bytes,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.file_policy(identity, "file.write", id, path).await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.audit
@@ -564,7 +569,7 @@ impl SessionService {
         identity: &Identity,
         id: &SessionId,
         path: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.file_policy(identity, "file.delete", id, path).await?;
         self.session_runtime(&identity.tenant, id).await?;
         self.audit
@@ -583,7 +588,7 @@ impl SessionService {
         action: &str,
         id: &str,
         path: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.authorize(
             identity,
             action,
@@ -599,7 +604,7 @@ impl SessionService {
         &self,
         identity: &Identity,
         id: &ArtifactId,
-    ) -> Result<ArtifactInfo, ApiError> {
+    ) -> Result<ArtifactInfo, CodedError> {
         self.authorize(
             identity,
             "artifact.read",
@@ -621,7 +626,7 @@ impl SessionService {
             ArtifactInfo,
             impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static,
         ),
-        ApiError,
+        CodedError,
     > {
         let info = self.artifact_info(identity, id).await?;
         self.audit
@@ -644,7 +649,7 @@ impl SessionService {
         name: &str,
         session_id: Option<&SessionId>,
         body: S,
-    ) -> Result<ArtifactInfo, ApiError>
+    ) -> Result<ArtifactInfo, CodedError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
@@ -691,7 +696,7 @@ impl SessionService {
         &self,
         identity: &Identity,
         id: &ArtifactId,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.authorize(
             identity,
             "artifact.delete",

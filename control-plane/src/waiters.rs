@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 
 /// Open waiters per tenant in this replica.
 pub struct Waiters {
@@ -32,14 +32,14 @@ impl Waiters {
     }
 
     /// Takes a slot for `tenant`, or 429 `tenant_quota_exceeded`.
-    pub fn enter(self: &Arc<Self>, tenant: &str) -> Result<WaiterGuard, ApiError> {
+    pub fn enter(self: &Arc<Self>, tenant: &str) -> Result<WaiterGuard, CodedError> {
         let mut open = self
             .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = open.entry(tenant.to_owned()).or_default();
         if *n >= self.max {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::TenantQuotaExceeded,
                 format!(
                     "the tenant already holds {} long polls or event streams open, at most {}; retry later",

@@ -21,6 +21,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+/// The tests of this file run one at a time: the memory test reads the
+/// process's peak resident memory, which any concurrent test would move.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The MCP port's router (auth, Host/Origin checks, `/mcp`, `/tools/*`) on
 /// an ephemeral port of its own.
 async fn serve_mcp_port(app: Arc<control_plane::App>) -> (String, CancellationToken) {
@@ -133,6 +137,7 @@ fn json_of(bytes: &[u8]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_tools_route_needs_a_token_like_v1() {
+    let _serial = SERIAL.lock().await;
     let s = NoSandboxes::start().await;
     let pairs = [
         ("POST", "/tools/jobs", "/v1/jobs"),
@@ -174,6 +179,7 @@ async fn every_tools_route_needs_a_token_like_v1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tools_jobs_answer_like_v1_jobs() {
+    let _serial = SERIAL.lock().await;
     let s = NoSandboxes::start().await;
     let acme = token("acme", &["agent"]);
     let other = token("other", &["agent"]);
@@ -201,27 +207,37 @@ async fn tools_jobs_answer_like_v1_jobs() {
     let tid = t.1["jobId"].as_str().unwrap().to_owned();
     let vid = v.1["jobId"].as_str().unwrap().to_owned();
 
-    // Read: one domain behind both (a /tools job is a /v1 job).
+    // Read: one domain behind both (a /tools job is a /v1 job). A worker is
+    // dispatching the job meanwhile (to a data plane without an agent), so
+    // its state may move between two reads: compare a /tools read with a
+    // /v1 read only when the /v1 reads on either side of it agree.
     for id in [&tid, &vid] {
-        let t = call_at(
-            &s.tools,
-            "GET",
-            &format!("/tools/jobs/{id}"),
-            Some(&acme),
-            None,
-        )
-        .await;
-        let v = call_at(
-            &s.cp.url,
-            "GET",
-            &format!("/v1/jobs/{id}"),
-            Some(&acme),
-            None,
-        )
-        .await;
-        assert_eq!(t.0, 200, "{}", t.1);
-        assert_eq!(t.1["jobId"], id.as_str());
-        assert_twins("get", &t, &v);
+        let v1 = |id: String| {
+            let url = s.cp.url.clone();
+            let acme = acme.clone();
+            async move { call_at(&url, "GET", &format!("/v1/jobs/{id}"), Some(&acme), None).await }
+        };
+        let mut compared = false;
+        for _ in 0..50 {
+            let before = v1(id.to_string()).await;
+            let t = call_at(
+                &s.tools,
+                "GET",
+                &format!("/tools/jobs/{id}"),
+                Some(&acme),
+                None,
+            )
+            .await;
+            let after = v1(id.to_string()).await;
+            assert_eq!(t.0, 200, "{}", t.1);
+            assert_eq!(t.1["jobId"], id.as_str());
+            if before == after {
+                assert_twins("get", &t, &after);
+                compared = true;
+                break;
+            }
+        }
+        assert!(compared, "job {id} never held still for two reads");
     }
 
     // Another tenant's job: 404, as in /v1.
@@ -318,6 +334,7 @@ async fn tools_jobs_answer_like_v1_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tools_session_refusals_match_v1() {
+    let _serial = SERIAL.lock().await;
     let s = NoSandboxes::start().await;
     let acme = token("acme", &["agent"]);
     let step = json!({"code": "1"});
@@ -379,6 +396,7 @@ async fn tools_session_refusals_match_v1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tools_workflows_is_a_coded_501() {
+    let _serial = SERIAL.lock().await;
     let s = NoSandboxes::start().await;
     let acme = token("acme", &["agent"]);
     let (status, body) = call_at(
@@ -406,6 +424,7 @@ async fn tools_workflows_is_a_coded_501() {
 /// and each upload is audited with the artifact's id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upload_then_download_round_trip() {
+    let _serial = SERIAL.lock().await;
     let s = NoSandboxes::start().await;
     let acme = token("acme", &["agent", "admin"]);
     let other = token("other", &["agent"]);
@@ -565,6 +584,7 @@ fn vm_hwm_kb() -> u64 {
 /// so the peak resident memory grows by far less than the upload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_large_upload_streams_through_with_flat_memory() {
+    let _serial = SERIAL.lock().await;
     const MIB: usize = 1024 * 1024;
     const TOTAL: usize = 256 * MIB;
     let s = NoSandboxes::start().await;
@@ -611,6 +631,7 @@ async fn a_large_upload_streams_through_with_flat_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn tools_run_code_like_v1() {
+    let _serial = SERIAL.lock().await;
     let st = stack(DatabaseDriver::Sqlite, &[]).await;
     let (tools, tools_stop) = serve_mcp_port(st.app.clone()).await;
     let acme = token("acme", &["agent"]);

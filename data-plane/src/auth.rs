@@ -11,10 +11,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::dataplane::ServiceClaims;
 use shared::ids::TenantId;
-use shared::server::ApiError;
 
 /// Clock skew accepted on `exp`/`nbf`, seconds.
 pub const LEEWAY_SECONDS: u64 = 5;
@@ -61,13 +61,13 @@ impl Authenticator {
     }
 
     /// Checks a bearer token and returns the caller it names.
-    pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+    pub fn verify(&self, token: &str) -> Result<Caller, CodedError> {
         let Some(key) = &self.inner.key else {
-            return Err(ApiError::new(ErrorCode::Internal, "no verification key"));
+            return Err(CodedError::new(ErrorCode::Internal, "no verification key"));
         };
         let data = jsonwebtoken::decode::<ServiceClaims>(token, key, &self.inner.validation)
             .map_err(|e| {
-                ApiError::new(
+                CodedError::new(
                     ErrorCode::Unauthorized,
                     format!("invalid service credential: {e}"),
                 )
@@ -76,7 +76,7 @@ impl Authenticator {
         // The tenant names directories and keys: only a plain identifier will
         // do (never `-`, `.`, `..` or anything path-like).
         let tenant = TenantId::parse(claims.tenant).map_err(|m| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::Unauthorized,
                 format!("the service credential's tenant is malformed: {m}"),
             )
@@ -182,7 +182,7 @@ pub async fn require_credential(
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         let Some(token) = token else {
-            return ApiError::new(
+            return CodedError::new(
                 ErrorCode::Unauthorized,
                 "missing service credential (Authorization: Bearer)",
             )

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+use shared::CodedError;
 use shared::ErrorCode;
 pub use shared::dataplane::MAX_PACKAGES;
-use shared::server::ApiError;
 
 /// `{"python": {"six": ">=1.16,<2", "attrs": ""}}`: a package name and the
 /// versions allowed ("" = any).
@@ -179,13 +179,16 @@ pub struct Checked {
     pin: Option<Version>,
 }
 
-fn invalid(m: String) -> ApiError {
-    ApiError::new(ErrorCode::InvalidArgument, m)
+fn invalid(m: String) -> CodedError {
+    CodedError::new(ErrorCode::InvalidArgument, m)
 }
 
 /// A requested package: `name` or `name==version`, the version strict for
 /// the ecosystem (no ecosystem: nothing is allowed anyway).
-fn parse_request(eco: Option<Ecosystem>, req: &str) -> Result<(String, Option<Version>), ApiError> {
+fn parse_request(
+    eco: Option<Ecosystem>,
+    req: &str,
+) -> Result<(String, Option<Version>), CodedError> {
     let bad = || invalid(format!("package {req:?} is not `name` or `name==version`"));
     let (name, pin) = match req.split_once("==") {
         Some((n, v)) => (n.trim(), Some(v.trim())),
@@ -286,7 +289,7 @@ impl Dependencies {
         tenant: &str,
         runtime: &str,
         packages: &[String],
-    ) -> Result<Vec<Checked>, ApiError> {
+    ) -> Result<Vec<Checked>, CodedError> {
         if packages.len() > MAX_PACKAGES {
             return Err(invalid(format!(
                 "{} packages requested; at most {MAX_PACKAGES} are allowed",
@@ -316,7 +319,7 @@ impl Dependencies {
             tracing::info!(target: "audit", tenant, runtime, package = %req, decision = if ok { "allow" } else { "deny" },
                 "dependency decision");
             if !ok {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::DependencyNotAllowed,
                     format!("package {req:?} is not on the {runtime} allowlist"),
                 ));
@@ -329,8 +332,8 @@ impl Dependencies {
     /// Installs checked packages into a content-addressed directory (reused
     /// when the same files were installed before) and returns it. Files are
     /// hashed as a stream and extracted from disk, never held whole.
-    pub fn install(&self, runtime: &str, packages: &[Checked]) -> Result<PathBuf, ApiError> {
-        let unavailable = |m: String| ApiError::new(ErrorCode::DependencyUnavailable, m);
+    pub fn install(&self, runtime: &str, packages: &[Checked]) -> Result<PathBuf, CodedError> {
+        let unavailable = |m: String| CodedError::new(ErrorCode::DependencyUnavailable, m);
         let eco = Ecosystem::of(runtime)
             .ok_or_else(|| unavailable(format!("runtime {runtime} has no package ecosystem")))?;
         let kind = match eco {
@@ -418,7 +421,7 @@ impl Dependencies {
         })();
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::Internal,
                 format!("installing packages: {e}"),
             ));

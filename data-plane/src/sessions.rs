@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{CreateSessionRequest, EffectiveLimits, FileList, StepRequest, StepResult};
 use shared::client::{AgentClient, ClientError, PathStream, StepEvent};
 use shared::dataplane::{CreateSession, RunStep, SessionView};
 use shared::ids::{StepId, TenantId};
-use shared::server::ApiError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Caller;
@@ -134,10 +134,10 @@ impl Transfers {
     }
 
     /// A slot now, or 429.
-    fn acquire(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, ApiError> {
+    fn acquire(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, CodedError> {
         let max = self.max;
         self.semaphore(tenant).try_acquire_owned().map_err(|_| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::TenantQuotaExceeded,
                 format!("tenant {tenant} has its maximum of {max} concurrent transfers; retry when one ends"),
             )
@@ -146,11 +146,11 @@ impl Transfers {
 
     /// A slot, waiting for one (the data plane's own transfers, such as
     /// collecting a job's output, queue instead of failing).
-    async fn acquire_wait(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, ApiError> {
+    async fn acquire_wait(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, CodedError> {
         self.semaphore(tenant)
             .acquire_owned()
             .await
-            .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "transfers are closed"))
+            .map_err(|_| CodedError::new(ErrorCode::ShuttingDown, "transfers are closed"))
     }
 }
 
@@ -202,15 +202,15 @@ fn new_token() -> String {
 
 /// The agent's answer, mapped to the error contract: its coded errors pass
 /// through; an unreachable, failing or slow agent is 503 `sandbox_unavailable`.
-fn agent_error(e: ClientError) -> ApiError {
+fn agent_error(e: ClientError) -> CodedError {
     match e {
-        ClientError::Api { body, .. } => ApiError::new(body.code, body.message),
-        ClientError::Protocol { status, detail } => ApiError::new(
+        ClientError::Api { body, .. } => CodedError::new(body.code, body.message),
+        ClientError::Protocol { status, detail } => CodedError::new(
             ErrorCode::SandboxUnavailable,
             format!("the session agent answered outside its contract ({status}): {detail}"),
         ),
         // Without the agent's address: internal addresses never reach a caller.
-        ClientError::Transport(e) => ApiError::new(
+        ClientError::Transport(e) => CodedError::new(
             ErrorCode::SandboxUnavailable,
             format!("the session agent is unreachable: {}", e.without_url()),
         ),
@@ -218,29 +218,29 @@ fn agent_error(e: ClientError) -> ApiError {
 }
 
 /// An artifact store failure, mapped to the error contract.
-pub fn artifact_error(e: ArtifactError) -> ApiError {
+pub fn artifact_error(e: ArtifactError) -> CodedError {
     match e {
         ArtifactError::NotFound | ArtifactError::Crypto(CryptoError::KeyDestroyed) => {
-            ApiError::new(ErrorCode::ArtifactNotFound, "no such artifact")
+            CodedError::new(ErrorCode::ArtifactNotFound, "no such artifact")
         }
         // A key the backend refused (outside the id alphabet): as missing.
         ArtifactError::Io(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-            ApiError::new(ErrorCode::ArtifactNotFound, "no such artifact")
+            CodedError::new(ErrorCode::ArtifactNotFound, "no such artifact")
         }
-        ArtifactError::BadName(m) => ApiError::new(ErrorCode::InvalidArgument, m),
-        ArtifactError::TooLarge(max) => ApiError::new(
+        ArtifactError::BadName(m) => CodedError::new(ErrorCode::InvalidArgument, m),
+        ArtifactError::TooLarge(max) => CodedError::new(
             ErrorCode::PayloadTooLarge,
             format!("the artifact is larger than {max} bytes"),
         ),
-        ArtifactError::Crypto(e) => ApiError::new(ErrorCode::IntegrityError, e.to_string()),
-        ArtifactError::Upload(m) => ApiError::new(
+        ArtifactError::Crypto(e) => CodedError::new(ErrorCode::IntegrityError, e.to_string()),
+        ArtifactError::Upload(m) => CodedError::new(
             ErrorCode::InvalidArgument,
             format!("the upload broke off: {m}"),
         ),
         // The detail (an S3 endpoint, a path) is logged, never returned.
         ArtifactError::Io(e) => {
             tracing::warn!(error = %e, "artifact storage failed");
-            ApiError::new(ErrorCode::Internal, "artifact storage failed")
+            CodedError::new(ErrorCode::Internal, "artifact storage failed")
         }
     }
 }
@@ -249,10 +249,10 @@ pub fn artifact_error(e: ArtifactError) -> ApiError {
 async fn bounded<T>(
     limit: Duration,
     fut: impl Future<Output = Result<T, ClientError>>,
-) -> Result<T, ApiError> {
+) -> Result<T, CodedError> {
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.map_err(agent_error),
-        Err(_) => Err(ApiError::new(
+        Err(_) => Err(CodedError::new(
             ErrorCode::SandboxUnavailable,
             format!(
                 "the session agent did not answer within {} ms",
@@ -293,7 +293,7 @@ impl SessionRouter {
 
     /// A transfer slot of the caller's tenant, held while bytes flow; 429
     /// `tenant_quota_exceeded` when the tenant has all of its slots in use.
-    pub fn transfer(&self, caller: &Caller) -> Result<OwnedSemaphorePermit, ApiError> {
+    pub fn transfer(&self, caller: &Caller) -> Result<OwnedSemaphorePermit, CodedError> {
         self.transfers.acquire(&caller.tenant)
     }
 
@@ -339,9 +339,9 @@ impl SessionRouter {
     }
 
     /// The record of `id` if it belongs to the caller's tenant and is alive.
-    fn route(&self, caller: &Caller, id: &str) -> Result<Route, ApiError> {
+    fn route(&self, caller: &Caller, id: &str) -> Result<Route, CodedError> {
         let records = self.records();
-        let not_found = || ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}"));
+        let not_found = || CodedError::new(ErrorCode::SessionNotFound, format!("no session {id}"));
         let rec = records.get(id).ok_or_else(not_found)?;
         if rec.tenant != caller.tenant {
             return Err(not_found());
@@ -352,7 +352,7 @@ impl SessionRouter {
             return Err(not_found());
         }
         if rec.lost {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::SessionLost,
                 format!(
                     "session {id}'s sandbox vanished while the data plane restarted; delete it"
@@ -376,11 +376,11 @@ impl SessionRouter {
         &self,
         caller: &Caller,
         req: CreateSession,
-    ) -> Result<SessionView, ApiError> {
+    ) -> Result<SessionView, CodedError> {
         if let Some(t) = &req.tenant
             && t.as_str() != caller.tenant.as_str()
         {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::Forbidden,
                 "the body's tenant is not the credential's tenant",
             ));
@@ -423,7 +423,7 @@ impl SessionRouter {
                 .filter(|r| r.tenant == caller.tenant && r.expires_ms > now)
                 .count();
             if live >= self.settings.tenant_max_sessions {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::CapacityExhausted,
                     format!(
                         "tenant {} has its maximum of {} sessions",
@@ -454,7 +454,7 @@ impl SessionRouter {
                 let (deps, name) = (self.dependencies.clone(), runtime.name.clone());
                 let installed = tokio::task::spawn_blocking(move || deps.install(&name, &checked))
                     .await
-                    .map_err(|_| ApiError::new(ErrorCode::Internal, "the install task failed"))
+                    .map_err(|_| CodedError::new(ErrorCode::Internal, "the install task failed"))
                     .and_then(|r| r);
                 match installed {
                     Ok(dir) => Some(dir.display().to_string()),
@@ -500,7 +500,7 @@ impl SessionRouter {
                     tracing::error!(
                         "the session agent refused SESSION_AGENT_ADMIN_TOKEN; sessions cannot be created"
                     );
-                    return Err(ApiError::new(
+                    return Err(CodedError::new(
                         ErrorCode::SandboxUnavailable,
                         "the session agent refused the data plane's credential",
                     ));
@@ -531,7 +531,7 @@ impl SessionRouter {
         if let Err(e) = self.store.put(&rec.stored(&id, &self.kek)).await {
             self.records().remove(&id);
             self.forget_on_agent(&id, rec.token);
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::Internal,
                 format!("could not record the session: {e}"),
             ));
@@ -585,9 +585,9 @@ impl SessionRouter {
 
     /// At start-up: reload stored sessions; those the agent no longer has
     /// are marked lost, expired ones are dropped.
-    pub async fn recover(&self) -> Result<(), ApiError> {
+    pub async fn recover(&self) -> Result<(), CodedError> {
         let stored = self.store.load().await.map_err(|e| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::Internal,
                 format!("loading the session registry: {e}"),
             )
@@ -663,12 +663,12 @@ impl SessionRouter {
         Ok(())
     }
 
-    pub fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, ApiError> {
+    pub fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, CodedError> {
         self.route(caller, id)?;
         let records = self.records();
-        let rec = records
-            .get(id)
-            .ok_or_else(|| ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}")))?;
+        let rec = records.get(id).ok_or_else(|| {
+            CodedError::new(ErrorCode::SessionNotFound, format!("no session {id}"))
+        })?;
         Ok(rec.view(id))
     }
 
@@ -726,7 +726,7 @@ impl SessionRouter {
     /// Ends a session: the agent destroys its sandbox and workspace. An
     /// expired session of the caller's is still deleted (its artifacts
     /// shredded), not 404.
-    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, caller: &Caller, id: &str) -> Result<(), CodedError> {
         let expired = {
             let records = self.records();
             records
@@ -772,10 +772,10 @@ impl SessionRouter {
         Ok(())
     }
 
-    fn step_request(id: &str, step: RunStep) -> Result<StepRequest, ApiError> {
+    fn step_request(id: &str, step: RunStep) -> Result<StepRequest, CodedError> {
         let step_id = step.step_id.unwrap_or_else(|| format!("step-{}", hex_id()));
         let step_id =
-            StepId::parse(step_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m.0))?;
+            StepId::parse(step_id).map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m.0))?;
         Ok(StepRequest {
             session_id: id.to_owned(),
             step_id: step_id.into_string(),
@@ -796,7 +796,7 @@ impl SessionRouter {
         caller: &Caller,
         id: &str,
         step: RunStep,
-    ) -> Result<StepResult, ApiError> {
+    ) -> Result<StepResult, CodedError> {
         let route = self.route(caller, id)?;
         let req = Self::step_request(id, step)?;
         let started = std::time::Instant::now();
@@ -825,7 +825,7 @@ impl SessionRouter {
         caller: &Caller,
         id: &str,
         step: RunStep,
-    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + use<>, ApiError> {
+    ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + use<>, CodedError> {
         let route = self.route(caller, id)?;
         let req = Self::step_request(id, step)?;
         bounded(
@@ -843,7 +843,7 @@ impl SessionRouter {
         caller: &Caller,
         id: &str,
         path: &str,
-    ) -> Result<PathRead, ApiError> {
+    ) -> Result<PathRead, CodedError> {
         self.open_path(caller, id, path, false).await
     }
 
@@ -854,7 +854,7 @@ impl SessionRouter {
         caller: &Caller,
         id: &str,
         path: &str,
-    ) -> Result<PathRead, ApiError> {
+    ) -> Result<PathRead, CodedError> {
         self.open_path(caller, id, path, true).await
     }
 
@@ -864,7 +864,7 @@ impl SessionRouter {
         id: &str,
         path: &str,
         wait: bool,
-    ) -> Result<PathRead, ApiError> {
+    ) -> Result<PathRead, CodedError> {
         let route = self.route(caller, id)?;
         // Bounded up to the response head; the body takes as long as it takes.
         let opened = bounded(
@@ -901,7 +901,7 @@ impl SessionRouter {
         id: &str,
         path: &str,
         body: Bytes,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         let route = self.route(caller, id)?;
         let _slot = self.transfer(caller)?;
         bounded(
@@ -913,7 +913,12 @@ impl SessionRouter {
         .await
     }
 
-    pub async fn delete_file(&self, caller: &Caller, id: &str, path: &str) -> Result<(), ApiError> {
+    pub async fn delete_file(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+    ) -> Result<(), CodedError> {
         let route = self.route(caller, id)?;
         bounded(
             self.settings.agent_timeout,
@@ -923,14 +928,14 @@ impl SessionRouter {
     }
 
     /// Whether the session registry answers (for `/readyz`).
-    pub async fn registry_ready(&self) -> Result<(), ApiError> {
+    pub async fn registry_ready(&self) -> Result<(), CodedError> {
         match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ApiError::new(
+            Ok(Err(e)) => Err(CodedError::new(
                 ErrorCode::SandboxUnavailable,
                 format!("the session registry is unavailable: {e}"),
             )),
-            Err(_) => Err(ApiError::new(
+            Err(_) => Err(CodedError::new(
                 ErrorCode::SandboxUnavailable,
                 "the session registry did not answer within 2 s",
             )),
@@ -938,7 +943,7 @@ impl SessionRouter {
     }
 
     /// Whether the agent answers (for `/readyz`).
-    pub async fn agent_ready(&self) -> Result<(), ApiError> {
+    pub async fn agent_ready(&self) -> Result<(), CodedError> {
         bounded(Duration::from_secs(2), self.backend.agent().health())
             .await
             .map(|_| ())
@@ -993,6 +998,7 @@ pub(crate) mod fake_agent {
     use axum::routing::{get, post};
     use axum::{Json, Router};
     use clap::Parser;
+    use shared::CodedError;
     use shared::ErrorCode;
     use shared::agent::{
         ADMIN_TOKEN_HEADER, CreateSessionRequest, FileEntry, FileList, Runtime,
@@ -1000,7 +1006,6 @@ pub(crate) mod fake_agent {
     };
     use shared::client::AgentClient;
     use shared::ids::TenantId;
-    use shared::server::ApiError;
     use tokio_util::sync::CancellationToken;
 
     use super::{SessionRouter, SessionRouterParts, SessionSettings};
@@ -1116,8 +1121,8 @@ pub(crate) mod fake_agent {
         header(headers, ADMIN_TOKEN_HEADER) == Some(ADMIN)
     }
 
-    fn unauthorized() -> ApiError {
-        ApiError::new(ErrorCode::Unauthorized, "missing or wrong token")
+    fn unauthorized() -> CodedError {
+        CodedError::new(ErrorCode::Unauthorized, "missing or wrong token")
     }
 
     /// The session, when the request carries its token (or the admin
@@ -1127,11 +1132,10 @@ pub(crate) mod fake_agent {
         id: &str,
         headers: &HeaderMap,
         admin_ok: bool,
-    ) -> Result<&'a mut FakeSession, ApiError> {
-        let session = s
-            .sessions
-            .get_mut(id)
-            .ok_or_else(|| ApiError::new(ErrorCode::SessionNotFound, format!("no session {id}")))?;
+    ) -> Result<&'a mut FakeSession, CodedError> {
+        let session = s.sessions.get_mut(id).ok_or_else(|| {
+            CodedError::new(ErrorCode::SessionNotFound, format!("no session {id}"))
+        })?;
         let token_ok = session.token.as_deref().is_some()
             && header(headers, SESSION_TOKEN_HEADER) == session.token.as_deref();
         if token_ok || (admin_ok && is_admin(headers)) {
@@ -1145,20 +1149,20 @@ pub(crate) mod fake_agent {
         State(state): State<Shared>,
         headers: HeaderMap,
         Json(req): Json<CreateSessionRequest>,
-    ) -> Result<(StatusCode, Json<SessionInfo>), ApiError> {
+    ) -> Result<(StatusCode, Json<SessionInfo>), CodedError> {
         if !is_admin(&headers) {
             return Err(unauthorized());
         }
         let token = req.token.clone().ok_or_else(unauthorized)?;
         if header(&headers, SESSION_TOKEN_HEADER) != Some(token.as_str()) || token.len() < 43 {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, "bad token"));
+            return Err(CodedError::new(ErrorCode::InvalidArgument, "bad token"));
         }
         let mut s = state.lock().unwrap();
         if let Some(code) = s.create_error {
-            return Err(ApiError::new(code, "the fake agent refuses creates"));
+            return Err(CodedError::new(code, "the fake agent refuses creates"));
         }
         if s.sessions.contains_key(&req.session_id) {
-            return Err(ApiError::new(ErrorCode::SessionExists, "exists"));
+            return Err(CodedError::new(ErrorCode::SessionExists, "exists"));
         }
         let now = super::now_ms();
         let info = SessionInfo {
@@ -1187,7 +1191,7 @@ pub(crate) mod fake_agent {
     async fn list(
         State(state): State<Shared>,
         headers: HeaderMap,
-    ) -> Result<Json<SessionList>, ApiError> {
+    ) -> Result<Json<SessionList>, CodedError> {
         if !is_admin(&headers) {
             return Err(unauthorized());
         }
@@ -1200,7 +1204,7 @@ pub(crate) mod fake_agent {
         State(state): State<Shared>,
         UrlPath(id): UrlPath<String>,
         headers: HeaderMap,
-    ) -> Result<Json<SessionInfo>, ApiError> {
+    ) -> Result<Json<SessionInfo>, CodedError> {
         let mut s = state.lock().unwrap();
         Ok(Json(authorized(&mut s, &id, &headers, false)?.info.clone()))
     }
@@ -1209,7 +1213,7 @@ pub(crate) mod fake_agent {
         State(state): State<Shared>,
         UrlPath(id): UrlPath<String>,
         headers: HeaderMap,
-    ) -> Result<StatusCode, ApiError> {
+    ) -> Result<StatusCode, CodedError> {
         let mut s = state.lock().unwrap();
         authorized(&mut s, &id, &headers, true)?;
         s.sessions.remove(&id);
@@ -1221,13 +1225,13 @@ pub(crate) mod fake_agent {
         State(state): State<Shared>,
         headers: HeaderMap,
         Json(req): Json<StepRequest>,
-    ) -> Result<Json<StepResult>, ApiError> {
+    ) -> Result<Json<StepResult>, CodedError> {
         let mut s = state.lock().unwrap();
         authorized(&mut s, &req.session_id, &headers, false)?
             .info
             .steps += 1;
         if let Some(code) = s.step_error {
-            return Err(ApiError::new(code, "the fake agent refuses steps"));
+            return Err(CodedError::new(code, "the fake agent refuses steps"));
         }
         s.steps += 1;
         Ok(Json(StepResult {
@@ -1248,7 +1252,7 @@ pub(crate) mod fake_agent {
         state: State<Shared>,
         UrlPath(id): UrlPath<String>,
         headers: HeaderMap,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, CodedError> {
         files(state, UrlPath((id, String::new())), headers).await
     }
 
@@ -1257,7 +1261,7 @@ pub(crate) mod fake_agent {
         State(state): State<Shared>,
         UrlPath((id, path)): UrlPath<(String, String)>,
         headers: HeaderMap,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, CodedError> {
         let mut s = state.lock().unwrap();
         authorized(&mut s, &id, &headers, false)?;
         if let Some(bytes) = s.files.get(&path) {
@@ -1292,7 +1296,10 @@ pub(crate) mod fake_agent {
             );
         }
         if entries.is_empty() && !path.is_empty() {
-            return Err(ApiError::new(ErrorCode::FileNotFound, format!("no {path}")));
+            return Err(CodedError::new(
+                ErrorCode::FileNotFound,
+                format!("no {path}"),
+            ));
         }
         Ok(Json(FileList {
             files: entries.into_values().collect(),
@@ -1407,7 +1414,7 @@ mod tests {
         assert_eq!(r.result, Some(serde_json::json!("1 + 1")));
         let before = agent.state().log.len();
 
-        let not_found = |e: ApiError| {
+        let not_found = |e: CodedError| {
             assert_eq!(e.code, ErrorCode::SessionNotFound, "{}", e.message);
             assert_eq!(e.code.http_status(), 404);
         };
@@ -1569,7 +1576,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = fake_agent::closed_url();
         let port = url.rsplit(':').next().unwrap().to_owned();
-        let no_address = |e: &ApiError| {
+        let no_address = |e: &CodedError| {
             assert_eq!(
                 (e.code, e.code.http_status()),
                 (ErrorCode::SandboxUnavailable, 503),

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{
     CreateSessionRequest, EffectiveLimits, Limits, Runtime, SessionInfo, StepMode, StepRequest,
     StepResult, StepStatus, validate_id,
 };
-use shared::server::ApiError;
 use subtle::ConstantTimeEq;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -58,11 +58,11 @@ pub struct Settings {
 
 impl Settings {
     /// See [`SessionManager::authorize_create`].
-    fn authorize_create(&self, presented: Option<&str>) -> Result<(), ApiError> {
+    fn authorize_create(&self, presented: Option<&str>) -> Result<(), CodedError> {
         if self.auth_bypass || self.is_admin(presented) {
             return Ok(());
         }
-        Err(ApiError::new(
+        Err(CodedError::new(
             ErrorCode::Unauthorized,
             "creating a session needs the data plane's credential (X-Agent-Admin-Token)",
         ))
@@ -78,7 +78,7 @@ impl Settings {
     }
 
     /// Applies defaults and refuses anything above a maximum, naming it.
-    pub fn resolve_limits(&self, req: Option<&Limits>) -> Result<EffectiveLimits, ApiError> {
+    pub fn resolve_limits(&self, req: Option<&Limits>) -> Result<EffectiveLimits, CodedError> {
         let req = req.cloned().unwrap_or_default();
         let d = &self.defaults;
         let m = &self.maximums;
@@ -87,16 +87,16 @@ impl Settings {
                     default: u64,
                     max: u64,
                     min: u64|
-         -> Result<u64, ApiError> {
+         -> Result<u64, CodedError> {
             let v = v.unwrap_or(default);
             if v > max {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::LimitExceeded,
                     format!("limits.{name} = {v} is above the maximum of {max}"),
                 ));
             }
             if v < min {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::InvalidArgument,
                     format!("limits.{name} = {v} is below the minimum of {min}"),
                 ));
@@ -324,8 +324,9 @@ impl SessionManager {
 
     /// A packages directory: it must be a directory inside the package root
     /// (after resolving symlinks), so a caller cannot mount any host path.
-    fn package_dir(&self, dir: &str) -> Result<PathBuf, ApiError> {
-        let bad = |m: &str| ApiError::new(ErrorCode::InvalidArgument, format!("packagesDir: {m}"));
+    fn package_dir(&self, dir: &str) -> Result<PathBuf, CodedError> {
+        let bad =
+            |m: &str| CodedError::new(ErrorCode::InvalidArgument, format!("packagesDir: {m}"));
         let root = std::fs::canonicalize(&self.settings.package_root)
             .map_err(|_| bad("this agent has no package root (SESSION_AGENT_PACKAGE_ROOT)"))?;
         let path = std::fs::canonicalize(dir).map_err(|_| bad("no such directory"))?;
@@ -336,17 +337,17 @@ impl SessionManager {
     }
 
     /// `POST /v1/sessions`.
-    pub async fn create(&self, req: CreateSessionRequest) -> Result<SessionInfo, ApiError> {
+    pub async fn create(&self, req: CreateSessionRequest) -> Result<SessionInfo, CodedError> {
         if self.shutdown.is_cancelled() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::ShuttingDown,
                 "the agent is shutting down",
             ));
         }
         validate_id("sessionId", &req.session_id)
-            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            .map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m))?;
         let runtime = Runtime::parse(&req.runtime).ok_or_else(|| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::UnknownRuntime,
                 format!(
                     "unknown runtime {:?}; available: python, node, bash",
@@ -356,7 +357,7 @@ impl SessionManager {
         })?;
         let token = match (&req.token, self.settings.auth_bypass) {
             (Some(t), _) if t.len() < MIN_TOKEN_LEN => {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::InvalidArgument,
                     format!(
                         "token must be at least {MIN_TOKEN_LEN} characters (a 256-bit secret); make one with: {MAKE_TOKEN_COMMAND}"
@@ -366,7 +367,7 @@ impl SessionManager {
             (Some(t), _) => Some(TokenDigest::of(t)),
             (None, true) => None,
             (None, false) => {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::InvalidArgument,
                     "token is required (auth is enforced)",
                 ));
@@ -384,13 +385,13 @@ impl SessionManager {
             .map(Duration::from_secs)
             .unwrap_or(self.settings.default_ttl);
         if ttl.is_zero() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 "ttlSeconds must be at least 1",
             ));
         }
         if ttl > self.settings.max_ttl {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::LimitExceeded,
                 format!(
                     "ttlSeconds = {} is above the maximum of {}",
@@ -404,7 +405,7 @@ impl SessionManager {
             .map(Duration::from_secs)
             .unwrap_or(self.settings.default_idle_timeout);
         if idle.is_zero() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 "idleTimeoutSeconds must be at least 1",
             ));
@@ -413,13 +414,13 @@ impl SessionManager {
         {
             let mut slots = self.slots();
             if slots.contains_key(&req.session_id) {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::SessionExists,
                     format!("session {} already exists", req.session_id),
                 ));
             }
             if slots.len() >= self.settings.max_sessions {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::CapacityExhausted,
                     format!(
                         "the agent holds its maximum of {} sessions",
@@ -467,7 +468,7 @@ impl SessionManager {
                 if self.shutdown.is_cancelled() {
                     // Shutdown raced the creation: tear it down like the rest.
                     let _ = self.end(&info.session_id, "shutdown").await;
-                    return Err(ApiError::new(
+                    return Err(CodedError::new(
                         ErrorCode::ShuttingDown,
                         "the agent is shutting down",
                     ));
@@ -489,7 +490,7 @@ impl SessionManager {
         limits: EffectiveLimits,
         env: &BTreeMap<String, String>,
         packages: Option<PathBuf>,
-    ) -> Result<(bool, WarmSandbox), ApiError> {
+    ) -> Result<(bool, WarmSandbox), CodedError> {
         // Pooled sandboxes have the default limits and no packages.
         if limits == self.settings.defaults
             && packages.is_none()
@@ -508,7 +509,7 @@ impl SessionManager {
             .start_cold(runtime, limits, packages)
             .await
             .map_err(|e| {
-                ApiError::new(
+                CodedError::new(
                     ErrorCode::SandboxStartFailed,
                     format!("could not start the sandbox: {e}"),
                 )
@@ -521,17 +522,20 @@ impl SessionManager {
         {
             sandbox.kernel.destroy().await;
             sandbox.workspace.destroy();
-            return Err(ApiError::new(ErrorCode::SandboxStartFailed, e.to_string()));
+            return Err(CodedError::new(
+                ErrorCode::SandboxStartFailed,
+                e.to_string(),
+            ));
         }
         Ok((false, sandbox))
     }
 
     /// Finds a session and checks the presented token.
-    pub fn authorize(&self, id: &str, token: Option<&str>) -> Result<Arc<Session>, ApiError> {
+    pub fn authorize(&self, id: &str, token: Option<&str>) -> Result<Arc<Session>, CodedError> {
         let session = match self.slots().get(id) {
             Some(Slot::Ready(s)) => s.clone(),
             _ => {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::SessionNotFound,
                     format!("no session {id}"),
                 ));
@@ -541,7 +545,7 @@ impl SessionManager {
             && !self.settings.auth_bypass
             && !digest.matches(token)
         {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::Unauthorized,
                 "missing or wrong X-Session-Token",
             ));
@@ -554,7 +558,7 @@ impl SessionManager {
     /// Who may create a session (and so choose its limits and `packagesDir`):
     /// only the holder of the admin credential, the data plane, unless auth
     /// is bypassed. Checked before anything is parsed or started.
-    pub fn authorize_create(&self, presented: Option<&str>) -> Result<(), ApiError> {
+    pub fn authorize_create(&self, presented: Option<&str>) -> Result<(), CodedError> {
         self.settings.authorize_create(presented)
     }
 
@@ -597,25 +601,25 @@ impl SessionManager {
     }
 
     /// Validates a step and takes the session's kernel for it.
-    pub fn begin_step(&self, req: StepRequest, token: Option<&str>) -> Result<StepRun, ApiError> {
+    pub fn begin_step(&self, req: StepRequest, token: Option<&str>) -> Result<StepRun, CodedError> {
         validate_id("stepId", &req.step_id)
-            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            .map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m))?;
         let session = self.authorize(&req.session_id, token)?;
         let mode = req.mode.unwrap_or_default();
         if mode == StepMode::Handler && session.runtime == Runtime::Bash {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::UnsupportedMode,
                 "handler mode is available for python and node",
             ));
         }
         if session.runtime == Runtime::Bash && req.code.contains('\0') {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 "bash code cannot contain NUL bytes",
             ));
         }
         if req.timeout_ms == Some(0) {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 "timeoutMs must be at least 1",
             ));
@@ -623,7 +627,7 @@ impl SessionManager {
         if let Some(t) = req.timeout_ms
             && t > self.settings.maximums.timeout_ms
         {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::LimitExceeded,
                 format!(
                     "timeoutMs = {t} is above the maximum of {}",
@@ -632,13 +636,13 @@ impl SessionManager {
             ));
         }
         let kernel = session.kernel.clone().try_lock_owned().map_err(|_| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::SessionBusy,
                 format!("session {} is running another step", session.id),
             )
         })?;
         if kernel.is_none() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::SandboxUnavailable,
                 format!(
                     "session {}'s sandbox is gone and could not be restarted; delete it",
@@ -745,19 +749,19 @@ impl SessionManager {
     }
 
     /// Ends a session: stops a running step, destroys sandbox and workspace.
-    pub async fn end(&self, id: &str, reason: &'static str) -> Result<(), ApiError> {
+    pub async fn end(&self, id: &str, reason: &'static str) -> Result<(), CodedError> {
         let session = match self.slots().remove(id) {
             Some(Slot::Ready(s)) => s,
             Some(Slot::Creating) => {
                 // Not ours to remove yet: put it back.
                 self.slots().insert(id.to_owned(), Slot::Creating);
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::SessionNotFound,
                     format!("no session {id}"),
                 ));
             }
             None => {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::SessionNotFound,
                     format!("no session {id}"),
                 ));
@@ -846,27 +850,27 @@ fn unreachable_kernel() -> crate::kernels::ExecOutcome {
 }
 
 /// Environment names must be shell identifiers; values must not hold NUL.
-fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CodedError> {
     for (k, v) in env {
         let ok_name = !k.is_empty()
             && k.len() <= 256
             && !k.as_bytes()[0].is_ascii_digit()
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !ok_name {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 format!("env name {k:?} is not [A-Za-z_][A-Za-z0-9_]*"),
             ));
         }
         if v.contains('\0') {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 format!("env {k} contains a NUL byte"),
             ));
         }
     }
     if env.len() > 256 {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::InvalidArgument,
             "at most 256 env variables",
         ));

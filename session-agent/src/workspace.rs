@@ -7,9 +7,9 @@ use std::path::{Component, Path, PathBuf};
 
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::FileEntry;
-use shared::server::ApiError;
 
 use crate::isolation::SANDBOX_UID;
 
@@ -70,13 +70,14 @@ impl Workspace {
         }
     }
 
-    fn dir(&self) -> Result<Dir, ApiError> {
-        Dir::open_ambient_dir(&self.host_path, ambient_authority())
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("workspace unavailable: {e}")))
+    fn dir(&self) -> Result<Dir, CodedError> {
+        Dir::open_ambient_dir(&self.host_path, ambient_authority()).map_err(|e| {
+            CodedError::new(ErrorCode::Internal, format!("workspace unavailable: {e}"))
+        })
     }
 
     /// Lists a directory (`""` is the root). Symlinks are listed, never followed.
-    pub fn list(&self, rel: &str) -> Result<Vec<FileEntry>, ApiError> {
+    pub fn list(&self, rel: &str) -> Result<Vec<FileEntry>, CodedError> {
         let path = clean_path(rel, true)?;
         let root = self.dir()?;
         let dir = if path.as_os_str().is_empty() {
@@ -120,7 +121,7 @@ impl Workspace {
     }
 
     /// Whether `rel` names a directory (for GET dispatch).
-    pub fn is_dir(&self, rel: &str) -> Result<bool, ApiError> {
+    pub fn is_dir(&self, rel: &str) -> Result<bool, CodedError> {
         let path = clean_path(rel, true)?;
         if path.as_os_str().is_empty() {
             return Ok(true);
@@ -132,7 +133,7 @@ impl Workspace {
     }
 
     /// Opens a regular file for reading.
-    pub fn open_read(&self, rel: &str) -> Result<std::fs::File, ApiError> {
+    pub fn open_read(&self, rel: &str) -> Result<std::fs::File, CodedError> {
         let path = clean_path(rel, false)?;
         let mut opts = OpenOptions::new();
         // O_NONBLOCK: a FIFO planted by the sandbox must not hang the agent.
@@ -145,7 +146,7 @@ impl Workspace {
             .into_std();
         let meta = file.metadata().map_err(io_err)?;
         if !meta.is_file() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::NotAFile,
                 format!("{rel} is not a regular file"),
             ));
@@ -155,7 +156,7 @@ impl Workspace {
 
     /// Creates or replaces a file (and its parent directories), owned by the
     /// sandbox uid so code in the sandbox can change it.
-    pub fn write(&self, rel: &str, content: &[u8]) -> Result<(), ApiError> {
+    pub fn write(&self, rel: &str, content: &[u8]) -> Result<(), CodedError> {
         let path = clean_path(rel, false)?;
         let root = self.dir()?;
         let mut dir = root.try_clone().map_err(io_err)?;
@@ -186,7 +187,7 @@ impl Workspace {
             .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK);
         let file = dir.open_with(last, &opts).map_err(io_err)?.into_std();
         if !file.metadata().map_err(io_err)?.is_file() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::NotAFile,
                 format!("{rel} is not a regular file"),
             ));
@@ -199,7 +200,7 @@ impl Workspace {
     }
 
     /// Deletes a file, a symlink (not its target) or a directory tree.
-    pub fn delete(&self, rel: &str) -> Result<(), ApiError> {
+    pub fn delete(&self, rel: &str) -> Result<(), CodedError> {
         let path = clean_path(rel, false)?;
         let root = self.dir()?;
         let meta = root.symlink_metadata(&path).map_err(io_err)?;
@@ -244,15 +245,15 @@ impl OpenDirNoFollow for Dir {
     }
 }
 
-fn bad_path(msg: &str) -> ApiError {
-    ApiError::new(ErrorCode::PathOutsideWorkspace, msg)
+fn bad_path(msg: &str) -> CodedError {
+    CodedError::new(ErrorCode::PathOutsideWorkspace, msg)
 }
 
 /// Lexical checks before any file system access: relative, no `..`, no NUL,
 /// bounded length. `.` and empty segments are dropped.
-pub fn clean_path(rel: &str, allow_root: bool) -> Result<PathBuf, ApiError> {
+pub fn clean_path(rel: &str, allow_root: bool) -> Result<PathBuf, CodedError> {
     if rel.len() > 4096 {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::InvalidArgument,
             "path is longer than 4096 bytes",
         ));
@@ -270,7 +271,7 @@ pub fn clean_path(rel: &str, allow_root: bool) -> Result<PathBuf, ApiError> {
         match comp {
             Component::Normal(part) => {
                 if part.len() > 255 {
-                    return Err(ApiError::new(
+                    return Err(CodedError::new(
                         ErrorCode::InvalidArgument,
                         "a path segment is longer than 255 bytes",
                     ));
@@ -289,7 +290,7 @@ pub fn clean_path(rel: &str, allow_root: bool) -> Result<PathBuf, ApiError> {
         }
     }
     if out.as_os_str().is_empty() && !allow_root {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::InvalidArgument,
             "a file path is required",
         ));
@@ -297,10 +298,10 @@ pub fn clean_path(rel: &str, allow_root: bool) -> Result<PathBuf, ApiError> {
     Ok(out)
 }
 
-fn io_err(e: io::Error) -> ApiError {
+fn io_err(e: io::Error) -> CodedError {
     match e.kind() {
         io::ErrorKind::NotFound => {
-            ApiError::new(ErrorCode::FileNotFound, "no such file in the workspace")
+            CodedError::new(ErrorCode::FileNotFound, "no such file in the workspace")
         }
         // cap-std reports a path that leads outside the directory (through a
         // symlink or otherwise) as PermissionDenied; the agent runs as root, so
@@ -309,22 +310,22 @@ fn io_err(e: io::Error) -> ApiError {
             bad_path("the path leads outside the workspace (symlinks out are refused)")
         }
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
-            ApiError::new(ErrorCode::WorkspaceFull, "the workspace is full")
+            CodedError::new(ErrorCode::WorkspaceFull, "the workspace is full")
         }
         io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory => {
-            ApiError::new(ErrorCode::NotAFile, format!("wrong kind of file: {e}"))
+            CodedError::new(ErrorCode::NotAFile, format!("wrong kind of file: {e}"))
         }
         io::ErrorKind::DirectoryNotEmpty => {
-            ApiError::new(ErrorCode::InvalidArgument, e.to_string())
+            CodedError::new(ErrorCode::InvalidArgument, e.to_string())
         }
         _ if e.raw_os_error() == Some(40) => bad_path("the path goes through a symlink"), // ELOOP
         _ if e.raw_os_error() == Some(28) => {
-            ApiError::new(ErrorCode::WorkspaceFull, "the workspace is full")
+            CodedError::new(ErrorCode::WorkspaceFull, "the workspace is full")
         } // ENOSPC
         _ if e.raw_os_error() == Some(6) => {
-            ApiError::new(ErrorCode::NotAFile, "not a regular file")
+            CodedError::new(ErrorCode::NotAFile, "not a regular file")
         } // ENXIO (FIFO)
-        _ => ApiError::new(ErrorCode::Internal, format!("workspace I/O failed: {e}")),
+        _ => CodedError::new(ErrorCode::Internal, format!("workspace I/O failed: {e}")),
     }
 }
 

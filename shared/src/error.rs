@@ -205,6 +205,42 @@ pub struct ErrorBody {
     pub details: Option<serde_json::Value>,
 }
 
+/// A failure with a stable code: what domain code in every plane returns.
+/// It knows nothing of a transport: the REST edge turns it into a status and
+/// an [`ErrorBody`] (`shared::server`), the MCP edge into a tool error with
+/// the same code and message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodedError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Machine-readable detail (the reasons of a policy denial, ...).
+    pub details: Option<serde_json::Value>,
+}
+
+impl CodedError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// Adds machine-readable detail.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+impl std::fmt::Display for CodedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for CodedError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

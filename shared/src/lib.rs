@@ -17,4 +17,4 @@ pub mod server;
 #[cfg(feature = "client")]
 pub mod client;
 
-pub use error::{ErrorBody, ErrorCode};
+pub use error::{CodedError, ErrorBody, ErrorCode};

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{ErrorBody, ErrorCode};
+use crate::error::{CodedError, ErrorBody, ErrorCode};
 
 /// The request id header, set on every response and propagated downstream.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -28,40 +28,9 @@ tokio::task_local! {
     static TRACEPARENT: Option<String>;
 }
 
-/// An error on its way to becoming an HTTP response.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
-    pub code: ErrorCode,
-    pub message: String,
-    /// Machine-readable detail (the reasons of a policy denial, ...).
-    pub details: Option<serde_json::Value>,
-}
-
-impl ApiError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            details: None,
-        }
-    }
-
-    /// Adds machine-readable detail to the error body.
-    pub fn with_details(mut self, details: serde_json::Value) -> Self {
-        self.details = Some(details);
-        self
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code.as_str(), self.message)
-    }
-}
-
-impl std::error::Error for ApiError {}
-
-impl IntoResponse for ApiError {
+/// The HTTP edge of [`CodedError`]: its code's status and the error body,
+/// with the request id.
+impl IntoResponse for CodedError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -127,7 +96,7 @@ fn new_request_id() -> String {
     hex::encode(bytes)
 }
 
-/// JSON body extractor whose every rejection is a coded [`ApiError`].
+/// JSON body extractor whose every rejection is a coded [`CodedError`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -136,7 +105,7 @@ where
     T: DeserializeOwned,
     S: Send + Sync,
 {
-    type Rejection = ApiError;
+    type Rejection = CodedError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
@@ -156,12 +125,12 @@ where
     T: DeserializeOwned,
     S: Send + Sync,
 {
-    type Rejection = ApiError;
+    type Rejection = CodedError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(ApiQuery(v)),
-            Err(rejection) => Err(ApiError::new(
+            Err(rejection) => Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 rejection.body_text(),
             )),
@@ -180,7 +149,7 @@ where
     T: DeserializeOwned + Send,
     S: Send + Sync,
 {
-    type Rejection = ApiError;
+    type Rejection = CodedError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
@@ -190,7 +159,7 @@ where
     }
 }
 
-fn path_rejection(rejection: axum::extract::rejection::PathRejection) -> ApiError {
+fn path_rejection(rejection: axum::extract::rejection::PathRejection) -> CodedError {
     use axum::extract::path::ErrorKind;
     use axum::extract::rejection::PathRejection;
     let message = match &rejection {
@@ -201,24 +170,24 @@ fn path_rejection(rejection: axum::extract::rejection::PathRejection) -> ApiErro
         },
         other => other.body_text(),
     };
-    ApiError::new(ErrorCode::InvalidArgument, message)
+    CodedError::new(ErrorCode::InvalidArgument, message)
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
+fn json_rejection(rejection: JsonRejection) -> CodedError {
     match rejection {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+        JsonRejection::MissingJsonContentType(_) => CodedError::new(
             ErrorCode::UnsupportedMediaType,
             "expected a body with Content-Type: application/json",
         ),
-        JsonRejection::JsonDataError(e) => ApiError::new(ErrorCode::InvalidJson, e.body_text()),
-        JsonRejection::JsonSyntaxError(e) => ApiError::new(ErrorCode::InvalidJson, e.body_text()),
+        JsonRejection::JsonDataError(e) => CodedError::new(ErrorCode::InvalidJson, e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => CodedError::new(ErrorCode::InvalidJson, e.body_text()),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::PayloadTooLarge,
                 "request body is larger than the limit",
             )
         }
-        other => ApiError::new(ErrorCode::InvalidJson, other.body_text()),
+        other => CodedError::new(ErrorCode::InvalidJson, other.body_text()),
     }
 }
 
@@ -256,8 +225,8 @@ pub fn step_sse_event(
 }
 
 /// Fallback for unknown routes.
-pub async fn route_not_found() -> ApiError {
-    ApiError::new(ErrorCode::RouteNotFound, "no such route")
+pub async fn route_not_found() -> CodedError {
+    CodedError::new(ErrorCode::RouteNotFound, "no such route")
 }
 
 /// Rewrites axum's plain-text 405 into the error contract.
@@ -269,7 +238,7 @@ pub async fn method_not_allowed_layer(req: Request, next: Next) -> Response {
             .contains_key(axum::http::header::CONTENT_TYPE)
     {
         let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
-        let mut out = ApiError::new(
+        let mut out = CodedError::new(
             ErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         )

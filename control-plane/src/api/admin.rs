@@ -10,10 +10,11 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::dataplane::RuntimeList;
 use shared::ids::TenantId;
-use shared::server::{ApiError, ApiJson, ApiPath, ApiQuery};
+use shared::server::{ApiJson, ApiPath, ApiQuery};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{IdentityExt, require_admin};
@@ -28,7 +29,7 @@ use crate::policy::{Decision, PolicyInput, TenantPolicy};
 pub async fn runtimes(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
-) -> Result<Json<RuntimeList>, ApiError> {
+) -> Result<Json<RuntimeList>, CodedError> {
     app.policy
         .authorize(
             &caller,
@@ -45,9 +46,9 @@ pub async fn runtimes(
 }
 
 /// Only the caller's own tenant exists for it: another tenant -> 404.
-fn own_tenant(caller: &IdentityExt, tenant: &str) -> Result<(), ApiError> {
+fn own_tenant(caller: &IdentityExt, tenant: &str) -> Result<(), CodedError> {
     if caller.tenant != tenant {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::PolicyNotFound,
             format!("no policy for tenant {tenant}"),
         ));
@@ -64,7 +65,7 @@ pub async fn get_policy(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(tenant): ApiPath<TenantId>,
-) -> Result<Json<TenantPolicy>, ApiError> {
+) -> Result<Json<TenantPolicy>, CodedError> {
     own_tenant(&caller, &tenant)?;
     require_admin(&caller)?;
     app.policy
@@ -78,7 +79,7 @@ pub async fn get_policy(
             Json(p)
         })
         .ok_or_else(|| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::PolicyNotFound,
                 format!("tenant {tenant} has no policy of its own; the platform default applies"),
             )
@@ -106,7 +107,7 @@ pub async fn put_policy(
     ApiPath(tenant): ApiPath<TenantId>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<TenantPolicy>, ApiError> {
+) -> Result<Json<TenantPolicy>, CodedError> {
     own_tenant(&caller, &tenant)?;
     require_admin(&caller)?;
     let content_type = headers
@@ -115,13 +116,13 @@ pub async fn put_policy(
         .unwrap_or("");
     let rego = if content_type.starts_with("application/json") {
         serde_json::from_slice::<PolicyBody>(&body)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?
+            .map_err(|e| CodedError::new(ErrorCode::InvalidJson, e.to_string()))?
             .rego
     } else if content_type.starts_with("text/plain") {
         String::from_utf8(body.to_vec())
-            .map_err(|_| ApiError::new(ErrorCode::InvalidArgument, "the policy is not UTF-8"))?
+            .map_err(|_| CodedError::new(ErrorCode::InvalidArgument, "the policy is not UTF-8"))?
     } else {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::UnsupportedMediaType,
             "send application/json {\"rego\": ...} or text/plain",
         ));
@@ -156,7 +157,7 @@ pub async fn evaluate_policy(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiJson(body): ApiJson<EvaluateBody>,
-) -> Result<Json<Decision>, ApiError> {
+) -> Result<Json<Decision>, CodedError> {
     let input = PolicyInput {
         action: body.action,
         resource: body.resource,
@@ -197,12 +198,12 @@ pub async fn audit_list(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiQuery(q): ApiQuery<AuditParams>,
-) -> Result<Json<AuditPage>, ApiError> {
+) -> Result<Json<AuditPage>, CodedError> {
     require_auditor(&caller)?;
     if let Some(limit) = q.limit
         && !(1..=1000).contains(&limit)
     {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::InvalidArgument,
             "limit must be 1-1000",
         ));
@@ -247,18 +248,18 @@ pub async fn audit_verify(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiQuery(q): ApiQuery<VerifyParams>,
-) -> Result<Json<VerifyReport>, ApiError> {
+) -> Result<Json<VerifyReport>, CodedError> {
     let platform = caller.has_role(crate::identity::PLATFORM_ADMIN_ROLE);
     if !platform {
         require_auditor(&caller)?;
     }
     let anchor = match (q.anchor_seq, q.anchor_hash.as_deref()) {
         (None, None) => None,
-        (Some(seq), Some(hash)) => {
-            Some(Anchor::new(seq, hash).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?)
-        }
+        (Some(seq), Some(hash)) => Some(
+            Anchor::new(seq, hash).map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m))?,
+        ),
         _ => {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 "anchorSeq and anchorHash go together",
             ));
@@ -268,7 +269,7 @@ pub async fn audit_verify(
         return Ok(Json(app.audit.verify_against(anchor.as_ref()).await?));
     }
     if anchor.is_some() {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::Forbidden,
             "anchors name global positions of the chain: the platform-admin role only",
         ));
@@ -276,7 +277,7 @@ pub async fn audit_verify(
     Ok(Json(app.audit.verify_for_tenant(&caller.tenant).await?))
 }
 
-fn require_auditor(caller: &IdentityExt) -> Result<(), ApiError> {
+fn require_auditor(caller: &IdentityExt) -> Result<(), CodedError> {
     if caller.has_role("auditor") {
         return Ok(());
     }

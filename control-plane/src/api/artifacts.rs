@@ -11,9 +11,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
+use shared::CodedError;
 use shared::dataplane::ArtifactInfo;
 use shared::ids::SessionId;
-use shared::server::{ApiError, ApiQuery};
+use shared::server::ApiQuery;
 use utoipa::IntoParams;
 
 use super::IdentityExt;
@@ -49,7 +50,7 @@ pub async fn upload(
     caller: IdentityExt,
     ApiQuery(q): ApiQuery<UploadQuery>,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let name = q.name.unwrap_or_else(|| "artifact".into());
     let info: ArtifactInfo = app
         .sessions

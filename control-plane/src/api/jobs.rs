@@ -10,12 +10,13 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::controlplane::{
     IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER, Job, JobList, JobRequest, JobStatus,
 };
 use shared::ids::JobId;
-use shared::server::{ApiError, ApiJson, ApiPath, ApiQuery};
+use shared::server::{ApiJson, ApiPath, ApiQuery};
 use utoipa::IntoParams;
 
 use super::IdentityExt;
@@ -45,10 +46,10 @@ pub async fn submit(
     caller: IdentityExt,
     headers: HeaderMap,
     ApiJson(req): ApiJson<JobRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let header_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
         Some(v) => Some(v.to_str().map_err(|_| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::InvalidArgument,
                 "Idempotency-Key must be visible ASCII",
             )
@@ -93,7 +94,7 @@ pub async fn get(
     caller: IdentityExt,
     ApiPath(id): ApiPath<JobId>,
     ApiQuery(q): ApiQuery<WaitQuery>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<Job>, CodedError> {
     let job = match q.wait_ms {
         Some(ms) if ms > 0 => {
             let _slot = app.waiters.enter(&caller.tenant)?;
@@ -132,8 +133,8 @@ pub async fn list(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> Result<Json<JobList>, ApiError> {
-    let bad = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
+) -> Result<Json<JobList>, CodedError> {
+    let bad = |m: String| CodedError::new(ErrorCode::InvalidArgument, m);
     let status = match q.status.as_deref() {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
             bad(format!(
@@ -176,6 +177,6 @@ pub async fn cancel(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<JobId>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<Job>, CodedError> {
     Ok(Json(app.jobs.cancel(&caller, &id).await?))
 }

@@ -13,8 +13,8 @@ use axum::{
     routing::{get, post},
 };
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 use utoipa::OpenApi;
 
 use crate::App;
@@ -80,7 +80,7 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
         let token = bearer(req.headers());
         let verified = match token {
             Some(t) => app.verifier.verify(t),
-            None => Err(ApiError::new(
+            None => Err(CodedError::new(
                 ErrorCode::Unauthorized,
                 "missing bearer token (Authorization: Bearer <JWT>)",
             )),
@@ -117,11 +117,11 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Refuses callers without the admin role (403 `forbidden`).
-pub(crate) fn require_admin(identity: &Identity) -> Result<(), ApiError> {
+pub(crate) fn require_admin(identity: &Identity) -> Result<(), CodedError> {
     if identity.has_role(ADMIN_ROLE) {
         Ok(())
     } else {
-        Err(ApiError::new(
+        Err(CodedError::new(
             ErrorCode::Forbidden,
             format!("this needs the {ADMIN_ROLE} role"),
         ))

@@ -16,13 +16,14 @@ use axum::{
     routing::get,
 };
 use futures::StreamExt;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{FileList, StepResult};
 use shared::client::PathStream;
 use shared::controlplane::{SessionRequest, SessionStepRequest};
 use shared::dataplane::{ArtifactInfo, SessionView, SessionViewList};
 use shared::ids::{ArtifactId, SessionId};
-use shared::server::{ApiError, ApiJson, ApiPath};
+use shared::server::{ApiJson, ApiPath};
 
 use super::IdentityExt;
 use crate::App;
@@ -56,7 +57,7 @@ pub async fn create(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiJson(req): ApiJson<SessionRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let view = app.sessions.create(&caller, req).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -68,7 +69,7 @@ pub async fn get_one(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<Json<SessionView>, ApiError> {
+) -> Result<Json<SessionView>, CodedError> {
     Ok(Json(app.sessions.get(&caller, &id).await?))
 }
 
@@ -78,7 +79,7 @@ pub async fn get_one(
 pub async fn list(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
-) -> Result<Json<SessionViewList>, ApiError> {
+) -> Result<Json<SessionViewList>, CodedError> {
     Ok(Json(SessionViewList {
         sessions: app.sessions.list(&caller).await?,
     }))
@@ -91,7 +92,7 @@ pub async fn delete(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     app.sessions.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -111,7 +112,7 @@ pub async fn run_step(
     ApiPath(id): ApiPath<SessionId>,
     headers: HeaderMap,
     ApiJson(step): ApiJson<SessionStepRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let streaming = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -142,7 +143,7 @@ pub async fn list_steps(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<Json<StepHistory>, ApiError> {
+) -> Result<Json<StepHistory>, CodedError> {
     Ok(Json(app.sessions.steps(&caller, &id).await?))
 }
 
@@ -153,7 +154,7 @@ pub async fn list_files(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<Json<FileList>, ApiError> {
+) -> Result<Json<FileList>, CodedError> {
     Ok(Json(app.sessions.list_files(&caller, &id).await?))
 }
 
@@ -167,7 +168,7 @@ pub async fn read_file(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     Ok(match app.sessions.read_path(&caller, &id, &path).await? {
         PathStream::Dir(list) => Json::<FileList>(list).into_response(),
         // Streamed through as the data plane sends it: never held whole.
@@ -198,15 +199,15 @@ pub async fn write_file(
     caller: IdentityExt,
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::PayloadTooLarge,
                 "file is larger than the body limit",
             )
         } else {
-            ApiError::new(ErrorCode::InvalidArgument, e.body_text())
+            CodedError::new(ErrorCode::InvalidArgument, e.body_text())
         }
     })?;
     app.sessions.write_file(&caller, &id, &path, body).await?;
@@ -221,7 +222,7 @@ pub async fn delete_file(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     app.sessions.delete_file(&caller, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -233,7 +234,7 @@ pub async fn artifact_info(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<Json<ArtifactInfo>, ApiError> {
+) -> Result<Json<ArtifactInfo>, CodedError> {
     Ok(Json(app.sessions.artifact_info(&caller, &id).await?))
 }
 
@@ -245,7 +246,7 @@ pub async fn artifact_download(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let (info, body) = app.sessions.artifact_download(&caller, &id).await?;
     let body = Body::from_stream(body.map(|r| r.map_err(std::io::Error::other)));
     Ok((
@@ -270,7 +271,7 @@ pub async fn artifact_delete(
     State(app): State<Arc<App>>,
     caller: IdentityExt,
     ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     app.sessions.artifact_delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

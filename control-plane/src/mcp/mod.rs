@@ -24,8 +24,8 @@ use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::never::NeverSessionManager,
 };
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 use tokio_util::sync::CancellationToken;
 
 use crate::App;
@@ -151,13 +151,13 @@ const DEFAULT_HOSTS: &[&str] = &[
     "control-plane.*.svc.cluster.local",
 ];
 
-fn forbidden(m: String) -> ApiError {
-    ApiError::new(ErrorCode::Forbidden, m)
+fn forbidden(m: String) -> CodedError {
+    CodedError::new(ErrorCode::Forbidden, m)
 }
 
 /// Checks `Host` (required) and `Origin` (when present) against the
 /// configured or default allowlists.
-pub fn check_host_origin(config: &crate::Config, headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn check_host_origin(config: &crate::Config, headers: &HeaderMap) -> Result<(), CodedError> {
     let hosts: Vec<String> = match &config.mcp_allowed_hosts {
         Some(list) => list
             .split(',')

@@ -22,8 +22,8 @@ use axum::{
     extract::DefaultBodyLimit,
     routing::{get, post},
 };
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 
 use crate::App;
 use crate::api::{artifacts, jobs, sessions};
@@ -53,8 +53,8 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// `POST /tools/workflows`: workflows do not exist yet. A stable 501 (after
 /// authentication) so a client can tell "not yet" from "wrong route".
-async fn workflows() -> ApiError {
-    ApiError::new(
+async fn workflows() -> CodedError {
+    CodedError::new(
         ErrorCode::NotImplemented,
         "workflows are not implemented yet: run steps with POST /tools/sessions/{sessionId}/steps or jobs with POST /tools/jobs",
     )

@@ -25,13 +25,13 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{FileList, StepMode, StepResult};
 use shared::client::{PathStream, StepEvent};
 use shared::controlplane::{Job, JobRequest, JobStatus, SessionRequest, SessionStepRequest};
 use shared::dataplane::{RuntimeList, SessionViewList};
 use shared::ids::{ArtifactId, JobId, SessionId};
-use shared::server::ApiError;
 
 use crate::App;
 use crate::audit::AuditEvent;
@@ -488,7 +488,7 @@ static CATALOG: LazyLock<Vec<Tool>> = LazyLock::new(|| {
 
 /// The one mapping of a domain error to an MCP tool error: the same stable
 /// code and message as REST, `isError: true`.
-pub fn tool_error(e: ApiError) -> CallToolResult {
+pub fn tool_error(e: CodedError) -> CallToolResult {
     let mut body = json!({"code": e.code, "message": e.message});
     if let Some(d) = e.details {
         body["details"] = d;
@@ -499,12 +499,12 @@ pub fn tool_error(e: ApiError) -> CallToolResult {
     r
 }
 
-fn bad(m: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::InvalidArgument, m.into())
+fn bad(m: impl Into<String>) -> CodedError {
+    CodedError::new(ErrorCode::InvalidArgument, m.into())
 }
 
 /// Arguments into `T`; a failure names the argument at fault.
-fn parse<T: DeserializeOwned>(args: JsonObject) -> Result<T, ApiError> {
+fn parse<T: DeserializeOwned>(args: JsonObject) -> Result<T, CodedError> {
     serde_path_to_error::deserialize(Value::Object(args)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -516,11 +516,11 @@ fn parse<T: DeserializeOwned>(args: JsonObject) -> Result<T, ApiError> {
     })
 }
 
-fn job_id(v: &str) -> Result<JobId, ApiError> {
+fn job_id(v: &str) -> Result<JobId, CodedError> {
     JobId::parse(v).map_err(|e| bad(format!("invalid argument `jobId`: {}", e.0)))
 }
 
-fn session_id(v: &str) -> Result<SessionId, ApiError> {
+fn session_id(v: &str) -> Result<SessionId, CodedError> {
     SessionId::parse(v).map_err(|e| bad(format!("invalid argument `sessionId`: {}", e.0)))
 }
 
@@ -675,15 +675,15 @@ impl McpTools {
         who: &Identity,
         id: &ArtifactId,
         max: u64,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Vec<u8>, CodedError> {
         let (_info, mut body) = self.app.sessions.artifact_download(who, id).await?;
         let mut out = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| ApiError::new(ErrorCode::DataPlaneUnavailable, e.to_string()))?;
+            let chunk = chunk
+                .map_err(|e| CodedError::new(ErrorCode::DataPlaneUnavailable, e.to_string()))?;
             out.extend_from_slice(&chunk);
             if out.len() as u64 > max {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::PayloadTooLarge,
                     "artifact too large",
                 ));
@@ -772,7 +772,7 @@ impl McpTools {
         name: &str,
         args: JsonObject,
         ctx: &RequestContext<RoleServer>,
-    ) -> Result<CallToolResult, ApiError> {
+    ) -> Result<CallToolResult, CodedError> {
         let app = &self.app;
         match name {
             "run_code" => self.run_code(who, parse(args)?).await,
@@ -924,7 +924,7 @@ impl McpTools {
                     }
                 };
                 if bytes.len() > app.config.max_body_bytes {
-                    return Err(ApiError::new(
+                    return Err(CodedError::new(
                         ErrorCode::PayloadTooLarge,
                         "file is larger than the body limit",
                     ));
@@ -1017,7 +1017,7 @@ impl McpTools {
         }
     }
 
-    async fn run_code(&self, who: &Identity, a: RunCodeArgs) -> Result<CallToolResult, ApiError> {
+    async fn run_code(&self, who: &Identity, a: RunCodeArgs) -> Result<CallToolResult, CodedError> {
         let app = &self.app;
         let key = resolve_key(a.idempotency_key.as_deref(), None)
             .map_err(|e| bad(format!("invalid argument `idempotencyKey`: {}", e.message)))?;
@@ -1033,12 +1033,13 @@ impl McpTools {
         .map_err(|e| bad(e.to_string()))?;
         let submitted = app.jobs.submit(who, key, req).await?;
         if submitted.status >= 400 {
-            let body: shared::ErrorBody = serde_json::from_str(&submitted.body)
-                .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored response: {e}")))?;
-            return Err(ApiError::new(body.code, body.message));
+            let body: shared::ErrorBody = serde_json::from_str(&submitted.body).map_err(|e| {
+                CodedError::new(ErrorCode::Internal, format!("stored response: {e}"))
+            })?;
+            return Err(CodedError::new(body.code, body.message));
         }
         let mut job: Job = serde_json::from_str(&submitted.body)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored response: {e}")))?;
+            .map_err(|e| CodedError::new(ErrorCode::Internal, format!("stored response: {e}")))?;
         let wait = a.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS);
         if !job.status.is_final() && wait > 0 {
             let id = job_id(&job.job_id)?;
@@ -1058,7 +1059,7 @@ impl McpTools {
         who: &Identity,
         a: RunStepArgs,
         ctx: &RequestContext<RoleServer>,
-    ) -> Result<CallToolResult, ApiError> {
+    ) -> Result<CallToolResult, CodedError> {
         let app = &self.app;
         let id = session_id(&a.session_id)?;
         let step: SessionStepRequest = serde_json::from_value(json!({
@@ -1115,10 +1116,10 @@ impl McpTools {
                             break;
                         }
                         Ok(StepEvent::Error(body)) => {
-                            return Err(ApiError::new(body.code, body.message));
+                            return Err(CodedError::new(body.code, body.message));
                         }
                         Err(e) => {
-                            return Err(ApiError::new(
+                            return Err(CodedError::new(
                                 ErrorCode::DataPlaneUnavailable,
                                 e.to_string(),
                             ));
@@ -1126,7 +1127,7 @@ impl McpTools {
                     }
                 }
                 result.ok_or_else(|| {
-                    ApiError::new(
+                    CodedError::new(
                         ErrorCode::DataPlaneUnavailable,
                         "the step's event stream ended without a result",
                     )
@@ -1138,7 +1139,11 @@ impl McpTools {
         Ok(ok(v, t, images))
     }
 
-    async fn read_file(&self, who: &Identity, a: ReadFileArgs) -> Result<CallToolResult, ApiError> {
+    async fn read_file(
+        &self,
+        who: &Identity,
+        a: ReadFileArgs,
+    ) -> Result<CallToolResult, CodedError> {
         let id = session_id(&a.session_id)?;
         let file = match self.app.sessions.read_path(who, &id, &a.path).await? {
             PathStream::File(f) => f,
@@ -1161,8 +1166,8 @@ impl McpTools {
         let (mut seen, mut buf) = (0u64, Vec::new());
         let mut more = false;
         while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| ApiError::new(ErrorCode::DataPlaneUnavailable, e.to_string()))?;
+            let chunk = chunk
+                .map_err(|e| CodedError::new(ErrorCode::DataPlaneUnavailable, e.to_string()))?;
             let start = seen;
             seen += chunk.len() as u64;
             if seen <= offset {
@@ -1285,7 +1290,7 @@ impl ServerHandler for McpTools {
             .and_then(|p| p.extensions.get::<Identity>())
             .cloned();
         let Some(who) = identity else {
-            return Ok(tool_error(ApiError::new(
+            return Ok(tool_error(CodedError::new(
                 ErrorCode::Unauthorized,
                 "no verified identity on this request",
             ))

@@ -4,16 +4,16 @@
 //! whose first request is still being processed -> 409.
 
 use sha2::{Digest, Sha256};
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
 
 /// Checks a client's key: 1-255 visible ASCII characters.
-pub fn validate_key(key: &str) -> Result<(), ApiError> {
+pub fn validate_key(key: &str) -> Result<(), CodedError> {
     if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::InvalidArgument,
             format!("Idempotency-Key must be 1-{MAX_KEY_LEN} visible ASCII characters"),
         ));
@@ -26,10 +26,10 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
 pub fn resolve_key(
     header: Option<&str>,
     body_request_id: Option<&str>,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, CodedError> {
     let key = match (header, body_request_id) {
         (Some(h), Some(b)) if h != b => {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::InvalidArgument,
                 "the Idempotency-Key header and requestId differ",
             ));
@@ -84,14 +84,14 @@ impl Prior {
     }
 
     /// The error of a non-replay.
-    pub fn error(&self) -> Option<ApiError> {
+    pub fn error(&self) -> Option<CodedError> {
         match self {
             Prior::Replay { .. } => None,
-            Prior::Mismatch => Some(ApiError::new(
+            Prior::Mismatch => Some(CodedError::new(
                 ErrorCode::IdempotencyKeyReused,
                 "this Idempotency-Key was used with a different request body",
             )),
-            Prior::InProgress => Some(ApiError::new(
+            Prior::InProgress => Some(CodedError::new(
                 ErrorCode::IdempotencyInProgress,
                 "a request with this Idempotency-Key is still being processed; retry later",
             )),

@@ -8,10 +8,10 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::controlplane::{Job, JobFailure, JobList, JobOutput, JobRequest, JobStatus};
 use shared::ids::JobId;
-use shared::server::ApiError;
 use sqlx::Row;
 use tokio::sync::{Notify, broadcast};
 
@@ -84,7 +84,7 @@ pub(crate) struct JobRow {
     pub max_attempts: u32,
 }
 
-pub(crate) fn row_to_job<R: Row>(row: &R) -> Result<JobRow, ApiError>
+pub(crate) fn row_to_job<R: Row>(row: &R) -> Result<JobRow, CodedError>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
@@ -94,7 +94,7 @@ where
 {
     let corrupt = |what: &str, e: String| {
         tracing::error!(what, error = %e, "a stored job does not parse");
-        ApiError::new(ErrorCode::Internal, format!("stored job {what} is corrupt"))
+        CodedError::new(ErrorCode::Internal, format!("stored job {what} is corrupt"))
     };
     let status: String = row.try_get("status").map_err(db_error)?;
     let status = JobStatus::parse(&status).ok_or_else(|| corrupt("status", status.clone()))?;
@@ -152,8 +152,8 @@ where
     })
 }
 
-fn not_found(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::JobNotFound, format!("no job {id}"))
+fn not_found(id: &str) -> CodedError {
+    CodedError::new(ErrorCode::JobNotFound, format!("no job {id}"))
 }
 
 /// The policy input of a submission: what it asks for, never its code.
@@ -173,9 +173,9 @@ fn encode_cursor(created_ms: i64, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{created_ms}:{id}"))
 }
 
-fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+fn decode_cursor(cursor: &str) -> Result<(i64, String), CodedError> {
     let bad = || {
-        ApiError::new(
+        CodedError::new(
             ErrorCode::InvalidArgument,
             "cursor is not one this API issued",
         )
@@ -214,9 +214,9 @@ impl JobService {
         identity: &Identity,
         key: Option<String>,
         req: JobRequest,
-    ) -> Result<Submitted, ApiError> {
+    ) -> Result<Submitted, CodedError> {
         if req.code.trim().is_empty() {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, "code is empty"));
+            return Err(CodedError::new(ErrorCode::InvalidArgument, "code is empty"));
         }
         if let Some(labels) = &req.labels {
             validate_labels(labels)?;
@@ -241,7 +241,7 @@ impl JobService {
             )
             .await?;
         let hash = fingerprint(&serde_json::to_value(&req).map_err(|e| {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::Internal,
                 format!("request does not serialize: {e}"),
             )
@@ -263,11 +263,11 @@ impl JobService {
             error: None,
         };
         let body = serde_json::to_string(&job)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
         let spec = serde_json::to_string(&req)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
         let labels_json = serde_json::to_string(&labels)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
         let ttl_ms = self.settings.idempotency_ttl.as_millis() as i64;
         let dialect = self.db.dialect();
         let event = AuditEvent::by(identity, "job.submit", format!("job/{id}")).details(json!({
@@ -276,7 +276,7 @@ impl JobService {
             "policyVersion": decision.policy_version,
             "idempotencyKey": key.is_some(),
         }));
-        let outcome: Result<Submitted, ApiError> = on_db!(&self.db, p => async {
+        let outcome: Result<Submitted, CodedError> = on_db!(&self.db, p => async {
             let mut tx = begin_write!(p, dialect)?;
             if let Some(key) = &key {
                 // A key past its time is forgotten, then reused.
@@ -305,7 +305,7 @@ impl JobService {
                     tx.rollback().await.map_err(db_error)?;
                     return match prior {
                         Prior::Replay { status, body } => Ok(Submitted { status, body, replayed: true }),
-                        other => Err(other.error().unwrap_or_else(|| ApiError::new(ErrorCode::Internal, "idempotency"))),
+                        other => Err(other.error().unwrap_or_else(|| CodedError::new(ErrorCode::Internal, "idempotency"))),
                     };
                 }
             }
@@ -316,7 +316,7 @@ impl JobService {
                 .fetch_one(&mut *tx).await.map_err(db_error)?;
             if queued >= self.settings.tenant_max_queued {
                 tx.rollback().await.map_err(db_error)?;
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::TenantQuotaExceeded,
                     format!("the tenant has {queued} jobs queued, at most {}; retry when some have started", self.settings.tenant_max_queued),
                 ));
@@ -354,7 +354,7 @@ impl JobService {
     }
 
     /// One job of the caller's tenant (another tenant's -> 404).
-    pub async fn get(&self, identity: &Identity, id: &JobId) -> Result<Job, ApiError> {
+    pub async fn get(&self, identity: &Identity, id: &JobId) -> Result<Job, CodedError> {
         self.authorize_on(identity, "job.read", id).await?;
         Ok(self.row(&identity.tenant, id).await?.job)
     }
@@ -365,7 +365,7 @@ impl JobService {
         identity: &Identity,
         action: &str,
         id: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), CodedError> {
         self.policy
             .authorize(
                 identity,
@@ -379,7 +379,7 @@ impl JobService {
             .map(|_| ())
     }
 
-    pub(crate) async fn row(&self, tenant: &str, id: &str) -> Result<JobRow, ApiError> {
+    pub(crate) async fn row(&self, tenant: &str, id: &str) -> Result<JobRow, CodedError> {
         let row = on_db!(&self.db, p => {
             match sqlx::query("SELECT * FROM jobs WHERE tenant = $1 AND id = $2")
                 .bind(tenant).bind(id)
@@ -398,7 +398,7 @@ impl JobService {
         identity: &Identity,
         id: &JobId,
         timeout: Duration,
-    ) -> Result<Job, ApiError> {
+    ) -> Result<Job, CodedError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut finished = self.finished.subscribe();
         self.authorize_on(identity, "job.read", id).await?;
@@ -429,7 +429,7 @@ impl JobService {
     }
 
     /// The tenant's jobs, newest first, filtered, one page at a time.
-    pub async fn list(&self, identity: &Identity, f: &JobFilter) -> Result<JobList, ApiError> {
+    pub async fn list(&self, identity: &Identity, f: &JobFilter) -> Result<JobList, CodedError> {
         self.policy
             .authorize(
                 identity,
@@ -494,11 +494,11 @@ impl JobService {
     /// Cancels a job: a queued one at once; a running one by asking the data
     /// plane to stop it (its worker then records `cancelled`). A finished
     /// job -> 409 `job_finished`.
-    pub async fn cancel(&self, identity: &Identity, id: &JobId) -> Result<Job, ApiError> {
+    pub async fn cancel(&self, identity: &Identity, id: &JobId) -> Result<Job, CodedError> {
         let row = self.row(&identity.tenant, id).await?;
         self.authorize_on(identity, "job.cancel", id).await?;
         if row.job.status.is_final() {
-            return Err(ApiError::new(
+            return Err(CodedError::new(
                 ErrorCode::JobFinished,
                 format!("job {id} already {}", row.job.status.as_str()),
             ));
@@ -522,7 +522,7 @@ impl JobService {
                 .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
             if queued + running == 0 {
                 tx.rollback().await.map_err(db_error)?;
-                return Ok::<u64, ApiError>(0);
+                return Ok::<u64, CodedError>(0);
             }
             append_tx!(&mut tx, dialect, event.clone().details(json!({
                 "state": if queued > 0 { "queued" } else { "running" },
@@ -534,7 +534,7 @@ impl JobService {
             0 => {
                 // It finished between the read and the update.
                 let job = self.row(&identity.tenant, id).await?.job;
-                Err(ApiError::new(
+                Err(CodedError::new(
                     ErrorCode::JobFinished,
                     format!("job {id} already {}", job.status.as_str()),
                 ))
@@ -566,9 +566,9 @@ impl JobService {
 /// Packages: at most `MAX_PACKAGES` (the data plane's cap too), each
 /// named once and at most 200 bytes; the data plane checks the rest
 /// (syntax, allowlist, normalised duplicates) before installing anything.
-pub(crate) fn validate_packages(packages: Option<&[String]>) -> Result<(), ApiError> {
+pub(crate) fn validate_packages(packages: Option<&[String]>) -> Result<(), CodedError> {
     use shared::dataplane::MAX_PACKAGES;
-    let bad = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
+    let bad = |m: String| CodedError::new(ErrorCode::InvalidArgument, m);
     let Some(packages) = packages else {
         return Ok(());
     };
@@ -591,8 +591,8 @@ pub(crate) fn validate_packages(packages: Option<&[String]>) -> Result<(), ApiEr
 }
 
 /// Labels: at most 32, names 1-63 of `[A-Za-z0-9._-]`, values up to 256.
-fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    let bad = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), CodedError> {
+    let bad = |m: String| CodedError::new(ErrorCode::InvalidArgument, m);
     if labels.len() > 32 {
         return Err(bad("at most 32 labels".into()));
     }

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::StepStatus;
 use shared::client::ClientError;
 use shared::controlplane::{JobFailure, JobOutput, JobStatus};
 use shared::dataplane::{JobResult, RunJob};
 use shared::ids::{JobId, TenantId};
-use shared::server::ApiError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,7 +43,7 @@ enum Dispatch {
     Done(JobResult),
     /// A failure that will not change on retry (bad runtime, policy of the
     /// data plane, allowlist): the job fails with this code.
-    Refused(ApiError),
+    Refused(CodedError),
     /// The data plane was unreachable or failed on its side: retry later.
     Transient(String),
     /// This replica is shutting down: hand the job back.
@@ -95,7 +95,7 @@ async fn worker_loop(jobs: Arc<JobService>, owner: String, shutdown: Cancellatio
 /// Takes the oldest runnable job: queued and due, or running with an
 /// expired lease (its worker died). The claim and its audit event commit
 /// together.
-async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiError> {
+async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, CodedError> {
     let now = now_ms();
     let lease_until = now + jobs.settings.lease.as_millis() as i64;
     let dialect = jobs.db.dialect();
@@ -136,7 +136,7 @@ async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiErro
             .bind(owner).bind(lease_until).bind(now).bind(jobs.settings.tenant_max_running)
             .fetch_optional(&mut *tx).await.map_err(db_error)? else {
             tx.rollback().await.map_err(db_error)?;
-            return Ok::<_, ApiError>(None);
+            return Ok::<_, CodedError>(None);
         };
         let row = row_to_job(&row)?;
         let ev = AuditEvent {
@@ -160,7 +160,7 @@ async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, ApiErro
     Ok(claimed)
 }
 
-async fn queue_depth(jobs: &JobService) -> Result<i64, ApiError> {
+async fn queue_depth(jobs: &JobService) -> Result<i64, CodedError> {
     on_db!(&jobs.db, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
         .fetch_one(p).await.map_err(db_error))
 }
@@ -273,7 +273,7 @@ fn classify(r: Result<JobResult, ClientError>) -> Dispatch {
     match r {
         Ok(result) => Dispatch::Done(result),
         Err(ClientError::Api { status, body }) if status < 500 && status != 429 => {
-            Dispatch::Refused(ApiError::new(body.code, body.message))
+            Dispatch::Refused(CodedError::new(body.code, body.message))
         }
         Err(e) => Dispatch::Transient(e.to_string()),
     }
@@ -381,14 +381,14 @@ async fn finalize(
     status: JobStatus,
     output: Option<JobOutput>,
     error: Option<JobFailure>,
-) -> Result<(), ApiError> {
+) -> Result<(), CodedError> {
     let id = &row.job.job_id;
     let now = now_ms();
     let result = output
         .as_ref()
         .map(serde_json::to_string)
         .transpose()
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
     let dialect = jobs.db.dialect();
     let ev = AuditEvent {
         tenant: row.tenant.clone(),
@@ -423,7 +423,7 @@ async fn finalize(
             .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
         if n == 0 {
             tx.rollback().await.map_err(db_error)?;
-            return Ok::<bool, ApiError>(false);
+            return Ok::<bool, CodedError>(false);
         }
         append_tx!(&mut tx, dialect, ev)?;
         tx.commit().await.map_err(db_error)?;
@@ -455,7 +455,7 @@ async fn requeue(
     owner: &str,
     reason: &str,
     delay: Duration,
-) -> Result<(), ApiError> {
+) -> Result<(), CodedError> {
     let id = &row.job.job_id;
     let now = now_ms();
     let dialect = jobs.db.dialect();
@@ -477,7 +477,7 @@ async fn requeue(
             .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
         if n == 0 {
             tx.rollback().await.map_err(db_error)?;
-            return Ok::<(), ApiError>(());
+            return Ok::<(), CodedError>(());
         }
         append_tx!(&mut tx, dialect, ev)?;
         tx.commit().await.map_err(db_error)?;
@@ -515,7 +515,7 @@ async fn sweeper_loop(jobs: Arc<JobService>, shutdown: CancellationToken) {
 }
 
 /// One pass of the sweeper; returns how many jobs it closed.
-pub(crate) async fn sweep(jobs: &JobService) -> Result<usize, ApiError> {
+pub(crate) async fn sweep(jobs: &JobService) -> Result<usize, CodedError> {
     let now = now_ms();
     let rows: Vec<JobRow> = on_db!(&jobs.db, p => {
         let rows = sqlx::query(

@@ -34,8 +34,8 @@ use regorus::{Engine, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 use sqlx::Row;
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;
@@ -651,9 +651,9 @@ impl PolicyService {
 
     /// Turns a fault into the request's error; a limit is remembered for
     /// the tenant's admin and audited (at most once a minute per tenant).
-    async fn fail_closed(&self, identity: &Identity, version: i64, fault: Fault) -> ApiError {
+    async fn fail_closed(&self, identity: &Identity, version: i64, fault: Fault) -> CodedError {
         let reason = match fault {
-            Fault::Busy(m) => return ApiError::new(ErrorCode::TenantQuotaExceeded, m),
+            Fault::Busy(m) => return CodedError::new(ErrorCode::TenantQuotaExceeded, m),
             Fault::Limit(m) => m,
         };
         let now = now_ms();
@@ -689,7 +689,7 @@ impl PolicyService {
                 tracing::warn!(tenant = %identity.tenant, error = %e.message, "policy fault not audited");
             }
         }
-        ApiError::new(
+        CodedError::new(
             ErrorCode::PolicyLimitExceeded,
             format!(
                 "the tenant policy (version {version}) went over an evaluation limit: {reason}"
@@ -723,7 +723,7 @@ impl PolicyService {
     }
 
     /// The tenant's compiled layer, from the cache or the database.
-    async fn tenant_layer(&self, tenant: &str) -> Result<Cached, ApiError> {
+    async fn tenant_layer(&self, tenant: &str) -> Result<Cached, CodedError> {
         if let Some(c) = self
             .tenants
             .lock()
@@ -756,10 +756,9 @@ impl PolicyService {
                 broken: None,
             },
             _ => {
-                let policy = self
-                    .get_tenant_policy(tenant)
-                    .await?
-                    .ok_or_else(|| ApiError::new(ErrorCode::Internal, "tenant policy vanished"))?;
+                let policy = self.get_tenant_policy(tenant).await?.ok_or_else(|| {
+                    CodedError::new(ErrorCode::Internal, "tenant policy vanished")
+                })?;
                 // Compiled when stored; a failure now means the platform
                 // policy changed under it: deny everything for the tenant.
                 let compiled = compile(&self.platform_rego, Some(&policy.rego));
@@ -788,7 +787,7 @@ impl PolicyService {
         &self,
         identity: &Identity,
         input: &PolicyInput,
-    ) -> Result<Decision, ApiError> {
+    ) -> Result<Decision, CodedError> {
         let layer = self.tenant_layer(&identity.tenant).await?;
         let value = Self::input(identity, input);
         let platform = self.platform.clone();
@@ -826,7 +825,7 @@ impl PolicyService {
         &self,
         identity: &Identity,
         input: &PolicyInput,
-    ) -> Result<Decision, ApiError> {
+    ) -> Result<Decision, CodedError> {
         let decision = self.evaluate(identity, input).await?;
         if decision.allow {
             return Ok(decision);
@@ -856,7 +855,7 @@ impl PolicyService {
                     })),
             )
             .await?;
-        Err(ApiError::new(
+        Err(CodedError::new(
             ErrorCode::PolicyDenied,
             format!("denied by policy: {}", decision.reasons.join("; ")),
         )
@@ -873,8 +872,8 @@ impl PolicyService {
         identity: &Identity,
         tenant: &str,
         rego: &str,
-    ) -> Result<TenantPolicy, ApiError> {
-        let invalid = |m: String| ApiError::new(ErrorCode::PolicyInvalid, m);
+    ) -> Result<TenantPolicy, CodedError> {
+        let invalid = |m: String| CodedError::new(ErrorCode::PolicyInvalid, m);
         if rego.len() > MAX_POLICY_BYTES {
             return Err(invalid(format!(
                 "the policy is {} bytes; at most {MAX_POLICY_BYTES}",
@@ -890,7 +889,7 @@ impl PolicyService {
         })
         .await
         .map_err(|fault| match fault {
-            Fault::Busy(m) => ApiError::new(ErrorCode::TenantQuotaExceeded, m),
+            Fault::Busy(m) => CodedError::new(ErrorCode::TenantQuotaExceeded, m),
             Fault::Limit(m) => invalid(format!("the policy goes over an evaluation limit: {m}")),
         })?
         .map_err(invalid)?;
@@ -918,7 +917,7 @@ impl PolicyService {
             append_tx!(&mut tx, dialect, AuditEvent::by(identity, "policy.update", format!("policy/{tenant}"))
                 .details(json!({"version": version, "sha256": sha})))?;
             tx.commit().await.map_err(db_error)?;
-            Ok::<_, ApiError>(TenantPolicy {
+            Ok::<_, CodedError>(TenantPolicy {
                 tenant: tenant.to_owned(),
                 version,
                 rego: rego.to_owned(),
@@ -940,7 +939,10 @@ impl PolicyService {
     }
 
     /// The tenant's latest policy, if it has one.
-    pub async fn get_tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, ApiError> {
+    pub async fn get_tenant_policy(
+        &self,
+        tenant: &str,
+    ) -> Result<Option<TenantPolicy>, CodedError> {
         Ok(self.list_versions(tenant, 1).await?.into_iter().next())
     }
 
@@ -949,7 +951,7 @@ impl PolicyService {
         &self,
         tenant: &str,
         limit: i64,
-    ) -> Result<Vec<TenantPolicy>, ApiError> {
+    ) -> Result<Vec<TenantPolicy>, CodedError> {
         on_db!(&self.db, p => {
             let rows = sqlx::query(
                 "SELECT * FROM tenant_policies WHERE tenant = $1 ORDER BY version DESC LIMIT $2")
@@ -963,7 +965,7 @@ impl PolicyService {
                 created_by: r.try_get("created_by").map_err(db_error)?,
                 created_ms: r.try_get("created_ms").map_err(db_error)?,
                 last_fault: None,
-            })).collect::<Result<Vec<_>, ApiError>>()
+            })).collect::<Result<Vec<_>, CodedError>>()
         })
     }
 }

@@ -9,8 +9,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use shared::CodedError;
 use shared::ErrorCode;
-use shared::server::ApiError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -136,7 +136,7 @@ impl Db {
     }
 
     /// A cheap round trip, for `/readyz`.
-    pub async fn ping(&self) -> Result<(), ApiError> {
+    pub async fn ping(&self) -> Result<(), CodedError> {
         on_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(db_error)
     }
 
@@ -199,17 +199,17 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StorageError> {
 }
 
 /// Maps a database failure to the API: unreachable -> 503, else a bug (500).
-pub fn db_error(e: sqlx::Error) -> ApiError {
+pub fn db_error(e: sqlx::Error) -> CodedError {
     match &e {
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_) => {
-            ApiError::new(ErrorCode::StorageUnavailable, format!("database: {e}"))
+            CodedError::new(ErrorCode::StorageUnavailable, format!("database: {e}"))
         }
         _ => {
             tracing::error!(error = %e, "database error");
-            ApiError::new(ErrorCode::Internal, "database error")
+            CodedError::new(ErrorCode::Internal, "database error")
         }
     }
 }

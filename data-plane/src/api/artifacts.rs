@@ -8,10 +8,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::dataplane::ArtifactInfo;
 use shared::ids::{ArtifactId, SessionId};
-use shared::server::{ApiError, ApiPath};
+use shared::server::ApiPath;
 
 use super::AppState;
 use crate::auth::Caller;
@@ -32,9 +33,9 @@ pub async fn upload(
     Extension(caller): Extension<Caller>,
     params: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let Query(params) =
-        params.map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.body_text()))?;
+        params.map_err(|e| CodedError::new(ErrorCode::InvalidArgument, e.body_text()))?;
     let name = params.name.unwrap_or_else(|| "artifact".into());
     check_name(&name).map_err(artifact_error)?;
     if let Some(sid) = &params.session_id {
@@ -68,7 +69,7 @@ pub async fn info(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<Json<ArtifactInfo>, ApiError> {
+) -> Result<Json<ArtifactInfo>, CodedError> {
     Ok(Json(
         app.sessions
             .artifacts()
@@ -82,7 +83,7 @@ pub async fn download(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let slot = app.sessions.transfer(&caller)?;
     let (info, stream) = app
         .sessions
@@ -121,7 +122,7 @@ pub async fn delete(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     app.sessions
         .artifacts()
         .delete(&caller.tenant, &id)

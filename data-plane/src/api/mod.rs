@@ -18,13 +18,14 @@ use axum::{
     routing::get,
 };
 use futures::StreamExt;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::FileList;
 use shared::dataplane::{
     CreateSession, JobResult, ProbeStatus, RunJob, RunStep, RuntimeList, SessionViewList,
 };
 use shared::ids::{JobId, SessionId};
-use shared::server::{ApiError, ApiJson, ApiPath};
+use shared::server::{ApiJson, ApiPath};
 
 use crate::auth::{Authenticator, Caller, require_credential};
 use crate::execution::JobService;
@@ -103,7 +104,7 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
     )
 }
 
-async fn readyz(State(app): State<AppState>) -> Result<Json<ProbeStatus>, ApiError> {
+async fn readyz(State(app): State<AppState>) -> Result<Json<ProbeStatus>, CodedError> {
     app.sessions.agent_ready().await?;
     app.sessions.registry_ready().await?;
     Ok(Json(ProbeStatus {
@@ -148,7 +149,7 @@ async fn create_session(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateSession>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let view = app.sessions.create(&caller, req).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -166,7 +167,7 @@ async fn get_session(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     Ok(Json(app.sessions.get(&caller, &id)?).into_response())
 }
 
@@ -174,7 +175,7 @@ async fn delete_session(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     app.sessions.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -185,7 +186,7 @@ async fn run_step(
     ApiPath(id): ApiPath<SessionId>,
     headers: HeaderMap,
     ApiJson(step): ApiJson<RunStep>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let streaming = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -210,10 +211,10 @@ async fn run_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<RunJob>,
-) -> Result<Json<JobResult>, ApiError> {
+) -> Result<Json<JobResult>, CodedError> {
     // The body's id is checked at the edge like a path's.
     JobId::parse(req.job_id.as_str())
-        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.0))?;
+        .map_err(|e| CodedError::new(ErrorCode::InvalidArgument, e.0))?;
     Ok(Json(app.jobs.run(&caller, req).await?))
 }
 
@@ -221,7 +222,7 @@ async fn get_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<JobId>,
-) -> Result<Json<JobResult>, ApiError> {
+) -> Result<Json<JobResult>, CodedError> {
     Ok(Json(app.jobs.get(&caller, &id).await?))
 }
 
@@ -229,7 +230,7 @@ async fn cancel_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<JobId>,
-) -> Result<Json<JobResult>, ApiError> {
+) -> Result<Json<JobResult>, CodedError> {
     Ok(Json(app.jobs.cancel(&caller, &id).await?))
 }
 
@@ -237,7 +238,7 @@ async fn list_root(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<SessionId>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     path_response(app.sessions.read_path(&caller, &id, "").await?)
 }
 
@@ -245,12 +246,12 @@ async fn read_path(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     path_response(app.sessions.read_path(&caller, &id, &path).await?)
 }
 
 /// A listing as JSON, a file streamed through as it comes from the agent.
-fn path_response(content: PathRead) -> Result<Response, ApiError> {
+fn path_response(content: PathRead) -> Result<Response, CodedError> {
     Ok(match content {
         PathRead::Dir(list) => Json::<FileList>(list).into_response(),
         PathRead::File { size, body } => {
@@ -273,15 +274,15 @@ async fn write_file(
     Extension(caller): Extension<Caller>,
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::PayloadTooLarge,
                 "file is larger than the body limit",
             )
         } else {
-            ApiError::new(ErrorCode::InvalidArgument, e.body_text())
+            CodedError::new(ErrorCode::InvalidArgument, e.body_text())
         }
     })?;
     app.sessions.write_file(&caller, &id, &path, body).await?;
@@ -292,7 +293,7 @@ async fn delete_file(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     app.sessions.delete_file(&caller, &id, &path).await?;
     Ok(StatusCode::NO_CONTENT)
 }

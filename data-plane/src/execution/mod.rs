@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{StepError, StepResult, StepStatus, validate_id};
 use shared::dataplane::{
     ArtifactInfo, CreateSession, JOB_CANCELLED, JOB_OUTPUT_DIR, JobResult, RunJob, RunStep,
 };
-use shared::server::ApiError;
 use tokio::sync::watch;
 
 use crate::auth::Caller;
@@ -38,7 +38,7 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// How often a replica whose claim failed looks for the other's outcome.
 const CLAIM_POLL: Duration = Duration::from_millis(250);
 
-type Outcome = Option<Result<JobResult, ApiError>>;
+type Outcome = Option<Result<JobResult, CodedError>>;
 
 /// What a cancel needs to reach a run in progress.
 #[derive(Debug, Default)]
@@ -147,7 +147,7 @@ impl JobService {
     /// another replica), within its lifetime. Saved results are sealed with
     /// the KEK under [`result_aad`]: one altered, or moved to another tenant
     /// or job id, is 500 `integrity_error` (never a reason to run again).
-    async fn stored(&self, caller: &Caller, job_id: &str) -> Result<Option<JobResult>, ApiError> {
+    async fn stored(&self, caller: &Caller, job_id: &str) -> Result<Option<JobResult>, CodedError> {
         let sealed = match self
             .sessions
             .store()
@@ -172,7 +172,7 @@ impl JobService {
             Some(r) => Ok(Some(r)),
             None => {
                 tracing::error!(tenant = %caller.tenant, job = %job_id, "a saved job result does not open: altered at rest or moved from another tenant or job");
-                Err(ApiError::new(
+                Err(CodedError::new(
                     ErrorCode::IntegrityError,
                     format!("the saved result of job {job_id} does not open"),
                 ))
@@ -202,11 +202,11 @@ impl JobService {
     }
 
     /// The saved outcome of a finished (or cancelled) job.
-    pub async fn get(&self, caller: &Caller, job_id: &str) -> Result<JobResult, ApiError> {
-        validate_id("jobId", job_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+    pub async fn get(&self, caller: &Caller, job_id: &str) -> Result<JobResult, CodedError> {
+        validate_id("jobId", job_id).map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m))?;
         let key = (caller.tenant.to_string(), job_id.to_owned());
         let not_found =
-            || ApiError::new(ErrorCode::JobNotFound, format!("no finished job {job_id}"));
+            || CodedError::new(ErrorCode::JobNotFound, format!("no finished job {job_id}"));
         {
             let mut jobs = self.jobs();
             if let Some(r) = jobs.done(&key) {
@@ -229,8 +229,8 @@ impl JobService {
     /// the same outcome again. Finished: 409 `job_finished`. Unknown: 404
     /// `job_not_found`, and the id is remembered as cancelled so a run that
     /// arrives later does not execute.
-    pub async fn cancel(&self, caller: &Caller, job_id: &str) -> Result<JobResult, ApiError> {
-        validate_id("jobId", job_id).map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+    pub async fn cancel(&self, caller: &Caller, job_id: &str) -> Result<JobResult, CodedError> {
+        validate_id("jobId", job_id).map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m))?;
         let key = (caller.tenant.to_string(), job_id.to_owned());
         // A result saved before a restart counts as the job's outcome.
         let saved = if self.jobs().known(&key) {
@@ -274,7 +274,7 @@ impl JobService {
                 // Durable like any outcome: a run after a restart is refused too.
                 self.save(caller, &r).await;
                 tracing::info!(target: "audit", tenant = %caller.tenant, job = %job_id, "unknown job cancelled; it will not run");
-                Err(ApiError::new(
+                Err(CodedError::new(
                     ErrorCode::JobNotFound,
                     format!("no job {job_id}; it is now cancelled and will not run if it arrives"),
                 ))
@@ -339,9 +339,9 @@ impl JobService {
         self: &Arc<Self>,
         caller: &Caller,
         req: RunJob,
-    ) -> Result<JobResult, ApiError> {
+    ) -> Result<JobResult, CodedError> {
         validate_id("jobId", &req.job_id)
-            .map_err(|m| ApiError::new(ErrorCode::InvalidArgument, m))?;
+            .map_err(|m| CodedError::new(ErrorCode::InvalidArgument, m))?;
         let key = (caller.tenant.to_string(), req.job_id.clone());
         enum Decision {
             Replay(JobResult),
@@ -376,7 +376,7 @@ impl JobService {
             Decision::Replay(r) => return Ok(replayed(r)),
             Decision::Wait(mut rx) => {
                 let vanished =
-                    || ApiError::new(ErrorCode::Internal, "the first run of this job vanished");
+                    || CodedError::new(ErrorCode::Internal, "the first run of this job vanished");
                 let done = rx
                     .wait_for(Option::is_some)
                     .await
@@ -395,7 +395,7 @@ impl JobService {
         tokio::spawn(async move {
             this.run_detached(&caller, req, key, tx, control).await;
         });
-        let vanished = || ApiError::new(ErrorCode::Internal, "the run of this job vanished");
+        let vanished = || CodedError::new(ErrorCode::Internal, "the run of this job vanished");
         let done = first
             .wait_for(Option::is_some)
             .await
@@ -410,7 +410,7 @@ impl JobService {
     /// Claims the job in a shared registry (Redis), waiting while another
     /// replica holds it. `Ok(None)`: claimed, run it; `Ok(Some(r))`: the
     /// other replica's saved outcome.
-    async fn claim(&self, caller: &Caller, req: &RunJob) -> Result<Option<JobResult>, ApiError> {
+    async fn claim(&self, caller: &Caller, req: &RunJob) -> Result<Option<JobResult>, CodedError> {
         let ttl =
             Duration::from_millis(req.timeout_ms.unwrap_or(30_000)) + Duration::from_secs(180);
         let deadline = Instant::now() + ttl;
@@ -433,7 +433,7 @@ impl JobService {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    return Err(ApiError::new(
+                    return Err(CodedError::new(
                         ErrorCode::StorageUnavailable,
                         format!("could not claim the job in the registry: {e}"),
                     ));
@@ -443,7 +443,7 @@ impl JobService {
                 return Ok(Some(saved));
             }
             if Instant::now() >= deadline {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::SessionBusy,
                     format!("job {} is running on another replica", req.job_id),
                 ));
@@ -528,7 +528,7 @@ impl JobService {
         caller: &Caller,
         req: &RunJob,
         control: &Mutex<RunControl>,
-    ) -> Result<JobResult, ApiError> {
+    ) -> Result<JobResult, CodedError> {
         let started = Instant::now();
         let elapsed_ms = || started.elapsed().as_millis() as u64;
         // Cancelled while this run looked for a saved outcome: no sandbox.
@@ -627,7 +627,7 @@ impl JobService {
         caller: &Caller,
         sid: &str,
         req: &RunJob,
-    ) -> Result<(StepResult, Vec<ArtifactInfo>), ApiError> {
+    ) -> Result<(StepResult, Vec<ArtifactInfo>), CodedError> {
         let step = self
             .sessions
             .step(
@@ -661,7 +661,7 @@ impl JobService {
         caller: &Caller,
         sid: &str,
         job_id: &str,
-    ) -> Result<Vec<ArtifactInfo>, ApiError> {
+    ) -> Result<Vec<ArtifactInfo>, CodedError> {
         use crate::sessions::PathRead;
         use crate::workspace::artifacts::{ArtifactError, sanitize_name};
         const MAX_OUTPUT_ENTRIES: usize = 1_000;
@@ -753,9 +753,9 @@ impl JobService {
 }
 
 /// A cancel that came after the job ended.
-fn finished(job_id: &str, r: &JobResult) -> ApiError {
+fn finished(job_id: &str, r: &JobResult) -> CodedError {
     let status = format!("{:?}", r.status).to_lowercase();
-    ApiError::new(
+    CodedError::new(
         ErrorCode::JobFinished,
         format!("job {job_id} already finished ({status}); it cannot be cancelled"),
     )

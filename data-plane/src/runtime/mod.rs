@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{EffectiveLimits, Limits, Runtime};
 use shared::client::AgentClient;
 use shared::dataplane::RuntimeInfo;
-use shared::server::ApiError;
 
 use crate::config::Config;
 
@@ -94,10 +94,10 @@ impl RuntimeRegistry {
     }
 
     /// A runtime by name, or 400 naming the available ones.
-    pub fn get(&self, name: &str) -> Result<&RuntimeInfo, ApiError> {
+    pub fn get(&self, name: &str) -> Result<&RuntimeInfo, CodedError> {
         self.runtimes.get(name).ok_or_else(|| {
             let names: Vec<&str> = self.runtimes.keys().map(String::as_str).collect();
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::UnknownRuntime,
                 format!("unknown runtime {name:?}; available: {}", names.join(", ")),
             )
@@ -105,7 +105,7 @@ impl RuntimeRegistry {
     }
 
     /// Refuses requested limits above the runtime's maximums, naming the limit.
-    pub fn check_limits(&self, runtime: &RuntimeInfo, limits: &Limits) -> Result<(), ApiError> {
+    pub fn check_limits(&self, runtime: &RuntimeInfo, limits: &Limits) -> Result<(), CodedError> {
         let m = &runtime.max_limits;
         for (name, asked, max) in [
             ("memoryMb", limits.memory_mb, m.memory_mb),
@@ -122,7 +122,7 @@ impl RuntimeRegistry {
             if let Some(v) = asked
                 && v > max
             {
-                return Err(ApiError::new(
+                return Err(CodedError::new(
                     ErrorCode::LimitExceeded,
                     format!(
                         "limits.{name} = {v} is above runtime {}'s maximum of {max}",

@@ -16,12 +16,13 @@ use axum::{
     routing::{get, post},
 };
 use futures::StreamExt;
+use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{
     ADMIN_TOKEN_HEADER, CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER,
     SessionList, StepRequest, StepResult, sse_event,
 };
-use shared::server::{ApiError, ApiJson};
+use shared::server::ApiJson;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -80,8 +81,8 @@ async fn health(State(app): State<AppState>) -> Json<Health> {
 async fn create_session(
     State(app): State<AppState>,
     headers: HeaderMap,
-    body: Result<ApiJson<CreateSessionRequest>, ApiError>,
-) -> Result<Response, ApiError> {
+    body: Result<ApiJson<CreateSessionRequest>, CodedError>,
+) -> Result<Response, CodedError> {
     // The caller first: an unauthenticated one learns nothing of the body's
     // validation and starts no sandbox.
     app.sessions.authorize_create(admin_token(&headers))?;
@@ -90,7 +91,7 @@ async fn create_session(
     if let (Some(h), Some(b)) = (token(&headers), req.token.as_deref())
         && h != b
     {
-        return Err(ApiError::new(
+        return Err(CodedError::new(
             ErrorCode::Unauthorized,
             "X-Session-Token does not match the body's token",
         ));
@@ -103,7 +104,7 @@ async fn create_session(
         let _ = tx.send(mgr.create(req).await);
     });
     let info = rx.await.map_err(|_| {
-        ApiError::new(
+        CodedError::new(
             ErrorCode::Internal,
             "session creation ended without a result",
         )
@@ -124,7 +125,7 @@ async fn get_session(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
     Ok(Json(s.info()).into_response())
 }
@@ -133,7 +134,7 @@ async fn delete_session(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     if !app.sessions.is_admin(admin_token(&headers)) {
         app.sessions.authorize(&id, token(&headers))?;
     }
@@ -145,7 +146,7 @@ async fn run_step(
     State(app): State<AppState>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<StepRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let streaming = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -169,7 +170,7 @@ async fn run_step(
     });
     let Some(out_rx) = out_rx else {
         let result = done_rx.await.map_err(|_| {
-            ApiError::new(ErrorCode::Internal, "the step task ended without a result")
+            CodedError::new(ErrorCode::Internal, "the step task ended without a result")
         })?;
         return Ok(Json(result).into_response());
     };
@@ -210,7 +211,7 @@ async fn list_root(
     State(app): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<FileList>, ApiError> {
+) -> Result<Json<FileList>, CodedError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
     Ok(Json(FileList {
         files: s.workspace.list("")?,
@@ -221,7 +222,7 @@ async fn read_path(
     State(app): State<AppState>,
     Path((id, path)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CodedError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
     if s.workspace.is_dir(&path)? {
         return Ok(Json(FileList {
@@ -250,16 +251,16 @@ async fn write_file(
     Path((id, path)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
+            CodedError::new(
                 ErrorCode::PayloadTooLarge,
                 "file is larger than the body limit",
             )
         } else {
-            ApiError::new(ErrorCode::InvalidArgument, e.body_text())
+            CodedError::new(ErrorCode::InvalidArgument, e.body_text())
         }
     })?;
     s.workspace.write(&path, &body)?;
@@ -270,7 +271,7 @@ async fn delete_file(
     State(app): State<AppState>,
     Path((id, path)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, CodedError> {
     let s = app.sessions.authorize(&id, token(&headers))?;
     s.workspace.delete(&path)?;
     Ok(StatusCode::NO_CONTENT)
