@@ -291,6 +291,7 @@ async fn tools_are_described_and_guarded_like_rest() {
         "write_file",
         "list_runtimes",
         "get_artifact",
+        "upload_artifact",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
@@ -340,6 +341,16 @@ async fn tools_are_described_and_guarded_like_rest() {
             "content",
         ),
         ("list_jobs", json!({"limit": 0}), "limit"),
+        (
+            "upload_artifact",
+            json!({"name": "a.bin", "content": "!", "encoding": "base64"}),
+            "content",
+        ),
+        (
+            "upload_artifact",
+            json!({"name": "a", "content": "x", "sessionId": "../x"}),
+            "sessionId",
+        ),
     ] {
         let r = call(&acme, tool, args.clone()).await;
         assert_eq!(err_code(&r), "invalid_argument", "{tool} {args}");
@@ -485,6 +496,23 @@ async fn every_tool_against_real_sandboxes() {
     let r = call(&c, "cancel_job", json!({"jobId": id})).await;
     assert_eq!(err_code(&r), "job_finished");
 
+    // An upload, read back through get_artifact (the same store as REST).
+    let up = ok(call(
+        &c,
+        "upload_artifact",
+        json!({"name": "notes.txt", "content": "hello from mcp"}),
+    )
+    .await);
+    let uploaded = up["artifactId"].as_str().unwrap().to_owned();
+    assert_eq!(up["size"], 14, "{up}");
+    let a = call(&c, "get_artifact", json!({"artifactId": uploaded})).await;
+    assert!(
+        a.content.iter().any(|c| c
+            .as_resource()
+            .is_some_and(|r| format!("{r:?}").contains("hello from mcp"))),
+        "{a:?}"
+    );
+
     // Output capping, with the rest reachable through get_job.
     let big = ok(call(&c, "run_code", json!({"code": "print('x' * 5000)"})).await);
     let out = big["output"]["stdout"].as_str().unwrap();
@@ -629,6 +657,8 @@ async fn every_tool_against_real_sandboxes() {
         assert_eq!(err_code(&r), "session_not_found", "{tool}");
     }
     let r = call(&g, "get_artifact", json!({"artifactId": artifact})).await;
+    assert_eq!(err_code(&r), "artifact_not_found");
+    let r = call(&g, "get_artifact", json!({"artifactId": uploaded})).await;
     assert_eq!(err_code(&r), "artifact_not_found");
 
     let closed = ok(call(&c, "close_session", json!({"sessionId": sid})).await);

@@ -226,6 +226,19 @@ struct WriteFileArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UploadArtifactArgs {
+    /// The artifact's file name (no `/`, `\\`, control characters, `.` or `..`).
+    name: String,
+    /// The content.
+    content: String,
+    /// `text` (default) or `base64`.
+    encoding: Option<Encoding>,
+    /// Attach it to a session: it is then shredded with the session.
+    session_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ArtifactArgs {
     /// An `artifactId` from a job's `output.artifacts`.
     artifact_id: String,
@@ -473,6 +486,14 @@ static CATALOG: LazyLock<Vec<Tool>> = LazyLock::new(|| {
             hints(true, false, true),
         ),
         tool(
+            "upload_artifact",
+            "Upload an artifact",
+            "Store a file as an encrypted artifact (text, or base64 for binary), optionally attached to a session (then deleted with it); returns its `artifactId`, size and sha256. The same as REST `POST /v1/artifacts`; for large files use that route, which streams. Cost: storage only, no sandbox.",
+            input::<UploadArtifactArgs>(),
+            api_schema("ArtifactInfo"),
+            hints(false, false, false),
+        ),
+        tool(
             "get_artifact",
             "Get an artifact",
             "A file a job left in `output/`: metadata, the bytes embedded when small (up to 256 KiB), else a download link.",
@@ -497,6 +518,28 @@ pub fn tool_error(e: CodedError) -> CallToolResult {
     let mut r = CallToolResult::structured_error(body);
     r.content = vec![ContentBlock::text(text)];
     r
+}
+
+/// A tool's `content` argument as bytes, refused past `max` bytes.
+fn decode_content(
+    content: String,
+    encoding: Option<Encoding>,
+    max: usize,
+) -> Result<bytes::Bytes, CodedError> {
+    let bytes = match encoding.unwrap_or(Encoding::Text) {
+        Encoding::Text => bytes::Bytes::from(content.into_bytes()),
+        Encoding::Base64 => bytes::Bytes::from(
+            B64.decode(content.trim())
+                .map_err(|e| bad(format!("invalid argument `content`: not base64: {e}")))?,
+        ),
+    };
+    if bytes.len() > max {
+        return Err(CodedError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("invalid argument `content`: larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn bad(m: impl Into<String>) -> CodedError {
@@ -915,20 +958,7 @@ impl McpTools {
             "write_file" => {
                 let a: WriteFileArgs = parse(args)?;
                 let id = session_id(&a.session_id)?;
-                let bytes = match a.encoding.unwrap_or(Encoding::Text) {
-                    Encoding::Text => bytes::Bytes::from(a.content.into_bytes()),
-                    Encoding::Base64 => {
-                        bytes::Bytes::from(B64.decode(a.content.trim()).map_err(|e| {
-                            bad(format!("invalid argument `content`: not base64: {e}"))
-                        })?)
-                    }
-                };
-                if bytes.len() > app.config.max_body_bytes {
-                    return Err(CodedError::new(
-                        ErrorCode::PayloadTooLarge,
-                        "file is larger than the body limit",
-                    ));
-                }
+                let bytes = decode_content(a.content, a.encoding, app.config.max_body_bytes)?;
                 let n = bytes.len() as u64;
                 app.sessions.write_file(who, &id, &a.path, bytes).await?;
                 let out = WriteFileOutput {
@@ -940,6 +970,24 @@ impl McpTools {
                     format!("wrote {n} bytes to {}", a.path),
                     vec![],
                 ))
+            }
+            "upload_artifact" => {
+                let a: UploadArtifactArgs = parse(args)?;
+                let session = match a.session_id.as_deref() {
+                    Some(s) => Some(session_id(s)?),
+                    None => None,
+                };
+                let bytes = decode_content(a.content, a.encoding, app.config.max_body_bytes)?;
+                let body = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes) });
+                let info = app
+                    .sessions
+                    .artifact_upload(who, &a.name, session.as_ref(), body)
+                    .await?;
+                let text = format!(
+                    "stored {} as artifactId {} ({} bytes, sha256 {})",
+                    info.name, info.artifact_id, info.size, info.sha256
+                );
+                Ok(ok(to_value(&info), text, vec![]))
             }
             "list_runtimes" => {
                 let _: NoArgs = parse(args)?;
