@@ -1245,6 +1245,7 @@ pub(crate) mod fake_agent {
             duration_ms: 1,
             truncated: false,
             state_lost: false,
+            output_files: None,
         }))
     }
 

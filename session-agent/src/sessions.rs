@@ -665,6 +665,7 @@ impl SessionManager {
         sink: Option<mpsc::UnboundedSender<OutputEvent>>,
     ) -> StepResult {
         let started = std::time::Instant::now();
+        let started_wall = std::time::SystemTime::now();
         let session = run.session.clone();
         let limits = session.limits;
         let timeout = Duration::from_millis(run.req.timeout_ms.unwrap_or(limits.timeout_ms));
@@ -705,6 +706,7 @@ impl SessionManager {
             duration_ms: started.elapsed().as_millis() as u64,
             truncated: outcome.truncated,
             state_lost,
+            output_files: session.workspace.output_written_since(started_wall),
         };
         tracing::debug!(session = %session.id, step = %result.step_id, status = ?result.status,
             duration_ms = result.duration_ms, "step finished");

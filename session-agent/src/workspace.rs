@@ -9,7 +9,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use shared::CodedError;
 use shared::ErrorCode;
-use shared::agent::FileEntry;
+use shared::agent::{FileEntry, MAX_OUTPUT_FILES};
 
 use crate::isolation::SANDBOX_UID;
 
@@ -118,6 +118,26 @@ impl Workspace {
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
+    }
+
+    /// Files directly under `output/` modified at or after `since` (a step's
+    /// start), at most [`MAX_OUTPUT_FILES`]; `None` when there are none or
+    /// no `output/`. One directory read on the host side: a step pays
+    /// microseconds for it, and callers learn what it wrote without
+    /// another round trip.
+    pub fn output_written_since(&self, since: std::time::SystemTime) -> Option<Vec<FileEntry>> {
+        let since_ms = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let files: Vec<FileEntry> = self
+            .list("output")
+            .ok()?
+            .into_iter()
+            .filter(|f| f.kind == "file" && f.modified_ms >= since_ms)
+            .take(MAX_OUTPUT_FILES)
+            .collect();
+        (!files.is_empty()).then_some(files)
     }
 
     /// Whether `rel` names a directory (for GET dispatch).

@@ -330,3 +330,40 @@ async fn streaming_delivers_output_before_the_result() {
     assert!(result.duration_ms >= 400);
     agent.stop().await;
 }
+
+/// A step's result lists the files it created or changed directly under
+/// `output/` (and only those), so callers need no extra listing.
+#[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_step_lists_the_output_files_it_wrote() {
+    let agent = TestAgent::start(&[]).await;
+    let t = token();
+    agent.session("out", "python", &t).await;
+
+    let r = agent.step("out", &t, "1 + 1").await;
+    assert_eq!(r.output_files, None, "no output/ yet: {r:?}");
+    let r = agent
+        .step(
+            "out",
+            &t,
+            "import os\nos.makedirs('output/sub', exist_ok=True)\n\
+             open('output/a.txt', 'w').write('hi')\nopen('output/sub/b.txt', 'w').write('x')",
+        )
+        .await;
+    assert_eq!(r.status, StepStatus::Ok, "{r:?}");
+    let files = r.output_files.unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(names, ["output/a.txt"], "{files:?}");
+    assert_eq!(files[0].size, 2);
+    // A later step that writes nothing lists nothing; one that writes a new
+    // file lists that file only.
+    let r = agent.step("out", &t, "2 + 2").await;
+    assert_eq!(r.output_files, None, "{r:?}");
+    let r = agent
+        .step("out", &t, "open('output/c.txt', 'w').write('abc')")
+        .await;
+    let files = r.output_files.unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(names, ["output/c.txt"], "{files:?}");
+    agent.stop().await;
+}

@@ -221,7 +221,17 @@ pub struct StepResult {
     /// The interpreter was restarted: variables from earlier steps are gone
     /// (workspace files remain).
     pub state_lost: bool,
+    /// Files directly under `output/` that the step created or changed
+    /// (at most [`MAX_OUTPUT_FILES`]); absent when there are none. New files
+    /// are always listed; under gVisor an in-place change to an existing
+    /// file can reach the host only after the step has answered (the Sentry
+    /// caches file data), and is then not listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_files: Option<Vec<FileEntry>>,
 }
+
+/// Most files a step result lists in `outputFiles`.
+pub const MAX_OUTPUT_FILES: usize = 64;
 
 /// One event of a streamed step (`Accept: text/event-stream`). The SSE event
 /// name is the variant name; `data` is this JSON.
@@ -310,6 +320,7 @@ mod tests {
             duration_ms: 3,
             truncated: false,
             state_lost: false,
+            output_files: None,
         };
         expect_test::expect![[r#"{"sessionId":"s","stepId":"1","status":"error","stdout":"a\n","stderr":"","result":null,"error":{"type":"ZeroDivisionError","message":"division by zero","traceback":"tb"},"durationMs":3,"truncated":false,"stateLost":false}"#]]
         .assert_eq(&serde_json::to_string(&r).unwrap());

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shared::CodedError;
 use shared::ErrorCode;
-use shared::agent::{FileList, StepMode, StepResult};
+use shared::agent::{FileEntry, FileList, StepMode, StepResult};
 use shared::client::{PathStream, StepEvent};
 use shared::controlplane::{Job, JobRequest, JobStatus, SessionRequest, SessionStepRequest};
 use shared::dataplane::{RuntimeList, SessionViewList};
@@ -735,27 +735,19 @@ impl McpTools {
         Ok(out)
     }
 
-    /// PNG files under the session's `output/` changed since `since_ms`.
+    /// The PNG files the step wrote under `output/`: the agent lists what a
+    /// step created or changed there in its result (`outputFiles`), so a
+    /// step that wrote none costs no extra call.
     async fn step_images(
         &self,
         who: &Identity,
         id: &SessionId,
-        since_ms: u64,
+        written: &[FileEntry],
     ) -> Vec<ContentBlock> {
         let mut images = Vec::new();
-        let list = match self.app.sessions.read_path(who, id, "output").await {
-            Ok(PathStream::Dir(list)) => list,
-            _ => return images,
-        };
-        for f in list
-            .files
+        for f in written
             .iter()
-            .filter(|f| {
-                f.kind == "file"
-                    && is_png(&f.path)
-                    && f.size <= MAX_IMAGE_BYTES
-                    && f.modified_ms >= since_ms
-            })
+            .filter(|f| f.kind == "file" && is_png(&f.path) && f.size <= MAX_IMAGE_BYTES)
             .take(MAX_IMAGES)
         {
             let path = if f.path.starts_with("output/") {
@@ -797,12 +789,6 @@ impl McpTools {
 
 fn is_png(name: &str) -> bool {
     name.to_ascii_lowercase().ends_with(".png")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 // ---------------------------------------------------------------------------
@@ -1117,8 +1103,6 @@ impl McpTools {
             "event": a.event,
         }))
         .map_err(|e| bad(e.to_string()))?;
-        // Workspace mtimes have second granularity on some file systems.
-        let since = now_ms().saturating_sub(2_000);
         let result = match ctx.meta.get_progress_token() {
             None => app.sessions.step(who, &id, step).await?,
             Some(token) => {
@@ -1182,7 +1166,10 @@ impl McpTools {
                 })?
             }
         };
-        let images = self.step_images(who, &id, since).await;
+        let images = match result.output_files.as_deref() {
+            Some(written) => self.step_images(who, &id, written).await,
+            None => Vec::new(),
+        };
         let (v, t) = self.render_step(result, &id);
         Ok(ok(v, t, images))
     }
