@@ -665,7 +665,6 @@ impl SessionManager {
         sink: Option<mpsc::UnboundedSender<OutputEvent>>,
     ) -> StepResult {
         let started = std::time::Instant::now();
-        let started_wall = std::time::SystemTime::now();
         let session = run.session.clone();
         let limits = session.limits;
         let timeout = Duration::from_millis(run.req.timeout_ms.unwrap_or(limits.timeout_ms));
@@ -676,6 +675,7 @@ impl SessionManager {
             timeout,
             max_output: usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX),
         };
+        let output_before = session.workspace.output_snapshot();
         let outcome = match run.kernel.as_mut() {
             Some(kernel) => kernel.execute(&exec, sink.as_ref(), &session.ended).await,
             None => unreachable_kernel(),
@@ -706,7 +706,7 @@ impl SessionManager {
             duration_ms: started.elapsed().as_millis() as u64,
             truncated: outcome.truncated,
             state_lost,
-            output_files: session.workspace.output_written_since(started_wall),
+            output_files: session.workspace.output_changes(&output_before),
         };
         tracing::debug!(session = %session.id, step = %result.step_id, status = ?result.status,
             duration_ms = result.duration_ms, "step finished");

@@ -13,6 +13,14 @@ use shared::agent::{FileEntry, MAX_OUTPUT_FILES};
 
 use crate::isolation::SANDBOX_UID;
 
+/// The files directly under a workspace's `output/`: name -> (modified, size).
+#[derive(Debug, Default)]
+pub struct OutputSnapshot(std::collections::HashMap<String, (Option<std::time::SystemTime>, u64)>);
+
+/// Most `output/` entries read for a snapshot: a step that floods the
+/// directory costs a bounded read, and its result lists a bounded part.
+const OUTPUT_SCAN_LIMIT: usize = 4096;
+
 /// One session's workspace on the host.
 #[derive(Debug)]
 pub struct Workspace {
@@ -120,23 +128,53 @@ impl Workspace {
         Ok(out)
     }
 
-    /// Files directly under `output/` modified at or after `since` (a step's
-    /// start), at most [`MAX_OUTPUT_FILES`]; `None` when there are none or
-    /// no `output/`. One directory read on the host side: a step pays
-    /// microseconds for it, and callers learn what it wrote without
-    /// another round trip.
-    pub fn output_written_since(&self, since: std::time::SystemTime) -> Option<Vec<FileEntry>> {
-        let since_ms = since
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        let files: Vec<FileEntry> = self
-            .list("output")
-            .ok()?
-            .into_iter()
-            .filter(|f| f.kind == "file" && f.modified_ms >= since_ms)
-            .take(MAX_OUTPUT_FILES)
+    /// What is directly under `output/` now (name, modification time and
+    /// size of each file): taken before a step, compared after it.
+    pub fn output_snapshot(&self) -> OutputSnapshot {
+        let mut files = std::collections::HashMap::new();
+        if let Ok(dir) = self
+            .dir()
+            .and_then(|d| d.open_dir_nofollow(Path::new("output")).map_err(io_err))
+            && let Ok(entries) = dir.entries()
+        {
+            for entry in entries.flatten().take(OUTPUT_SCAN_LIMIT) {
+                if let Ok(meta) = entry.metadata()
+                    && meta.is_file()
+                {
+                    let modified = meta.modified().ok().map(|t| t.into_std());
+                    files.insert(
+                        entry.file_name().to_string_lossy().into_owned(),
+                        (modified, meta.len()),
+                    );
+                }
+            }
+        }
+        OutputSnapshot(files)
+    }
+
+    /// The files directly under `output/` that are new, or whose
+    /// modification time or size changed, since `before` (at most
+    /// [`MAX_OUTPUT_FILES`]); `None` when there are none. Comparing two
+    /// snapshots, not times against a clock: file times come from the
+    /// kernel's coarse clock and can read earlier than a precise step start.
+    pub fn output_changes(&self, before: &OutputSnapshot) -> Option<Vec<FileEntry>> {
+        let after = self.output_snapshot();
+        let mut files: Vec<FileEntry> = after
+            .0
+            .iter()
+            .filter(|(name, now)| before.0.get(*name) != Some(now))
+            .map(|(name, (modified, size))| FileEntry {
+                path: format!("output/{name}"),
+                kind: "file".into(),
+                size: *size,
+                modified_ms: modified
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .unwrap_or(0),
+            })
             .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        files.truncate(MAX_OUTPUT_FILES);
         (!files.is_empty()).then_some(files)
     }
 
