@@ -59,11 +59,12 @@ pub async fn serve(
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("building the agent client")?;
-    let backend = RuntimeBackend::Local {
-        // The agent creates sessions only for the holder of this credential.
-        agent: shared::client::AgentClient::with_http(&config.agent_endpoint, http)
-            .with_admin_token(config.agent_admin_token.clone()),
-    };
+    // The agent creates sessions only for the holder of this credential.
+    let backend = RuntimeBackend::local(
+        &config.agent_endpoint,
+        http,
+        config.agent_admin_token.clone(),
+    );
     let metrics = metrics::Metrics::new();
     let kek = config.load_kek().map_err(anyhow::Error::msg)?;
     let store = match config.registry {
@@ -87,7 +88,6 @@ pub async fn serve(
         artifacts,
         settings: SessionSettings {
             agent_auth: config.agent_auth_mode,
-            agent_admin_token: config.agent_admin_token.clone(),
             ready_timeout: config.ready_timeout,
             agent_timeout: config.agent_timeout,
             tenant_max_sessions: config.tenant_max_sessions,

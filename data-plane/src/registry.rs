@@ -16,6 +16,12 @@ pub struct StoredSession {
     pub session_id: String,
     pub tenant: String,
     pub runtime: String,
+    /// The agent endpoint that serves the session (its sandbox handle's);
+    /// absent in records written before records carried it (then: the
+    /// backend's default, the local agent). Bound into the sealed token's
+    /// associated data, so a rewritten endpoint does not open the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// The agent token sealed with the KEK (hex), if one was issued.
     pub sealed_token: Option<String>,
     pub limits: EffectiveLimits,
@@ -348,6 +354,7 @@ mod tests {
             session_id: id.into(),
             tenant: tenant.into(),
             runtime: "python".into(),
+            endpoint: None,
             sealed_token: None,
             limits: EffectiveLimits {
                 memory_mb: 256,

@@ -23,7 +23,7 @@ use crate::config::AgentAuthMode;
 use crate::dependencies::Dependencies;
 use crate::metrics::{Metrics, StartLabels, StepLabels};
 use crate::registry::{SessionRegistry, StoredSession};
-use crate::runtime::{RuntimeBackend, RuntimeRegistry};
+use crate::runtime::{RuntimeBackend, RuntimeRegistry, SandboxHandle};
 use crate::workspace::artifacts::{ArtifactError, ArtifactStore};
 use crate::workspace::crypto::{CryptoError, SecretKey};
 
@@ -36,6 +36,9 @@ const STEP_MARGIN: Duration = Duration::from_millis(shared::dataplane::STEP_MARG
 struct SessionRecord {
     tenant: TenantId,
     runtime: String,
+    /// The agent that serves this session (its handle's endpoint): every
+    /// call is routed there. Internal; never returned.
+    endpoint: String,
     /// The agent token; never logged, never returned.
     token: Option<String>,
     limits: EffectiveLimits,
@@ -47,11 +50,17 @@ struct SessionRecord {
     lost: bool,
 }
 
-/// The associated data a session's agent token is sealed under: the tenant
-/// and the session, so a stored record moved to another tenant (or another
-/// id) does not open.
-fn token_aad(tenant: &str, session_id: &str) -> String {
-    format!("session:{tenant}/{session_id}")
+/// The associated data a session's agent token is sealed under: the tenant,
+/// the session and the agent endpoint it is sent to, so a stored record
+/// moved to another tenant (or another id), or pointed at another endpoint,
+/// does not open. Records written before they carried an endpoint (`None`)
+/// were sealed without it; where a record is routed is the backend's say
+/// ([`RuntimeBackend::adopt`]; local: its one agent).
+fn token_aad(tenant: &str, session_id: &str, endpoint: Option<&str>) -> String {
+    match endpoint {
+        Some(endpoint) => format!("session:{tenant}/{session_id}@{endpoint}"),
+        None => format!("session:{tenant}/{session_id}"),
+    }
 }
 
 impl SessionRecord {
@@ -60,16 +69,26 @@ impl SessionRecord {
             session_id: id.to_owned(),
             tenant: self.tenant.to_string(),
             runtime: self.runtime.clone(),
+            endpoint: Some(self.endpoint.clone()),
             sealed_token: self
                 .token
                 .as_deref()
-                .map(|t| kek.seal_secret(t, &token_aad(&self.tenant, id))),
+                .map(|t| kek.seal_secret(t, &token_aad(&self.tenant, id, Some(&self.endpoint)))),
             limits: self.limits,
             isolation: self.isolation.clone(),
             warm: self.warm,
             created_ms: self.created_ms,
             expires_ms: self.expires_ms,
             lost: self.lost,
+        }
+    }
+
+    /// The handle of the session's sandbox.
+    fn handle(&self, id: &str) -> SandboxHandle {
+        SandboxHandle {
+            session_id: id.to_owned(),
+            endpoint: self.endpoint.clone(),
+            token: self.token.clone(),
         }
     }
 
@@ -92,8 +111,6 @@ impl SessionRecord {
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     pub agent_auth: AgentAuthMode,
-    /// The agent's admin credential, for reaping orphan sandboxes.
-    pub agent_admin_token: Option<String>,
     pub ready_timeout: Duration,
     pub agent_timeout: Duration,
     pub tenant_max_sessions: usize,
@@ -360,8 +377,9 @@ impl SessionRouter {
             ));
         }
         Ok(Route {
-            // The caller's request id and trace context travel on to the agent.
-            agent: self.backend.agent().with_context(
+            // The session's own agent (its handle's endpoint); the caller's
+            // request id and trace context travel on to it.
+            agent: self.backend.agent_for(&rec.endpoint).with_context(
                 shared::server::current_request_id(),
                 shared::server::current_traceparent(),
             ),
@@ -437,6 +455,7 @@ impl SessionRouter {
                 SessionRecord {
                     tenant: caller.tenant.clone(),
                     runtime: runtime.name.clone(),
+                    endpoint: String::new(),
                     token: None,
                     limits: runtime.default_limits,
                     isolation: String::new(),
@@ -483,16 +502,16 @@ impl SessionRouter {
         let started = std::time::Instant::now();
         let created = bounded(
             self.settings.ready_timeout,
-            self.backend.agent().create_session(&agent_req),
+            self.backend.provision(&agent_req),
         )
         .await;
-        let info = match created {
-            Ok(info) => info,
+        let (handle, info) = match created {
+            Ok(created) => created,
             Err(e) => {
                 self.records().remove(&id);
                 // A create that timed out may still finish on the agent.
                 if e.code == ErrorCode::SandboxUnavailable {
-                    self.forget_on_agent(&id, token);
+                    self.abandon(&id, token);
                 }
                 // The agent refused the data plane's own credential: a
                 // deployment fault, not the caller's (whose credential was good).
@@ -519,7 +538,8 @@ impl SessionRouter {
         let rec = SessionRecord {
             tenant: caller.tenant.clone(),
             runtime: runtime.name,
-            token,
+            endpoint: handle.endpoint,
+            token: handle.token,
             limits: info.limits,
             isolation: info.isolation,
             warm: info.warm,
@@ -530,7 +550,7 @@ impl SessionRouter {
         // Durable before it is handed out: a restart must find it.
         if let Err(e) = self.store.put(&rec.stored(&id, &self.kek)).await {
             self.records().remove(&id);
-            self.forget_on_agent(&id, rec.token);
+            self.forget(rec.handle(&id));
             return Err(CodedError::new(
                 ErrorCode::Internal,
                 format!("could not record the session: {e}"),
@@ -542,40 +562,51 @@ impl SessionRouter {
         Ok(view)
     }
 
-    /// Deletes a session on the agent in the background (best effort).
-    fn forget_on_agent(&self, id: &str, token: Option<String>) {
-        let agent = self.backend.agent().clone();
+    /// Destroys a session's sandbox in the background (best effort).
+    fn forget(&self, handle: SandboxHandle) {
+        let backend = self.backend.clone();
         let limit = self.settings.agent_timeout;
-        let id = id.to_owned();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(limit, agent.delete_session(&id, token.as_deref())).await;
+            let _ = tokio::time::timeout(limit, backend.destroy(&handle)).await;
         });
     }
 
-    /// Destroys agent sessions no record owns (with the admin credential).
+    /// Destroys, in the background, whatever a failed or timed-out
+    /// provision may still create (best effort).
+    fn abandon(&self, id: &str, token: Option<String>) {
+        let backend = self.backend.clone();
+        let limit = self.settings.agent_timeout;
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(limit, backend.abandon(&id, token.as_deref())).await;
+        });
+    }
+
+    /// Destroys the backend's sandboxes no record owns (with the backend's
+    /// own credential).
     async fn reap_orphans(&self) -> usize {
-        let Some(admin) = self.settings.agent_admin_token.as_deref() else {
-            return 0;
-        };
-        let agent = self.backend.agent();
-        let Ok(Ok(list)) =
-            tokio::time::timeout(self.settings.agent_timeout, agent.list_all_sessions(admin)).await
-        else {
-            tracing::warn!("could not list the agent's sessions; orphans are left to their TTL");
-            return 0;
+        let listed =
+            tokio::time::timeout(self.settings.agent_timeout, self.backend.list_owned()).await;
+        let owned = match listed {
+            // The backend cannot tell (local: no admin credential).
+            Ok(Ok(None)) => return 0,
+            Ok(Ok(Some(owned))) => owned,
+            _ => {
+                tracing::warn!(
+                    "could not list the backend's sandboxes; orphans are left to their TTL"
+                );
+                return 0;
+            }
         };
         let mut reaped = 0;
-        for s in list.sessions {
+        for s in owned {
             if self.records().contains_key(&s.session_id) {
                 continue;
             }
             tracing::warn!(session = %s.session_id, "destroying a sandbox no session record owns");
-            if tokio::time::timeout(
-                self.settings.agent_timeout,
-                agent.admin_delete_session(&s.session_id, admin),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok())
+            if tokio::time::timeout(self.settings.agent_timeout, self.backend.destroy_orphan(&s))
+                .await
+                .is_ok_and(|r| r.is_ok())
             {
                 reaped += 1;
             }
@@ -609,8 +640,9 @@ impl SessionRouter {
                 self.shred_expired(&id, &tenant).await;
                 continue;
             }
+            let aad = token_aad(&st.tenant, &id, st.endpoint.as_deref());
             let token = match &st.sealed_token {
-                Some(sealed) => match self.kek.open_secret(sealed, &token_aad(&st.tenant, &id)) {
+                Some(sealed) => match self.kek.open_secret(sealed, &aad) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         tracing::warn!(session = %id, error = %e, "stored session token does not open; dropping the record");
@@ -620,9 +652,13 @@ impl SessionRouter {
                 },
                 None => None,
             };
+            // Routed where the backend says the sandbox is (local: its
+            // one agent; the endpoint only had to match the token's seal).
+            let endpoint = self.backend.adopt(st.endpoint.as_deref());
             let mut rec = SessionRecord {
                 tenant,
                 runtime: st.runtime,
+                endpoint,
                 token,
                 limits: st.limits,
                 isolation: st.isolation,
@@ -634,7 +670,7 @@ impl SessionRouter {
             if !rec.lost {
                 let probe = bounded(
                     self.settings.agent_timeout,
-                    self.backend.agent().get_session(&id, rec.token.as_deref()),
+                    self.backend.probe(&rec.handle(&id)),
                 )
                 .await;
                 match probe {
@@ -734,8 +770,10 @@ impl SessionRouter {
                 .is_some_and(|r| r.tenant == caller.tenant && r.expires_ms <= now_ms())
         };
         if expired {
-            let token = self.records().remove(id).and_then(|r| r.token);
-            self.forget_on_agent(id, token);
+            let removed = self.records().remove(id);
+            if let Some(rec) = removed {
+                self.forget(rec.handle(id));
+            }
             self.shred_expired(id, &caller.tenant).await;
             tracing::info!(session = %id, tenant = %caller.tenant, "expired session deleted");
             return Ok(());
@@ -942,11 +980,9 @@ impl SessionRouter {
         }
     }
 
-    /// Whether the agent answers (for `/readyz`).
+    /// Whether the backend answers (for `/readyz`).
     pub async fn agent_ready(&self) -> Result<(), CodedError> {
-        bounded(Duration::from_secs(2), self.backend.agent().health())
-            .await
-            .map(|_| ())
+        bounded(Duration::from_secs(2), self.backend.health()).await
     }
 }
 
@@ -966,13 +1002,31 @@ mod token_aad_tests {
     #[test]
     fn a_sealed_token_opens_only_for_its_tenant_and_session() {
         let kek = SecretKey::generate();
-        let sealed = kek.seal_secret("agent-token", &token_aad("a", "ses-1"));
+        let ep = Some("http://127.0.0.1:9000");
+        let sealed = kek.seal_secret("agent-token", &token_aad("a", "ses-1", ep));
         assert_eq!(
-            kek.open_secret(&sealed, &token_aad("a", "ses-1")).unwrap(),
+            kek.open_secret(&sealed, &token_aad("a", "ses-1", ep))
+                .unwrap(),
             "agent-token"
         );
-        assert!(kek.open_secret(&sealed, &token_aad("b", "ses-1")).is_err());
-        assert!(kek.open_secret(&sealed, &token_aad("a", "ses-2")).is_err());
+        assert!(
+            kek.open_secret(&sealed, &token_aad("b", "ses-1", ep))
+                .is_err()
+        );
+        assert!(
+            kek.open_secret(&sealed, &token_aad("a", "ses-2", ep))
+                .is_err()
+        );
+        // Pointed at another agent, or stripped of its endpoint: no token.
+        let other = Some("http://attacker.example:9000");
+        assert!(
+            kek.open_secret(&sealed, &token_aad("a", "ses-1", other))
+                .is_err()
+        );
+        assert!(
+            kek.open_secret(&sealed, &token_aad("a", "ses-1", None))
+                .is_err()
+        );
         // The former associated data (no tenant) does not open it either.
         assert!(kek.open_secret(&sealed, "session:ses-1").is_err());
     }
@@ -1004,7 +1058,6 @@ pub(crate) mod fake_agent {
         ADMIN_TOKEN_HEADER, CreateSessionRequest, FileEntry, FileList, Runtime,
         SESSION_TOKEN_HEADER, SessionInfo, SessionList, StepRequest, StepResult, StepStatus,
     };
-    use shared::client::AgentClient;
     use shared::ids::TenantId;
     use tokio_util::sync::CancellationToken;
 
@@ -1328,26 +1381,45 @@ pub(crate) mod fake_agent {
         tenant_max_sessions: usize,
         admin: &str,
     ) -> SessionRouter {
-        let config = crate::Config::parse_from(["data-plane", "--agent-endpoint", agent_url]);
         let kek = SecretKey::generate();
+        router_on(
+            agent_url,
+            dir,
+            tenant_max_sessions,
+            admin,
+            SessionRegistry::Memory,
+            kek,
+        )
+    }
+
+    /// A session router with the given session registry and KEK (two
+    /// routers sharing them see each other's records at recovery).
+    pub fn router_on(
+        agent_url: &str,
+        dir: &Path,
+        tenant_max_sessions: usize,
+        admin: &str,
+        store: SessionRegistry,
+        kek: SecretKey,
+    ) -> SessionRouter {
+        let config = crate::Config::parse_from(["data-plane", "--agent-endpoint", agent_url]);
         SessionRouter::new(SessionRouterParts {
             registry: RuntimeRegistry::load(&config).unwrap(),
-            backend: RuntimeBackend::Local {
-                agent: AgentClient::new(agent_url)
-                    .unwrap()
-                    .with_admin_token(Some(admin.to_owned())),
-            },
+            backend: RuntimeBackend::local(
+                agent_url,
+                reqwest::Client::new(),
+                Some(admin.to_owned()),
+            ),
             artifacts: ArtifactStore::new(dir.join("artifacts"), kek.clone(), 1 << 20).unwrap(),
             settings: SessionSettings {
                 agent_auth: AgentAuthMode::Enforced,
-                agent_admin_token: Some(admin.to_owned()),
                 ready_timeout: Duration::from_secs(10),
                 agent_timeout: Duration::from_secs(10),
                 tenant_max_sessions,
                 tenant_max_transfers: 4,
             },
             metrics: Metrics::new(),
-            store: SessionRegistry::Memory,
+            store,
             kek,
             dependencies: Dependencies::new(
                 Dependencies::load_allowlist(None).unwrap(),
@@ -1617,5 +1689,99 @@ mod tests {
         }
         // A delete that could not reach the agent keeps the record.
         assert_eq!(router.list(&acme).len(), 1);
+    }
+
+    /// Two agents (two endpoints): a session is routed to the agent its
+    /// record names (its handle's endpoint), not to the backend's own; this
+    /// is what a backend with one agent per session (Kubernetes: one pod
+    /// each) relies on. The local backend's handles all name its one agent,
+    /// so a record provisioned on A is moved into a router whose backend is B.
+    #[tokio::test]
+    async fn each_session_is_routed_to_its_own_handles_endpoint() {
+        let (a, b) = (FakeAgent::start().await, FakeAgent::start().await);
+        let dir = tempfile::tempdir().unwrap();
+        let acme = caller("acme");
+        let on_a = fake_agent::router(&a.url, dir.path(), 4);
+        let on_b = fake_agent::router(&b.url, dir.path(), 4);
+        let s1 = on_a.create(&acme, python()).await.unwrap().session_id;
+        let rec = on_a.records().remove(&s1).unwrap();
+        assert_eq!(rec.endpoint, a.url, "the handle named A");
+        on_b.records().insert(s1.clone(), rec);
+        let s2 = on_b.create(&acme, python()).await.unwrap().session_id;
+        assert_eq!(on_b.records()[&s2].endpoint, b.url);
+        assert!(b.state().sessions.contains_key(&s2));
+        assert!(!a.state().sessions.contains_key(&s2));
+
+        let t1 = a.state().sessions[&s1].token.clone().unwrap();
+        a.state().files.insert("on-a.txt".into(), b"a".to_vec());
+        on_b.step(&acme, &s1, step("on a")).await.unwrap();
+        on_b.step(&acme, &s2, step("on b")).await.unwrap();
+        assert_eq!((a.state().steps, b.state().steps), (1, 1));
+        let read = on_b.read_path(&acme, &s1, "on-a.txt").await.unwrap();
+        assert!(matches!(read, PathRead::File { .. }), "read from A");
+        let e = on_b.read_path(&acme, &s2, "on-a.txt").await.err().unwrap();
+        assert_eq!(e.code, ErrorCode::FileNotFound, "B has no such file");
+        on_b.delete(&acme, &s1).await.unwrap();
+        assert_eq!((a.state().deletes, b.state().deletes), (1, 0));
+        assert!(!a.state().sessions.contains_key(&s1));
+        // B never heard of s1, nor saw its token.
+        assert!(!b.state().log.iter().any(|l| l.contains(&s1)));
+        assert!(!b.state().tokens_seen.contains(&t1));
+    }
+
+    /// A record written before records carried an endpoint (token sealed
+    /// without it) still loads and routes to the local agent; a record whose
+    /// endpoint was rewritten at rest does not open, so the token is never
+    /// sent to the endpoint an attacker chose.
+    #[tokio::test]
+    async fn old_records_route_to_the_local_agent_and_a_rewritten_endpoint_does_not_open() {
+        let agent = FakeAgent::start().await;
+        let thief = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kek = SecretKey::generate();
+        let store = || SessionRegistry::file(dir.path().join("registry")).unwrap();
+        let acme = caller("acme");
+        let first = fake_agent::router_on(
+            &agent.url,
+            dir.path(),
+            4,
+            fake_agent::ADMIN,
+            store(),
+            kek.clone(),
+        );
+        let old = first.create(&acme, python()).await.unwrap().session_id;
+        let moved = first.create(&acme, python()).await.unwrap().session_id;
+        drop(first);
+        let rewrite = |id: &str, endpoint: Option<&str>, aad_endpoint: Option<&str>| {
+            let path = dir.path().join("registry").join(format!("{id}.json"));
+            let mut st: StoredSession =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(st.endpoint.as_deref(), Some(agent.url.as_str()));
+            let token = agent.state().sessions[id].token.clone().unwrap();
+            st.endpoint = endpoint.map(str::to_owned);
+            st.sealed_token = Some(kek.seal_secret(&token, &token_aad("acme", id, aad_endpoint)));
+            std::fs::write(&path, serde_json::to_vec(&st).unwrap()).unwrap();
+        };
+        // The old format: no endpoint, sealed without one.
+        rewrite(&old, None, None);
+        // Pointed at another endpoint (the seal is the genuine one).
+        rewrite(&moved, Some(&thief.url), Some(&agent.url));
+        let again = fake_agent::router_on(
+            &agent.url,
+            dir.path(),
+            4,
+            fake_agent::ADMIN,
+            store(),
+            kek.clone(),
+        );
+        again.recover().await.unwrap();
+        again.step(&acme, &old, step("1")).await.unwrap();
+        assert_eq!(agent.state().steps, 1);
+        let e = again.step(&acme, &moved, step("1")).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::SessionNotFound);
+        assert!(
+            thief.state().log.is_empty(),
+            "nothing reaches the rewritten endpoint"
+        );
     }
 }

@@ -116,14 +116,14 @@ async fn readyz(State(app): State<AppState>) -> Result<Json<ProbeStatus>, CodedE
 async fn metrics(State(app): State<AppState>) -> Response {
     let m = app.sessions.metrics();
     m.sessions_active.set(app.sessions.count() as i64);
-    // The agent's pool, asked with a short bound: a slow agent never stalls a scrape.
-    if let Ok(Ok(health)) = tokio::time::timeout(
+    // The backend's pools, asked with a short bound: a slow agent never stalls a scrape.
+    if let Ok(Ok(pools)) = tokio::time::timeout(
         std::time::Duration::from_millis(500),
-        app.sessions.backend().agent().health(),
+        app.sessions.backend().pool_sizes(),
     )
     .await
     {
-        for (runtime, idle) in health.warm_pool {
+        for (runtime, idle) in pools {
             m.warm_pool_idle
                 .get_or_create(&crate::metrics::RuntimeLabel { runtime })
                 .set(idle as i64);

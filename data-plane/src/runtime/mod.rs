@@ -6,8 +6,8 @@ use std::path::Path;
 
 use shared::CodedError;
 use shared::ErrorCode;
-use shared::agent::{EffectiveLimits, Limits, Runtime};
-use shared::client::AgentClient;
+use shared::agent::{CreateSessionRequest, EffectiveLimits, Limits, Runtime, SessionInfo};
+use shared::client::{AgentClient, ClientError};
 use shared::dataplane::RuntimeInfo;
 
 use crate::config::Config;
@@ -160,19 +160,185 @@ fn read_file(path: &Path) -> Result<Vec<RuntimeInfo>, String> {
     Ok(file.runtimes)
 }
 
-/// Where sandboxes come from. Local: the session agent at
-/// `SESSION_AGENT_ENDPOINT`. The Kubernetes variant (one pod, hence one agent
-/// endpoint, per session) is the next backend; config refuses it until then.
+/// One session's sandbox, as the backend that provisioned it hands it out:
+/// the agent endpoint that serves it (stored in the session record, so
+/// every later call is routed there) and the session's token.
+#[derive(Clone)]
+pub struct SandboxHandle {
+    pub session_id: String,
+    /// The agent's base URL (`http://host:port`); internal, never returned.
+    pub endpoint: String,
+    /// The per-session agent token; never logged, never returned.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for SandboxHandle {
+    // The token is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxHandle")
+            .field("session_id", &self.session_id)
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// A sandbox this data plane's backend holds, whether or not a session
+/// record owns it (orphan reaping and recovery compare the two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedSandbox {
+    pub session_id: String,
+    pub endpoint: String,
+}
+
+/// The local backend: every sandbox is a session of the one session agent
+/// at `SESSION_AGENT_ENDPOINT`.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    /// The agent, with the admin credential (sent on creation).
+    agent: AgentClient,
+    endpoint: String,
+    /// One connection pool shared by every endpoint's client.
+    http: reqwest::Client,
+    /// `SESSION_AGENT_ADMIN_TOKEN`: lists and destroys orphans.
+    admin_token: Option<String>,
+}
+
+/// Where sandboxes come from, and the one seam the rest of the data plane
+/// uses to reach them: provision a sandbox for a session (a
+/// [`SandboxHandle`]), destroy it, list the ones this data plane owns, report
+/// pool sizes, and a client for the agent at a handle's endpoint. The
+/// Kubernetes variant (one pod, hence one agent endpoint, per session) is the
+/// next backend; config refuses it until then.
 #[derive(Debug, Clone)]
 pub enum RuntimeBackend {
-    Local { agent: AgentClient },
+    Local(LocalBackend),
 }
 
 impl RuntimeBackend {
-    /// The agent that serves a session.
-    pub fn agent(&self) -> &AgentClient {
+    /// The local backend at `endpoint`, sharing `http`'s connection pool.
+    pub fn local(endpoint: &str, http: reqwest::Client, admin_token: Option<String>) -> Self {
+        let agent =
+            AgentClient::with_http(endpoint, http.clone()).with_admin_token(admin_token.clone());
+        RuntimeBackend::Local(LocalBackend {
+            agent,
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            http,
+            admin_token,
+        })
+    }
+
+    /// Where a recovered session record is routed, given the endpoint it
+    /// stored (`None`: written before records carried one). Local: always
+    /// its one agent, as before the seam (a data plane restarted with
+    /// another `SESSION_AGENT_ENDPOINT` probes that agent, and a session it
+    /// does not have is lost); a record can never point the data plane
+    /// elsewhere.
+    pub fn adopt(&self, stored: Option<&str>) -> String {
+        match (self, stored) {
+            (RuntimeBackend::Local(b), _) => b.endpoint.clone(),
+        }
+    }
+
+    /// A client for the agent at `endpoint` (a handle's). Cheap: every
+    /// client shares the backend's connection pool; it carries no admin
+    /// credential (session calls use the session's token only).
+    pub fn agent_for(&self, endpoint: &str) -> AgentClient {
         match self {
-            RuntimeBackend::Local { agent } => agent,
+            RuntimeBackend::Local(b) => AgentClient::with_http(endpoint, b.http.clone()),
+        }
+    }
+
+    /// Provisions a sandbox for `req.session_id` (its token in `req.token`):
+    /// the handle to route the session's calls to, and what the agent says
+    /// about it (limits, isolation, warm or cold).
+    pub async fn provision(
+        &self,
+        req: &CreateSessionRequest,
+    ) -> Result<(SandboxHandle, SessionInfo), ClientError> {
+        match self {
+            RuntimeBackend::Local(b) => {
+                let info = b.agent.create_session(req).await?;
+                let handle = SandboxHandle {
+                    session_id: req.session_id.clone(),
+                    endpoint: b.endpoint.clone(),
+                    token: req.token.clone(),
+                };
+                Ok((handle, info))
+            }
+        }
+    }
+
+    /// Destroys a session's sandbox (with the session's own token).
+    pub async fn destroy(&self, handle: &SandboxHandle) -> Result<(), ClientError> {
+        self.agent_for(&handle.endpoint)
+            .delete_session(&handle.session_id, handle.token.as_deref())
+            .await
+    }
+
+    /// A provision that failed or timed out may still finish: whatever it
+    /// created for `session_id` is destroyed (best effort).
+    pub async fn abandon(&self, session_id: &str, token: Option<&str>) -> Result<(), ClientError> {
+        match self {
+            RuntimeBackend::Local(b) => b.agent.delete_session(session_id, token).await,
+        }
+    }
+
+    /// Whether a session's sandbox still exists (recovery's probe).
+    pub async fn probe(&self, handle: &SandboxHandle) -> Result<SessionInfo, ClientError> {
+        self.agent_for(&handle.endpoint)
+            .get_session(&handle.session_id, handle.token.as_deref())
+            .await
+    }
+
+    /// Every sandbox this data plane's backend holds, or `None` when it
+    /// cannot tell (local: no admin credential configured).
+    pub async fn list_owned(&self) -> Result<Option<Vec<OwnedSandbox>>, ClientError> {
+        match self {
+            RuntimeBackend::Local(b) => {
+                let Some(admin) = b.admin_token.as_deref() else {
+                    return Ok(None);
+                };
+                let list = b.agent.list_all_sessions(admin).await?;
+                Ok(Some(
+                    list.sessions
+                        .into_iter()
+                        .map(|s| OwnedSandbox {
+                            session_id: s.session_id,
+                            endpoint: b.endpoint.clone(),
+                        })
+                        .collect(),
+                ))
+            }
+        }
+    }
+
+    /// Destroys a sandbox no session record owns (with the backend's own
+    /// credential: the session's token is not known).
+    pub async fn destroy_orphan(&self, sandbox: &OwnedSandbox) -> Result<(), ClientError> {
+        match self {
+            RuntimeBackend::Local(b) => match b.admin_token.as_deref() {
+                Some(admin) => {
+                    self.agent_for(&sandbox.endpoint)
+                        .admin_delete_session(&sandbox.session_id, admin)
+                        .await
+                }
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Idle sandboxes per runtime in the warm pool.
+    pub async fn pool_sizes(&self) -> Result<BTreeMap<String, usize>, ClientError> {
+        match self {
+            RuntimeBackend::Local(b) => Ok(b.agent.health().await?.warm_pool),
+        }
+    }
+
+    /// Whether the backend can provision (for `/readyz`).
+    pub async fn health(&self) -> Result<(), ClientError> {
+        match self {
+            RuntimeBackend::Local(b) => b.agent.health().await.map(|_| ()),
         }
     }
 }
