@@ -6,7 +6,8 @@
 //!
 //! The hermetic tests run a data plane in front of an agent that is not
 //! there (artifacts, jobs queued, every refusal need no sandbox); the ones
-//! that run code need real sandboxes and are marked `#[ignore]`.
+//! that run code need real sandboxes and are marked
+//! `#[ignore = "needs: runsc and root ..."]` (`make test-integration`).
 #![allow(clippy::unwrap_used)]
 
 mod common;

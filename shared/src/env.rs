@@ -116,9 +116,7 @@ fn read_or_create_key(
         .create(dir)?;
     // Written whole under a temporary name, then linked into place: a plane
     // starting at the same moment reads either nothing or the whole key.
-    let mut bytes = [0u8; 32];
-    getrandom_fill(&mut bytes)?;
-    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let key = hex::encode(rand::random::<[u8; 32]>());
     let tmp = dir.join(format!(
         ".{}.{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
@@ -139,12 +137,6 @@ fn read_or_create_key(
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((read(path)?, false)),
         Err(e) => Err(e),
     }
-}
-
-/// Fills `buf` from the kernel's CSPRNG.
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 #[cfg(test)]

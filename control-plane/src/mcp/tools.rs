@@ -1113,36 +1113,9 @@ impl McpTools {
                 let (mut n, mut streamed) = (0u32, 0usize);
                 let mut result = None;
                 while let Some(ev) = events.next().await {
-                    match ev {
-                        Ok(StepEvent::Stdout(s)) | Ok(StepEvent::Stderr(s)) if streamed >= max => {
-                            let _ = s;
-                        }
-                        Ok(StepEvent::Stdout(s)) => {
-                            n += 1;
-                            streamed += s.len();
-                            let mut m = format!("[stdout] {s}");
-                            cap(&mut m, max, "the step's result");
-                            let _ = ctx
-                                .peer
-                                .notify_progress(
-                                    ProgressNotificationParam::new(token.clone(), f64::from(n))
-                                        .with_message(m),
-                                )
-                                .await;
-                        }
-                        Ok(StepEvent::Stderr(s)) => {
-                            n += 1;
-                            streamed += s.len();
-                            let mut m = format!("[stderr] {s}");
-                            cap(&mut m, max, "the step's result");
-                            let _ = ctx
-                                .peer
-                                .notify_progress(
-                                    ProgressNotificationParam::new(token.clone(), f64::from(n))
-                                        .with_message(m),
-                                )
-                                .await;
-                        }
+                    let (stream, s) = match ev {
+                        Ok(StepEvent::Stdout(s)) => ("stdout", s),
+                        Ok(StepEvent::Stderr(s)) => ("stderr", s),
                         Ok(StepEvent::Result(r)) => {
                             result = Some(*r);
                             break;
@@ -1156,7 +1129,22 @@ impl McpTools {
                                 e.to_string(),
                             ));
                         }
+                    };
+                    // Past the cap, output still arrives but is not relayed.
+                    if streamed >= max {
+                        continue;
                     }
+                    n += 1;
+                    streamed += s.len();
+                    let mut m = format!("[{stream}] {s}");
+                    cap(&mut m, max, "the step's result");
+                    let _ = ctx
+                        .peer
+                        .notify_progress(
+                            ProgressNotificationParam::new(token.clone(), f64::from(n))
+                                .with_message(m),
+                        )
+                        .await;
                 }
                 result.ok_or_else(|| {
                     CodedError::new(
