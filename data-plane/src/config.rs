@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 pub enum BackendKind {
     /// A session agent on this host (`SESSION_AGENT_ENDPOINT`).
     Local,
-    /// One gVisor RuntimeClass pod per session (a later issue; refused for now).
+    /// One gVisor RuntimeClass pod per session, through the Kubernetes API.
     K8s,
 }
 
@@ -136,6 +136,28 @@ pub struct Config {
     pub runtime_image_python: Option<String>,
     #[arg(long, env = "SESSION_RUNTIME_IMAGE_NODE")]
     pub runtime_image_node: Option<String>,
+    /// Namespace of the session pods (Kubernetes backend).
+    #[arg(
+        long,
+        env = "RUNTIME_NAMESPACE",
+        default_value = "agent-sandbox-runtime"
+    )]
+    pub runtime_namespace: String,
+    /// RuntimeClass of the session pods (Kubernetes backend).
+    #[arg(long, env = "RUNTIME_CLASS", default_value = "gvisor")]
+    pub runtime_class: String,
+    /// Warm pods per runtime, `python=2,node=1` (Kubernetes backend; the
+    /// local backend's pool is the agent's `SESSION_AGENT_WARM_POOL`).
+    #[arg(long, env = "RUNTIME_WARM_POOL", default_value = "")]
+    pub runtime_warm_pool: String,
+    /// The label value that marks this data plane's pods as its own
+    /// (Kubernetes backend): it adopts, reaps and routes to no other pods.
+    #[arg(long, env = "RUNTIME_OWNER", default_value = "data-plane")]
+    pub runtime_owner: String,
+    /// Namespace of the data plane's own pods: the only source the runtime
+    /// NetworkPolicy lets in (Kubernetes backend).
+    #[arg(long, env = "DATA_PLANE_NAMESPACE", default_value = "default")]
+    pub data_plane_namespace: String,
     /// Concurrent sessions per tenant; more -> 429.
     #[arg(long, env = "TENANT_MAX_SESSIONS", default_value_t = 20)]
     pub tenant_max_sessions: usize,
@@ -376,9 +398,7 @@ impl Config {
             );
         }
         if self.backend == BackendKind::K8s {
-            return Err(
-                "SESSION_RUNTIME_BACKEND=k8s is not available in this build yet; use local".into(),
-            );
+            self.validate_k8s()?;
         }
         if !self.agent_endpoint.starts_with("http://")
             && !self.agent_endpoint.starts_with("https://")
@@ -407,6 +427,7 @@ impl Config {
         // A production agent creates sessions only for this credential (its
         // bypass is refused there): fail at start, naming it, not per request.
         if shared::env::is_production(&self.environment)
+            && self.backend == BackendKind::Local
             && self.agent_admin_token.as_deref().is_none_or(str::is_empty)
         {
             return Err("SESSION_AGENT_ADMIN_TOKEN is required when ENV=production: the session agent creates sessions only for its holder".into());
@@ -430,6 +451,65 @@ impl Config {
             return Err("TENANT_MAX_TRANSFERS must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The Kubernetes backend's settings: names the API server would refuse
+    /// are refused here, naming the variable.
+    fn validate_k8s(&self) -> Result<(), String> {
+        use crate::runtime::k8s::objects::{is_dns_label, is_dns_subdomain, is_label_value};
+        if self.agent_auth_mode == AgentAuthMode::Bypass {
+            return Err("SESSION_AGENT_AUTH_MODE=bypass cannot be used with SESSION_RUNTIME_BACKEND=k8s: every pod gets its own token".into());
+        }
+        if !is_dns_label(&self.runtime_namespace) {
+            return Err(format!(
+                "RUNTIME_NAMESPACE={:?} is not a valid namespace name (a DNS label)",
+                self.runtime_namespace
+            ));
+        }
+        if !is_dns_label(&self.data_plane_namespace) {
+            return Err(format!(
+                "DATA_PLANE_NAMESPACE={:?} is not a valid namespace name (a DNS label)",
+                self.data_plane_namespace
+            ));
+        }
+        if !is_dns_subdomain(&self.runtime_class) {
+            return Err(format!(
+                "RUNTIME_CLASS={:?} is not a valid RuntimeClass name",
+                self.runtime_class
+            ));
+        }
+        if self.runtime_owner.is_empty() || !is_label_value(&self.runtime_owner) {
+            return Err(format!(
+                "RUNTIME_OWNER={:?} must be a non-empty Kubernetes label value (63 characters of [A-Za-z0-9._-])",
+                self.runtime_owner
+            ));
+        }
+        self.warm_pool_sizes()?;
+        Ok(())
+    }
+
+    /// `RUNTIME_WARM_POOL` parsed: runtime name -> pods kept warm.
+    pub fn warm_pool_sizes(&self) -> Result<std::collections::BTreeMap<String, usize>, String> {
+        let mut sizes = std::collections::BTreeMap::new();
+        for part in self.runtime_warm_pool.split(',').map(str::trim) {
+            if part.is_empty() {
+                continue;
+            }
+            let parsed = part
+                .split_once('=')
+                .and_then(|(name, n)| Some((name.trim(), n.trim().parse::<usize>().ok()?)));
+            match parsed {
+                Some((name, n)) if !name.is_empty() && n <= 64 => {
+                    sizes.insert(name.to_owned(), n);
+                }
+                _ => {
+                    return Err(format!(
+                        "RUNTIME_WARM_POOL: {part:?} is not `runtime=count` (count at most 64)"
+                    ));
+                }
+            }
+        }
+        Ok(sizes)
     }
 }
 
@@ -551,9 +631,38 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.contains("S3_BUCKET"), "{e}");
-        let e = parse(&["--jwt-secret", SECRET, "--backend", "k8s"])
-            .validate()
-            .unwrap_err();
-        assert!(e.contains("SESSION_RUNTIME_BACKEND"), "{e}");
+    }
+
+    #[test]
+    fn k8s_settings_are_checked_naming_the_variable() {
+        let k8s = ["--jwt-secret", SECRET, "--backend", "k8s"];
+        assert!(parse(&k8s).validate().is_ok(), "the defaults are valid");
+        for (flag, value, var) in [
+            ("--runtime-namespace", "Bad_NS", "RUNTIME_NAMESPACE"),
+            ("--runtime-namespace", "", "RUNTIME_NAMESPACE"),
+            ("--data-plane-namespace", "a/b", "DATA_PLANE_NAMESPACE"),
+            ("--runtime-class", "gvisor!", "RUNTIME_CLASS"),
+            ("--runtime-owner", "", "RUNTIME_OWNER"),
+            ("--runtime-owner", "has space", "RUNTIME_OWNER"),
+            ("--runtime-warm-pool", "python", "RUNTIME_WARM_POOL"),
+            ("--runtime-warm-pool", "python=-1", "RUNTIME_WARM_POOL"),
+            ("--runtime-warm-pool", "python=1000", "RUNTIME_WARM_POOL"),
+            ("--agent-auth-mode", "bypass", "SESSION_AGENT_AUTH_MODE"),
+        ] {
+            let mut args = k8s.to_vec();
+            args.extend([flag, value]);
+            let e = parse(&args).validate().unwrap_err();
+            assert!(e.contains(var), "{flag}={value:?}: {e}");
+        }
+        let mut args = k8s.to_vec();
+        args.extend(["--runtime-warm-pool", " python=2, node=0 "]);
+        let sizes = parse(&args).warm_pool_sizes().unwrap();
+        assert_eq!(sizes.get("python"), Some(&2));
+        assert_eq!(sizes.get("node"), Some(&0));
+        // Production with k8s needs no agent admin credential: each pod has its own.
+        let kek = "ab".repeat(32);
+        let mut prod = k8s.to_vec();
+        prod.extend(["--env", "production", "--artifact-kek", &kek]);
+        assert!(parse(&prod).validate().is_ok());
     }
 }

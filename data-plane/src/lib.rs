@@ -41,10 +41,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Serves on an already bound listener (tests bind port 0) until `shutdown`.
+/// The `k8s` backend finds its cluster as kubectl does (in-cluster service
+/// account, or `KUBECONFIG`).
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_with_cluster(listener, config, shutdown, None).await
+}
+
+/// [`serve`] with the Kubernetes client given (tests: a fixture's or a mock's).
+pub async fn serve_with_cluster(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+    cluster: Option<kube::Client>,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     if config.authz_bypass {
@@ -59,12 +71,45 @@ pub async fn serve(
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("building the agent client")?;
-    // The agent creates sessions only for the holder of this credential.
-    let backend = RuntimeBackend::local(
-        &config.agent_endpoint,
-        http,
-        config.agent_admin_token.clone(),
-    );
+    let backend_stop = shutdown.child_token();
+    let (backend, lost_sessions) = match config.backend {
+        // The agent creates sessions only for the holder of this credential.
+        config::BackendKind::Local => (
+            RuntimeBackend::local(
+                &config.agent_endpoint,
+                http,
+                config.agent_admin_token.clone(),
+            ),
+            None,
+        ),
+        config::BackendKind::K8s => {
+            let client = match cluster {
+                Some(c) => c,
+                None => kube::Client::try_default().await.context(
+                    "SESSION_RUNTIME_BACKEND=k8s: no Kubernetes credentials (in-cluster service account or KUBECONFIG)",
+                )?,
+            };
+            let settings = runtime::k8s::K8sSettings {
+                namespace: config.runtime_namespace.clone(),
+                runtime_class: config.runtime_class.clone(),
+                owner: config.runtime_owner.clone(),
+                data_plane_namespace: config.data_plane_namespace.clone(),
+                environment: config.environment.clone(),
+                ready_timeout: config.ready_timeout,
+                warm_pool: config.warm_pool_sizes().map_err(anyhow::Error::msg)?,
+            };
+            let (backend, lost) = runtime::k8s::K8sBackend::start(
+                client,
+                settings,
+                registry.clone(),
+                http,
+                backend_stop.clone(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("SESSION_RUNTIME_BACKEND=k8s: {e}"))?;
+            (RuntimeBackend::K8s(backend), Some(lost))
+        }
+    };
     let metrics = metrics::Metrics::new();
     let kek = config.load_kek().map_err(anyhow::Error::msg)?;
     let store = match config.registry {
@@ -107,6 +152,15 @@ pub async fn serve(
         .recover()
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
+    // Sessions whose pod died are marked lost as the watch sees it.
+    if let Some(mut lost) = lost_sessions {
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            while let Some(id) = lost.recv().await {
+                sessions.mark_lost(&id).await;
+            }
+        });
+    }
     // Expired sessions are swept: records removed, artifacts shredded.
     let sweep_stop = shutdown.child_token();
     let sweeper = {
@@ -145,9 +199,17 @@ pub async fn serve(
         auth,
         config.max_body_bytes,
     );
-    tracing::info!(addr = %listener.local_addr()?, agent = %config.agent_endpoint, "data-plane listening");
+    match config.backend {
+        config::BackendKind::Local => {
+            tracing::info!(addr = %listener.local_addr()?, agent = %config.agent_endpoint, "data-plane listening")
+        }
+        config::BackendKind::K8s => {
+            tracing::info!(addr = %listener.local_addr()?, namespace = %config.runtime_namespace, runtime_class = %config.runtime_class, "data-plane listening (k8s backend)")
+        }
+    }
     let served = shared::server::serve(listener, router, shutdown).await;
     sweep_stop.cancel();
+    backend_stop.cancel();
     let _ = sweeper.await;
     served?;
     tracing::info!("data-plane stopped");

@@ -1,5 +1,8 @@
 //! `data-plane` binary: parse config, init telemetry, run until SIGTERM.
 //! `data-plane token --tenant T` mints a development service credential.
+//! `data-plane k8s-objects` prints the objects the `k8s` backend creates
+//! (the runtime NetworkPolicy, a warm and a bound runtime pod) as a
+//! Kubernetes `List`, for review and offline validation.
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -11,6 +14,16 @@ async fn main() -> anyhow::Result<()> {
         match data_plane::auth::mint_dev_token(&args) {
             Ok(token) => println!("{token}"),
             Err(e) => shared::env::exit_on_config_error("data-plane token", e),
+        }
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("k8s-objects") {
+        let config = data_plane::Config::parse_from(
+            std::iter::once("data-plane".to_owned()).chain(std::env::args().skip(2)),
+        );
+        match data_plane::runtime::k8s::example_objects(&config) {
+            Ok(list) => println!("{list}"),
+            Err(e) => shared::env::exit_on_config_error("data-plane k8s-objects", e),
         }
         return Ok(());
     }

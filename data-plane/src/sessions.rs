@@ -372,7 +372,7 @@ impl SessionRouter {
             return Err(CodedError::new(
                 ErrorCode::SessionLost,
                 format!(
-                    "session {id}'s sandbox vanished while the data plane restarted; delete it"
+                    "session {id}'s sandbox is gone (it ended, or vanished while the data plane restarted); delete it"
                 ),
             ));
         }
@@ -415,6 +415,12 @@ impl SessionRouter {
         // tenant's quota holds a slot, installed outside the sandbox before
         // it exists.
         let packages = match req.packages.as_deref() {
+            Some(pkgs) if !pkgs.is_empty() && !self.backend.supports_packages() => {
+                return Err(CodedError::new(
+                    ErrorCode::NotImplemented,
+                    "packages are not yet available with SESSION_RUNTIME_BACKEND=k8s",
+                ));
+            }
             Some(pkgs) if !pkgs.is_empty() => {
                 let checked = self.dependencies.check(&caller.tenant, &runtime.name, pkgs);
                 let decision = if checked.is_ok() { "allow" } else { "deny" };
@@ -500,9 +506,15 @@ impl SessionRouter {
             packages_dir,
         };
         let started = std::time::Instant::now();
+        // A pod backend bounds its own start by the ready timeout and then
+        // registers the session: the outer bound leaves it room to say which.
+        let limit = match &self.backend {
+            RuntimeBackend::Local(_) => self.settings.ready_timeout,
+            RuntimeBackend::K8s(_) => self.settings.ready_timeout + self.settings.agent_timeout,
+        };
         let created = bounded(
-            self.settings.ready_timeout,
-            self.backend.provision(&agent_req),
+            limit,
+            self.backend.provision(&agent_req, caller.tenant.as_str()),
         )
         .await;
         let (handle, info) = match created {
@@ -653,12 +665,14 @@ impl SessionRouter {
                 None => None,
             };
             // Routed where the backend says the sandbox is (local: its
-            // one agent; the endpoint only had to match the token's seal).
-            let endpoint = self.backend.adopt(st.endpoint.as_deref());
+            // one agent; k8s: the pod it labelled for the session; the
+            // stored endpoint only had to match the token's seal).
+            let endpoint = self.backend.adopt(&id);
+            let gone = endpoint.is_none();
             let mut rec = SessionRecord {
                 tenant,
                 runtime: st.runtime,
-                endpoint,
+                endpoint: endpoint.unwrap_or_default(),
                 token,
                 limits: st.limits,
                 isolation: st.isolation,
@@ -667,7 +681,14 @@ impl SessionRouter {
                 expires_ms: st.expires_ms,
                 lost: st.lost,
             };
-            if !rec.lost {
+            if !rec.lost && gone {
+                rec.lost = true;
+                lost += 1;
+                if let Err(e) = self.store.put(&rec.stored(&id, &self.kek)).await {
+                    tracing::warn!(session = %id, error = %e, "could not mark the session lost");
+                }
+                tracing::warn!(session = %id, tenant = %rec.tenant, "session lost: the backend has no sandbox for it");
+            } else if !rec.lost {
                 let probe = bounded(
                     self.settings.agent_timeout,
                     self.backend.probe(&rec.handle(&id)),
@@ -697,6 +718,26 @@ impl SessionRouter {
         let orphans = self.reap_orphans().await;
         tracing::info!(kept, lost, orphans, "session registry recovered");
         Ok(())
+    }
+
+    /// A session whose sandbox died or vanished (the backend's watch): later
+    /// calls answer 410 `session_lost`; the record stays until deleted.
+    pub async fn mark_lost(&self, id: &str) {
+        let stored = {
+            let mut records = self.records();
+            let Some(rec) = records.get_mut(id) else {
+                return;
+            };
+            if rec.lost || rec.isolation.is_empty() {
+                return;
+            }
+            rec.lost = true;
+            tracing::warn!(session = %id, tenant = %rec.tenant, "session lost: its sandbox ended");
+            rec.stored(id, &self.kek)
+        };
+        if let Err(e) = self.store.put(&stored).await {
+            tracing::warn!(session = %id, error = %e, "could not record the session as lost");
+        }
     }
 
     pub fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, CodedError> {
@@ -778,17 +819,21 @@ impl SessionRouter {
             tracing::info!(session = %id, tenant = %caller.tenant, "expired session deleted");
             return Ok(());
         }
-        let route = match self.route(caller, id) {
-            // A lost session can (only) be deleted: nothing to tear down.
-            Err(e) if e.code == ErrorCode::SessionLost => None,
-            other => Some(other?),
+        let lost = match self.route(caller, id) {
+            Err(e) if e.code == ErrorCode::SessionLost => true,
+            other => {
+                other?;
+                false
+            }
         };
-        if let Some(route) = route {
-            let result = bounded(
-                self.settings.agent_timeout,
-                route.agent.delete_session(id, route.token.as_deref()),
-            )
-            .await;
+        let handle = self.records().get(id).map(|r| r.handle(id));
+        if let (Some(handle), true) = (&handle, lost) {
+            // A lost session can (only) be deleted: whatever is left of its
+            // sandbox (a failed pod) goes in the background.
+            self.forget(handle.clone());
+        }
+        if let (Some(handle), false) = (handle, lost) {
+            let result = bounded(self.settings.agent_timeout, self.backend.destroy(&handle)).await;
             match result {
                 Ok(()) => {}
                 // Already gone on the agent (TTL, restart): the record goes too.

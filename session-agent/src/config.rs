@@ -2,6 +2,7 @@
 //! variables, validated before any socket is bound.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -10,6 +11,31 @@ use shared::agent::EffectiveLimits;
 use crate::isolation::{IsolationKind, LauncherConfig};
 use crate::kernels::Interpreters;
 use crate::sessions::Settings;
+
+/// A credential from a flag or the environment: `Debug` never shows it
+/// (clap's `--help` hides it with `hide_env_values`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that digests or parses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
 
 /// Session agent configuration.
 #[derive(Debug, Clone, Parser)]
@@ -34,8 +60,15 @@ pub struct Config {
     /// lists and deletes any (the data plane reaps orphans with it); never
     /// runs code or reads files. Required unless SESSION_AGENT_AUTH_BYPASS.
     #[arg(long, env = "SESSION_AGENT_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-    /// Sandbox technology: gvisor, bwrap or none (development only).
+    pub admin_token: Option<Secret>,
+    /// The same credential given as its SHA-256 (64 hex digits) instead, so
+    /// the agent never holds it: a runtime pod's agent gets only the digest.
+    /// Exclusive with SESSION_AGENT_ADMIN_TOKEN.
+    #[arg(long, env = "SESSION_AGENT_ADMIN_TOKEN_SHA256", hide_env_values = true)]
+    pub admin_token_sha256: Option<Secret>,
+    /// Sandbox technology: gvisor, bwrap, pod (the agent's container is the
+    /// sandbox: a gVisor RuntimeClass pod with one session) or none
+    /// (development only).
     #[arg(long, env = "SESSION_ISOLATION", value_enum, default_value = "gvisor")]
     pub isolation: IsolationKind,
     /// Agent state: runsc root, bundles, the sandbox root skeleton.
@@ -141,17 +174,21 @@ impl Config {
     /// an unset `SESSION_AGENT_ADMIN_TOKEN` with the development credential in
     /// `.local/` (the one `make run-local` and a data plane started alone
     /// use). Production is untouched and `validate` refuses it.
+    /// A digest (`SESSION_AGENT_ADMIN_TOKEN_SHA256`) counts as set.
     pub fn use_dev_keys(&mut self) -> Result<(), String> {
-        if self.auth_bypass {
+        if self.auth_bypass || self.admin_token_sha256.is_some() {
             return Ok(());
         }
-        shared::env::dev_key_fallback(
-            &mut self.admin_token,
+        let mut token = self.admin_token.take().map(|t| t.0);
+        let filled = shared::env::dev_key_fallback(
+            &mut token,
             &self.environment,
             "SESSION_AGENT_ADMIN_TOKEN",
             std::path::Path::new(shared::env::DEV_KEY_DIR),
             shared::env::dev_keys::AGENT_ADMIN,
-        )
+        );
+        self.admin_token = token.map(Secret);
+        filled
     }
 
     /// Refuses unsafe or malformed settings, naming the variable.
@@ -168,12 +205,32 @@ impl Config {
             "SESSION_ISOLATION=none",
             self.isolation == IsolationKind::None,
         )?;
+        let admin = self.admin_digest()?;
+        if self.isolation == IsolationKind::Pod && shared::env::is_production(&self.environment) {
+            // The pod is the sandbox: a second session would share it.
+            if self.max_sessions != 1 {
+                return Err(format!(
+                    "SESSION_ISOLATION=pod with ENV={} needs SESSION_AGENT_MAX_SESSIONS=1 \
+                     (it is {}): the pod is the sandbox of one session, and sessions in \
+                     the same pod would share it",
+                    self.environment, self.max_sessions
+                ));
+            }
+            if admin.is_none() {
+                return Err(format!(
+                    "SESSION_ISOLATION=pod with ENV={} needs the data plane's credential: \
+                     set SESSION_AGENT_ADMIN_TOKEN_SHA256 (or SESSION_AGENT_ADMIN_TOKEN)",
+                    self.environment
+                ));
+            }
+        }
         crate::pool::parse_targets(&self.warm_pool)?;
         for flag in self.runsc_flag_list() {
             crate::isolation::flags::check_runsc_flag(&flag)
                 .map_err(|e| format!("SESSION_AGENT_RUNSC_FLAGS: {e}"))?;
         }
-        if self.isolation != IsolationKind::None {
+        // A pod runs the interpreter of its own image, wherever it lives.
+        if !self.isolation.shares_host_paths() {
             for (var, path) in [
                 ("SESSION_AGENT_PYTHON", &self.python),
                 ("SESSION_AGENT_NODE", &self.node),
@@ -187,22 +244,12 @@ impl Config {
                 }
             }
         }
-        match self.admin_token.as_deref() {
-            Some(t) if t.len() < crate::sessions::MIN_TOKEN_LEN => {
-                return Err(format!(
-                    "SESSION_AGENT_ADMIN_TOKEN must be at least {} characters (a 256-bit secret); make one with: {}",
-                    crate::sessions::MIN_TOKEN_LEN,
-                    crate::sessions::MAKE_TOKEN_COMMAND
-                ));
-            }
-            // Without it nobody could create a session, or everybody could.
-            None if !self.auth_bypass => {
-                return Err(
-                    "SESSION_AGENT_ADMIN_TOKEN is required: only the data plane, holding it, may create sessions (or SESSION_AGENT_AUTH_BYPASS=true outside production)"
-                        .into(),
-                );
-            }
-            _ => {}
+        // Without it nobody could create a session, or everybody could.
+        if admin.is_none() && !self.auth_bypass {
+            return Err(
+                "SESSION_AGENT_ADMIN_TOKEN is required (or its digest, SESSION_AGENT_ADMIN_TOKEN_SHA256): only the data plane, holding it, may create sessions (or SESSION_AGENT_AUTH_BYPASS=true outside production)"
+                    .into(),
+            );
         }
         if self.max_sessions == 0 {
             return Err("SESSION_AGENT_MAX_SESSIONS must be at least 1".into());
@@ -229,6 +276,37 @@ impl Config {
             return Err("SESSION_AGENT_OUTPUT_LIMIT_BYTES must be between 1 and 64 MiB".into());
         }
         Ok(())
+    }
+
+    /// The SHA-256 of the admin credential, from either form, or `None`
+    /// when neither is set. Errors name the variable, never echo a value.
+    pub fn admin_digest(&self) -> Result<Option<[u8; 32]>, String> {
+        match (&self.admin_token, &self.admin_token_sha256) {
+            (Some(_), Some(_)) => Err(
+                "SESSION_AGENT_ADMIN_TOKEN and SESSION_AGENT_ADMIN_TOKEN_SHA256 are both set: \
+                 give the credential one way (the digest keeps the token itself out of the agent)"
+                    .into(),
+            ),
+            (Some(t), None) if t.expose().len() < crate::sessions::MIN_TOKEN_LEN => Err(format!(
+                "SESSION_AGENT_ADMIN_TOKEN must be at least {} characters (a 256-bit secret); make one with: {}",
+                crate::sessions::MIN_TOKEN_LEN,
+                crate::sessions::MAKE_TOKEN_COMMAND
+            )),
+            (Some(t), None) => Ok(Some(crate::sessions::TokenDigest::of(t.expose()).0)),
+            (None, Some(h)) => parse_sha256_hex(h.expose()).map(Some).ok_or_else(|| {
+                format!(
+                    "SESSION_AGENT_ADMIN_TOKEN_SHA256 must be 64 hex digits, the SHA-256 of the \
+                     admin token (`printf %s \"$TOKEN\" | sha256sum`); got {} characters{}",
+                    h.expose().len(),
+                    if h.expose().len() == 64 {
+                        " with a non-hex one"
+                    } else {
+                        ""
+                    }
+                )
+            }),
+            (None, None) => Ok(None),
+        }
     }
 
     fn runsc_flag_list(&self) -> Vec<String> {
@@ -294,12 +372,21 @@ impl Config {
             workspace_root: self.workspace_root(),
             package_root: self.package_root.clone(),
             interpreters: self.interpreters(),
-            admin_token: self
-                .admin_token
-                .as_deref()
-                .map(|t| crate::sessions::TokenDigest::of(t).0),
+            // Validated before: an invalid one here admits nobody.
+            admin_token: self.admin_digest().ok().flatten(),
+            single_use: self.isolation == IsolationKind::Pod,
         }
     }
+}
+
+/// 64 hex digits (either case) as 32 bytes; anything else is `None`.
+fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text, &mut out).ok()?;
+    Some(out)
 }
 
 #[cfg(test)]
@@ -346,6 +433,23 @@ mod tests {
         assert!(e.contains(crate::sessions::MAKE_TOKEN_COMMAND), "{e}");
         // Only bypass (development) starts without it.
         assert!(parse(&["--auth-bypass", "true"]).validate().is_ok());
+    }
+
+    #[test]
+    fn a_digest_is_64_hex_digits_in_either_case() {
+        let lower = "0123456789abcdef".repeat(4);
+        let want = parse_sha256_hex(&lower).unwrap();
+        assert_eq!(parse_sha256_hex(&lower.to_uppercase()), Some(want));
+        assert_eq!(want[0], 0x01);
+        for bad in [
+            &lower[1..],
+            &format!("{lower}0"),
+            &format!("{}g", &lower[1..]),
+            &format!("+{}", &lower[1..]),
+            "",
+        ] {
+            assert_eq!(parse_sha256_hex(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

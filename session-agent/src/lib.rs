@@ -3,7 +3,7 @@
 //!
 //! `api` (HTTP) -> `sessions` (lifecycle, tokens, limits) -> `kernels`
 //! (driver protocol over stdio) -> `isolation` (the only code that spawns
-//! processes: runsc, bwrap, none) with `workspace` (tmpfs + files API) and
+//! processes: runsc, bwrap, pod, none) with `workspace` (tmpfs + files API) and
 //! `pool` (warm sandboxes).
 
 pub mod api;
@@ -50,6 +50,11 @@ pub async fn serve(
     }
     if config.isolation == isolation::IsolationKind::None {
         tracing::warn!("SESSION_ISOLATION=none: code runs WITHOUT a sandbox (development only)");
+    }
+    if config.isolation == isolation::IsolationKind::Pod {
+        tracing::info!(
+            "SESSION_ISOLATION=pod: interpreters run in this container, which must be the sandbox (a gVisor RuntimeClass pod); one session in this agent's lifetime"
+        );
     }
     let launcher = Launcher::new(config.launcher_config())
         .await

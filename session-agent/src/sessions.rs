@@ -54,6 +54,10 @@ pub struct Settings {
     pub package_root: PathBuf,
     /// The interpreters kernels run (their argv is built by `kernels`).
     pub interpreters: Interpreters,
+    /// One session in the agent's lifetime (`SESSION_ISOLATION=pod`: the
+    /// pod is the sandbox, never reused): once one was created, creation is
+    /// refused, even after it ended.
+    pub single_use: bool,
 }
 
 impl Settings {
@@ -233,6 +237,9 @@ pub struct SessionManager {
     launcher: Launcher,
     pool: Arc<WarmPool>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// A session was created; read and written under the `slots` lock.
+    /// Only consulted when `settings.single_use`.
+    served: AtomicBool,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -256,6 +263,7 @@ impl SessionManager {
             launcher,
             pool,
             slots: Mutex::new(HashMap::new()),
+            served: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -428,6 +436,14 @@ impl SessionManager {
                     ),
                 ));
             }
+            if self.settings.single_use && (self.served.load(Ordering::SeqCst) || !slots.is_empty())
+            {
+                return Err(CodedError::new(
+                    ErrorCode::CapacityExhausted,
+                    "this agent serves one session in its lifetime: with SESSION_ISOLATION=pod \
+                     the pod is the sandbox and is never reused (start a new pod)",
+                ));
+            }
             slots.insert(req.session_id.clone(), Slot::Creating);
         }
         match self
@@ -464,7 +480,11 @@ impl SessionManager {
                 }
                 tracing::info!(session = %session.id, runtime = %runtime, warm, "session created");
                 let info = session.info();
-                self.slots().insert(req.session_id, Slot::Ready(session));
+                {
+                    let mut slots = self.slots();
+                    slots.insert(req.session_id, Slot::Ready(session));
+                    self.served.store(true, Ordering::SeqCst);
+                }
                 if self.shutdown.is_cancelled() {
                     // Shutdown raced the creation: tear it down like the rest.
                     let _ = self.end(&info.session_id, "shutdown").await;
@@ -476,6 +496,7 @@ impl SessionManager {
                 Ok(info)
             }
             Err(e) => {
+                // No session code ran: a retry on the same pod may create it.
                 self.slots().remove(&req.session_id);
                 Err(e)
             }
@@ -914,6 +935,7 @@ mod tests {
                 bash: PathBuf::from("/usr/bin/bash"),
             },
             admin_token: None,
+            single_use: false,
         }
     }
 

@@ -52,7 +52,11 @@ impl Workspace {
                 tracing::warn!(path = %host_path.display(), error = %e,
                     "cannot mount a tmpfs workspace; using a plain directory (not size-limited, on disk)");
                 let dir = std::fs::File::open(&host_path)?;
-                std::os::unix::fs::fchown(&dir, Some(SANDBOX_UID), Some(SANDBOX_UID))?;
+                // A non-root agent (a runtime pod's) cannot give it away, and
+                // needs not: its interpreter runs as the agent's own uid.
+                if rustix::process::geteuid().is_root() {
+                    std::os::unix::fs::fchown(&dir, Some(SANDBOX_UID), Some(SANDBOX_UID))?;
+                }
                 std::fs::set_permissions(
                     &host_path,
                     std::os::unix::fs::PermissionsExt::from_mode(0o700),

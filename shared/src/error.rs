@@ -63,6 +63,14 @@ pub enum ErrorCode {
     SandboxStartFailed,
     /// The sandbox or the agent is unreachable or not ready.
     SandboxUnavailable,
+    /// The runtime's image cannot be pulled (`ErrImagePull`,
+    /// `ImagePullBackOff`): a deployment fault, not the caller's.
+    SandboxImageUnavailable,
+    /// No node can take the sandbox (unschedulable: not enough CPU or memory,
+    /// or no node offers the RuntimeClass).
+    SandboxUnschedulable,
+    /// The sandbox was not ready within `SESSION_READY_TIMEOUT`.
+    SandboxStartTimeout,
     /// The service is shutting down.
     ShuttingDown,
     /// Policy refused the request; the message lists the reasons.
@@ -137,7 +145,10 @@ impl ErrorCode {
             | Self::ShuttingDown
             | Self::DataPlaneUnavailable
             | Self::StorageUnavailable
-            | Self::AuditUnavailable => 503,
+            | Self::AuditUnavailable
+            | Self::SandboxImageUnavailable
+            | Self::SandboxUnschedulable => 503,
+            Self::SandboxStartTimeout => 504,
             Self::NotImplemented => 501,
         }
     }
@@ -172,6 +183,9 @@ impl ErrorCode {
             Self::CapacityExhausted => "capacity_exhausted",
             Self::SandboxStartFailed => "sandbox_start_failed",
             Self::SandboxUnavailable => "sandbox_unavailable",
+            Self::SandboxImageUnavailable => "sandbox_image_unavailable",
+            Self::SandboxUnschedulable => "sandbox_unschedulable",
+            Self::SandboxStartTimeout => "sandbox_start_timeout",
             Self::ShuttingDown => "shutting_down",
             Self::PolicyDenied => "policy_denied",
             Self::PolicyInvalid => "policy_invalid",
@@ -273,6 +287,9 @@ mod tests {
         ErrorCode::CapacityExhausted,
         ErrorCode::SandboxStartFailed,
         ErrorCode::SandboxUnavailable,
+        ErrorCode::SandboxImageUnavailable,
+        ErrorCode::SandboxUnschedulable,
+        ErrorCode::SandboxStartTimeout,
         ErrorCode::ShuttingDown,
         ErrorCode::PolicyDenied,
         ErrorCode::PolicyInvalid,
@@ -331,6 +348,9 @@ mod tests {
             429 capacity_exhausted
             500 sandbox_start_failed
             503 sandbox_unavailable
+            503 sandbox_image_unavailable
+            503 sandbox_unschedulable
+            504 sandbox_start_timeout
             503 shutting_down
             403 policy_denied
             400 policy_invalid

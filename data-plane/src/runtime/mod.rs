@@ -1,6 +1,8 @@
 //! The runtime registry (which languages exist, with what interpreter,
 //! image and limits) and the backend that provisions their sandboxes.
 
+pub mod k8s;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -189,6 +191,8 @@ impl std::fmt::Debug for SandboxHandle {
 pub struct OwnedSandbox {
     pub session_id: String,
     pub endpoint: String,
+    /// The pod that holds it (`k8s` backend).
+    pub pod: Option<String>,
 }
 
 /// The local backend: every sandbox is a session of the one session agent
@@ -207,12 +211,13 @@ pub struct LocalBackend {
 /// Where sandboxes come from, and the one seam the rest of the data plane
 /// uses to reach them: provision a sandbox for a session (a
 /// [`SandboxHandle`]), destroy it, list the ones this data plane owns, report
-/// pool sizes, and a client for the agent at a handle's endpoint. The
-/// Kubernetes variant (one pod, hence one agent endpoint, per session) is the
-/// next backend; config refuses it until then.
+/// pool sizes, and a client for the agent at a handle's endpoint.
 #[derive(Debug, Clone)]
 pub enum RuntimeBackend {
+    /// Every session on the one agent at `SESSION_AGENT_ENDPOINT`.
     Local(LocalBackend),
+    /// One gVisor RuntimeClass pod, hence one agent endpoint, per session.
+    K8s(k8s::K8sBackend),
 }
 
 impl RuntimeBackend {
@@ -228,16 +233,24 @@ impl RuntimeBackend {
         })
     }
 
-    /// Where a recovered session record is routed, given the endpoint it
-    /// stored (`None`: written before records carried one). Local: always
-    /// its one agent, as before the seam (a data plane restarted with
-    /// another `SESSION_AGENT_ENDPOINT` probes that agent, and a session it
-    /// does not have is lost); a record can never point the data plane
-    /// elsewhere.
-    pub fn adopt(&self, stored: Option<&str>) -> String {
-        match (self, stored) {
-            (RuntimeBackend::Local(b), _) => b.endpoint.clone(),
+    /// Where a recovered session record is routed; `None`: its sandbox is
+    /// gone (the session is lost). The stored endpoint only had to open the
+    /// token's seal: a record can never point the data plane elsewhere.
+    /// Local: always its one agent, as before the seam (a data plane
+    /// restarted with another `SESSION_AGENT_ENDPOINT` probes that agent,
+    /// and a session it does not have is lost). K8s: the running pod this
+    /// data plane labelled for the session, if any.
+    pub fn adopt(&self, session_id: &str) -> Option<String> {
+        match self {
+            RuntimeBackend::Local(b) => Some(b.endpoint.clone()),
+            RuntimeBackend::K8s(b) => b.adopt(session_id),
         }
+    }
+
+    /// Whether sessions may install packages (the local backend mounts the
+    /// data plane's package store; pods cannot see it yet).
+    pub fn supports_packages(&self) -> bool {
+        matches!(self, RuntimeBackend::Local(_))
     }
 
     /// A client for the agent at `endpoint` (a handle's). Cheap: every
@@ -246,6 +259,7 @@ impl RuntimeBackend {
     pub fn agent_for(&self, endpoint: &str) -> AgentClient {
         match self {
             RuntimeBackend::Local(b) => AgentClient::with_http(endpoint, b.http.clone()),
+            RuntimeBackend::K8s(b) => b.agent_for(endpoint),
         }
     }
 
@@ -255,8 +269,10 @@ impl RuntimeBackend {
     pub async fn provision(
         &self,
         req: &CreateSessionRequest,
+        tenant: &str,
     ) -> Result<(SandboxHandle, SessionInfo), ClientError> {
         match self {
+            RuntimeBackend::K8s(b) => b.provision(req, tenant).await,
             RuntimeBackend::Local(b) => {
                 let info = b.agent.create_session(req).await?;
                 let handle = SandboxHandle {
@@ -271,9 +287,14 @@ impl RuntimeBackend {
 
     /// Destroys a session's sandbox (with the session's own token).
     pub async fn destroy(&self, handle: &SandboxHandle) -> Result<(), ClientError> {
-        self.agent_for(&handle.endpoint)
-            .delete_session(&handle.session_id, handle.token.as_deref())
-            .await
+        match self {
+            RuntimeBackend::Local(_) => {
+                self.agent_for(&handle.endpoint)
+                    .delete_session(&handle.session_id, handle.token.as_deref())
+                    .await
+            }
+            RuntimeBackend::K8s(b) => b.destroy(handle).await,
+        }
     }
 
     /// A provision that failed or timed out may still finish: whatever it
@@ -281,6 +302,7 @@ impl RuntimeBackend {
     pub async fn abandon(&self, session_id: &str, token: Option<&str>) -> Result<(), ClientError> {
         match self {
             RuntimeBackend::Local(b) => b.agent.delete_session(session_id, token).await,
+            RuntimeBackend::K8s(b) => b.abandon(session_id).await,
         }
     }
 
@@ -306,10 +328,12 @@ impl RuntimeBackend {
                         .map(|s| OwnedSandbox {
                             session_id: s.session_id,
                             endpoint: b.endpoint.clone(),
+                            pod: None,
                         })
                         .collect(),
                 ))
             }
+            RuntimeBackend::K8s(b) => Ok(Some(b.list_owned())),
         }
     }
 
@@ -325,6 +349,7 @@ impl RuntimeBackend {
                 }
                 None => Ok(()),
             },
+            RuntimeBackend::K8s(b) => b.destroy_orphan(sandbox).await,
         }
     }
 
@@ -332,6 +357,7 @@ impl RuntimeBackend {
     pub async fn pool_sizes(&self) -> Result<BTreeMap<String, usize>, ClientError> {
         match self {
             RuntimeBackend::Local(b) => Ok(b.agent.health().await?.warm_pool),
+            RuntimeBackend::K8s(b) => Ok(b.pool_sizes()),
         }
     }
 
@@ -339,6 +365,7 @@ impl RuntimeBackend {
     pub async fn health(&self) -> Result<(), ClientError> {
         match self {
             RuntimeBackend::Local(b) => b.agent.health().await.map(|_| ()),
+            RuntimeBackend::K8s(b) => b.health().await,
         }
     }
 }

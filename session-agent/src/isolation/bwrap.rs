@@ -1,5 +1,5 @@
-//! bubblewrap sandboxes (the fallback when runsc is absent) and the process
-//! chain shared with `none`:
+//! bubblewrap sandboxes (the fallback when runsc is absent), the process
+//! chain shared with `none`, and the direct start of `pod` ([`in_pod`]):
 //! `sh` (joins the sandbox cgroup, then execs) -> `setpriv` (uid 65534, no
 //! groups, no new privileges) -> [`bwrap` ... -- ] `prlimit` (rlimits) -> the
 //! interpreter. bwrap thus runs unprivileged, so its user namespace maps to
@@ -22,6 +22,11 @@ use super::{
     SANDBOX_PACKAGES, SANDBOX_UID, SANDBOX_WORKSPACE, SandboxRoot, SandboxSpec, cgroup::Cgroup,
 };
 
+/// util-linux's `setpriv` and `prlimit`, at their Debian paths (`pod` calls
+/// them by absolute path: a runtime image must carry them).
+pub(super) const SETPRIV: &str = "/usr/bin/setpriv";
+pub(super) const PRLIMIT: &str = "/usr/bin/prlimit";
+
 /// Joins the cgroups named before `--` (so no process of the sandbox ever
 /// runs outside them), then execs the rest.
 const JOIN_CGROUP_THEN_EXEC: &str =
@@ -42,7 +47,7 @@ fn drop_privileges() -> Vec<OsString> {
 /// The rlimits prefix: `prlimit ... --`, which then execs the interpreter.
 fn limit(limits: &EffectiveLimits, runtime: Runtime) -> Vec<OsString> {
     let mut v: Vec<OsString> = vec![
-        "/usr/bin/prlimit".into(),
+        PRLIMIT.into(),
         format!("--nproc={}", limits.max_processes).into(),
         format!("--fsize={}", limits.disk_mb * 1024 * 1024).into(),
         "--nofile=1024".into(),
@@ -79,6 +84,31 @@ pub fn unisolated(
     inner.extend(argv.iter().map(OsString::from));
     let mut cmd = in_cgroup(cgroup, inner);
     cmd.envs(env.iter().cloned()).current_dir(&spec.workspace);
+    cmd
+}
+
+/// `pod`: the container is the sandbox (a gVisor RuntimeClass pod), so the
+/// interpreter runs directly, with the rlimits and cleared environment of
+/// `none` and no new privileges. An agent started as root (a misconfigured
+/// pod, or a test on a root host) still drops it to uid 65534; the pod's
+/// non-root agent (65534 already) cannot change uid, and its container runs
+/// without capabilities. No shell: the image needs only `setpriv` and
+/// `prlimit` besides the interpreter.
+pub fn in_pod(spec: &SandboxSpec, argv: &[String], env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(SETPRIV);
+    if rustix::process::geteuid().is_root() {
+        cmd.args([
+            format!("--reuid={SANDBOX_UID}"),
+            format!("--regid={SANDBOX_UID}"),
+            "--clear-groups".to_owned(),
+        ]);
+    }
+    cmd.arg("--no-new-privs").arg("--");
+    cmd.args(limit(&spec.limits, spec.runtime));
+    cmd.args(argv);
+    cmd.env_clear()
+        .envs(env.iter().cloned())
+        .current_dir(&spec.workspace);
     cmd
 }
 

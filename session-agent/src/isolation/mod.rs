@@ -1,7 +1,8 @@
 //! The isolation launcher: the only module of the workspace that spawns
 //! processes. It starts one interpreter per sandbox under gVisor (`runsc run`
-//! on a generated OCI bundle), bubblewrap, or nothing (development only), and
-//! hands back its stdio pipes.
+//! on a generated OCI bundle), bubblewrap, directly in a runtime pod that is
+//! itself the sandbox (`pod`), or with nothing (development only), and hands
+//! back its stdio pipes.
 #![allow(clippy::disallowed_methods)]
 
 mod bwrap;
@@ -30,6 +31,9 @@ pub enum IsolationKind {
     Bwrap,
     /// No isolation at all: development only, refused when ENV=production.
     None,
+    /// The interpreter runs directly in the agent's container, which is the
+    /// sandbox: a Kubernetes pod of a gVisor RuntimeClass holding one session.
+    Pod,
 }
 
 impl IsolationKind {
@@ -38,7 +42,14 @@ impl IsolationKind {
             IsolationKind::Gvisor => "gvisor",
             IsolationKind::Bwrap => "bwrap",
             IsolationKind::None => "none",
+            IsolationKind::Pod => "pod",
         }
+    }
+
+    /// Whether the interpreter sees the agent's own filesystem, so its
+    /// workspace and packages are at their host paths (`none`, `pod`).
+    pub fn shares_host_paths(self) -> bool {
+        matches!(self, IsolationKind::None | IsolationKind::Pod)
     }
 }
 
@@ -126,6 +137,12 @@ impl Launcher {
             IsolationKind::Gvisor => vec![("runsc", config.runsc_path.as_path())],
             IsolationKind::Bwrap => vec![("bwrap", config.bwrap_path.as_path())],
             IsolationKind::None => vec![],
+            // The runtime image must carry them (util-linux): refuse to
+            // start in one that does not, rather than fail every session.
+            IsolationKind::Pod => vec![
+                ("setpriv", Path::new(bwrap::SETPRIV)),
+                ("prlimit", Path::new(bwrap::PRLIMIT)),
+            ],
         };
         for (name, path) in required {
             if resolve_binary(path).is_none() {
@@ -134,10 +151,10 @@ impl Launcher {
                      (apt-get install -y {}) or choose another isolation",
                     path.display(),
                     config.kind.as_str(),
-                    if name == "runsc" {
-                        "runsc"
-                    } else {
-                        "bubblewrap"
+                    match name {
+                        "runsc" => "runsc",
+                        "bwrap" => "bubblewrap",
+                        _ => "util-linux",
                     },
                 )));
             }
@@ -190,14 +207,14 @@ impl Launcher {
         let mut env = self.env();
         if let Some(p) = &spec.packages {
             // The driver puts this on the import path.
-            let inside = if self.kind() == IsolationKind::None {
+            let inside = if self.kind().shares_host_paths() {
                 p.display().to_string()
             } else {
                 SANDBOX_PACKAGES.into()
             };
             env.push(("SANDBOX_PACKAGES".into(), inside));
         }
-        if self.kind() == IsolationKind::None {
+        if self.kind().shares_host_paths() {
             // Unisolated, the workspace is at its host path.
             for (k, v) in &mut env {
                 if k == "HOME" {
@@ -242,6 +259,9 @@ impl Launcher {
                 let cmd = bwrap::unisolated(cgroup.as_ref(), spec, argv, &env);
                 (cmd, Cleanup::Cgroup(cgroup))
             }
+            // The pod's own cgroup (its CPU and memory limits) is the
+            // sandbox's: the agent creates none.
+            IsolationKind::Pod => (bwrap::in_pod(spec, argv, &env), Cleanup::Cgroup(None)),
         };
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -405,7 +425,7 @@ impl Sandbox {
                     tracing::warn!(sandbox = %self.id, error = %e, "runsc kill INT failed");
                 }
             }
-            IsolationKind::Bwrap | IsolationKind::None => {
+            IsolationKind::Bwrap | IsolationKind::None | IsolationKind::Pod => {
                 if let Some(pid) = self.child.id() {
                     signal_tree(
                         pid,
@@ -453,7 +473,7 @@ impl Sandbox {
                         tracing::warn!(sandbox = %self.id, error = %e, "runsc kill failed");
                     }
                 }
-                IsolationKind::Bwrap | IsolationKind::None => {
+                IsolationKind::Bwrap | IsolationKind::None | IsolationKind::Pod => {
                     if let Some(pid) = self.child.id() {
                         signal_tree(pid, rustix::process::Signal::KILL, false);
                     }
