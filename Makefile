@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CRATES := control-plane data-plane session-agent
 
-.PHONY: help deps build test test-unit test-integration test-bwrap lint format run run-local bench openapi k6 mcp-check deploy-check clean \
+.PHONY: help deps build test test-unit test-integration test-bwrap lint format run run-local bench openapi k6 mcp-check deploy-check test-k8s-cluster clean \
 	$(addprefix build-,$(CRATES)) $(addprefix test-,$(CRATES)) $(addprefix run-,$(CRATES))
 
 help: ## list the targets
@@ -28,8 +28,11 @@ test: deps ## run every test: the hermetic tier, the integration tier (PostgreSQ
 test-unit: ## hermetic tier: unit and component tests (no PostgreSQL, Redis, runsc or root needed)
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --nocapture
 
-test-integration: deps ## integration tier: the tests marked #[ignore = "needs: ..."] (PostgreSQL, Redis, real gVisor; needs root)
-	$(CARGO) test --workspace --all-targets --no-fail-fast -- --ignored --nocapture
+test-integration: deps ## integration tier: the tests marked #[ignore = "needs: ..."] (PostgreSQL, Redis, real gVisor; needs root; not the real-cluster test)
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --ignored --nocapture --skip real_cluster_
+
+test-k8s-cluster: ## the k8s backend against the cluster KUBECONFIG points at (creates and deletes pods in RUNTIME_NAMESPACE)
+	$(CARGO) test -p data-plane --test k8s_cluster -- --ignored --nocapture
 
 test-bwrap: deps ## the session agent's sandbox tests under bubblewrap, the fallback isolation
 	SESSION_ISOLATION=bwrap $(CARGO) test -p session-agent --test kernels --test api --test hostile --test lifecycle --no-fail-fast -- --include-ignored --nocapture

@@ -2,10 +2,11 @@
 
 No cluster and no `helm` binary: helm-python-sdk embeds Helm's own Go SDK.
 Steps, each fatal on failure:
+  0. canary: kubernetes-validate and checkov must refuse a bad Deployment;
   1. lint the chart (strict: a warning fails), with both value sets;
-  2. validate values.yaml and ci/production-values.yaml against
-     values.schema.json, and show that bad values are refused;
-  3. render both value sets into target/deploy-check/<set>/;
+  2. validate values.yaml, ci/production-values.yaml and a one-replica set
+     against values.schema.json, and show that bad values are refused;
+  3. render the three value sets into target/deploy-check/<set>/;
   4. check the rendered objects against this project's contract (the
      runtime NetworkPolicy, securityContexts, secrets by reference, RBAC);
   5. kubernetes-validate --strict on every object, for each Kubernetes

@@ -120,7 +120,7 @@ pub struct CreateSessionRequest {
 pub struct SessionInfo {
     pub session_id: String,
     pub runtime: Runtime,
-    /// `gvisor`, `bwrap` or `none`.
+    /// `gvisor`, `bwrap`, `pod` or `none`.
     pub isolation: String,
     pub limits: EffectiveLimits,
     /// Unix milliseconds.
