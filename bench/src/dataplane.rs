@@ -31,29 +31,64 @@ struct DataPlaneServer {
 
 impl DataPlaneServer {
     async fn start(agent: &Agent) -> anyhow::Result<DataPlaneServer> {
+        DataPlaneServer::start_with(
+            &[
+                "--agent-endpoint",
+                agent.url.as_str(),
+                "--agent-admin-token",
+                agent.admin_token.as_str(),
+            ],
+            None,
+        )
+        .await
+    }
+
+    /// A data plane with the `k8s` backend on `cluster`.
+    async fn start_k8s(cluster: kube::Client, warm_pool: &str) -> anyhow::Result<DataPlaneServer> {
+        DataPlaneServer::start_with(
+            &[
+                "--backend",
+                "k8s",
+                "--runtime-owner",
+                "bench",
+                "--runtime-warm-pool",
+                warm_pool,
+            ],
+            Some(cluster),
+        )
+        .await
+    }
+
+    async fn start_with(
+        backend: &[&str],
+        cluster: Option<kube::Client>,
+    ) -> anyhow::Result<DataPlaneServer> {
         let root = tempfile::Builder::new()
             .prefix("dp-bench-")
             .tempdir_in("/tmp")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let artifacts = root.path().join("artifacts").display().to_string();
-        let config = <data_plane::Config as Parser>::try_parse_from([
+        let mut args = vec![
             "data-plane",
             "--env",
             "dev",
             "--jwt-secret",
             SECRET,
-            "--agent-endpoint",
-            agent.url.as_str(),
-            "--agent-admin-token",
-            agent.admin_token.as_str(),
             "--artifact-root",
             artifacts.as_str(),
             "--artifact-max-bytes",
             "8589934592",
-        ])?;
+        ];
+        args.extend_from_slice(backend);
+        let config = <data_plane::Config as Parser>::try_parse_from(args)?;
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(data_plane::serve(listener, config, shutdown.clone()));
+        let handle = tokio::spawn(data_plane::serve_with_cluster(
+            listener,
+            config,
+            shutdown.clone(),
+            cluster,
+        ));
         let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while http.get(format!("{url}/healthz")).send().await.is_err() {
@@ -97,6 +132,48 @@ impl DataPlaneServer {
         let v: Value = resp.json().await?;
         ensure!(status.is_success(), "{path}: {status} {v}");
         Ok(v)
+    }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.url))
+            .bearer_auth(&self.credential)
+            .send()
+            .await?;
+        ensure!(
+            resp.status().is_success(),
+            "DELETE {path}: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+
+    /// Idle warm sandboxes of `runtime`, as `/metrics` reports them.
+    async fn warm_idle(&self, runtime: &str) -> anyhow::Result<usize> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let label = format!("runtime=\"{runtime}\"");
+        Ok(text
+            .lines()
+            .filter(|l| l.contains("warm_pool_idle") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .next()
+            .unwrap_or(0))
+    }
+
+    async fn wait_warm(&self, runtime: &str, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.warm_idle(runtime).await? < n {
+            ensure!(Instant::now() < deadline, "the warm pool did not fill");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -329,6 +406,88 @@ async fn measure(
         "the same bytes read back from the file (page cache)",
         "ms/MiB",
         plain_r,
+    ));
+    Ok(())
+}
+
+/// The `k8s` backend's rows: a warm-pool claim and a cold create through
+/// the data plane, against the `k8s-fixture` stand-in cluster (its pods run
+/// the real agent with gVisor), beside the same two through the `local`
+/// backend in the same run.
+pub(super) struct K8sRows {
+    pub warm: Row,
+    pub cold: Row,
+}
+
+/// Creates `n` sessions one at a time (each deleted before the next, the
+/// pool refilled first when `warm`) and times each create.
+async fn creates(dp: &DataPlaneServer, n: usize, warm: bool) -> anyhow::Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(n);
+    // Non-default limits never take a warm sandbox, in either backend.
+    let body = if warm {
+        json!({"runtime": "python"})
+    } else {
+        json!({"runtime": "python", "limits": {"memoryMb": 256}})
+    };
+    for _ in 0..n {
+        if warm {
+            dp.wait_warm("python", 2).await?;
+        }
+        let t = Instant::now();
+        let created = dp.post("/internal/v1/sessions", body.clone()).await?;
+        out.push(t.elapsed());
+        ensure!(
+            created["warm"] == json!(warm),
+            "expected warm={warm}: {created}"
+        );
+        let id = created["sessionId"].as_str().context("session id")?;
+        dp.delete(&format!("/internal/v1/sessions/{id}")).await?;
+    }
+    Ok(out)
+}
+
+pub(super) async fn phase_k8s(args: &Args, sizes: Sizes, rows: &mut K8sRows) -> anyhow::Result<()> {
+    let n_warm = sizes.warm_n.clamp(5, 20);
+    let n_cold = sizes.cold_n.clamp(3, 8);
+    // local: an agent with python=2 behind a data plane.
+    let agent = Agent::start(args, "python=2").await?;
+    let dp = DataPlaneServer::start(&agent).await?;
+    let local_warm = creates(&dp, n_warm, true).await;
+    let local_cold = creates(&dp, n_cold, false).await;
+    dp.stop().await?;
+    agent.stop().await?;
+    // k8s: the fixture's pods, python=2 warm.
+    let fixture = k8s_fixture::Fixture::start(
+        k8s_fixture::FixtureOptions::default().isolation(&k8s_fixture::isolation_from_env()),
+    )
+    .await;
+    let dp = DataPlaneServer::start_k8s(fixture.client(), "python=2").await?;
+    let k8s_warm = creates(&dp, n_warm, true).await;
+    let k8s_cold = creates(&dp, n_cold, false).await;
+    dp.stop().await?;
+    fixture.shutdown().await;
+    rows.warm.series = Some(Series::ms(
+        "k8s warm-pool claim",
+        "POST /internal/v1/sessions with the runtime's default limits, SESSION_RUNTIME_BACKEND=k8s, \
+         RUNTIME_WARM_POOL=python=2, against k8s-fixture (a stand-in API server whose pods run the real \
+         agent in gVisor): an in-memory claim, one call to the pod's agent, labels in the background",
+        &k8s_warm?,
+    ));
+    rows.warm.baseline = Some(Series::ms(
+        "local warm create",
+        "the same create through the local backend (agent warm pool python=2)",
+        &local_warm?,
+    ));
+    rows.cold.series = Some(Series::ms(
+        "k8s cold create",
+        "POST /internal/v1/sessions with memoryMb=256 (no warm pod fits): pod create, fixture \
+         scheduling and agent start, the data plane's ready wait, the agent's gVisor sandbox start",
+        &k8s_cold?,
+    ));
+    rows.cold.baseline = Some(Series::ms(
+        "local cold create",
+        "the same create through the local backend (a new gVisor sandbox)",
+        &local_cold?,
     ));
     Ok(())
 }

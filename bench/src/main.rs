@@ -214,6 +214,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     println!(
+        "data plane with the k8s backend (k8s-fixture) beside the local backend: warm claims, cold creates ..."
+    );
+    let mut k8s_rows = dataplane::K8sRows {
+        warm: Row::new(
+            "k8sWarmClaim",
+            "k8s warm-pool claim",
+            &[(Stat::P50, 50.0, "ms")],
+        ),
+        cold: Row::new("k8sColdCreate", "k8s cold create", &[]),
+    };
+    if let Err(e) = dataplane::phase_k8s(&args, sizes, &mut k8s_rows).await {
+        errors.push(format!("k8s backend: {e:#}"));
+    }
+
+    println!(
         "control plane in front of it (SQLite, then PostgreSQL): steps, jobs, sustained jobs ..."
     );
     let mut cp_rows = controlplane::CpRows {
@@ -291,6 +306,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         dp_rows.job,
         dp_rows.upload,
         dp_rows.download,
+        k8s_rows.warm,
+        k8s_rows.cold,
         cp_rows.step,
         cp_rows.mcp_step,
         cp_rows.job,

@@ -85,9 +85,16 @@ pub async fn serve_with_cluster(
         config::BackendKind::K8s => {
             let client = match cluster {
                 Some(c) => c,
-                None => kube::Client::try_default().await.context(
-                    "SESSION_RUNTIME_BACKEND=k8s: no Kubernetes credentials (in-cluster service account or KUBECONFIG)",
-                )?,
+                None => {
+                    let mut cluster = kube::Config::infer().await.context(
+                        "SESSION_RUNTIME_BACKEND=k8s: no Kubernetes credentials (in-cluster service account or KUBECONFIG)",
+                    )?;
+                    // One retry policy, the backend's own (bounded, then a
+                    // coded error), not kube's 15 server retries beneath it.
+                    cluster.default_retry = false;
+                    kube::Client::try_from(cluster)
+                        .context("SESSION_RUNTIME_BACKEND=k8s: building the Kubernetes client")?
+                }
             };
             let settings = runtime::k8s::K8sSettings {
                 namespace: config.runtime_namespace.clone(),

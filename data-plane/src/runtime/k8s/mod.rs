@@ -5,7 +5,7 @@
 //!   its SHA-256 (`SESSION_AGENT_ADMIN_TOKEN_SHA256`). The data plane creates
 //!   the session on the pod's agent with that token, which becomes the
 //!   session's token (the agent keeps digests only).
-//! - **Ready** = pod `Running` with an IP, the agent answering `/healthz`,
+//! - **Ready** = pod `Running` with an IP, the agent answering `/v1/health`,
 //!   the session registered, all within `SESSION_READY_TIMEOUT`. A failed,
 //!   unpullable, unschedulable or late pod gives a coded error and is deleted.
 //! - **Warm pool.** `RUNTIME_WARM_POOL` pods per runtime are created and
