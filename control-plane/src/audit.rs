@@ -4,26 +4,20 @@
 //! a trigger. Audit is fail-closed: a caller whose event cannot be written
 //! gets `audit_unavailable` instead of proceeding unrecorded.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::CodedError;
 use shared::ErrorCode;
-use sqlx::Row;
 use utoipa::ToSchema;
 
 use crate::identity::Identity;
-use crate::on_db;
-use crate::storage::{Db, db_error, new_id, now_ms};
-use std::sync::Arc;
-
 use crate::metrics::Metrics;
+use crate::storage::{self, Db, StorageError, WriteTx, new_id, now_ms};
 
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// Postgres advisory lock key that serializes appends across replicas.
-#[doc(hidden)]
-pub const CHAIN_LOCK: i64 = 0x6175_6469_745f_6c6b; // "audit_lk"
 
 /// An event about to be recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,79 +208,19 @@ fn unavailable(e: CodedError) -> CodedError {
     )
 }
 
-/// Appends `$ev` inside the open transaction `$tx` (a `&mut Transaction`
-/// of either database), so a domain change and its audit event commit or
-/// roll back together. On SQLite the transaction must have been opened with
-/// `BEGIN IMMEDIATE` (see [`begin_write!`]) so that reading the chain's head
-/// and appending happen under one write lock. Evaluates to
-/// `Result<AuditRecord, CodedError>`.
-macro_rules! append_tx {
-    ($tx:expr, $dialect:expr, $ev:expr) => {
-        async {
-            let ev: $crate::audit::AuditEvent = $ev;
-            if $dialect == $crate::storage::Dialect::Postgres {
-                // Serializes appends across replicas until this transaction ends.
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind($crate::audit::CHAIN_LOCK)
-                    .execute(&mut **$tx)
-                    .await
-                    .map_err($crate::storage::db_error)?;
-            }
-            let last = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut **$tx)
-                .await
-                .map_err($crate::storage::db_error)?;
-            let (seq, prev_hash) = match last {
-                Some(row) => (
-                    sqlx::Row::try_get::<i64, _>(&row, "seq").map_err($crate::storage::db_error)? + 1,
-                    sqlx::Row::try_get::<String, _>(&row, "hash")
-                        .map_err($crate::storage::db_error)?,
-                ),
-                None => (1, $crate::audit::GENESIS_HASH.to_owned()),
-            };
-            let record = $crate::audit::seal(seq, prev_hash, ev);
-            let details = record.details.to_string();
-            sqlx::query(
-                "INSERT INTO audit_events (seq, id, ts_ms, tenant, actor, action, resource, outcome, \
-                 bypass, request_id, details, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            )
-            .bind(record.seq)
-            .bind(&record.id)
-            .bind(record.ts_ms)
-            .bind(&record.tenant)
-            .bind(&record.actor)
-            .bind(&record.action)
-            .bind(&record.resource)
-            .bind(&record.outcome)
-            .bind(i64::from(record.bypass))
-            .bind(&record.request_id)
-            .bind(&details)
-            .bind(&record.prev_hash)
-            .bind(&record.hash)
-            .execute(&mut **$tx)
-            .await
-            .map_err($crate::storage::db_error)?;
-            Ok::<$crate::audit::AuditRecord, shared::CodedError>(record)
-        }
-        .await
+/// Appends `ev` inside the open transaction `tx`, so a domain change and
+/// its audit event commit or roll back together: the chain's head is taken
+/// (and held until the transaction ends), the event sealed after it and
+/// inserted.
+pub(crate) async fn append(tx: &mut WriteTx, ev: AuditEvent) -> Result<AuditRecord, StorageError> {
+    let (seq, prev_hash) = match storage::audit::lock_head(tx).await? {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, GENESIS_HASH.to_owned()),
     };
+    let record = seal(seq, prev_hash, ev);
+    storage::audit::insert(tx, &record).await?;
+    Ok(record)
 }
-pub(crate) use append_tx;
-
-/// Opens a write transaction: `BEGIN IMMEDIATE` on SQLite (take the write
-/// lock now, so a later write cannot fail on a stale snapshot), a plain
-/// `BEGIN` on Postgres. Evaluates to `Result<Transaction, CodedError>`.
-macro_rules! begin_write {
-    ($pool:expr, $dialect:expr) => {
-        match $dialect {
-            $crate::storage::Dialect::Sqlite => $pool.begin_with("BEGIN IMMEDIATE").await,
-            $crate::storage::Dialect::Postgres => $pool.begin().await,
-        }
-        .map_err($crate::storage::db_error)
-    };
-}
-pub(crate) use begin_write;
 
 /// Completes an event with its position in the chain and its hash.
 #[doc(hidden)]
@@ -311,32 +245,6 @@ pub fn seal(seq: i64, prev_hash: String, ev: AuditEvent) -> AuditRecord {
     record
 }
 
-fn record_from<R: Row>(row: &R) -> Result<AuditRecord, CodedError>
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-{
-    let details: String = row.try_get("details").map_err(db_error)?;
-    Ok(AuditRecord {
-        seq: row.try_get("seq").map_err(db_error)?,
-        id: row.try_get("id").map_err(db_error)?,
-        ts_ms: row.try_get("ts_ms").map_err(db_error)?,
-        tenant: row.try_get("tenant").map_err(db_error)?,
-        actor: row.try_get("actor").map_err(db_error)?,
-        action: row.try_get("action").map_err(db_error)?,
-        resource: row.try_get("resource").map_err(db_error)?,
-        outcome: row.try_get("outcome").map_err(db_error)?,
-        bypass: row.try_get::<i64, _>("bypass").map_err(db_error)? != 0,
-        request_id: row.try_get("request_id").map_err(db_error)?,
-        // Kept as stored text for verification; parsed for display.
-        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
-        prev_hash: row.try_get("prev_hash").map_err(db_error)?,
-        hash: row.try_get("hash").map_err(db_error)?,
-    })
-}
-
 impl AuditLog {
     pub fn new(db: Db, metrics: Arc<Metrics>) -> AuditLog {
         AuditLog {
@@ -350,57 +258,24 @@ impl AuditLog {
     /// (`audit_unavailable`); the failure is counted.
     pub async fn record(&self, ev: AuditEvent) -> Result<AuditRecord, CodedError> {
         let _serial = self.local.lock().await;
-        let dialect = self.db.dialect();
-        let result = on_db!(&self.db, p => async {
-            let mut tx = begin_write!(p, dialect)?;
-            let record = append_tx!(&mut tx, dialect, ev)?;
-            tx.commit().await.map_err(db_error)?;
-            Ok::<_, CodedError>(record)
-        }.await);
+        let result = async {
+            let mut tx = self.db.begin_write().await?;
+            let record = append(&mut tx, ev).await?;
+            tx.commit().await?;
+            Ok::<_, StorageError>(record)
+        }
+        .await;
         result.map_err(|e| {
             self.metrics.audit_write_failures.inc();
             tracing::error!(error = %e, "audit write failed");
-            unavailable(e)
+            unavailable(CodedError::from(e))
         })
     }
 
     /// One tenant's events, oldest first, after the cursor.
     pub async fn list(&self, tenant: &str, q: &AuditQuery) -> Result<Vec<AuditRecord>, CodedError> {
         let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-        // Parameters are numbered in the order they appear (SQLite binds
-        // `$N` by position of first use).
-        // `seq` is renumbered per tenant (issue 15, section 6): global
-        // numbers would show, by their gaps, how busy other tenants are.
-        let sql = "SELECT * FROM (SELECT e.*, ROW_NUMBER() OVER (ORDER BY e.seq) AS tenant_seq \
-                   FROM audit_events e WHERE e.tenant = $1) t WHERE 1 = 1 \
-                   AND ($2 IS NULL OR action = $2) \
-                   AND ($3 IS NULL OR resource = $3) \
-                   AND ($4 IS NULL OR outcome = $4) \
-                   AND ($5 IS NULL OR ts_ms >= $5) \
-                   AND ($6 IS NULL OR ts_ms < $6) \
-                   AND tenant_seq > $7 ORDER BY tenant_seq LIMIT $8";
-        let rows = on_db!(&self.db, p => {
-            let rows = sqlx::query(sql)
-                .bind(tenant)
-                .bind(&q.action)
-                .bind(&q.resource)
-                .bind(&q.outcome)
-                .bind(q.since_ms)
-                .bind(q.until_ms)
-                .bind(q.after.unwrap_or(0))
-                .bind(limit)
-                .fetch_all(p)
-                .await
-                .map_err(db_error)?;
-            rows.iter()
-                .map(|r| {
-                    let mut record = record_from(r)?;
-                    record.seq = r.try_get("tenant_seq").map_err(db_error)?;
-                    Ok(record)
-                })
-                .collect::<Result<Vec<_>, CodedError>>()
-        })?;
-        Ok(rows)
+        Ok(storage::audit::list_for_tenant(&self.db, tenant, q, limit).await?)
     }
 
     /// A tenant's view of [`AuditLog::verify`]: the whole chain is walked
@@ -411,19 +286,12 @@ impl AuditLog {
     /// platform role.
     pub async fn verify_for_tenant(&self, tenant: &str) -> Result<VerifyReport, CodedError> {
         let global = self.verify_against(None).await?;
-        let checked: i64 = on_db!(&self.db, p => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM audit_events WHERE tenant = $1 AND seq <= $2")
-            .bind(tenant)
-            .bind(global.head_seq)
-            .fetch_one(p).await.map_err(db_error))?;
+        let checked = storage::audit::count_for_tenant(&self.db, tenant, global.head_seq).await?;
         let first_broken = match global.first_broken {
             None => None,
             Some(b) => {
-                let owner: Option<String> = match &b.id {
-                    Some(id) => on_db!(&self.db, p => sqlx::query_scalar(
-                        "SELECT tenant FROM audit_events WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(p).await.map_err(db_error))?,
+                let owner = match &b.id {
+                    Some(id) => storage::audit::tenant_of(&self.db, id).await?,
                     None => None,
                 };
                 Some(if owner.as_deref() == Some(tenant) {
@@ -471,24 +339,9 @@ impl AuditLog {
         let mut expected_seq = 1i64;
         let mut checked = 0u64;
         loop {
-            let page: Vec<(AuditRecord, String)> = on_db!(&self.db, p => {
-                let rows = sqlx::query(
-                    "SELECT * FROM audit_events WHERE seq >= $1 ORDER BY seq LIMIT $2",
-                )
-                .bind(expected_seq)
-                .bind(PAGE)
-                .fetch_all(p)
-                .await
-                .map_err(db_error)?;
-                rows.iter()
-                    .map(|r| {
-                        let details: String = r.try_get("details").map_err(db_error)?;
-                        Ok::<_, CodedError>((record_from(r)?, details))
-                    })
-                    .collect::<Result<Vec<_>, CodedError>>()
-            })?;
+            let page = storage::audit::chain_page(&self.db, expected_seq, PAGE).await?;
             let done = (page.len() as i64) < PAGE;
-            for (r, details) in page {
+            for storage::audit::StoredEvent { record: r, details } in page {
                 checked += 1;
                 let broken = |reason: String| VerifyReport {
                     ok: false,
@@ -558,6 +411,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::DatabaseDriver;
+    use crate::storage::audit::tampering;
     use crate::storage::testing::TestDb;
 
     fn ev(tenant: &str, n: usize) -> AuditEvent {
@@ -583,63 +437,11 @@ mod tests {
         (t, log)
     }
 
-    /// Runs raw SQL as a database administrator would: with the append-only
-    /// triggers out of the way.
-    async fn tamper(db: &Db, sql: &str) {
-        match db {
-            Db::Postgres(p) => {
-                let mut c = p.acquire().await.unwrap();
-                sqlx::query("SET session_replication_role = replica")
-                    .execute(&mut *c)
-                    .await
-                    .unwrap();
-                for part in sql.split(';') {
-                    sqlx::query(sqlx::AssertSqlSafe(part.to_owned()))
-                        .execute(&mut *c)
-                        .await
-                        .unwrap();
-                }
-                sqlx::query("SET session_replication_role = DEFAULT")
-                    .execute(&mut *c)
-                    .await
-                    .unwrap();
-            }
-            Db::Sqlite(p) => {
-                sqlx::query("DROP TRIGGER IF EXISTS audit_events_no_update")
-                    .execute(p)
-                    .await
-                    .unwrap();
-                sqlx::query("DROP TRIGGER IF EXISTS audit_events_no_delete")
-                    .execute(p)
-                    .await
-                    .unwrap();
-                for part in sql.split(';') {
-                    sqlx::query(sqlx::AssertSqlSafe(part.to_owned()))
-                        .execute(p)
-                        .await
-                        .unwrap();
-                }
-            }
-        }
-    }
-
     /// What someone who knows the scheme does after an edit: recompute the
     /// event's hash so the chain holds again.
     async fn rehash(db: &Db, seq: i64) {
-        let (record, details) = on_db!(db, p => {
-            let row = sqlx::query("SELECT * FROM audit_events WHERE seq = $1")
-                .bind(seq)
-                .fetch_one(p)
-                .await
-                .unwrap();
-            let details: String = row.try_get("details").unwrap();
-            (record_from(&row).unwrap(), details)
-        });
-        let sql = format!(
-            "UPDATE audit_events SET hash = '{}' WHERE seq = {seq}",
-            event_hash(&record, &details)
-        );
-        tamper(db, &sql).await;
+        let stored = tampering::event(db, seq).await;
+        tampering::set_hash(db, seq, &event_hash(&stored.record, &stored.details)).await;
     }
 
     crate::both_databases!(an_anchor_catches_a_rehashed_rewrite_and_a_cut_tail);
@@ -650,11 +452,7 @@ mod tests {
         assert_eq!((before.ok, before.head_seq), (true, 6), "{driver:?}");
         let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
         assert!(log.verify_against(Some(&anchor)).await.unwrap().ok);
-        tamper(
-            &t.db,
-            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 6",
-        )
-        .await;
+        tampering::set_outcome(&t.db, 6, "denied").await;
         rehash(&t.db, 6).await;
         let plain = log.verify().await.unwrap();
         assert!(plain.ok, "{driver:?}: the chain alone cannot see it");
@@ -669,7 +467,7 @@ mod tests {
         let (t, log) = seeded(driver).await;
         let before = log.verify().await.unwrap();
         let anchor = Anchor::new(before.head_seq, &before.head).unwrap();
-        tamper(&t.db, "DELETE FROM audit_events WHERE seq >= 5").await;
+        tampering::delete(&t.db, 5, i64::MAX).await;
         let plain = log.verify().await.unwrap();
         assert_eq!((plain.ok, plain.head_seq), (true, 4), "{driver:?}");
         let anchored = log.verify_against(Some(&anchor)).await.unwrap();
@@ -739,45 +537,21 @@ mod tests {
         t.cleanup().await;
     }
 
-    crate::both_databases!(the_database_refuses_edits_and_deletes);
-    async fn the_database_refuses_edits_and_deletes(driver: DatabaseDriver) {
-        let (t, _log) = seeded(driver).await;
-        for sql in [
-            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
-            "DELETE FROM audit_events WHERE seq = 3",
-        ] {
-            let r = on_db!(&t.db, p => sqlx::query(sql).execute(p).await.map(|_| ()));
-            let e = r.unwrap_err().to_string();
-            assert!(e.contains("append-only"), "{driver:?} {sql}: {e}");
-        }
-        t.cleanup().await;
-    }
-
     crate::both_databases!(edits_deletes_and_reorders_are_caught);
     async fn edits_deletes_and_reorders_are_caught(driver: DatabaseDriver) {
-        for (what, sql, seq) in [
-            (
-                "edit",
-                "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3",
-                3,
-            ),
-            ("delete", "DELETE FROM audit_events WHERE seq = 2", 3),
-            (
-                // Swap rows 4 and 5 by renumbering them.
-                "reorder",
-                "UPDATE audit_events SET seq = -4 WHERE seq = 4; \
-                 UPDATE audit_events SET seq = 4 WHERE seq = 5; \
-                 UPDATE audit_events SET seq = 5 WHERE seq = -4",
-                4,
-            ),
-            (
-                "edit details",
-                "UPDATE audit_events SET details = '{\"n\":99}' WHERE seq = 6",
-                6,
-            ),
+        for (what, seq) in [
+            ("edit", 3),
+            ("delete", 3),
+            ("reorder", 4),
+            ("edit details", 6),
         ] {
             let (t, log) = seeded(driver).await;
-            tamper(&t.db, sql).await;
+            match what {
+                "edit" => tampering::set_outcome(&t.db, 3, "denied").await,
+                "delete" => tampering::delete(&t.db, 2, 2).await,
+                "reorder" => tampering::swap(&t.db, 4, 5).await,
+                _ => tampering::set_details(&t.db, 6, "{\"n\":99}").await,
+            }
             let report = log.verify().await.unwrap();
             assert!(!report.ok, "{driver:?} {what}: not caught");
             let broken = report.first_broken.unwrap();
@@ -797,14 +571,8 @@ mod tests {
             (true, 3, 0, "")
         );
         // Break a globex event (seq 4): acme learns that, not where.
-        tamper(
-            &t.db,
-            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 4",
-        )
-        .await;
-        let globex_id: String = on_db!(&t.db, p => sqlx::query_scalar(
-            "SELECT id FROM audit_events WHERE seq = 4").fetch_one(p).await)
-        .unwrap();
+        tampering::set_outcome(&t.db, 4, "denied").await;
+        let globex_id = tampering::event(&t.db, 4).await.record.id;
         let report = log.verify_for_tenant("acme").await.unwrap();
         assert!(!report.ok);
         let text = serde_json::to_string(&report).unwrap();

@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod dataplane;
+pub mod errors;
 pub mod identity;
 pub mod mcp;
 pub mod metrics;

@@ -20,15 +20,14 @@ use shared::client::{ClientError, PathStream, StepEvent};
 use shared::controlplane::{SessionRequest, SessionStepRequest};
 use shared::dataplane::{ArtifactInfo, CreateSession, RunStep, SessionView};
 use shared::ids::{ArtifactId, SessionId};
-use sqlx::Row;
 use utoipa::ToSchema;
 
-use crate::audit::{AuditEvent, AuditLog, append_tx, begin_write};
+use crate::audit::{self, AuditEvent, AuditLog};
 use crate::dataplane::DataPlane;
 use crate::identity::Identity;
-use crate::on_db;
 use crate::policy::{PolicyInput, PolicyService};
-use crate::storage::{Db, db_error, new_id, now_ms};
+use crate::storage::sessions::{NewSession, NewStep};
+use crate::storage::{self, Db, new_id, now_ms};
 
 /// Code and output kept per step in the history (the rest is cut).
 const HISTORY_CAP: usize = 64 * 1024;
@@ -165,7 +164,6 @@ impl SessionService {
                 },
             )
             .await?;
-        let dialect = self.db.dialect();
         let ev = AuditEvent::by(
             identity,
             "session.create",
@@ -178,20 +176,25 @@ impl SessionService {
             "packages": req.packages.clone().unwrap_or_default(),
             "policyVersion": decision.policy_version,
         }));
-        let recorded = on_db!(&self.db, p => async {
-            let mut tx = begin_write!(p, dialect)?;
-            sqlx::query(
-                "INSERT INTO sessions (id, tenant, subject, app, agent, runtime, timeout_ms, created_ms, expires_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                .bind(&view.session_id).bind(identity.tenant.as_str()).bind(&identity.subject)
-                .bind(&identity.app).bind(&identity.agent).bind(&view.runtime)
-                .bind(view.limits.timeout_ms as i64)
-                .bind(view.created_at_ms as i64).bind(view.expires_at_ms as i64)
-                .execute(&mut *tx).await.map_err(db_error)?;
-            append_tx!(&mut tx, dialect, ev)?;
-            tx.commit().await.map_err(db_error)?;
-            Ok::<(), CodedError>(())
-        }.await);
+        let record = NewSession {
+            id: &view.session_id,
+            tenant: identity.tenant.as_str(),
+            subject: &identity.subject,
+            app: identity.app.as_deref(),
+            agent: identity.agent.as_deref(),
+            runtime: &view.runtime,
+            timeout_ms: view.limits.timeout_ms as i64,
+            created_ms: view.created_at_ms as i64,
+            expires_ms: view.expires_at_ms as i64,
+        };
+        let recorded: Result<(), CodedError> = async {
+            let mut tx = self.db.begin_write().await?;
+            storage::sessions::insert(&mut tx, &record).await?;
+            audit::append(&mut tx, ev).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
         if let Err(e) = recorded {
             let undone = match SessionId::parse(view.session_id.as_str()) {
                 Ok(sid) => self.dp.delete_session(&identity.tenant, &sid).await,
@@ -262,11 +265,8 @@ impl SessionService {
             ))
             .await?;
         self.dp.delete_session(&identity.tenant, id).await?;
-        let now = now_ms();
-        let r = on_db!(&self.db, p => sqlx::query(
-            "UPDATE sessions SET deleted_ms = $1 WHERE tenant = $2 AND id = $3")
-            .bind(now).bind(identity.tenant.as_str()).bind(id.as_str())
-            .execute(p).await.map(|_| ()));
+        let r = storage::sessions::mark_deleted(&self.db, &identity.tenant, id.as_str(), now_ms())
+            .await;
         if let Err(e) = r {
             tracing::warn!(session = %id, error = %e, "could not mark the session deleted");
         }
@@ -404,11 +404,9 @@ impl SessionService {
         tenant: &str,
         id: &str,
     ) -> Result<(String, Duration), CodedError> {
-        let row: Option<(String, i64)> = on_db!(&self.db, p => sqlx::query_as(
-            "SELECT runtime, timeout_ms FROM sessions WHERE tenant = $1 AND id = $2 AND deleted_ms IS NULL")
-            .bind(tenant).bind(id)
-            .fetch_optional(p).await.map_err(db_error))?;
-        let (runtime, timeout_ms) = row.ok_or_else(|| session_not_found(id))?;
+        let (runtime, timeout_ms) = storage::sessions::live_runtime(&self.db, tenant, id)
+            .await?
+            .ok_or_else(|| session_not_found(id))?;
         Ok((
             runtime,
             Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(30_000)),
@@ -445,8 +443,6 @@ impl SessionService {
                 json!({"code": e.code, "message": e.message}),
             ),
         };
-        let now = now_ms();
-        let dialect = self.db.dialect();
         let ev = AuditEvent::by(
             identity,
             "step.finish",
@@ -465,21 +461,33 @@ impl SessionService {
         }));
         let code = cut(code, HISTORY_CAP);
         let result = result.to_string();
-        on_db!(&self.db, p => async {
-            let mut tx = begin_write!(p, dialect)?;
-            sqlx::query(
-                "INSERT INTO steps (id, session_id, tenant, seq, status, duration_ms, code, result, created_ms) \
-                 VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE tenant = $3 AND session_id = $2), \
-                 $4, $5, $6, $7, $8)")
-                .bind(step_id).bind(session_id).bind(identity.tenant.as_str())
-                .bind(&status).bind(duration).bind(&code).bind(&result).bind(now)
-                .execute(&mut *tx).await.map_err(db_error)?;
-            append_tx!(&mut tx, dialect, ev)?;
-            tx.commit().await.map_err(db_error)?;
-            Ok::<(), CodedError>(())
-        }.await)
-        .map_err(|e| CodedError::new(ErrorCode::AuditUnavailable, format!(
-            "the step ran but its record could not be written: {}", e.message)))
+        let step = NewStep {
+            id: step_id,
+            session_id,
+            tenant: identity.tenant.as_str(),
+            status: &status,
+            duration_ms: duration,
+            code: &code,
+            result: &result,
+            created_ms: now_ms(),
+        };
+        let recorded: Result<(), CodedError> = async {
+            let mut tx = self.db.begin_write().await?;
+            storage::sessions::insert_step(&mut tx, &step).await?;
+            audit::append(&mut tx, ev).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        recorded.map_err(|e| {
+            CodedError::new(
+                ErrorCode::AuditUnavailable,
+                format!(
+                    "the step ran but its record could not be written: {}",
+                    e.message
+                ),
+            )
+        })
     }
 
     /// The step history of a session of the caller's tenant.
@@ -495,29 +503,11 @@ impl SessionService {
             json!({}),
         )
         .await?;
-        let known: Option<i64> = on_db!(&self.db, p => sqlx::query_scalar(
-            "SELECT created_ms FROM sessions WHERE tenant = $1 AND id = $2")
-            .bind(identity.tenant.as_str()).bind(session_id.as_str())
-            .fetch_optional(p).await.map_err(db_error))?;
-        if known.is_none() {
+        if !storage::sessions::exists(&self.db, &identity.tenant, session_id.as_str()).await? {
             return Err(session_not_found(session_id));
         }
-        let steps = on_db!(&self.db, p => {
-            let rows = sqlx::query(
-                "SELECT * FROM steps WHERE tenant = $1 AND session_id = $2 ORDER BY seq")
-                .bind(identity.tenant.as_str()).bind(session_id.as_str())
-                .fetch_all(p).await.map_err(db_error)?;
-            rows.iter().map(|r| Ok::<_, CodedError>(StepRecord {
-                step_id: r.try_get("id").map_err(db_error)?,
-                seq: r.try_get("seq").map_err(db_error)?,
-                status: r.try_get("status").map_err(db_error)?,
-                duration_ms: r.try_get("duration_ms").map_err(db_error)?,
-                code: r.try_get("code").map_err(db_error)?,
-                result: serde_json::from_str(&r.try_get::<String, _>("result").map_err(db_error)?)
-                    .unwrap_or_default(),
-                created_at_ms: r.try_get("created_ms").map_err(db_error)?,
-            })).collect::<Result<Vec<_>, _>>()?
-        });
+        let steps =
+            storage::sessions::steps(&self.db, &identity.tenant, session_id.as_str()).await?;
         Ok(StepHistory { steps })
     }
 

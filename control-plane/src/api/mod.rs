@@ -133,7 +133,7 @@ pub(crate) fn require_admin(identity: &Identity) -> Result<(), CodedError> {
     responses((status = 200, description = "ready"), (status = 503, description = "not ready", body = shared::ErrorBody)))]
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if let Err(e) = app.db.ping().await {
-        return e.into_response();
+        return CodedError::from(e).into_response();
     }
     if let Err(e) = app.dp.ready().await {
         return e.into_response();

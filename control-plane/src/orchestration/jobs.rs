@@ -10,19 +10,20 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
 use shared::CodedError;
 use shared::ErrorCode;
-use shared::controlplane::{Job, JobFailure, JobList, JobOutput, JobRequest, JobStatus};
+use shared::controlplane::{Job, JobList, JobRequest, JobStatus};
 use shared::ids::JobId;
-use sqlx::Row;
 use tokio::sync::{Notify, broadcast};
 
 use super::idempotency::{Prior, fingerprint};
-use crate::audit::{AuditEvent, append_tx, begin_write};
+use crate::audit::{self, AuditEvent};
 use crate::dataplane::DataPlane;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::on_db;
 use crate::policy::{PolicyInput, PolicyService};
-use crate::storage::{Db, db_error, new_id, now_ms};
+use crate::storage::jobs::{CancelMark, KeyClaim, ListQuery, NewJob};
+use crate::storage::{self, Db, new_id, now_ms};
+
+pub(crate) use crate::storage::jobs::JobRow;
 
 /// Tuning of the job queue.
 #[derive(Debug, Clone)]
@@ -72,84 +73,6 @@ pub struct JobService {
     pub(crate) wake: Arc<Notify>,
     /// Job ids that reached a final status on this replica (for long polls).
     pub(crate) finished: broadcast::Sender<String>,
-}
-
-/// A job row, with what the workers need beyond the public view.
-#[derive(Debug, Clone)]
-pub(crate) struct JobRow {
-    pub job: Job,
-    pub tenant: String,
-    pub spec: JobRequest,
-    pub cancel_requested: bool,
-    pub max_attempts: u32,
-}
-
-pub(crate) fn row_to_job<R: Row>(row: &R) -> Result<JobRow, CodedError>
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-{
-    let corrupt = |what: &str, e: String| {
-        tracing::error!(what, error = %e, "a stored job does not parse");
-        CodedError::new(ErrorCode::Internal, format!("stored job {what} is corrupt"))
-    };
-    let status: String = row.try_get("status").map_err(db_error)?;
-    let status = JobStatus::parse(&status).ok_or_else(|| corrupt("status", status.clone()))?;
-    let labels: String = row.try_get("labels").map_err(db_error)?;
-    let labels: BTreeMap<String, String> =
-        serde_json::from_str(&labels).map_err(|e| corrupt("labels", e.to_string()))?;
-    let spec: String = row.try_get("spec").map_err(db_error)?;
-    let spec: JobRequest =
-        serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
-    let output = match row
-        .try_get::<Option<String>, _>("result")
-        .map_err(db_error)?
-    {
-        Some(text) => Some(
-            serde_json::from_str::<JobOutput>(&text)
-                .map_err(|e| corrupt("result", e.to_string()))?,
-        ),
-        None => None,
-    };
-    let error = match (
-        row.try_get::<Option<String>, _>("error_code")
-            .map_err(db_error)?,
-        row.try_get::<Option<String>, _>("error_message")
-            .map_err(db_error)?,
-    ) {
-        (Some(code), message) => Some(JobFailure {
-            code,
-            message: message.unwrap_or_default(),
-        }),
-        _ => None,
-    };
-    Ok(JobRow {
-        job: Job {
-            job_id: row.try_get("id").map_err(db_error)?,
-            status,
-            runtime: row.try_get("runtime").map_err(db_error)?,
-            labels,
-            attempts: u32::try_from(row.try_get::<i64, _>("attempts").map_err(db_error)?)
-                .unwrap_or(u32::MAX),
-            created_at_ms: row.try_get("created_ms").map_err(db_error)?,
-            updated_at_ms: row.try_get("updated_ms").map_err(db_error)?,
-            started_at_ms: row.try_get("started_ms").map_err(db_error)?,
-            finished_at_ms: row.try_get("finished_ms").map_err(db_error)?,
-            output,
-            error,
-        },
-        tenant: row.try_get("tenant").map_err(db_error)?,
-        spec,
-        cancel_requested: row
-            .try_get::<i64, _>("cancel_requested")
-            .map_err(db_error)?
-            != 0,
-        max_attempts: u32::try_from(row.try_get::<i64, _>("max_attempts").map_err(db_error)?)
-            .unwrap_or(1),
-    })
 }
 
 fn not_found(id: &str) -> CodedError {
@@ -264,88 +187,81 @@ impl JobService {
         };
         let body = serde_json::to_string(&job)
             .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
-        let spec = serde_json::to_string(&req)
-            .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
-        let labels_json = serde_json::to_string(&labels)
-            .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
         let ttl_ms = self.settings.idempotency_ttl.as_millis() as i64;
-        let dialect = self.db.dialect();
         let event = AuditEvent::by(identity, "job.submit", format!("job/{id}")).details(json!({
             "runtime": runtime,
             "labels": labels,
             "policyVersion": decision.policy_version,
             "idempotencyKey": key.is_some(),
         }));
-        let outcome: Result<Submitted, CodedError> = on_db!(&self.db, p => async {
-            let mut tx = begin_write!(p, dialect)?;
+        let tenant = identity.tenant.as_str();
+        let outcome: Result<Submitted, CodedError> = async {
+            let mut tx = self.db.begin_write().await?;
             if let Some(key) = &key {
-                // A key past its time is forgotten, then reused.
-                sqlx::query("DELETE FROM idempotency_keys WHERE tenant = $1 AND idem_key = $2 AND expires_ms < $3")
-                    .bind(identity.tenant.as_str()).bind(key).bind(now)
-                    .execute(&mut *tx).await.map_err(db_error)?;
-                let inserted = sqlx::query(
-                    "INSERT INTO idempotency_keys (tenant, idem_key, request_hash, state, created_ms, expires_ms) \
-                     VALUES ($1, $2, $3, 'processing', $4, $5) ON CONFLICT DO NOTHING")
-                    .bind(identity.tenant.as_str()).bind(key).bind(&hash).bind(now).bind(now + ttl_ms)
-                    .execute(&mut *tx).await.map_err(db_error)?
-                    .rows_affected();
-                if inserted == 0 {
-                    let row = sqlx::query(
-                        "SELECT request_hash, state, response_status, response_body FROM idempotency_keys \
-                         WHERE tenant = $1 AND idem_key = $2")
-                        .bind(identity.tenant.as_str()).bind(key)
-                        .fetch_one(&mut *tx).await.map_err(db_error)?;
+                let claim =
+                    storage::jobs::claim_key(&mut tx, tenant, key, &hash, now, now + ttl_ms)
+                        .await?;
+                if let KeyClaim::Taken(stored) = claim {
+                    tx.rollback().await?;
                     let prior = Prior::judge(
-                        &row.try_get::<String, _>("request_hash").map_err(db_error)?,
-                        &row.try_get::<String, _>("state").map_err(db_error)?,
-                        row.try_get("response_status").map_err(db_error)?,
-                        row.try_get("response_body").map_err(db_error)?,
+                        &stored.request_hash,
+                        &stored.state,
+                        stored.response_status,
+                        stored.response_body,
                         &hash,
                     );
-                    tx.rollback().await.map_err(db_error)?;
                     return match prior {
-                        Prior::Replay { status, body } => Ok(Submitted { status, body, replayed: true }),
-                        other => Err(other.error().unwrap_or_else(|| CodedError::new(ErrorCode::Internal, "idempotency"))),
+                        Prior::Replay { status, body } => Ok(Submitted {
+                            status,
+                            body,
+                            replayed: true,
+                        }),
+                        other => Err(other.error().unwrap_or_else(|| {
+                            CodedError::new(ErrorCode::Internal, "idempotency")
+                        })),
                     };
                 }
             }
             // One tenant cannot fill the queue for everyone (issue 15, s. 5).
-            let queued: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status = 'queued'")
-                .bind(identity.tenant.as_str())
-                .fetch_one(&mut *tx).await.map_err(db_error)?;
+            let queued = storage::jobs::count_queued(&mut tx, tenant).await?;
             if queued >= self.settings.tenant_max_queued {
-                tx.rollback().await.map_err(db_error)?;
+                tx.rollback().await?;
                 return Err(CodedError::new(
                     ErrorCode::TenantQuotaExceeded,
-                    format!("the tenant has {queued} jobs queued, at most {}; retry when some have started", self.settings.tenant_max_queued),
+                    format!(
+                        "the tenant has {queued} jobs queued, at most {}; retry when some have started",
+                        self.settings.tenant_max_queued
+                    ),
                 ));
             }
-            sqlx::query(
-                "INSERT INTO jobs (id, tenant, subject, app, agent, status, runtime, spec, labels, \
-                 attempts, max_attempts, next_run_ms, cancel_requested, created_ms, updated_ms) \
-                 VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, 0, $9, $10, 0, $11, $12)")
-                .bind(&id).bind(identity.tenant.as_str()).bind(&identity.subject)
-                .bind(&identity.app).bind(&identity.agent).bind(&runtime)
-                .bind(&spec).bind(&labels_json)
-                .bind(i64::from(self.settings.max_attempts)).bind(now).bind(now).bind(now)
-                .execute(&mut *tx).await.map_err(db_error)?;
-            for (name, value) in &labels {
-                sqlx::query("INSERT INTO job_labels (job_id, tenant, name, value) VALUES ($1, $2, $3, $4)")
-                    .bind(&id).bind(identity.tenant.as_str()).bind(name).bind(value)
-                    .execute(&mut *tx).await.map_err(db_error)?;
-            }
-            append_tx!(&mut tx, dialect, event.clone())?;
+            storage::jobs::insert(
+                &mut tx,
+                &NewJob {
+                    id: &id,
+                    tenant,
+                    subject: &identity.subject,
+                    app: identity.app.as_deref(),
+                    agent: identity.agent.as_deref(),
+                    runtime: &runtime,
+                    spec: &req,
+                    labels: &labels,
+                    max_attempts: self.settings.max_attempts,
+                    now,
+                },
+            )
+            .await?;
+            audit::append(&mut tx, event).await?;
             if let Some(key) = &key {
-                sqlx::query(
-                    "UPDATE idempotency_keys SET state = 'completed', response_status = 202, response_body = $1 \
-                     WHERE tenant = $2 AND idem_key = $3")
-                    .bind(&body).bind(identity.tenant.as_str()).bind(key)
-                    .execute(&mut *tx).await.map_err(db_error)?;
+                storage::jobs::complete_key(&mut tx, tenant, key, 202, &body).await?;
             }
-            tx.commit().await.map_err(db_error)?;
-            Ok(Submitted { status: 202, body: body.clone(), replayed: false })
-        }.await);
+            tx.commit().await?;
+            Ok(Submitted {
+                status: 202,
+                body: body.clone(),
+                replayed: false,
+            })
+        }
+        .await;
         if matches!(&outcome, Ok(s) if !s.replayed) {
             self.metrics.job_queue_depth.inc();
             self.wake.notify_one();
@@ -380,15 +296,9 @@ impl JobService {
     }
 
     pub(crate) async fn row(&self, tenant: &str, id: &str) -> Result<JobRow, CodedError> {
-        let row = on_db!(&self.db, p => {
-            match sqlx::query("SELECT * FROM jobs WHERE tenant = $1 AND id = $2")
-                .bind(tenant).bind(id)
-                .fetch_optional(p).await.map_err(db_error)? {
-                Some(r) => Some(row_to_job(&r)?),
-                None => None,
-            }
-        });
-        row.ok_or_else(|| not_found(id))
+        storage::jobs::get(&self.db, tenant, id)
+            .await?
+            .ok_or_else(|| not_found(id))
     }
 
     /// Waits up to `timeout` for the job to reach a final status, then
@@ -441,41 +351,21 @@ impl JobService {
             )
             .await?;
         let limit = f.limit.unwrap_or(50).clamp(1, 500);
-        let (cursor_ms, cursor_id) = match &f.cursor {
-            Some(c) => {
-                let (ms, id) = decode_cursor(c)?;
-                (Some(ms), Some(id))
-            }
-            None => (None, None),
-        };
-        let (label_name, label_value) = match &f.label {
-            Some((n, v)) => (Some(n.clone()), Some(v.clone())),
-            None => (None, None),
-        };
-        let status = f.status.map(|s| s.as_str());
-        // Parameters appear in numeric order (SQLite binds `$N` by first use).
-        let sql = "SELECT * FROM jobs WHERE tenant = $1 \
-                   AND ($2 IS NULL OR status = $2) \
-                   AND ($3 IS NULL OR created_ms >= $3) \
-                   AND ($4 IS NULL OR created_ms < $4) \
-                   AND ($5 IS NULL OR EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = jobs.id \
-                        AND l.tenant = $1 AND l.name = $5 AND l.value = $6)) \
-                   AND ($7 IS NULL OR created_ms < $7 OR (created_ms = $7 AND id < $8)) \
-                   ORDER BY created_ms DESC, id DESC LIMIT $9";
-        let rows: Vec<JobRow> = on_db!(&self.db, p => {
-            let rows = sqlx::query(sql)
-                .bind(identity.tenant.as_str())
-                .bind(status)
-                .bind(f.created_after_ms)
-                .bind(f.created_before_ms)
-                .bind(&label_name)
-                .bind(&label_value)
-                .bind(cursor_ms)
-                .bind(&cursor_id)
-                .bind(limit + 1)
-                .fetch_all(p).await.map_err(db_error)?;
-            rows.iter().map(row_to_job).collect::<Result<Vec<_>, _>>()?
-        });
+        let cursor = f.cursor.as_deref().map(decode_cursor).transpose()?;
+        let rows = storage::jobs::list(
+            &self.db,
+            identity.tenant.as_str(),
+            &ListQuery {
+                status: f.status,
+                label: f.label.as_ref().map(|(n, v)| (n.as_str(), v.as_str())),
+                created_after_ms: f.created_after_ms,
+                created_before_ms: f.created_before_ms,
+                after: cursor.as_ref().map(|(ms, id)| (*ms, id.as_str())),
+                // One more than a page: whether there is a next page.
+                limit: limit + 1,
+            },
+        )
+        .await?;
         let more = rows.len() as i64 > limit;
         let jobs: Vec<Job> = rows
             .into_iter()
@@ -504,34 +394,26 @@ impl JobService {
             ));
         }
         let now = now_ms();
-        let dialect = self.db.dialect();
         let event = AuditEvent::by(identity, "job.cancel", format!("job/{id}"));
-        let changed: u64 = on_db!(&self.db, p => async {
-            let mut tx = begin_write!(p, dialect)?;
-            // Queued: cancelled here and now. Running: flagged for its worker.
-            let queued = sqlx::query(
-                "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_ms = $1, updated_ms = $1, \
-                 error_code = 'cancelled', error_message = 'cancelled by the client' \
-                 WHERE tenant = $2 AND id = $3 AND status = 'queued'")
-                .bind(now).bind(identity.tenant.as_str()).bind(id.as_str())
-                .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
-            let running = sqlx::query(
-                "UPDATE jobs SET cancel_requested = 1, updated_ms = $1 \
-                 WHERE tenant = $2 AND id = $3 AND status = 'running'")
-                .bind(now).bind(identity.tenant.as_str()).bind(id.as_str())
-                .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
-            if queued + running == 0 {
-                tx.rollback().await.map_err(db_error)?;
-                return Ok::<u64, CodedError>(0);
-            }
-            append_tx!(&mut tx, dialect, event.clone().details(json!({
-                "state": if queued > 0 { "queued" } else { "running" },
-            })))?;
-            tx.commit().await.map_err(db_error)?;
-            Ok(queued * 2 + running)
-        }.await)?;
+        let tenant = identity.tenant.as_str();
+        let changed = async {
+            let mut tx = self.db.begin_write().await?;
+            let mark = storage::jobs::mark_cancelled(&mut tx, tenant, id.as_str(), now).await?;
+            let state = match mark {
+                CancelMark::Queued => "queued",
+                CancelMark::Running => "running",
+                CancelMark::Finished => {
+                    tx.rollback().await?;
+                    return Ok::<_, CodedError>(mark);
+                }
+            };
+            audit::append(&mut tx, event.details(json!({ "state": state }))).await?;
+            tx.commit().await?;
+            Ok(mark)
+        }
+        .await?;
         match changed {
-            0 => {
+            CancelMark::Finished => {
                 // It finished between the read and the update.
                 let job = self.row(&identity.tenant, id).await?.job;
                 Err(CodedError::new(
@@ -539,7 +421,7 @@ impl JobService {
                     format!("job {id} already {}", job.status.as_str()),
                 ))
             }
-            1 => {
+            CancelMark::Running => {
                 // Running: stop it in the data plane. If the data plane cannot
                 // be reached the flag stays, and the job's worker records the
                 // cancellation when its run returns.
@@ -548,7 +430,7 @@ impl JobService {
                 }
                 self.wait(identity, id, Duration::from_secs(5)).await
             }
-            _ => {
+            CancelMark::Queued => {
                 self.metrics.job_queue_depth.dec();
                 let _ = self.finished.send(id.to_string());
                 self.metrics

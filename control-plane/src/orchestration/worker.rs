@@ -22,11 +22,11 @@ use shared::ids::{JobId, TenantId};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::jobs::{JobRow, JobService, row_to_job};
-use crate::audit::{AuditEvent, append_tx, begin_write};
+use super::jobs::{JobRow, JobService};
+use crate::audit::{self, AuditEvent};
 use crate::metrics::StatusLabel;
-use crate::on_db;
-use crate::storage::{Dialect, db_error, new_id, now_ms};
+use crate::storage::jobs::Finish;
+use crate::storage::{self, StorageError, new_id, now_ms};
 
 /// Actor of the events the workers record.
 const WORKER_ACTOR: &str = "control-plane/worker";
@@ -92,77 +92,40 @@ async fn worker_loop(jobs: Arc<JobService>, owner: String, shutdown: Cancellatio
     }
 }
 
-/// Takes the oldest runnable job: queued and due, or running with an
-/// expired lease (its worker died). The claim and its audit event commit
+/// Takes the next runnable job (see [`storage::jobs::claim`]: due or
+/// abandoned, fair across tenants). The claim and its audit event commit
 /// together.
-async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, CodedError> {
+async fn claim(jobs: &JobService, owner: &str) -> Result<Option<JobRow>, StorageError> {
     let now = now_ms();
     let lease_until = now + jobs.settings.lease.as_millis() as i64;
-    let dialect = jobs.db.dialect();
-    // One statement; Postgres also skips rows other replicas have locked.
-    // Fair across tenants (issue 15, section 5): a tenant already running
-    // `tenant_max_running` jobs is skipped, and the tenant with the fewest
-    // running jobs goes first; within a tenant, oldest first.
-    macro_rules! running_of_tenant {
-        () => {
-            "(SELECT COUNT(*) FROM jobs r WHERE r.tenant = j.tenant AND r.status = 'running' AND r.lease_expires_ms >= $3)"
-        };
-    }
-    macro_rules! claim_sql {
-        ($lock:literal) => {
-            concat!(
-                "UPDATE jobs SET status = 'running', lease_owner = $1, lease_expires_ms = $2, ",
-                "attempts = attempts + 1, started_ms = COALESCE(started_ms, $3), updated_ms = $3 ",
-                "WHERE id = (SELECT j.id FROM jobs j WHERE ((j.status = 'queued' AND j.next_run_ms <= $3) ",
-                "OR (j.status = 'running' AND j.lease_expires_ms < $3)) ",
-                "AND j.attempts < j.max_attempts AND j.cancel_requested = 0 ",
-                "AND ",
-                running_of_tenant!(),
-                " < $4 ORDER BY ",
-                running_of_tenant!(),
-                ", j.next_run_ms, j.created_ms LIMIT 1",
-                $lock,
-                ") RETURNING *"
-            )
-        };
-    }
-    let sql = match dialect {
-        Dialect::Postgres => claim_sql!(" FOR UPDATE SKIP LOCKED"),
-        Dialect::Sqlite => claim_sql!(""),
+    let mut tx = jobs.db.begin_write().await?;
+    let claimed = storage::jobs::claim(
+        &mut tx,
+        owner,
+        lease_until,
+        now,
+        jobs.settings.tenant_max_running,
+    )
+    .await?;
+    let Some(row) = claimed else {
+        tx.rollback().await?;
+        return Ok(None);
     };
-    let claimed = on_db!(&jobs.db, p => async {
-        let mut tx = begin_write!(p, dialect)?;
-        let Some(row) = sqlx::query(sql)
-            .bind(owner).bind(lease_until).bind(now).bind(jobs.settings.tenant_max_running)
-            .fetch_optional(&mut *tx).await.map_err(db_error)? else {
-            tx.rollback().await.map_err(db_error)?;
-            return Ok::<_, CodedError>(None);
-        };
-        let row = row_to_job(&row)?;
-        let ev = AuditEvent {
-            tenant: row.tenant.clone(),
-            actor: WORKER_ACTOR.into(),
-            action: "job.start".into(),
-            resource: format!("job/{}", row.job.job_id),
-            outcome: "succeeded".into(),
-            bypass: false,
-            details: json!({"attempt": row.job.attempts, "worker": owner}),
-        };
-        append_tx!(&mut tx, dialect, ev)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(Some(row))
-    }.await)?;
-    if claimed.is_some() {
-        jobs.metrics
-            .job_queue_depth
-            .set(queue_depth(jobs).await.unwrap_or(0));
-    }
-    Ok(claimed)
-}
-
-async fn queue_depth(jobs: &JobService) -> Result<i64, CodedError> {
-    on_db!(&jobs.db, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-        .fetch_one(p).await.map_err(db_error))
+    let ev = AuditEvent {
+        tenant: row.tenant.clone(),
+        actor: WORKER_ACTOR.into(),
+        action: "job.start".into(),
+        resource: format!("job/{}", row.job.job_id),
+        outcome: "succeeded".into(),
+        bypass: false,
+        details: json!({"attempt": row.job.attempts, "worker": owner}),
+    };
+    audit::append(&mut tx, ev).await?;
+    tx.commit().await?;
+    jobs.metrics
+        .job_queue_depth
+        .set(storage::jobs::queue_depth(&jobs.db).await.unwrap_or(0));
+    Ok(Some(row))
 }
 
 async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &CancellationToken) {
@@ -342,13 +305,9 @@ async fn renew_lease(jobs: &JobService, owner: &str, tenant: &str, id: &str) {
         tokio::time::sleep(period).await;
         let now = now_ms();
         let until = now + jobs.settings.lease.as_millis() as i64;
-        let r = on_db!(&jobs.db, p => sqlx::query(
-            "UPDATE jobs SET lease_expires_ms = $1, updated_ms = $2 WHERE id = $3 AND lease_owner = $4 AND status = 'running'")
-            .bind(until).bind(now).bind(id).bind(owner)
-            .execute(p).await.map(|r| r.rows_affected()));
-        match r {
-            Ok(0) => return,
-            Ok(_) => failures = 0,
+        match storage::jobs::renew_lease(&jobs.db, id, owner, until, now).await {
+            Ok(false) => return,
+            Ok(true) => failures = 0,
             Err(e) => {
                 failures += 1;
                 tracing::warn!(job = %id, error = %e, "lease renewal failed");
@@ -367,9 +326,10 @@ async fn renew_lease(jobs: &JobService, owner: &str, tenant: &str, id: &str) {
 }
 
 async fn is_cancel_requested(jobs: &JobService, id: &str) -> bool {
-    let r = on_db!(&jobs.db, p => sqlx::query_scalar::<_, i64>("SELECT cancel_requested FROM jobs WHERE id = $1")
-        .bind(id).fetch_optional(p).await);
-    matches!(r, Ok(Some(1)))
+    matches!(
+        storage::jobs::cancel_requested(&jobs.db, id).await,
+        Ok(true)
+    )
 }
 
 /// Records a final status, if `owner` still holds the job (or, for the
@@ -381,15 +341,9 @@ async fn finalize(
     status: JobStatus,
     output: Option<JobOutput>,
     error: Option<JobFailure>,
-) -> Result<(), CodedError> {
+) -> Result<(), StorageError> {
     let id = &row.job.job_id;
     let now = now_ms();
-    let result = output
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
-    let dialect = jobs.db.dialect();
     let ev = AuditEvent {
         tenant: row.tenant.clone(),
         actor: WORKER_ACTOR.into(),
@@ -405,45 +359,33 @@ async fn finalize(
             "error": error.as_ref().map(|e| &e.code),
         }),
     };
-    let guard_owner = owner.map(str::to_owned);
-    let changed = on_db!(&jobs.db, p => async {
-        let mut tx = begin_write!(p, dialect)?;
-        let n = sqlx::query(
-            "UPDATE jobs SET status = $1, result = $2, error_code = $3, error_message = $4, \
-             finished_ms = $5, updated_ms = $5, lease_owner = NULL, lease_expires_ms = NULL \
-             WHERE id = $6 AND status = 'running' \
-             AND (($7 IS NOT NULL AND lease_owner = $7) OR ($7 IS NULL AND lease_expires_ms < $5))")
-            .bind(status.as_str())
-            .bind(&result)
-            .bind(error.as_ref().map(|e| e.code.clone()))
-            .bind(error.as_ref().map(|e| e.message.clone()))
-            .bind(now)
-            .bind(id)
-            .bind(&guard_owner)
-            .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
-        if n == 0 {
-            tx.rollback().await.map_err(db_error)?;
-            return Ok::<bool, CodedError>(false);
-        }
-        append_tx!(&mut tx, dialect, ev)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(true)
-    }.await)?;
-    if changed {
-        jobs.metrics
-            .jobs_finished
-            .get_or_create(&StatusLabel {
-                status: status.as_str().into(),
-            })
-            .inc();
-        jobs.metrics
-            .job_duration
-            .get_or_create(&StatusLabel {
-                status: status.as_str().into(),
-            })
-            .observe((now - row.job.created_at_ms).max(0) as f64 / 1000.0);
-        let _ = jobs.finished.send(id.clone());
+    let finish = Finish {
+        id,
+        owner,
+        status,
+        output: output.as_ref(),
+        error: error.as_ref(),
+        now,
+    };
+    let mut tx = jobs.db.begin_write().await?;
+    if !storage::jobs::finish(&mut tx, &finish).await? {
+        return tx.rollback().await;
     }
+    audit::append(&mut tx, ev).await?;
+    tx.commit().await?;
+    jobs.metrics
+        .jobs_finished
+        .get_or_create(&StatusLabel {
+            status: status.as_str().into(),
+        })
+        .inc();
+    jobs.metrics
+        .job_duration
+        .get_or_create(&StatusLabel {
+            status: status.as_str().into(),
+        })
+        .observe((now - row.job.created_at_ms).max(0) as f64 / 1000.0);
+    let _ = jobs.finished.send(id.clone());
     Ok(())
 }
 
@@ -455,10 +397,9 @@ async fn requeue(
     owner: &str,
     reason: &str,
     delay: Duration,
-) -> Result<(), CodedError> {
+) -> Result<(), StorageError> {
     let id = &row.job.job_id;
     let now = now_ms();
-    let dialect = jobs.db.dialect();
     let ev = AuditEvent {
         tenant: row.tenant.clone(),
         actor: WORKER_ACTOR.into(),
@@ -468,21 +409,14 @@ async fn requeue(
         bypass: false,
         details: json!({"attempts": row.job.attempts, "reason": reason, "delayMs": delay.as_millis() as u64}),
     };
-    on_db!(&jobs.db, p => async {
-        let mut tx = begin_write!(p, dialect)?;
-        let n = sqlx::query(
-            "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_ms = NULL, \
-             next_run_ms = $1, updated_ms = $2 WHERE id = $3 AND lease_owner = $4 AND status = 'running'")
-            .bind(now + delay.as_millis() as i64).bind(now).bind(id).bind(owner)
-            .execute(&mut *tx).await.map_err(db_error)?.rows_affected();
-        if n == 0 {
-            tx.rollback().await.map_err(db_error)?;
-            return Ok::<(), CodedError>(());
-        }
-        append_tx!(&mut tx, dialect, ev)?;
-        tx.commit().await.map_err(db_error)?;
-        Ok(())
-    }.await)?;
+    let mut tx = jobs.db.begin_write().await?;
+    let next_run_ms = now + delay.as_millis() as i64;
+    if !storage::jobs::requeue(&mut tx, id, owner, next_run_ms, now).await? {
+        tx.rollback().await?;
+        return Ok(());
+    }
+    audit::append(&mut tx, ev).await?;
+    tx.commit().await?;
     tracing::info!(job = %id, reason, delay_ms = delay.as_millis() as u64, "job requeued");
     jobs.metrics.job_queue_depth.inc();
     jobs.wake.notify_one();
@@ -501,30 +435,20 @@ async fn sweeper_loop(jobs: Arc<JobService>, shutdown: CancellationToken) {
         if let Err(e) = sweep(&jobs).await {
             tracing::warn!(error = %e, "sweeping abandoned jobs failed");
         }
-        if let Ok(depth) = queue_depth(&jobs).await {
+        if let Ok(depth) = storage::jobs::queue_depth(&jobs.db).await {
             jobs.metrics.job_queue_depth.set(depth);
         }
         // Keys past IDEMPOTENCY_TTL are forgotten (their jobs stay).
         let now = now_ms();
-        if let Err(e) = on_db!(&jobs.db, p => sqlx::query("DELETE FROM idempotency_keys WHERE expires_ms < $1")
-            .bind(now).execute(p).await.map(|_| ()))
-        {
+        if let Err(e) = storage::jobs::expire_keys(&jobs.db, now).await {
             tracing::warn!(error = %e, "expiring idempotency keys failed");
         }
     }
 }
 
 /// One pass of the sweeper; returns how many jobs it closed.
-pub(crate) async fn sweep(jobs: &JobService) -> Result<usize, CodedError> {
-    let now = now_ms();
-    let rows: Vec<JobRow> = on_db!(&jobs.db, p => {
-        let rows = sqlx::query(
-            "SELECT * FROM jobs WHERE status = 'running' AND lease_expires_ms < $1 \
-             AND (attempts >= max_attempts OR cancel_requested = 1) LIMIT 100")
-            .bind(now)
-            .fetch_all(p).await.map_err(db_error)?;
-        rows.iter().map(row_to_job).collect::<Result<Vec<_>, _>>()?
-    });
+pub(crate) async fn sweep(jobs: &JobService) -> Result<usize, StorageError> {
+    let rows = storage::jobs::abandoned(&jobs.db, now_ms(), 100).await?;
     let mut closed = 0;
     for row in rows {
         let (status, failure) = if row.cancel_requested {

@@ -36,15 +36,13 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use shared::CodedError;
 use shared::ErrorCode;
-use sqlx::Row;
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
-use crate::audit::{AuditEvent, AuditLog, append_tx, begin_write};
+use crate::audit::{self, AuditEvent, AuditLog};
 use crate::identity::Identity;
 use crate::metrics::{ActionLabel, Metrics};
-use crate::on_db;
-use crate::storage::{Db, db_error, now_ms};
+use crate::storage::{self, Db, now_ms};
 
 /// The bundled platform policy.
 pub const DEFAULT_POLICY: &str = include_str!("default.rego");
@@ -733,11 +731,7 @@ impl PolicyService {
         {
             return Ok(c.clone());
         }
-        let latest: Option<i64> = on_db!(&self.db, p => sqlx::query_scalar(
-            "SELECT MAX(version) FROM tenant_policies WHERE tenant = $1")
-            .bind(tenant)
-            .fetch_one(p).await.map_err(db_error))?;
-        let latest = latest.unwrap_or(0);
+        let latest = storage::policy::latest_version(&self.db, tenant).await?;
         let known = self
             .tenants
             .lock()
@@ -895,38 +889,25 @@ impl PolicyService {
         .map_err(invalid)?;
         let sha = hex::encode(Sha256::digest(rego.as_bytes()));
         let now = now_ms();
-        let dialect = self.db.dialect();
-        let actor = identity.actor();
-        let policy = on_db!(&self.db, p => async {
-            let mut tx = begin_write!(p, dialect)?;
-            if dialect == crate::storage::Dialect::Postgres {
-                // Serializes versions of one tenant across replicas.
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                    .bind(format!("policy:{tenant}"))
-                    .execute(&mut *tx).await.map_err(db_error)?;
-            }
-            let version: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM tenant_policies WHERE tenant = $1")
-                .bind(tenant)
-                .fetch_one(&mut *tx).await.map_err(db_error)?;
-            sqlx::query(
-                "INSERT INTO tenant_policies (tenant, version, rego, sha256, created_by, created_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6)")
-                .bind(tenant).bind(version).bind(rego).bind(&sha).bind(&actor).bind(now)
-                .execute(&mut *tx).await.map_err(db_error)?;
-            append_tx!(&mut tx, dialect, AuditEvent::by(identity, "policy.update", format!("policy/{tenant}"))
-                .details(json!({"version": version, "sha256": sha})))?;
-            tx.commit().await.map_err(db_error)?;
-            Ok::<_, CodedError>(TenantPolicy {
+        let policy = async {
+            let mut tx = self.db.begin_write().await?;
+            let policy = TenantPolicy {
                 tenant: tenant.to_owned(),
-                version,
+                version: storage::policy::next_version(&mut tx, tenant).await?,
                 rego: rego.to_owned(),
-                sha256: sha.clone(),
-                created_by: actor.clone(),
+                sha256: sha,
+                created_by: identity.actor(),
                 created_ms: now,
                 last_fault: None,
-            })
-        }.await)?;
+            };
+            storage::policy::insert(&mut tx, &policy).await?;
+            let ev = AuditEvent::by(identity, "policy.update", format!("policy/{tenant}"))
+                .details(json!({"version": policy.version, "sha256": policy.sha256}));
+            audit::append(&mut tx, ev).await?;
+            tx.commit().await?;
+            Ok::<_, CodedError>(policy)
+        }
+        .await?;
         self.tenants
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -952,21 +933,7 @@ impl PolicyService {
         tenant: &str,
         limit: i64,
     ) -> Result<Vec<TenantPolicy>, CodedError> {
-        on_db!(&self.db, p => {
-            let rows = sqlx::query(
-                "SELECT * FROM tenant_policies WHERE tenant = $1 ORDER BY version DESC LIMIT $2")
-                .bind(tenant).bind(limit)
-                .fetch_all(p).await.map_err(db_error)?;
-            rows.iter().map(|r| Ok(TenantPolicy {
-                tenant: r.try_get("tenant").map_err(db_error)?,
-                version: r.try_get("version").map_err(db_error)?,
-                rego: r.try_get("rego").map_err(db_error)?,
-                sha256: r.try_get("sha256").map_err(db_error)?,
-                created_by: r.try_get("created_by").map_err(db_error)?,
-                created_ms: r.try_get("created_ms").map_err(db_error)?,
-                last_fault: None,
-            })).collect::<Result<Vec<_>, CodedError>>()
-        })
+        Ok(storage::policy::versions(&self.db, tenant, limit).await?)
     }
 }
 
@@ -1258,12 +1225,18 @@ deny contains "agents get at most 256 MiB" if {
         let t = TestDb::new(DatabaseDriver::Sqlite).await;
         let (policy, _, _) = service(&t.db);
         // Stored before these checks existed (or written around the API).
-        on_db!(&t.db, p => sqlx::query(
-            "INSERT INTO tenant_policies (tenant, version, rego, sha256, created_by, created_ms) \
-             VALUES ($1, 1, $2, 'x', 'old', 0)")
-            .bind("acme").bind(RANGE_COUNT)
-            .execute(p).await.map(|_| ()))
-        .unwrap();
+        let mut tx = t.db.begin_write().await.unwrap();
+        let stored = TenantPolicy {
+            tenant: "acme".into(),
+            version: 1,
+            rego: RANGE_COUNT.into(),
+            sha256: "x".into(),
+            created_by: "old".into(),
+            created_ms: 0,
+            last_fault: None,
+        };
+        storage::policy::insert(&mut tx, &stored).await.unwrap();
+        tx.commit().await.unwrap();
         let before = std::time::Instant::now();
         let d = policy
             .evaluate(&who("acme", &["agent"]), &ask("job.submit", json!({})))

@@ -1,16 +1,26 @@
 //! The metadata database: PostgreSQL in production, SQLite embedded. One
 //! schema for both (migrations under `migrations/{postgres,sqlite}`, applied
-//! at start). Queries are written once: [`on_db!`] expands the same code for
-//! each pool type, and the few statements that differ pick by [`Dialect`].
+//! at start). Queries are written once: [`on_db!`] and [`on_tx!`] expand the
+//! same code for each database, and the few statements that differ pick by
+//! [`Dialect`].
 //!
-//! Only the domain modules (`audit`, `orchestration`, `policy`, `sessions`)
-//! use this; no handler touches sqlx.
+//! This module is the only one that speaks SQL: one repository per domain
+//! ([`audit`], [`jobs`] with the workers' claims and the idempotency keys,
+//! [`sessions`], [`policy`]), each a set of functions with typed arguments
+//! and rows. Domain code calls them and never sees sqlx; a change that must
+//! commit with its audit event takes a [`WriteTx`] from [`Db::begin_write`]
+//! and passes it to each repository call. Failures are [`StorageError`]s,
+//! which know nothing of HTTP: the domain maps them to its coded errors
+//! (`crate::errors`). `tests/layering.rs` keeps it that way.
+
+pub mod audit;
+pub mod jobs;
+pub mod policy;
+pub mod sessions;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use shared::CodedError;
-use shared::ErrorCode;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -34,7 +44,6 @@ pub enum Dialect {
 
 /// Runs the same code against whichever pool `$db` holds: `$pool` is bound
 /// to a `&PgPool` or a `&SqlitePool`.
-#[macro_export]
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
@@ -43,16 +52,129 @@ macro_rules! on_db {
         }
     };
 }
+pub(crate) use on_db;
 
-/// The database could not be used.
+/// Runs the same code inside whichever transaction `$tx` (a `&mut
+/// WriteTx`) holds: `$conn` is bound to the `&mut sqlx::Transaction` of
+/// either database (`&mut **$conn` is its executor).
+macro_rules! on_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match &mut $tx.inner {
+            $crate::storage::TxInner::Postgres($conn) => $body,
+            $crate::storage::TxInner::Sqlite($conn) => $body,
+        }
+    };
+}
+pub(crate) use on_tx;
+
+/// Why the database could not do what was asked. It says nothing about
+/// HTTP: the domain decides what each case means to its caller.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The database's settings are wrong (URL, schema name, file).
     #[error("{0}")]
     Config(String),
+    /// The database cannot be reached now (pool exhausted or closed,
+    /// network, TLS): worth retrying later.
     #[error("database: {0}")]
-    Sqlx(#[from] sqlx::Error),
+    Unavailable(#[source] sqlx::Error),
+    /// A stored row does not read back as what was written: altered at
+    /// rest, or a bug.
+    #[error("stored {what} is corrupt: {detail}")]
+    Corrupt { what: String, detail: String },
+    /// A value could not be encoded for storage (JSON text): a bug.
+    #[error("{what} does not encode: {detail}")]
+    Encode { what: String, detail: String },
+    /// The database refused or failed a statement: a bug.
+    #[error("database: {0}")]
+    Query(#[source] sqlx::Error),
+    /// The migrations could not be applied.
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(e: sqlx::Error) -> StorageError {
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => StorageError::Unavailable(e),
+            other => StorageError::Query(other),
+        }
+    }
+}
+
+impl StorageError {
+    /// A stored value of `what` that does not parse.
+    pub(crate) fn corrupt(what: &str, detail: impl std::fmt::Display) -> StorageError {
+        StorageError::Corrupt {
+            what: what.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// `value` as the JSON text a column stores.
+pub(crate) fn to_json<T: serde::Serialize + ?Sized>(
+    what: &str,
+    value: &T,
+) -> Result<String, StorageError> {
+    serde_json::to_string(value).map_err(|e| StorageError::Encode {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// A JSON text column read back as `T`.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    text: &str,
+) -> Result<T, StorageError> {
+    serde_json::from_str(text).map_err(|e| StorageError::corrupt(what, e))
+}
+
+/// An open write transaction on either database: `BEGIN IMMEDIATE` on
+/// SQLite (the write lock is taken at once, so a later write cannot fail on
+/// a stale snapshot), a plain `BEGIN` on Postgres. Repository functions
+/// that take it run inside it; dropped without [`WriteTx::commit`], it
+/// rolls back.
+pub struct WriteTx {
+    inner: TxInner,
+}
+
+/// The transaction of one database.
+enum TxInner {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl WriteTx {
+    /// Which SQL dialect the transaction speaks.
+    pub(crate) fn dialect(&self) -> Dialect {
+        match self.inner {
+            TxInner::Postgres(_) => Dialect::Postgres,
+            TxInner::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// Makes every change of the transaction durable.
+    pub async fn commit(self) -> Result<(), StorageError> {
+        match self.inner {
+            TxInner::Postgres(tx) => tx.commit().await?,
+            TxInner::Sqlite(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    /// Undoes every change of the transaction.
+    pub async fn rollback(self) -> Result<(), StorageError> {
+        match self.inner {
+            TxInner::Postgres(tx) => tx.rollback().await?,
+            TxInner::Sqlite(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
 }
 
 impl Db {
@@ -135,9 +257,19 @@ impl Db {
         }
     }
 
+    /// Opens a write transaction (see [`WriteTx`]).
+    pub async fn begin_write(&self) -> Result<WriteTx, StorageError> {
+        let inner = match self {
+            Db::Postgres(p) => TxInner::Postgres(p.begin().await?),
+            Db::Sqlite(p) => TxInner::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+        };
+        Ok(WriteTx { inner })
+    }
+
     /// A cheap round trip, for `/readyz`.
-    pub async fn ping(&self) -> Result<(), CodedError> {
-        on_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(db_error)
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        on_db!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
     }
 
     /// Closes every connection.
@@ -196,22 +328,6 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StorageError> {
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true))
-}
-
-/// Maps a database failure to the API: unreachable -> 503, else a bug (500).
-pub fn db_error(e: sqlx::Error) -> CodedError {
-    match &e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => {
-            CodedError::new(ErrorCode::StorageUnavailable, format!("database: {e}"))
-        }
-        _ => {
-            tracing::error!(error = %e, "database error");
-            CodedError::new(ErrorCode::Internal, "database error")
-        }
-    }
 }
 
 /// Milliseconds since the Unix epoch.
