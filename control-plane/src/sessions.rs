@@ -150,6 +150,7 @@ impl SessionService {
                 policy_request(&req),
             )
             .await?;
+        crate::policy::refuse_unbuilt(req.egress.as_deref(), req.secrets.as_deref())?;
         let view = self
             .dp
             .create_session(

@@ -742,6 +742,63 @@ async fn policy_denials_and_bad_ids_stop_before_the_data_plane() {
     assert!(reached.is_empty(), "{reached:?}");
 }
 
+/// A platform policy that allows egress and secrets does not make them
+/// silently disappear: until controlled egress and secret injection exist,
+/// such a request is 501 `not_implemented` naming the field, and nothing
+/// reaches the data plane or the queue.
+#[tokio::test]
+async fn egress_or_secrets_that_policy_allows_are_refused_clearly_not_dropped() {
+    let stub = Stub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let permissive = dir.path().join("platform.rego");
+    std::fs::write(
+        &permissive,
+        "package sandbox.platform\n\ndeny contains msg if {\n\tfalse\n\tmsg := \"never\"\n}\n",
+    )
+    .unwrap();
+    let cp = cp(
+        &stub.url,
+        &["--policy-default-path", permissive.to_str().unwrap()],
+    )
+    .await;
+    let acme = token("acme", &["agent"]);
+    for (path, body, field) in [
+        ("/v1/sessions", json!({"egress": ["pypi.org"]}), "egress"),
+        (
+            "/v1/sessions",
+            json!({"secrets": ["db-password"]}),
+            "secrets",
+        ),
+        (
+            "/v1/jobs",
+            json!({"code": "1", "egress": ["pypi.org"]}),
+            "egress",
+        ),
+        (
+            "/v1/jobs",
+            json!({"code": "1", "secrets": ["db-password"]}),
+            "secrets",
+        ),
+    ] {
+        let a = cp.call("POST", path, Some(&acme), Some(body)).await;
+        let message = a.coded(501, "not_implemented");
+        assert!(message.starts_with(field), "{message}");
+    }
+    // Nothing reached the data plane; the same request without them does.
+    let creates = |stub: &Stub| {
+        stub.seen()
+            .iter()
+            .filter(|s| s.method == "POST" && s.path == "/internal/v1/sessions")
+            .count()
+    };
+    assert_eq!(creates(&stub), 0);
+    cp.call("POST", "/v1/sessions", Some(&acme), Some(json!({})))
+        .await;
+    assert_eq!(creates(&stub), 1);
+    let jobs = cp.call("GET", "/v1/jobs", Some(&acme), None).await.body;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+}
+
 /// Jobs are queued in the database (no worker runs here): the same key and
 /// body give the same job, another body under that key is a 422, and the
 /// listing is per tenant. Nothing is sent to the data plane to queue a job.

@@ -163,6 +163,7 @@ impl JobService {
                 },
             )
             .await?;
+        crate::policy::refuse_unbuilt(req.egress.as_deref(), req.secrets.as_deref())?;
         let hash = fingerprint(&serde_json::to_value(&req).map_err(|e| {
             CodedError::new(
                 ErrorCode::Internal,

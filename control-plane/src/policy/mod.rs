@@ -444,6 +444,33 @@ fn literal_args(after: &str) -> Option<Vec<i64>> {
 /// Refuses a tenant policy that calls a builtin able to build unbounded
 /// values ([`REFUSED_BUILTINS`], or `numbers.range*` without small literal
 /// bounds). Depends on the source only, never on an input.
+/// What policy may allow but this build cannot do yet is refused with a
+/// clear code after policy has allowed it, never silently dropped: egress
+/// (until controlled egress exists the sandbox has no network) and secrets
+/// (until secret injection exists). Called by every path that starts code.
+pub fn refuse_unbuilt(
+    egress: Option<&[String]>,
+    secrets: Option<&[String]>,
+) -> Result<(), CodedError> {
+    if let Some(hosts) = egress.filter(|e| !e.is_empty()) {
+        return Err(CodedError::new(
+            ErrorCode::NotImplemented,
+            format!(
+                "egress: policy allows {hosts:?}, but controlled egress is not available yet; sandboxes have no network"
+            ),
+        ));
+    }
+    if let Some(names) = secrets.filter(|s| !s.is_empty()) {
+        return Err(CodedError::new(
+            ErrorCode::NotImplemented,
+            format!(
+                "secrets: policy allows {names:?}, but secret injection is not available yet; nothing was started"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_bounded(rego: &str) -> Result<(), String> {
     for (name, after) in refs(rego) {
         if REFUSED_BUILTINS.contains(&name.as_str()) {
