@@ -7,7 +7,14 @@
 //! - a one-shot job, submit to result (POST, then a long poll), warm pool,
 //!   vs the data plane's synchronous job;
 //! - sustained one-shot jobs, on SQLite and on PostgreSQL, as ms per job
-//!   (100 ms/job = 10 jobs/s) over a burst submitted at once.
+//!   (100 ms/job = 10 jobs/s) over a burst submitted at once;
+//! - the rate limiter's cost: the same warm step through a control plane
+//!   whose buckets are in Redis and through one without limits, interleaved
+//!   (target: p50 of the per-pair difference <= 0.3 ms).
+//!
+//! The control planes of the other rows run with the rate limits off, so a
+//! burst of the throughput row is never refused and those figures stay
+//! comparable with earlier runs.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +31,15 @@ const DP_SECRET: &str = "bench-dp-secret-bench-dp-secret-bench!";
 /// Warm sandboxes kept by the agent in this phase.
 const POOL: usize = 4;
 const USER_SECRET: &str = "bench-user-secret-bench-user-secret!!";
+/// The machine's Redis (the limiter row).
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Control-plane flags that turn the rate limits off.
+const LIMITS_OFF: &[&str] = &[
+    "--rate-limit-requests-per-minute",
+    "0",
+    "--rate-limit-creates-per-minute",
+    "0",
+];
 
 struct Server {
     url: String,
@@ -83,8 +99,9 @@ async fn start_cp(
     driver: &str,
     url: &str,
     schema: Option<&str>,
+    extra: &[&str],
 ) -> anyhow::Result<Server> {
-    let config = <control_plane::Config as Parser>::try_parse_from([
+    let base = [
         "control-plane",
         "--env",
         "dev",
@@ -100,7 +117,10 @@ async fn start_cp(
         url,
         "--job-workers",
         "8",
-    ])?;
+    ];
+    let config = <control_plane::Config as Parser>::try_parse_from(
+        base.iter().chain(extra.iter()).copied(),
+    )?;
     let db = control_plane::storage::Db::connect_in_schema(
         config.database_driver,
         url,
@@ -204,6 +224,11 @@ pub(super) struct CpRows {
     pub job: Row,
     pub throughput_sqlite: Row,
     pub throughput_postgres: Row,
+    pub limiter: Row,
+    /// Artifact upload through `POST /v1/artifacts` vs the data plane directly.
+    pub artifact_upload: Row,
+    /// Artifact download through `GET /v1/artifacts/{id}` vs the data plane directly.
+    pub artifact_download: Row,
 }
 
 pub(super) async fn phase_control_plane(
@@ -219,17 +244,27 @@ pub(super) async fn phase_control_plane(
     let dp = start_dp(&agent, root.path()).await?;
     wait_up(&http, &dp.url).await?;
     let sqlite_url = format!("file:{}/cp.db?mode=rwc", root.path().display());
-    let cp = start_cp(&dp.url, "sqlite", &sqlite_url, None).await?;
+    let cp = start_cp(&dp.url, "sqlite", &sqlite_url, None, LIMITS_OFF).await?;
     wait_up(&http, &cp.url).await?;
     let result = measure(args, sizes, &agent, &http, &dp.url, &cp, rows).await;
+    let artifacts = artifact_throughput(
+        args,
+        &http,
+        &dp.url,
+        &cp.url,
+        &mut rows.artifact_upload,
+        &mut rows.artifact_download,
+    )
+    .await;
     let stopped = cp.stop().await;
+    let limiter = limiter_cost(sizes, &http, &dp.url, root.path(), &mut rows.limiter).await;
 
     // The same burst on PostgreSQL, in a schema of its own.
     let pg = async {
         let pg_url = std::env::var("DATABASE_TEST_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let schema = format!("cp_bench_{}", hex::encode(rand::random::<[u8; 4]>()));
-        let cp = start_cp(&dp.url, "postgres", &pg_url, Some(&schema)).await?;
+        let cp = start_cp(&dp.url, "postgres", &pg_url, Some(&schema), LIMITS_OFF).await?;
         wait_up(&http, &cp.url).await?;
         let r = throughput(args, &agent, &http, &cp.url, &mut rows.throughput_postgres).await;
         let stopped = cp.stop().await;
@@ -246,7 +281,9 @@ pub(super) async fn phase_control_plane(
     let dp_stopped = dp.stop().await;
     let agent_stopped = agent.stop().await;
     result
+        .and(artifacts)
         .and(stopped)
+        .and(limiter)
         .and(pg)
         .and(dp_stopped)
         .and(agent_stopped)
@@ -409,6 +446,110 @@ async fn measure(
     throughput(args, agent, http, cp, &mut rows.throughput_sqlite).await
 }
 
+/// The rate limiter's cost on a warm step: two control planes in front of
+/// the same data plane, one with its buckets in Redis (limits high enough
+/// never to refuse: every step still takes a token with one EVALSHA), one
+/// with the limits off; steps alternate between them. The row's series is
+/// the per-pair difference; both raw series are informational. The Redis
+/// keys are under a prefix of the run's own and expire by themselves (a
+/// full bucket's key lives no longer than it takes to refill).
+async fn limiter_cost(
+    sizes: Sizes,
+    http: &reqwest::Client,
+    dp: &str,
+    root: &std::path::Path,
+    row: &mut Row,
+) -> anyhow::Result<()> {
+    let prefix = format!("cp-bench-{}:", hex::encode(rand::random::<[u8; 4]>()));
+    let on_url = format!("file:{}/cp-limiter-on.db?mode=rwc", root.display());
+    let off_url = format!("file:{}/cp-limiter-off.db?mode=rwc", root.display());
+    let on = start_cp(
+        dp,
+        "sqlite",
+        &on_url,
+        None,
+        &[
+            "--redis-url",
+            REDIS_URL,
+            "--redis-key-prefix",
+            &prefix,
+            "--rate-limit-requests-per-minute",
+            "100000000",
+            "--rate-limit-burst",
+            "100000000",
+        ],
+    )
+    .await?;
+    let off = start_cp(dp, "sqlite", &off_url, None, LIMITS_OFF).await?;
+    let measured = async {
+        wait_up(http, &on.url).await?;
+        wait_up(http, &off.url).await?;
+        let user = user_token()?;
+        let mut sids = Vec::new();
+        for cp in [&on.url, &off.url] {
+            let s = post(http, &format!("{cp}/v1/sessions"), &user, &json!({})).await?;
+            sids.push(s["sessionId"].as_str().context("session id")?.to_owned());
+        }
+        let body = json!({"code": "1+1"});
+        let (mut with, mut without, mut added) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..sizes.warmup_steps + sizes.steps {
+            let mut took = [Duration::ZERO; 2];
+            for (k, (cp, sid)) in [&on.url, &off.url].iter().zip(&sids).enumerate() {
+                let t = Instant::now();
+                let resp = http
+                    .post(format!("{cp}/v1/sessions/{sid}/steps"))
+                    .bearer_auth(&user)
+                    .json(&body)
+                    .send()
+                    .await?;
+                let limited = resp.headers().contains_key("ratelimit-limit");
+                let r: Value = resp.json().await?;
+                took[k] = t.elapsed();
+                ensure!(r["result"] == json!(2), "step answered {r}");
+                ensure!(
+                    limited == (k == 0),
+                    "RateLimit headers only from the limited control plane"
+                );
+            }
+            if i >= sizes.warmup_steps {
+                with.push(took[0]);
+                without.push(took[1]);
+                added.push(took[0].as_secs_f64() * 1000.0 - took[1].as_secs_f64() * 1000.0);
+            }
+        }
+        for (cp, sid) in [&on.url, &off.url].iter().zip(&sids) {
+            let r = http
+                .delete(format!("{cp}/v1/sessions/{sid}"))
+                .bearer_auth(&user)
+                .send()
+                .await?;
+            ensure!(r.status().is_success(), "delete session: {}", r.status());
+        }
+        row.series = Some(Series::new(
+            "added by the Redis rate limiter",
+            "per pair of interleaved steps: (step through a control plane whose request bucket is in Redis: one \
+             EVALSHA per request) minus (the same step through a control plane with the limits off)",
+            "ms",
+            added,
+        ));
+        row.informational.push(Series::ms(
+            "step, Redis limiter on",
+            "POST /v1/sessions/{id}/steps `1+1`, buckets in Redis on 127.0.0.1",
+            &with,
+        ));
+        row.informational.push(Series::ms(
+            "step, limits off",
+            "POST /v1/sessions/{id}/steps `1+1`, RATE_LIMIT_*_PER_MINUTE=0",
+            &without,
+        ));
+        Ok(())
+    }
+    .await;
+    let a = on.stop().await;
+    let b = off.stop().await;
+    measured.and(a).and(b)
+}
+
 /// Submits a burst of jobs at once and waits for all: ms per job over the
 /// whole burst, three bursts.
 async fn throughput(
@@ -533,4 +674,132 @@ async fn agent_churn(agent: &Agent, n: usize, concurrency: usize) -> anyhow::Res
         task.await.context("churn task")??;
     }
     Ok(t.elapsed().as_secs_f64() * 1000.0 / n as f64)
+}
+
+/// Streams `mib` MiB to `url` and downloads the stored artifact from
+/// `download` (+ id) again: (ms per MiB up, ms per MiB down).
+async fn artifact_round(
+    http: &reqwest::Client,
+    upload: &str,
+    download: &str,
+    auth: &str,
+    mib: usize,
+    chunk: &bytes::Bytes,
+) -> anyhow::Result<(f64, f64)> {
+    use futures::StreamExt;
+    let body = futures::stream::iter((0..mib).map({
+        let chunk = chunk.clone();
+        move |_| Ok::<bytes::Bytes, std::io::Error>(chunk.clone())
+    }));
+    let t = Instant::now();
+    let resp = http
+        .post(upload)
+        .bearer_auth(auth)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await?;
+    let status = resp.status();
+    let info: Value = resp.json().await?;
+    let up = t.elapsed().as_secs_f64() * 1000.0 / mib as f64;
+    ensure!(status.is_success(), "{upload}: {status} {info}");
+    ensure!(
+        info["size"] == json!(mib * 1024 * 1024),
+        "upload stored {info}"
+    );
+    let url = format!("{download}/{}", info["artifactId"].as_str().context("id")?);
+    let t = Instant::now();
+    let resp = http.get(&url).bearer_auth(auth).send().await?;
+    ensure!(resp.status().is_success(), "{url}: {}", resp.status());
+    let mut stream = resp.bytes_stream();
+    let mut got = 0usize;
+    while let Some(b) = stream.next().await {
+        got += b?.len();
+    }
+    let down = t.elapsed().as_secs_f64() * 1000.0 / mib as f64;
+    ensure!(got == mib * 1024 * 1024, "{url} returned {got} bytes");
+    let del = http.delete(&url).bearer_auth(auth).send().await?;
+    ensure!(del.status().is_success(), "delete {url}: {}", del.status());
+    Ok((up, down))
+}
+
+/// Artifact upload and download through the control plane (`/v1/artifacts`,
+/// streamed through to the data plane) and to the data plane directly,
+/// interleaved, same bytes, same store: ms per MiB (target through the
+/// control plane: >= 150 MiB/s, i.e. <= 6.7 ms/MiB).
+async fn artifact_throughput(
+    args: &Args,
+    http: &reqwest::Client,
+    dp: &str,
+    cp: &str,
+    upload_row: &mut Row,
+    download_row: &mut Row,
+) -> anyhow::Result<()> {
+    let mib = args
+        .artifact_mib
+        .unwrap_or(if args.quick { 32 } else { 256 });
+    let reps = if args.quick { 2 } else { 3 };
+    let chunk = bytes::Bytes::from(
+        (0..1024 * 1024)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let user = user_token()?;
+    let cred = dp_credential()?;
+    let (mut cp_up, mut cp_down, mut dp_up, mut dp_down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let (u, d) = artifact_round(
+            http,
+            &format!("{dp}/internal/v1/artifacts?name=direct-{rep}"),
+            &format!("{dp}/internal/v1/artifacts"),
+            &cred,
+            mib,
+            &chunk,
+        )
+        .await?;
+        dp_up.push(u);
+        dp_down.push(d);
+        let (u, d) = artifact_round(
+            http,
+            &format!("{cp}/v1/artifacts?name=via-cp-{rep}"),
+            &format!("{cp}/v1/artifacts"),
+            &user,
+            mib,
+            &chunk,
+        )
+        .await?;
+        cp_up.push(u);
+        cp_down.push(d);
+    }
+    let what = |dir: &str, route: &str| {
+        format!(
+            "{mib} MiB {dir} through {route} (streamed; AES-256-GCM, 64 KiB chunks, fsync in the data plane), \
+             ms per MiB; 6.7 ms/MiB = 150 MiB/s"
+        )
+    };
+    upload_row.series = Some(Series::new(
+        "upload via control plane",
+        &what("up", "POST /v1/artifacts"),
+        "ms/MiB",
+        cp_up,
+    ));
+    upload_row.baseline = Some(Series::new(
+        "upload to data plane",
+        &what("up", "POST /internal/v1/artifacts, same run"),
+        "ms/MiB",
+        dp_up,
+    ));
+    download_row.series = Some(Series::new(
+        "download via control plane",
+        &what("down", "GET /v1/artifacts/{id}"),
+        "ms/MiB",
+        cp_down,
+    ));
+    download_row.baseline = Some(Series::new(
+        "download from data plane",
+        &what("down", "GET /internal/v1/artifacts/{id}, same run"),
+        "ms/MiB",
+        dp_down,
+    ));
+    Ok(())
 }

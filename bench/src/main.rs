@@ -253,6 +253,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "sustained jobs, PostgreSQL",
             &[(Stat::P50, 100.0, "ms/job")],
         ),
+        limiter: Row::new(
+            "cpRateLimiterRedis",
+            "rate limiter (Redis) on a warm step",
+            &[(Stat::P50, 0.3, "ms")],
+        ),
+        artifact_upload: Row::new(
+            "cpArtifactUpload",
+            "artifact upload via control plane",
+            &[(Stat::P50, 6.7, "ms/MiB")],
+        ),
+        artifact_download: Row::new(
+            "cpArtifactDownload",
+            "artifact download via control plane",
+            &[(Stat::P50, 6.7, "ms/MiB")],
+        ),
     };
     if let Err(e) = controlplane::phase_control_plane(&args, sizes, &mut cp_rows).await {
         errors.push(format!("control plane: {e:#}"));
@@ -313,6 +328,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         cp_rows.job,
         cp_rows.throughput_sqlite,
         cp_rows.throughput_postgres,
+        cp_rows.limiter,
+        cp_rows.artifact_upload,
+        cp_rows.artifact_download,
     ];
     for r in &mut rows {
         r.finish();

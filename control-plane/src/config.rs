@@ -149,6 +149,50 @@ pub struct Config {
     /// `Host`.
     #[arg(long, env = "MCP_RESOURCE_URL")]
     pub mcp_resource_url: Option<String>,
+
+    /// Requests (every authenticated `/v1`, `/tools` and MCP call) one
+    /// tenant may make per minute, sustained; 0 turns the request limit off.
+    /// A platform policy's `rate_limits` may set another value per tenant.
+    #[arg(long, env = "RATE_LIMIT_REQUESTS_PER_MINUTE", default_value_t = 6000)]
+    pub rate_limit_requests_per_minute: u32,
+    /// Requests one tenant may make at once before the per-minute rate
+    /// applies (the bucket's size).
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = crate::limits::DEFAULT_BURST)]
+    pub rate_limit_burst: u32,
+    /// Sandbox creations (sessions, jobs) one tenant may make per minute,
+    /// sustained; 0 turns the creation limit off.
+    #[arg(long, env = "RATE_LIMIT_CREATES_PER_MINUTE", default_value_t = 600)]
+    pub rate_limit_creates_per_minute: u32,
+    /// Sandbox creations one tenant may make at once (the bucket's size).
+    #[arg(long, env = "RATE_LIMIT_CREATES_BURST", default_value_t = crate::limits::DEFAULT_CREATES_BURST)]
+    pub rate_limit_creates_burst: u32,
+    /// Live sessions one tenant may hold at once (counted in the control
+    /// plane's store); one more -> 429 `tenant_quota_exceeded`.
+    #[arg(long, env = "TENANT_MAX_SESSIONS", default_value_t = 100)]
+    pub tenant_max_sessions: i64,
+    /// Redis shared by the replicas' rate limiters (`redis://host:6379/0`);
+    /// unset: each replica limits on its own, in process.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key the control plane writes.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "cp:")]
+    pub redis_key_prefix: String,
+    /// Bound on one Redis call of the rate limiter; past it the limiter
+    /// counts as unavailable (creation refused, other requests let through).
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+    /// The window of failed-authentication counting: per source, the first
+    /// failure is audited at once, the rest as one aggregated event per window.
+    #[arg(long, env = "AUTH_FAILURE_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub auth_failure_window: Duration,
+    /// Failed authentications one source may have per window; past it the
+    /// source gets 429 `rate_limited` before its token is verified.
+    #[arg(long, env = "AUTH_FAILURE_MAX_PER_WINDOW", default_value_t = 100)]
+    pub auth_failure_max_per_window: u64,
+    /// Take the source of a request from the last `X-Forwarded-For` hop
+    /// (only behind a proxy that appends it); else the peer address.
+    #[arg(long, env = "AUTH_FAILURE_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_failure_trust_forwarded: bool,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `24h` or a bare number of seconds.
@@ -294,6 +338,31 @@ impl Config {
                 "MCP_RESOURCE_URL {u:?} must start with http:// or https://"
             ));
         }
+        for (name, rate, burst) in [
+            (
+                "RATE_LIMIT_BURST",
+                self.rate_limit_requests_per_minute,
+                self.rate_limit_burst,
+            ),
+            (
+                "RATE_LIMIT_CREATES_BURST",
+                self.rate_limit_creates_per_minute,
+                self.rate_limit_creates_burst,
+            ),
+        ] {
+            if rate > 0 && burst < 1 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.tenant_max_sessions < 1 {
+            return Err("TENANT_MAX_SESSIONS must be at least 1".into());
+        }
+        if let Some(url) = &self.redis_url {
+            crate::limits::check_redis_url(url).map_err(|e| format!("REDIS_URL: {e}"))?;
+        }
+        if self.redis_timeout < Duration::from_millis(1) {
+            return Err("REDIS_TIMEOUT must be at least 1ms".into());
+        }
         if let Some(list) = &self.mcp_allowed_origins {
             for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
                 if !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -381,6 +450,9 @@ mod tests {
                 vec!["--mcp-allowed-origins", "evil.com"],
                 "MCP_ALLOWED_ORIGINS",
             ),
+            (vec!["--rate-limit-burst", "0"], "RATE_LIMIT_BURST"),
+            (vec!["--tenant-max-sessions", "0"], "TENANT_MAX_SESSIONS"),
+            (vec!["--redis-url", "http://u:pw@h"], "REDIS_URL"),
         ] {
             let e = with(&args).unwrap_err();
             assert!(e.contains(var), "{args:?}: {e}");

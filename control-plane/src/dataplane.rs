@@ -12,10 +12,12 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{FileList, Limits, StepResult};
-use shared::client::{ClientError, DataPlaneClient, PathStream, StepEvent, TenantClient};
+use shared::client::{
+    ArtifactDownload, ClientError, DataPlaneClient, PathStream, StepEvent, TenantClient,
+};
 use shared::dataplane::{
-    ArtifactInfo, CreateSession, JobResult, RunJob, RunStep, RuntimeInfo, ServiceClaims,
-    SessionView,
+    ArtifactFilter, ArtifactInfo, ArtifactList, ArtifactMeta, CreateSession, JobResult, RunJob,
+    RunStep, RuntimeInfo, ServiceClaims, SessionView,
 };
 use shared::ids::{ArtifactId, JobId, SessionId, TenantId};
 
@@ -400,6 +402,33 @@ impl DataPlane {
             .map_err(dp_error)
     }
 
+    /// Opens an artifact's bytes, all of them or `start..=end` (a range the
+    /// caller has checked against the size): the data plane reads and
+    /// decrypts only the chunks that hold it.
+    pub async fn artifact_open(
+        &self,
+        tenant: &TenantId,
+        id: &ArtifactId,
+        range: Option<(u64, u64)>,
+    ) -> Result<ArtifactDownload, CodedError> {
+        self.scoped(tenant)?
+            .download_artifact_range(id, range)
+            .await
+            .map_err(dp_error)
+    }
+
+    /// One page of the tenant's artifacts.
+    pub async fn artifact_list(
+        &self,
+        tenant: &TenantId,
+        filter: &ArtifactFilter,
+    ) -> Result<ArtifactList, CodedError> {
+        self.scoped(tenant)?
+            .list_artifacts(filter)
+            .await
+            .map_err(dp_error)
+    }
+
     /// Stores an artifact: `body` is passed on to the data plane chunk by
     /// chunk as it arrives, never held whole (the data plane bounds it by
     /// its `ARTIFACT_MAX_BYTES`: 413 `payload_too_large`).
@@ -407,7 +436,7 @@ impl DataPlane {
         &self,
         tenant: &TenantId,
         name: &str,
-        session_id: Option<&SessionId>,
+        meta: &ArtifactMeta,
         body: S,
     ) -> Result<ArtifactInfo, CodedError>
     where
@@ -415,11 +444,7 @@ impl DataPlane {
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
         self.scoped(tenant)?
-            .upload_artifact(
-                name,
-                session_id.map(|s| s.as_ref()),
-                reqwest::Body::wrap_stream(body),
-            )
+            .upload_artifact_meta(name, meta, reqwest::Body::wrap_stream(body))
             .await
             .map_err(dp_error)
     }

@@ -7,10 +7,12 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth_failures;
 pub mod config;
 pub mod dataplane;
 pub mod errors;
 pub mod identity;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod orchestration;
@@ -53,6 +55,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Open long polls and event streams per tenant.
     pub waiters: Arc<waiters::Waiters>,
+    /// Per-tenant rate limits and quotas (in process, or shared via Redis).
+    pub limits: Arc<limits::Limits>,
+    /// Failed authentications per source (aggregated audit, throttling).
+    pub auth_failures: Arc<auth_failures::AuthFailures>,
 }
 
 impl App {
@@ -97,6 +103,14 @@ impl App {
                 tenant_max_concurrent: config.policy_tenant_max_concurrent,
             });
         let dp = DataPlane::new(&config).map_err(anyhow::Error::msg)?;
+        let limits = limits::Limits::new(
+            &config,
+            db.clone(),
+            audit.clone(),
+            metrics.clone(),
+            policy.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let jobs = JobService::new(
             db.clone(),
             policy.clone(),
@@ -111,11 +125,24 @@ impl App {
                 tenant_max_queued: config.job_tenant_max_queued,
                 tenant_max_running: config.job_tenant_max_running,
             },
+            limits.clone(),
         );
-        let sessions = SessionService::new(db.clone(), policy.clone(), dp.clone(), audit.clone());
+        let sessions = SessionService::new(
+            db.clone(),
+            policy.clone(),
+            dp.clone(),
+            audit.clone(),
+            limits.clone(),
+        );
         let waiters = waiters::Waiters::new(config.tenant_max_waiters);
+        let auth_failures = Arc::new(auth_failures::AuthFailures::new(
+            config.auth_failure_window,
+            config.auth_failure_max_per_window,
+        ));
         Ok(Arc::new(App {
             waiters,
+            limits,
+            auth_failures,
             config,
             db,
             verifier,
@@ -176,6 +203,11 @@ pub async fn serve_all(
     }
     let tracker = TaskTracker::new();
     Dispatcher::start(app.jobs.clone(), &tracker, shutdown.clone());
+    tracker.spawn(
+        app.auth_failures
+            .clone()
+            .run(app.audit.clone(), shutdown.clone()),
+    );
     tracker.close();
     tracing::info!(
         addr = %listener.local_addr()?,

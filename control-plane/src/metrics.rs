@@ -19,6 +19,14 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+/// A rate limit or quota by name (`requests`, `creations`, `sessions`).
+/// Never by tenant: tenants are unbounded label cardinality, and which
+/// tenant was refused is in the audit log.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: String,
+}
+
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -33,6 +41,11 @@ pub struct Metrics {
     pub jobs_running: Gauge,
     pub policy_denials: Family<ActionLabel, Counter>,
     pub audit_write_failures: Counter,
+    /// Requests refused by a rate limit or quota, by limit name.
+    pub rate_limited: Family<LimitLabel, Counter>,
+    /// Checks the shared rate limiter (Redis) could not answer, by limit
+    /// name: `requests` were let through, `creations` refused.
+    pub rate_limiter_unavailable: Family<LimitLabel, Counter>,
 }
 
 impl Metrics {
@@ -46,6 +59,8 @@ impl Metrics {
             jobs_running: Gauge::default(),
             policy_denials: Family::default(),
             audit_write_failures: Counter::default(),
+            rate_limited: Family::default(),
+            rate_limiter_unavailable: Family::default(),
             registry: Registry::default(),
         };
         m.http.register(&mut registry);
@@ -78,6 +93,16 @@ impl Metrics {
             "audit_write_failures",
             "Audit events that could not be written (the request was refused)",
             m.audit_write_failures.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a per-tenant rate limit or quota, by limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "rate_limiter_unavailable",
+            "Rate-limit checks the shared store could not answer (requests let through, creations refused), by limit",
+            m.rate_limiter_unavailable.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }
@@ -113,6 +138,16 @@ mod tests {
             })
             .observe(0.05);
         m.http.observe("/healthz", "GET", 200, 0.001);
+        m.rate_limited
+            .get_or_create(&LimitLabel {
+                limit: "requests".into(),
+            })
+            .inc();
+        m.rate_limiter_unavailable
+            .get_or_create(&LimitLabel {
+                limit: "creations".into(),
+            })
+            .inc();
         let text = m.encode();
         for name in [
             "control_plane_http_request_duration_seconds",
@@ -122,6 +157,8 @@ mod tests {
             "control_plane_jobs_running",
             "control_plane_policy_denials_total",
             "control_plane_audit_write_failures_total 1",
+            "control_plane_rate_limited_total{limit=\"requests\"} 1",
+            "control_plane_rate_limiter_unavailable_total{limit=\"creations\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -7,18 +7,22 @@
 //! if it cannot be written, so no code runs unrecorded) and completed
 //! (`step.finish` with runtime, status and duration, never the output).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{FileList, StepResult};
-use shared::client::{ClientError, PathStream, StepEvent};
+use shared::client::{ArtifactDownload, ClientError, PathStream, StepEvent};
 use shared::controlplane::{SessionRequest, SessionStepRequest};
-use shared::dataplane::{ArtifactInfo, CreateSession, RunStep, SessionView};
+use shared::dataplane::{
+    ArtifactFilter, ArtifactInfo, ArtifactList, ArtifactMeta, CreateSession, RunStep, SessionView,
+};
 use shared::ids::{ArtifactId, SessionId};
 use utoipa::ToSchema;
 
@@ -64,6 +68,7 @@ pub struct SessionService {
     policy: PolicyService,
     dp: DataPlane,
     audit: AuditLog,
+    limits: std::sync::Arc<crate::limits::Limits>,
 }
 
 fn cut(s: &str, cap: usize) -> String {
@@ -94,12 +99,19 @@ fn policy_request(req: &SessionRequest) -> serde_json::Value {
 }
 
 impl SessionService {
-    pub fn new(db: Db, policy: PolicyService, dp: DataPlane, audit: AuditLog) -> SessionService {
+    pub fn new(
+        db: Db,
+        policy: PolicyService,
+        dp: DataPlane,
+        audit: AuditLog,
+        limits: std::sync::Arc<crate::limits::Limits>,
+    ) -> SessionService {
         SessionService {
             db,
             policy,
             dp,
             audit,
+            limits,
         }
     }
 
@@ -151,6 +163,10 @@ impl SessionService {
             )
             .await?;
         crate::policy::refuse_unbuilt(req.egress.as_deref(), req.secrets.as_deref())?;
+        // Quotas after validation and policy, so a refused request costs
+        // the tenant no token (crate::limits).
+        self.limits.admit_session(identity).await?;
+        self.limits.admit_creation(identity).await?;
         let view = self
             .dp
             .create_session(
@@ -630,6 +646,48 @@ impl SessionService {
         Ok((info, body))
     }
 
+    /// An artifact's bytes, all or `start..=end` of `info` (which
+    /// [`Self::artifact_info`] gave, policy checked), streamed; the access
+    /// is recorded first.
+    pub async fn artifact_open(
+        &self,
+        identity: &Identity,
+        info: &ArtifactInfo,
+        range: Option<(u64, u64)>,
+    ) -> Result<ArtifactDownload, CodedError> {
+        let id = ArtifactId::parse(info.artifact_id.as_str())
+            .map_err(|e| CodedError::new(ErrorCode::ArtifactNotFound, e.to_string()))?;
+        self.audit
+            .record(
+                AuditEvent::by(identity, "artifact.read", format!("artifact/{id}"))
+                    .details(json!({"name": info.name, "size": info.size, "range": range})),
+            )
+            .await?;
+        self.dp.artifact_open(&identity.tenant, &id, range).await
+    }
+
+    /// One page of the caller's artifacts (policy action `artifact.read`,
+    /// the filters as its request).
+    pub async fn artifact_list(
+        &self,
+        identity: &Identity,
+        filter: &ArtifactFilter,
+    ) -> Result<ArtifactList, CodedError> {
+        self.authorize(
+            identity,
+            "artifact.read",
+            json!({"type": "artifact"}),
+            json!({
+                "sessionId": filter.session_id,
+                "jobId": filter.job_id,
+                "workflowId": filter.workflow_id,
+                "labels": filter.labels,
+            }),
+        )
+        .await?;
+        self.dp.artifact_list(&identity.tenant, filter).await
+    }
+
     /// Stores an artifact whose bytes are streamed through to the data plane
     /// (never held whole; its `ARTIFACT_MAX_BYTES` bounds the size). Policy
     /// action `artifact.write`; recorded first (`started`, refused if the
@@ -645,24 +703,83 @@ impl SessionService {
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
+        let meta = ArtifactMeta {
+            session_id: session_id.map(SessionId::to_string),
+            ..ArtifactMeta::default()
+        };
+        self.artifact_upload_with(identity, name, &meta, None, body)
+            .await
+    }
+
+    /// As [`Self::artifact_upload`], attached to what `meta` names, with
+    /// the size the caller declared (the `size` parameter or the body's
+    /// `Content-Length`). Policy sees it as `input.request.size` (`null`
+    /// when undeclared; the data plane's `ARTIFACT_MAX_BYTES` bounds every
+    /// upload), and a body that outgrows it is cut off: 413.
+    pub async fn artifact_upload_with<S, E>(
+        &self,
+        identity: &Identity,
+        name: &str,
+        meta: &ArtifactMeta,
+        declared: Option<u64>,
+        body: S,
+    ) -> Result<ArtifactInfo, CodedError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let session_id = meta.session_id.as_deref();
+        let request = json!({
+            "name": name,
+            "sessionId": session_id,
+            "jobId": meta.job_id,
+            "workflowId": meta.workflow_id,
+            "labels": meta.labels,
+            "size": declared,
+        });
         self.authorize(
             identity,
             "artifact.write",
             json!({"type": "artifact", "name": name, "session": session_id}),
-            json!({}),
+            request,
         )
         .await?;
         self.audit
             .record(
                 AuditEvent::by(identity, "artifact.write", "artifact")
                     .outcome("started")
-                    .details(json!({"name": name, "session": session_id})),
+                    .details(json!({"name": name, "session": session_id, "size": declared})),
             )
             .await?;
-        let result = self
+        let over = Arc::new(AtomicBool::new(false));
+        let flag = over.clone();
+        let mut seen: u64 = 0;
+        let body = body.map(move |piece| {
+            let piece = piece.map_err(Into::into)?;
+            seen += piece.len() as u64;
+            match declared {
+                Some(max) if seen > max => {
+                    flag.store(true, Ordering::Relaxed);
+                    Err(Box::<dyn std::error::Error + Send + Sync>::from(
+                        "the body is larger than its declared size",
+                    ))
+                }
+                _ => Ok(piece),
+            }
+        });
+        let mut result = self
             .dp
-            .artifact_upload(&identity.tenant, name, session_id, body)
+            .artifact_upload(&identity.tenant, name, meta, body)
             .await;
+        if over.load(Ordering::Relaxed) {
+            result = Err(CodedError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the body is larger than its declared size of {} bytes (size or Content-Length)",
+                    declared.unwrap_or(0)
+                ),
+            ));
+        }
         let ev = match &result {
             Ok(info) => AuditEvent::by(
                 identity,

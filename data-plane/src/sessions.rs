@@ -245,6 +245,10 @@ pub fn artifact_error(e: ArtifactError) -> CodedError {
             CodedError::new(ErrorCode::ArtifactNotFound, "no such artifact")
         }
         ArtifactError::BadName(m) => CodedError::new(ErrorCode::InvalidArgument, m),
+        ArtifactError::Range(size) => CodedError::new(
+            ErrorCode::RangeNotSatisfiable,
+            format!("the range is outside the artifact's {size} bytes"),
+        ),
         ArtifactError::TooLarge(max) => CodedError::new(
             ErrorCode::PayloadTooLarge,
             format!("the artifact is larger than {max} bytes"),

@@ -50,6 +50,8 @@ pub struct WarmPool {
     targets: BTreeMap<Runtime, usize>,
     idle: Mutex<BTreeMap<Runtime, VecDeque<WarmSandbox>>>,
     wake: Notify,
+    /// No more refills (a single-use agent has served its session).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl WarmPool {
@@ -58,7 +60,16 @@ impl WarmPool {
             targets,
             idle: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Stops refilling for good: a single-use agent (a `k8s` runtime pod)
+    /// pre-starts its one interpreter so the pod's claim is a warm start,
+    /// and starts no other once its session exists.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Takes an idle sandbox, if one is ready, and wakes the filler.
@@ -85,6 +96,9 @@ impl WarmPool {
     }
 
     fn missing(&self) -> Option<Runtime> {
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         let idle = self.lock();
         self.targets
             .iter()
@@ -158,6 +172,14 @@ impl WarmPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_pool_asks_for_nothing() {
+        let pool = WarmPool::new(parse_targets("python=1").unwrap());
+        assert_eq!(pool.missing(), Some(Runtime::Python));
+        pool.retire();
+        assert_eq!(pool.missing(), None);
+    }
 
     #[test]
     fn targets() {

@@ -512,6 +512,11 @@ impl SessionManager {
         env: &BTreeMap<String, String>,
         packages: Option<PathBuf>,
     ) -> Result<(bool, WarmSandbox), CodedError> {
+        // A single-use agent's pool held its one pre-started interpreter:
+        // whatever this session takes, no other is started.
+        if self.settings.single_use {
+            self.pool.retire();
+        }
         // Pooled sandboxes have the default limits and no packages.
         if limits == self.settings.defaults
             && packages.is_none()

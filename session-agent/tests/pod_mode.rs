@@ -193,6 +193,10 @@ struct PodAgent {
 /// The agent as the k8s backend configures a runtime pod: production,
 /// `pod` isolation, one session, the admin credential as a digest.
 async fn start_pod_agent(admin: &str) -> PodAgent {
+    start_pod_agent_with(admin, &[]).await
+}
+
+async fn start_pod_agent_with(admin: &str, extra: &[&str]) -> PodAgent {
     let state = tempfile::Builder::new()
         .prefix("sa-pod-")
         .tempdir_in("/tmp")
@@ -204,7 +208,7 @@ async fn start_pod_agent(admin: &str) -> PodAgent {
     let state_dir = state.path().join("agent").display().to_string();
     let workspaces = state.path().join("workspace").display().to_string();
     let digest = sha256_hex(admin);
-    let config = config(&[
+    let mut args = vec![
         "--env",
         "production",
         "--isolation",
@@ -217,7 +221,9 @@ async fn start_pod_agent(admin: &str) -> PodAgent {
         &state_dir,
         "--workspace-root",
         &workspaces,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let config = config(&args);
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(session_agent::serve(listener, config, shutdown.clone()));
     let client = AgentClient::new(&base)
@@ -246,6 +252,43 @@ impl PodAgent {
             .expect("agent task")
             .expect("agent stopped with an error");
     }
+}
+
+/// A warm pod (`SESSION_AGENT_WARM_POOL=python=1`, as the k8s backend sets
+/// it) pre-starts its one interpreter: its session is a warm start, and no
+/// second interpreter is started after it.
+#[tokio::test]
+async fn a_warm_pod_prestarts_one_interpreter_and_never_refills() {
+    let admin = token();
+    let agent = start_pod_agent_with(&admin, &["--warm-pool", "python=1"]).await;
+    let mut primed = false;
+    for _ in 0..400 {
+        let h = agent.client.health().await.expect("health");
+        if h.warm_pool.get("python") == Some(&1) {
+            primed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(primed, "the interpreter was never pre-started");
+    let tok = token();
+    let info = agent
+        .client
+        .create_session(&create_request("pod-warm", "python", &tok))
+        .await
+        .expect("create");
+    assert!(info.warm, "{info:?}");
+    let r = agent
+        .client
+        .step(&step_request("pod-warm", "print(6*7)"), Some(&tok))
+        .await
+        .expect("step");
+    assert_eq!(r.stdout, "42\n");
+    // The filler has had time to refill, and did not.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let h = agent.client.health().await.expect("health");
+    assert_eq!(h.warm_pool.get("python"), Some(&0), "{h:?}");
+    agent.stop().await;
 }
 
 #[tokio::test]

@@ -142,9 +142,280 @@ pub struct ArtifactInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
     pub size: u64,
-    /// SHA-256 of the plaintext, hex.
+    /// SHA-256 of the plaintext, hex (also the download's `ETag`, quoted).
     pub sha256: String,
     pub created_at_ms: u64,
+    /// The job whose `output/` it came from, or the one the uploader named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The workflow it belongs to (named by the uploader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// Free labels (`label=k=v` at upload), to list by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What an artifact is attached to, given at upload and matched by the
+/// list's filters. Every id is checked by the receiving plane.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArtifactMeta {
+    /// A session of the caller's tenant: the artifact is deleted with it.
+    pub session_id: Option<String>,
+    pub job_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Labels per artifact, at most.
+pub const MAX_ARTIFACT_LABELS: usize = 16;
+
+/// Checks one `k=v` label: the key 1-63 bytes of `[A-Za-z0-9._/-]`, the
+/// value at most 255 bytes without control characters.
+pub fn parse_label(raw: &str) -> Result<(String, String), String> {
+    let (k, v) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("label {raw:?} is not k=v"))?;
+    let key_ok = !k.is_empty()
+        && k.len() <= 63
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+    if !key_ok {
+        return Err(format!(
+            "label key {k:?} must be 1-63 bytes of letters, digits, '.', '_', '/', '-'"
+        ));
+    }
+    if v.len() > 255 || v.chars().any(char::is_control) {
+        return Err(format!(
+            "label {k:?}: the value must be at most 255 bytes without control characters"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// Filters of an artifact listing (all given must match) and its page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArtifactFilter {
+    pub session_id: Option<String>,
+    pub job_id: Option<String>,
+    pub workflow_id: Option<String>,
+    /// Every one must be among the artifact's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Page size (the data plane caps it at [`MAX_ARTIFACT_PAGE`]).
+    pub limit: Option<usize>,
+    /// The `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl ArtifactFilter {
+    /// Whether `info` passes every filter (the cursor aside).
+    pub fn matches(&self, info: &ArtifactInfo) -> bool {
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        eq(&self.session_id, &info.session_id)
+            && eq(&self.job_id, &info.job_id)
+            && eq(&self.workflow_id, &info.workflow_id)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| info.labels.get(k) == Some(v))
+    }
+}
+
+/// Largest page of an artifact listing; the default is 100.
+pub const MAX_ARTIFACT_PAGE: usize = 1000;
+
+/// `GET /internal/v1/artifacts` (and `/v1/artifacts`): one page, ordered by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactList {
+    pub artifacts: Vec<ArtifactInfo>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The query of an upload or a listing: `label` may repeat, every other
+/// key at most once; unknown keys are refused.
+#[derive(Debug, Default)]
+pub struct ArtifactQuery {
+    /// `name` (uploads).
+    pub name: Option<String>,
+    /// `sessionId`, `jobId`, `workflowId`, `label`.
+    pub meta: ArtifactMeta,
+    /// `limit` (listings).
+    pub limit: Option<usize>,
+    /// `cursor` (listings).
+    pub cursor: Option<String>,
+    /// `size` (uploads): the declared byte count.
+    pub size: Option<u64>,
+}
+
+impl ArtifactQuery {
+    /// Parses a raw query, accepting only the `allowed` keys; the message
+    /// of an error names the bad parameter.
+    pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<ArtifactQuery, String> {
+        parse_query(raw, allowed)
+    }
+
+    /// The filter of a listing.
+    pub fn into_filter(self) -> ArtifactFilter {
+        ArtifactFilter {
+            session_id: self.meta.session_id,
+            job_id: self.meta.job_id,
+            workflow_id: self.meta.workflow_id,
+            labels: self.meta.labels,
+            limit: self.limit,
+            cursor: self.cursor,
+        }
+    }
+}
+
+fn parse_query(raw: Option<&str>, allowed: &[&str]) -> Result<ArtifactQuery, String> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| format!("query: {e}"))?;
+    let mut q = ArtifactQuery::default();
+    let mut labels = BTreeMap::new();
+    for (k, v) in pairs {
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!(
+                "unknown query parameter {k:?} (expected one of {})",
+                allowed.join(", ")
+            ));
+        }
+        let once = |slot: &mut Option<String>, v: String| {
+            if slot.replace(v).is_some() {
+                Err(format!("query parameter {k:?} is given twice"))
+            } else {
+                Ok(())
+            }
+        };
+        match k.as_str() {
+            "name" => once(&mut q.name, v)?,
+            "sessionId" => {
+                crate::ids::SessionId::parse(v.as_str()).map_err(|e| format!("sessionId: {e}"))?;
+                once(&mut q.meta.session_id, v)?
+            }
+            "jobId" => {
+                crate::ids::JobId::parse(v.as_str()).map_err(|e| format!("jobId: {e}"))?;
+                once(&mut q.meta.job_id, v)?
+            }
+            "workflowId" => {
+                crate::ids::WorkflowId::parse(v.as_str())
+                    .map_err(|e| format!("workflowId: {e}"))?;
+                once(&mut q.meta.workflow_id, v)?
+            }
+            "cursor" => {
+                crate::ids::ArtifactId::parse(v.as_str()).map_err(|e| format!("cursor: {e}"))?;
+                once(&mut q.cursor, v)?
+            }
+            "size" => {
+                let n: u64 = v
+                    .parse()
+                    .map_err(|_| "size must be a byte count".to_owned())?;
+                if q.size.replace(n).is_some() {
+                    return Err("query parameter \"size\" is given twice".into());
+                }
+            }
+            "limit" => {
+                let n: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| "limit must be a positive integer".to_owned())?;
+                if q.limit.replace(n).is_some() {
+                    return Err("query parameter \"limit\" is given twice".into());
+                }
+            }
+            _ => {
+                let (lk, lv) = parse_label(&v)?;
+                if labels.insert(lk.clone(), lv).is_some() {
+                    return Err(format!("label {lk:?} is given twice"));
+                }
+                if labels.len() > MAX_ARTIFACT_LABELS {
+                    return Err(format!("at most {MAX_ARTIFACT_LABELS} labels"));
+                }
+            }
+        }
+    }
+    q.meta.labels = labels;
+    Ok(q)
+}
+
+/// What a `Range` header asks of an object of a known size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No range, an unparsable one, or several ranges: the whole body (200).
+    Full,
+    /// Bytes `start..=end` (206 with `Content-Range`).
+    Part { start: u64, end: u64 },
+    /// A single range outside the object (416 with `Content-Range: bytes */size`).
+    Unsatisfiable,
+}
+
+impl RangeAsk {
+    /// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n` against `size`. Several
+    /// ranges (`bytes=0-1,5-6`) and anything malformed are answered with the
+    /// full body, as RFC 9110 allows.
+    pub fn parse(header: Option<&str>, size: u64) -> RangeAsk {
+        let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+            return RangeAsk::Full;
+        };
+        if spec.contains(',') {
+            return RangeAsk::Full;
+        }
+        let Some((a, b)) = spec.trim().split_once('-') else {
+            return RangeAsk::Full;
+        };
+        let num = |t: &str| {
+            if !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit()) {
+                t.parse::<u64>().ok()
+            } else {
+                None
+            }
+        };
+        match (a.trim(), b.trim()) {
+            ("", n) => match num(n) {
+                Some(0) => RangeAsk::Unsatisfiable,
+                Some(_) if size == 0 => RangeAsk::Unsatisfiable,
+                Some(n) => RangeAsk::Part {
+                    start: size.saturating_sub(n),
+                    end: size - 1,
+                },
+                None => RangeAsk::Full,
+            },
+            (a, "") => match num(a) {
+                Some(a) if a >= size => RangeAsk::Unsatisfiable,
+                Some(a) => RangeAsk::Part {
+                    start: a,
+                    end: size - 1,
+                },
+                None => RangeAsk::Full,
+            },
+            (a, b) => match (num(a), num(b)) {
+                (Some(a), Some(b)) if a > b => RangeAsk::Full,
+                (Some(a), Some(_)) if a >= size => RangeAsk::Unsatisfiable,
+                (Some(a), Some(b)) => RangeAsk::Part {
+                    start: a,
+                    end: b.min(size - 1),
+                },
+                _ => RangeAsk::Full,
+            },
+        }
+    }
+}
+
+/// Whether an `If-None-Match` header names `etag` (a quoted SHA-256) or `*`.
+pub fn etag_matches(if_none_match: Option<&str>, etag: &str) -> bool {
+    if_none_match.is_some_and(|h| {
+        h.split(',').any(|t| {
+            let t = t.trim();
+            let t = t.strip_prefix("W/").unwrap_or(t);
+            t == "*" || t == etag
+        })
+    })
 }
 
 /// `POST /internal/v1/jobs`: a one-shot run in a fresh sandbox. The job id
@@ -253,5 +524,53 @@ mod tests {
             ..cancelled()
         };
         assert!(!oom.is_cancelled() && !raised.is_cancelled());
+    }
+}
+
+#[cfg(test)]
+mod artifact_tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let p = |h: &str, size| RangeAsk::parse(Some(h), size);
+        let part = |start, end| RangeAsk::Part { start, end };
+        assert_eq!(RangeAsk::parse(None, 10), RangeAsk::Full);
+        assert_eq!(p("bytes=0-4", 10), part(0, 4));
+        assert_eq!(p("bytes=5-", 10), part(5, 9));
+        assert_eq!(p("bytes=-3", 10), part(7, 9));
+        assert_eq!(p("bytes=-30", 10), part(0, 9));
+        assert_eq!(p("bytes=8-100", 10), part(8, 9));
+        assert_eq!(p("bytes=10-", 10), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=10-12", 10), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=-0", 10), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=0-0", 0), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=-1", 0), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=0-1,4-5", 10), RangeAsk::Full);
+        assert_eq!(p("bytes=5-2", 10), RangeAsk::Full);
+        assert_eq!(p("items=0-1", 10), RangeAsk::Full);
+        assert_eq!(p("bytes=a-b", 10), RangeAsk::Full);
+        assert_eq!(p("bytes=+1-2", 10), RangeAsk::Full);
+    }
+
+    #[test]
+    fn labels_and_etags() {
+        assert_eq!(
+            parse_label("a=b").expect("a label"),
+            ("a".into(), "b".into())
+        );
+        assert_eq!(
+            parse_label("k=").expect("an empty value"),
+            ("k".into(), String::new())
+        );
+        assert!(parse_label("novalue").is_err());
+        assert!(parse_label("=v").is_err());
+        assert!(parse_label("sp ace=v").is_err());
+        assert!(parse_label("k=line\nbreak").is_err());
+        assert!(etag_matches(Some("\"abc\""), "\"abc\""));
+        assert!(etag_matches(Some("\"x\", W/\"abc\""), "\"abc\""));
+        assert!(etag_matches(Some("*"), "\"abc\""));
+        assert!(!etag_matches(Some("\"abd\""), "\"abc\""));
+        assert!(!etag_matches(None, "\"abc\""));
     }
 }

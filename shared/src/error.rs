@@ -17,6 +17,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// The body is larger than the configured limit.
     PayloadTooLarge,
+    /// A single `Range` outside the artifact (416, with `Content-Range: bytes */size`).
+    RangeNotSatisfiable,
     /// No or wrong credential.
     Unauthorized,
     /// The credential is valid but does not allow this (another tenant).
@@ -98,6 +100,12 @@ pub enum ErrorCode {
     /// or streams, concurrent policy evaluations, concurrent file and
     /// artifact transfers in the data plane): retry later.
     TenantQuotaExceeded,
+    /// A per-tenant rate limit (requests, or sandbox creations) is
+    /// exhausted: retry after `Retry-After` seconds.
+    RateLimited,
+    /// The shared rate limiter (Redis) cannot be reached, so sandbox
+    /// creation is refused (it fails closed).
+    RateLimiterUnavailable,
     /// The route is part of the contract but its feature does not exist yet
     /// (`POST /tools/workflows` until workflows land).
     NotImplemented,
@@ -136,10 +144,11 @@ impl ErrorCode {
             | Self::JobFinished => 409,
             Self::SessionLost => 410,
             Self::PayloadTooLarge => 413,
+            Self::RangeNotSatisfiable => 416,
             Self::IdempotencyKeyReused => 422,
             Self::UnsupportedMediaType => 415,
             Self::WorkspaceFull => 507,
-            Self::CapacityExhausted | Self::TenantQuotaExceeded => 429,
+            Self::CapacityExhausted | Self::TenantQuotaExceeded | Self::RateLimited => 429,
             Self::Internal | Self::SandboxStartFailed | Self::IntegrityError => 500,
             Self::SandboxUnavailable
             | Self::ShuttingDown
@@ -147,7 +156,8 @@ impl ErrorCode {
             | Self::StorageUnavailable
             | Self::AuditUnavailable
             | Self::SandboxImageUnavailable
-            | Self::SandboxUnschedulable => 503,
+            | Self::SandboxUnschedulable
+            | Self::RateLimiterUnavailable => 503,
             Self::SandboxStartTimeout => 504,
             Self::NotImplemented => 501,
         }
@@ -160,6 +170,7 @@ impl ErrorCode {
             Self::InvalidArgument => "invalid_argument",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RangeNotSatisfiable => "range_not_satisfiable",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::RouteNotFound => "route_not_found",
@@ -198,6 +209,8 @@ impl ErrorCode {
             Self::AuditUnavailable => "audit_unavailable",
             Self::PolicyLimitExceeded => "policy_limit_exceeded",
             Self::TenantQuotaExceeded => "tenant_quota_exceeded",
+            Self::RateLimited => "rate_limited",
+            Self::RateLimiterUnavailable => "rate_limiter_unavailable",
             Self::NotImplemented => "not_implemented",
             Self::Internal => "internal",
         }
@@ -264,6 +277,7 @@ mod tests {
         ErrorCode::InvalidArgument,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::RangeNotSatisfiable,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::RouteNotFound,
@@ -302,6 +316,8 @@ mod tests {
         ErrorCode::AuditUnavailable,
         ErrorCode::PolicyLimitExceeded,
         ErrorCode::TenantQuotaExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::RateLimiterUnavailable,
         ErrorCode::NotImplemented,
         ErrorCode::Internal,
     ];
@@ -325,6 +341,7 @@ mod tests {
             400 invalid_argument
             415 unsupported_media_type
             413 payload_too_large
+            416 range_not_satisfiable
             401 unauthorized
             403 forbidden
             404 route_not_found
@@ -363,6 +380,8 @@ mod tests {
             503 audit_unavailable
             403 policy_limit_exceeded
             429 tenant_quota_exceeded
+            429 rate_limited
+            503 rate_limiter_unavailable
             501 not_implemented
             500 internal"#]]
         .assert_eq(&table.join("\n"));

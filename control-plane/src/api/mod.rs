@@ -24,6 +24,7 @@ use crate::identity::{ADMIN_ROLE, BYPASS_TENANT_HEADER, Identity, bypass_identit
 mod admin;
 pub(crate) mod artifacts;
 pub(crate) mod jobs;
+pub mod ratelimit;
 pub(crate) mod sessions;
 
 /// The routes, the middleware and the API description.
@@ -33,7 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .merge(sessions::routes())
-        .route("/v1/artifacts", post(artifacts::upload))
+        .merge(artifacts::routes())
         .route("/v1/runtimes", get(admin::runtimes))
         .route(
             "/v1/tenants/{tenant}/policy",
@@ -42,6 +43,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/policy/evaluate", post(admin::evaluate_policy))
         .route("/v1/audit", get(admin::audit_list))
         .route("/v1/audit/verify", get(admin::audit_verify))
+        // Inside authentication: the request bucket is the caller's tenant's.
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            ratelimit::enforce,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes));
     let probes = Router::new()
@@ -77,6 +83,29 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
         }
         identity
     } else {
+        // Failures are counted per source: a source past its allowance is
+        // refused before its token is even verified.
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
+        let source = crate::auth_failures::source_of(
+            req.headers(),
+            peer,
+            app.config.auth_failure_trust_forwarded,
+        );
+        if let crate::auth_failures::Admit::Throttled(wait) = app.auth_failures.admit(&source) {
+            app.auth_failures.note(&source, &path, "throttled");
+            let mut resp = CodedError::new(
+                ErrorCode::RateLimited,
+                "too many failed authentications from this source; retry later",
+            )
+            .into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return resp;
+        }
         let token = bearer(req.headers());
         let verified = match token {
             Some(t) => app.verifier.verify(t),
@@ -88,17 +117,23 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
         match verified {
             Ok(identity) => identity,
             Err(e) => {
-                let ev = AuditEvent {
-                    tenant: "-".into(),
-                    actor: "anonymous".into(),
-                    action: "auth.failure".into(),
-                    resource: path,
-                    outcome: "refused".into(),
-                    bypass: false,
-                    details: json!({"method": method, "reason": e.message}),
-                };
-                // The 401 stands even if the record cannot be written.
-                let _ = app.audit.record(ev).await;
+                // The window's first failure from this source is audited
+                // now; the rest go into one aggregated event per window.
+                if app.auth_failures.note(&source, &path, &e.message)
+                    == crate::auth_failures::Noted::AuditNow
+                {
+                    let ev = AuditEvent {
+                        tenant: "-".into(),
+                        actor: "anonymous".into(),
+                        action: "auth.failure".into(),
+                        resource: path,
+                        outcome: "refused".into(),
+                        bypass: false,
+                        details: json!({"method": method, "reason": e.message, "source": source}),
+                    };
+                    // The 401 stands even if the record cannot be written.
+                    let _ = app.audit.record(ev).await;
+                }
                 return e.into_response();
             }
         }
@@ -165,7 +200,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         sessions::create, sessions::get_one, sessions::list, sessions::delete,
         sessions::run_step, sessions::list_steps,
         sessions::list_files, sessions::read_file, sessions::write_file, sessions::delete_file,
-        artifacts::upload, sessions::artifact_info, sessions::artifact_download, sessions::artifact_delete,
+        artifacts::upload, artifacts::list, artifacts::info, artifacts::download, artifacts::delete,
         admin::runtimes, admin::get_policy, admin::put_policy, admin::evaluate_policy,
         admin::audit_list, admin::audit_verify, readyz,
     ),
@@ -175,6 +210,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     tags(
         (name = "jobs", description = "One-shot code in a fresh sandbox; idempotent, durable"),
         (name = "sessions", description = "Stateful sandboxes: steps keep their variables"),
+        (name = "artifacts", description = "Files stored encrypted: uploaded, or left by jobs in output/"),
         (name = "policy", description = "Rego policy per tenant"),
         (name = "audit", description = "The hash-chained audit log"),
     )

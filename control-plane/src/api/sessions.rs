@@ -1,12 +1,12 @@
 //! `/v1/sessions`: stateful sandboxes, their steps (sync or SSE) and
-//! workspace files; `/v1/artifacts`: files jobs left in `output/`.
+//! workspace files (`/v1/artifacts` is in `artifacts.rs`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    body::{Body, Bytes},
+    body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
     response::{
@@ -21,8 +21,8 @@ use shared::ErrorCode;
 use shared::agent::{FileList, StepResult};
 use shared::client::PathStream;
 use shared::controlplane::{SessionRequest, SessionStepRequest};
-use shared::dataplane::{ArtifactInfo, SessionView, SessionViewList};
-use shared::ids::{ArtifactId, SessionId};
+use shared::dataplane::{SessionView, SessionViewList};
+use shared::ids::SessionId;
 use shared::server::{ApiJson, ApiPath};
 
 use super::IdentityExt;
@@ -39,11 +39,6 @@ pub(super) fn routes() -> Router<Arc<App>> {
             "/v1/sessions/{id}/files/{*path}",
             get(read_file).put(write_file).delete(delete_file),
         )
-        .route(
-            "/v1/artifacts/{id}",
-            get(artifact_download).delete(artifact_delete),
-        )
-        .route("/v1/artifacts/{id}/info", get(artifact_info))
 }
 
 /// Create a session: a sandbox from the warm pool, kept for its TTL.
@@ -224,54 +219,5 @@ pub async fn delete_file(
     ApiPath((id, path)): ApiPath<(SessionId, String)>,
 ) -> Result<StatusCode, CodedError> {
     app.sessions.delete_file(&caller, &id, &path).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// An artifact's metadata.
-#[utoipa::path(get, path = "/v1/artifacts/{id}/info", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, body = ArtifactInfo), (status = 404, description = "artifact_not_found", body = shared::ErrorBody)))]
-pub async fn artifact_info(
-    State(app): State<Arc<App>>,
-    caller: IdentityExt,
-    ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<Json<ArtifactInfo>, CodedError> {
-    Ok(Json(app.sessions.artifact_info(&caller, &id).await?))
-}
-
-/// An artifact's bytes, decrypted and checked against its SHA-256.
-#[utoipa::path(get, path = "/v1/artifacts/{id}", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, description = "The bytes", content_type = "application/octet-stream"),
-        (status = 404, body = shared::ErrorBody)))]
-pub async fn artifact_download(
-    State(app): State<Arc<App>>,
-    caller: IdentityExt,
-    ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<Response, CodedError> {
-    let (info, body) = app.sessions.artifact_download(&caller, &id).await?;
-    let body = Body::from_stream(body.map(|r| r.map_err(std::io::Error::other)));
-    Ok((
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::CONTENT_LENGTH, info.size.to_string()),
-            (
-                header::HeaderName::from_static("x-artifact-sha256"),
-                info.sha256.clone(),
-            ),
-        ],
-        body,
-    )
-        .into_response())
-}
-
-/// Delete an artifact (its key is destroyed: crypto-shredding).
-#[utoipa::path(delete, path = "/v1/artifacts/{id}", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 204), (status = 404, body = shared::ErrorBody)))]
-pub async fn artifact_delete(
-    State(app): State<Arc<App>>,
-    caller: IdentityExt,
-    ApiPath(id): ApiPath<ArtifactId>,
-) -> Result<StatusCode, CodedError> {
-    app.sessions.artifact_delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -68,6 +68,10 @@ pub fn router_with_shutdown(app: Arc<App>, shutdown: CancellationToken) -> Route
         .merge(rest::router(app.clone()))
         .layer(middleware::from_fn_with_state(
             app.clone(),
+            crate::api::ratelimit::enforce,
+        ))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
             crate::api::authenticate,
         ))
         .layer(middleware::from_fn_with_state(app.clone(), challenge));

@@ -45,7 +45,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/tools/artifacts/upload", post(artifacts::upload))
         .route(
             "/tools/artifacts/{artifactId}/download",
-            get(sessions::artifact_download),
+            get(artifacts::download),
         )
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .with_state(app)

@@ -69,6 +69,8 @@ pub struct JobService {
     pub(crate) dp: DataPlane,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: JobSettings,
+    /// The creation bucket every submission takes a token from.
+    pub(crate) limits: Arc<crate::limits::Limits>,
     /// Wakes idle workers of this replica when a job is queued.
     pub(crate) wake: Arc<Notify>,
     /// Job ids that reached a final status on this replica (for long polls).
@@ -116,6 +118,7 @@ impl JobService {
         dp: DataPlane,
         metrics: Arc<Metrics>,
         settings: JobSettings,
+        limits: Arc<crate::limits::Limits>,
     ) -> Arc<JobService> {
         let (finished, _) = broadcast::channel(1024);
         Arc::new(JobService {
@@ -124,6 +127,7 @@ impl JobService {
             dp,
             metrics,
             settings,
+            limits,
             wake: Arc::new(Notify::new()),
             finished,
         })
@@ -222,6 +226,13 @@ impl JobService {
                         })),
                     };
                 }
+            }
+            // The creation bucket (crate::limits): after validation, policy
+            // and the key, so a replay costs no token; a refusal rolls the
+            // key's claim back, so a retry with the same key is a new try.
+            if let Err(e) = self.limits.admit_creation(identity).await {
+                tx.rollback().await?;
+                return Err(e);
             }
             // One tenant cannot fill the queue for everyone (issue 15, s. 5).
             let queued = storage::jobs::count_queued(&mut tx, tenant).await?;

@@ -135,6 +135,25 @@ enum Fault {
 
 const PLATFORM_DENY: &str = "data.sandbox.platform.deny";
 const TENANT_DENY: &str = "data.sandbox.tenant.deny";
+/// Per-tenant rate limits and quotas (`crate::limits`): the platform's value
+/// replaces the configured default, the tenant's may only lower it.
+const PLATFORM_RATE_LIMITS: &str = "data.sandbox.platform.rate_limits";
+const TENANT_RATE_LIMITS: &str = "data.sandbox.tenant.rate_limits";
+
+/// An object-valued rule as JSON; `null` when it is undefined, absent,
+/// not an object or fails (the caller then keeps its defaults).
+fn object_rule(engine: &Engine, input: &Value, rule: &str) -> serde_json::Value {
+    let mut engine = engine.clone();
+    engine.set_input(input.clone());
+    match engine.eval_rule(rule.into()) {
+        Ok(v @ Value::Object(_)) => v
+            .to_json_str()
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null),
+        _ => serde_json::Value::Null,
+    }
+}
 
 /// The outcome of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -884,6 +903,36 @@ impl PolicyService {
             "reasons": decision.reasons,
             "policyVersion": decision.policy_version,
         })))
+    }
+
+    /// The `rate_limits` objects of the platform layer and of the tenant's
+    /// layer for `identity` (JSON `null` where a layer defines none or its
+    /// rule fails): the hook `crate::limits` reads per-tenant rate limits
+    /// and quotas from. The tenant layer runs within its evaluation bounds.
+    pub async fn rate_limits(
+        &self,
+        identity: &Identity,
+    ) -> Result<(serde_json::Value, serde_json::Value), CodedError> {
+        let layer = self.tenant_layer(&identity.tenant).await?;
+        let input = Self::input(
+            identity,
+            &PolicyInput {
+                action: "limits.read".into(),
+                resource: json!({"type": "limits"}),
+                request: json!({}),
+            },
+        );
+        let platform = object_rule(&self.platform, &input, PLATFORM_RATE_LIMITS);
+        let tenant = match layer.engine.clone() {
+            None => serde_json::Value::Null,
+            Some(engine) => self
+                .run_bounded(&identity.tenant, move || {
+                    Ok(object_rule(&engine, &input, TENANT_RATE_LIMITS))
+                })
+                .await
+                .unwrap_or(serde_json::Value::Null),
+        };
+        Ok((platform, tenant))
     }
 
     /// Stores a new version of the tenant's policy after compiling it with

@@ -57,6 +57,16 @@ pub async fn live_runtime(
     Ok(row)
 }
 
+/// How many sessions of the tenant are live at `now` (not deleted, not
+/// past their expiry): the concurrent-sessions quota (`crate::limits`).
+pub async fn count_live(db: &Db, tenant: &str, now: i64) -> Result<i64, StorageError> {
+    let n: i64 = on_db!(db, p => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sessions WHERE tenant = $1 AND deleted_ms IS NULL AND expires_ms > $2")
+        .bind(tenant).bind(now)
+        .fetch_one(p).await)?;
+    Ok(n)
+}
+
 /// Whether the tenant ever had session `id` (deleted ones included).
 pub async fn exists(db: &Db, tenant: &str, id: &str) -> Result<bool, StorageError> {
     let created: Option<i64> = on_db!(db, p => sqlx::query_scalar(

@@ -65,7 +65,9 @@ pub fn router(state: AppState, auth: Authenticator, max_body_bytes: usize) -> Ro
         // Artifacts stream: no body limit here, the store enforces ARTIFACT_MAX_BYTES.
         .route(
             "/internal/v1/artifacts",
-            axum::routing::post(artifacts::upload).layer(DefaultBodyLimit::disable()),
+            axum::routing::post(artifacts::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(artifacts::list),
         )
         .route(
             "/internal/v1/artifacts/{id}",

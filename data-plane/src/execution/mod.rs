@@ -709,7 +709,15 @@ impl JobService {
                         match self
                             .sessions
                             .artifacts()
-                            .put(&caller.tenant, &name, None, body)
+                            .put_meta(
+                                &caller.tenant,
+                                &name,
+                                &shared::dataplane::ArtifactMeta {
+                                    job_id: Some(job_id.to_string()),
+                                    ..Default::default()
+                                },
+                                body,
+                            )
                             .await
                         {
                             Ok(info) => {

@@ -273,6 +273,48 @@ impl Blobs {
     }
 }
 
+impl Blobs {
+    /// A streaming reader of an object from byte `offset` on (a ranged
+    /// download seeks to its first encrypted chunk): `None` if absent.
+    pub async fn reader_at(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> io::Result<Option<Box<dyn AsyncRead + Send + Unpin>>> {
+        match self {
+            Blobs::Fs { root } => match tokio::fs::File::open(Self::path(root, key)?).await {
+                Ok(mut f) => {
+                    use tokio::io::AsyncSeekExt;
+                    f.seek(io::SeekFrom::Start(offset)).await?;
+                    Ok(Some(Box::new(f)))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+            Blobs::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let sent = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(Self::s3_key(prefix, key)?)
+                    .range(format!("bytes={offset}-"))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(out) => Ok(Some(Box::new(out.body.into_async_read()))),
+                    Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(s3_err(aws_sdk_s3::error::DisplayErrorContext(e))),
+                }
+            }
+        }
+    }
+}
+
 /// Writes one object as a stream.
 pub enum BlobWriter {
     Fs {

@@ -247,6 +247,14 @@ impl Opener {
         }
     }
 
+    /// An opener positioned at chunk `index` (a ranged read starts there:
+    /// the chunk's nonce is its index, so any chunk opens on its own).
+    pub fn at(key: &SecretKey, artifact_id: &str, index: u64) -> Self {
+        let mut o = Self::new(key, artifact_id);
+        o.index = index;
+        o
+    }
+
     /// Opens the next sealed chunk; `last` says whether the stream ends here.
     pub fn open(&mut self, sealed: &[u8], last: bool) -> Result<Vec<u8>, CryptoError> {
         let nonce = chunk_nonce(self.index, last);

@@ -15,8 +15,8 @@ use super::{
 };
 use crate::agent::{FileList, StepResult};
 use crate::dataplane::{
-    ArtifactInfo, CreateSession, JobResult, ProbeStatus, RunJob, RunStep, RuntimeList,
-    STEP_MARGIN_MS, SessionView, SessionViewList,
+    ArtifactFilter, ArtifactInfo, ArtifactList, ArtifactMeta, CreateSession, JobResult,
+    ProbeStatus, RunJob, RunStep, RuntimeList, STEP_MARGIN_MS, SessionView, SessionViewList,
 };
 
 const SESSIONS: &str = "/internal/v1/sessions";
@@ -117,10 +117,14 @@ impl std::fmt::Debug for TenantClient {
 /// they arrive. A bit altered at rest ends the stream with an error part way.
 #[derive(Debug)]
 pub struct ArtifactDownload {
-    /// Plaintext size (`content-length`).
+    /// 200 for the whole artifact, 206 for a range.
+    pub status: u16,
+    /// Bytes in this body (`content-length`).
     pub size: Option<u64>,
     /// SHA-256 of the plaintext, hex (`x-artifact-sha256`).
     pub sha256: Option<String>,
+    /// `bytes a-b/size` of a 206.
+    pub content_range: Option<String>,
     response: reqwest::Response,
 }
 
@@ -133,6 +137,25 @@ impl ArtifactDownload {
     /// All the bytes at once (for small artifacts).
     pub async fn bytes(self) -> Result<Bytes, ClientError> {
         Ok(self.response.bytes().await?)
+    }
+}
+
+/// Appends `k=v` pairs (those present) and `label=k=v` ones to a query.
+fn push_query(
+    path: &mut String,
+    pairs: &[(&str, &Option<String>)],
+    labels: &std::collections::BTreeMap<String, String>,
+) {
+    let mut sep = if path.ends_with('?') { "" } else { "&" };
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            path.push_str(&format!("{sep}{k}={}", segment(v)));
+            sep = "&";
+        }
+    }
+    for (k, v) in labels {
+        path.push_str(&format!("{sep}label={}", segment(&format!("{k}={v}"))));
+        sep = "&";
     }
 }
 
@@ -304,28 +327,91 @@ impl TenantClient {
         session_id: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> Result<ArtifactInfo, ClientError> {
+        let meta = ArtifactMeta {
+            session_id: session_id.map(str::to_owned),
+            ..ArtifactMeta::default()
+        };
+        self.upload_artifact_meta(name, &meta, body).await
+    }
+
+    /// As [`Self::upload_artifact`], with the session, job, workflow and
+    /// labels it is attached to (`sessionId=&jobId=&workflowId=&label=k=v`).
+    pub async fn upload_artifact_meta(
+        &self,
+        name: &str,
+        meta: &ArtifactMeta,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<ArtifactInfo, ClientError> {
         let mut path = format!("{ARTIFACTS}?name={}", segment(name));
-        if let Some(sid) = session_id {
-            path.push_str(&format!("&sessionId={}", segment(sid)));
-        }
+        push_query(
+            &mut path,
+            &[
+                ("sessionId", &meta.session_id),
+                ("jobId", &meta.job_id),
+                ("workflowId", &meta.workflow_id),
+            ],
+            &meta.labels,
+        );
         let rb = self.req(Method::POST, &path, None).body(body);
         decode(rb.send().await?).await
+    }
+
+    /// `GET /internal/v1/artifacts?sessionId=&jobId=&workflowId=&label=k=v&limit=&cursor=`:
+    /// one page of the tenant's artifacts, ordered by id.
+    pub async fn list_artifacts(
+        &self,
+        filter: &ArtifactFilter,
+    ) -> Result<ArtifactList, ClientError> {
+        let mut path = format!("{ARTIFACTS}?");
+        let limit = filter.limit.map(|l| l.to_string());
+        push_query(
+            &mut path,
+            &[
+                ("sessionId", &filter.session_id),
+                ("jobId", &filter.job_id),
+                ("workflowId", &filter.workflow_id),
+                ("limit", &limit),
+                ("cursor", &filter.cursor),
+            ],
+            &filter.labels,
+        );
+        decode(self.call(Method::GET, &path).send().await?).await
     }
 
     /// `GET /internal/v1/artifacts/{id}`: the decrypted bytes, streamed.
     /// Bounded only by the connect timeout, since a large body takes as long
     /// as it takes (wrap the call in a timeout to bound the response head).
     pub async fn download_artifact(&self, id: &str) -> Result<ArtifactDownload, ClientError> {
+        self.download_artifact_range(id, None).await
+    }
+
+    /// As [`Self::download_artifact`]; with `range` (`start..=end`, inside
+    /// the artifact) only those bytes, answered 206: the data plane opens
+    /// only the encrypted chunks that hold them.
+    pub async fn download_artifact_range(
+        &self,
+        id: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ArtifactDownload, ClientError> {
         let path = format!("{ARTIFACTS}/{}", segment(id));
-        let resp = success(self.req(Method::GET, &path, None).send().await?).await?;
-        let sha256 = resp
-            .headers()
-            .get("x-artifact-sha256")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let mut rb = self.req(Method::GET, &path, None);
+        if let Some((start, end)) = range {
+            rb = rb.header(reqwest::header::RANGE, format!("bytes={start}-{end}"));
+        }
+        let resp = success(rb.send().await?).await?;
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let sha256 = header("x-artifact-sha256");
+        let content_range = header("content-range");
         Ok(ArtifactDownload {
+            status: resp.status().as_u16(),
             size: resp.content_length(),
             sha256,
+            content_range,
             response: resp,
         })
     }

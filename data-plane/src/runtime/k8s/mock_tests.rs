@@ -267,7 +267,7 @@ async fn stub_agent(log: Arc<Mutex<AgentLog>>) -> String {
                 "/v1/health",
                 get(|| async {
                     Json(json!({"status": "ok", "isolation": "pod", "sessions": 0,
-                                "warmPool": {}, "version": "stub"}))
+                                "warmPool": {"python": 1}, "version": "stub"}))
                 }),
             )
             .route(
@@ -542,6 +542,10 @@ async fn a_cold_session_gets_a_hardened_pod_and_only_a_token_digest() {
     );
     assert_eq!(env["SESSION_ISOLATION"], "pod");
     assert_eq!(env["SESSION_AGENT_MAX_SESSIONS"], "1");
+    assert!(
+        !env.contains_key("SESSION_AGENT_WARM_POOL"),
+        "cold pods pre-start nothing"
+    );
     assert!(!pod.to_string().contains(&token));
     // The agent was asked, with that token, to create the session.
     let (admin, body) = s.agents.lock().unwrap().creates.last().cloned().unwrap();
@@ -789,6 +793,13 @@ async fn the_warm_pool_is_claimed_without_a_pod_create_and_refilled() {
     let warm = calls(&s, "POST", PODS);
     assert_eq!(warm.len(), 1);
     assert_eq!(warm[0].body["metadata"]["labels"][LABEL_STATE], "warm");
+    // It pre-starts its one interpreter; cold pods do not.
+    assert!(
+        warm[0].body["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "SESSION_AGENT_WARM_POOL", "value": "python=1"}))
+    );
     assert!(
         warm[0].body["metadata"]["labels"]
             .get(LABEL_SESSION)

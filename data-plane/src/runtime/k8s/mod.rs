@@ -642,7 +642,8 @@ impl K8sBackend {
                 "could not name a sandbox pod (three name collisions)",
             ));
         };
-        match self.wait_ready(&name, deadline).await {
+        let warm_runtime = binding.is_none().then_some(runtime);
+        match self.wait_ready(&name, deadline, warm_runtime).await {
             Ok(endpoint) => Ok((name, endpoint)),
             Err(e) => {
                 if let Some((session, _)) = binding {
@@ -654,8 +655,14 @@ impl K8sBackend {
         }
     }
 
-    /// Waits for a pod to run and its agent to answer, until `deadline`.
-    async fn wait_ready(&self, name: &str, deadline: Instant) -> Result<String, ClientError> {
+    /// Waits for a pod to run and its agent to answer (for a warm pod:
+    /// with its interpreter pre-started), until `deadline`.
+    async fn wait_ready(
+        &self,
+        name: &str,
+        deadline: Instant,
+        warm_runtime: Option<&str>,
+    ) -> Result<String, ClientError> {
         let timeout_message = || {
             coded(
                 ErrorCode::SandboxStartTimeout,
@@ -732,8 +739,12 @@ impl K8sBackend {
         let agent = AgentClient::with_http(&endpoint, self.inner.http.clone());
         let mut wait = Duration::from_millis(10);
         loop {
-            if agent.health().await.is_ok() {
-                return Ok(endpoint);
+            if let Ok(health) = agent.health().await {
+                let primed =
+                    warm_runtime.is_none_or(|r| health.warm_pool.get(r).is_some_and(|n| *n >= 1));
+                if primed {
+                    return Ok(endpoint);
+                }
             }
             if Instant::now() >= deadline {
                 return Err(timeout_message());

@@ -155,6 +155,11 @@ pub fn runtime_pod(p: &PodParams<'_>) -> Pod {
     if let Some(var) = interpreter_var(p.runtime) {
         env_vars.push(env(var, p.interpreter));
     }
+    // A warm pod pre-starts its one interpreter, so claiming it is a warm
+    // start of the agent (milliseconds), not an interpreter start.
+    if p.binding.is_none() {
+        env_vars.push(env("SESSION_AGENT_WARM_POOL", &format!("{}=1", p.runtime)));
+    }
     let container = Container {
         name: "agent".into(),
         image: Some(p.image.into()),
