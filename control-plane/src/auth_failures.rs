@@ -139,10 +139,16 @@ impl AuthFailures {
     /// Closes the window if it is over: the aggregated events to write
     /// (one per source that failed more than once).
     pub fn roll(&self) -> Vec<AuditEvent> {
-        let mut w = self.lock();
-        if w.started.elapsed() < self.window {
+        if self.lock().started.elapsed() < self.window {
             return Vec::new();
         }
+        self.close()
+    }
+
+    /// Closes the current window now (at shutdown: nothing counted is
+    /// lost): its aggregated events.
+    pub fn close(&self) -> Vec<AuditEvent> {
+        let mut w = self.lock();
         let seconds = self.window.as_secs();
         let sources = std::mem::take(&mut w.sources);
         w.started = Instant::now();
@@ -172,7 +178,7 @@ impl AuthFailures {
     }
 
     /// Writes the closed windows' aggregates until `stop` (every tenth of
-    /// a window).
+    /// a window), then those of the window still open.
     pub async fn run(
         self: std::sync::Arc<Self>,
         audit: AuditLog,
@@ -180,14 +186,18 @@ impl AuthFailures {
     ) {
         let tick = (self.window / 10).max(Duration::from_millis(100));
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(tick) => {}
-            }
-            for ev in self.roll() {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(tick) => false,
+            };
+            let events = if stopping { self.close() } else { self.roll() };
+            for ev in events {
                 if let Err(e) = audit.record(ev).await {
                     tracing::warn!(error = %e.message, "could not write an auth.failure.aggregate event");
                 }
+            }
+            if stopping {
+                break;
             }
         }
     }
@@ -248,6 +258,11 @@ mod tests {
         assert_eq!(events[0].details["source"], "10.0.0.1");
         // The next window starts empty.
         assert_eq!(f.note("10.0.0.1", "/v1/jobs", "bad"), Noted::AuditNow);
+        // Closing early (shutdown) loses nothing counted.
+        f.note("10.0.0.1", "/v1/jobs", "bad");
+        let closed = f.close();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].details["failures"], 2);
     }
 
     #[test]

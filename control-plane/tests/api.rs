@@ -548,6 +548,8 @@ async fn audit_verify_command() {
     for _ in 0..3 {
         call_at(&cp.url, "GET", "/v1/jobs", None, None).await; // audited 401s
     }
+    // The first is one event, the other two one aggregate, written at the
+    // latest when the control plane stops.
     cp.stop().await;
     let run_with = |extra: &[&str]| {
         #[allow(clippy::disallowed_methods, reason = "the test runs the real binary")]
