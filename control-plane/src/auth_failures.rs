@@ -9,9 +9,10 @@
 //! - the rest are counted in memory and written as one
 //!   `auth.failure.aggregate` event (count, first and last reason) when the
 //!   window closes;
-//! - past `AUTH_FAILURE_MAX_PER_WINDOW` failures the source gets 429
-//!   `rate_limited` with `Retry-After` before its token is even verified,
-//!   so a flood costs no signature checks either.
+//! - past `AUTH_FAILURE_MAX_PER_WINDOW` failures a bad token from the
+//!   source gets 429 `rate_limited` with `Retry-After` instead of 401. A
+//!   valid token is always let through: behind a proxy many callers share
+//!   one source, and a flood of bad tokens must not lock them out.
 //!
 //! At most [`MAX_SOURCES`] sources are tracked per window; failures from
 //! sources beyond that share one overflow entry (`source: "*"`), so the
@@ -46,12 +47,13 @@ struct Window {
     sources: HashMap<String, Entry>,
 }
 
-/// What to do with a request from a source, before verifying its token.
+/// Whether a source is over its allowance of failures in this window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
-    /// Verify it.
+    /// Within its allowance: a failure is a 401.
     Yes,
-    /// Too many failures from this source in this window: 429 for this long.
+    /// Too many failures from this source in this window: a failure is a
+    /// 429, retry after this long.
     Throttled(Duration),
 }
 
@@ -88,7 +90,7 @@ impl AuthFailures {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether a source may present a credential now.
+    /// Whether a source's next failure is answered 429 (it is over its allowance).
     pub fn admit(&self, source: &str) -> Admit {
         let w = self.lock();
         let over = w

@@ -159,8 +159,9 @@ async fn bad_tokens_get_401_and_are_audited() {
 
 /// An unauthenticated flood cannot grow the audit log without bound: per
 /// source and window the first failure is one `auth.failure` row, the rest
-/// one `auth.failure.aggregate` row with their count; past the allowance
-/// the source gets 429 with `Retry-After` before any token check.
+/// one `auth.failure.aggregate` row with their count; past the allowance a
+/// bad token from the source gets 429 with `Retry-After`, and a valid one
+/// from the same source still gets through (no lockout of a shared proxy).
 #[tokio::test]
 async fn failed_authentications_are_aggregated_and_throttled_per_source() {
     let db = TestDb::new(DatabaseDriver::Sqlite).await;
@@ -200,6 +201,15 @@ async fn failed_authentications_are_aggregated_and_throttled_per_source() {
     }
     assert!(statuses[..20].iter().all(|s| *s == 401), "{statuses:?}");
     assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+    let (status, body) = call_at(
+        &cp.url,
+        "GET",
+        "/v1/jobs",
+        Some(&token("acme", &["agent"])),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "a valid token is not locked out: {body}");
     let q = |action: &str| control_plane::audit::AuditQuery {
         action: Some(action.into()),
         ..Default::default()

@@ -83,8 +83,10 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
         }
         identity
     } else {
-        // Failures are counted per source: a source past its allowance is
-        // refused before its token is even verified.
+        // Failures are counted per source. A valid token is always let
+        // through, even from a source over its allowance (behind a proxy
+        // many callers share one source: a flood of bad tokens must not
+        // lock the others out); past the allowance a bad one is a 429.
         let peer = req
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -94,18 +96,6 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
             peer,
             app.config.auth_failure_trust_forwarded,
         );
-        if let crate::auth_failures::Admit::Throttled(wait) = app.auth_failures.admit(&source) {
-            app.auth_failures.note(&source, &path, "throttled");
-            let mut resp = CodedError::new(
-                ErrorCode::RateLimited,
-                "too many failed authentications from this source; retry later",
-            )
-            .into_response();
-            if let Ok(v) = header::HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return resp;
-        }
         let token = bearer(req.headers());
         let verified = match token {
             Some(t) => app.verifier.verify(t),
@@ -117,6 +107,7 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
         match verified {
             Ok(identity) => identity,
             Err(e) => {
+                let throttled = app.auth_failures.admit(&source);
                 // The window's first failure from this source is audited
                 // now; the rest go into one aggregated event per window.
                 if app.auth_failures.note(&source, &path, &e.message)
@@ -133,6 +124,18 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
                     };
                     // The 401 stands even if the record cannot be written.
                     let _ = app.audit.record(ev).await;
+                }
+                if let crate::auth_failures::Admit::Throttled(wait) = throttled {
+                    let mut resp = CodedError::new(
+                        ErrorCode::RateLimited,
+                        "too many failed authentications from this source; retry later",
+                    )
+                    .into_response();
+                    if let Ok(v) = header::HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+                    {
+                        resp.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    return resp;
                 }
                 return e.into_response();
             }
