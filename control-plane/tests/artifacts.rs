@@ -476,11 +476,78 @@ async fn bad_uploads_and_queries_are_coded_and_keep_nothing() {
     )
     .await;
     assert_eq!(broken.status, 400, "{}", broken.json());
+    // Framing that never ends is refused past 4 MiB, not buffered: a part
+    // header with no end, a preamble with no boundary, and a skipped part
+    // too large, each 8 MiB.
+    let endless_header = {
+        let mut b = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; x=\"")
+            .into_bytes();
+        b.extend(std::iter::repeat_n(b'a', 8 * 1024 * 1024));
+        b
+    };
+    let endless_preamble = vec![b'p'; 8 * 1024 * 1024];
+    let big = vec![b's'; 8 * 1024 * 1024];
+    let big_skipped = multipart(
+        boundary,
+        &[("note", None, &big[..]), ("file", Some("a.txt"), b"abc")],
+    );
+    for (what, body) in [
+        ("an endless part header", endless_header),
+        ("an endless preamble", endless_preamble),
+        ("a large skipped part", big_skipped),
+    ] {
+        // The answer comes before the body is all sent (the server stops
+        // reading): a raw client writes on while it reads the answer.
+        let (status, answer) = raw_post(
+            &s.url("/v1/artifacts"),
+            &acme,
+            &format!("multipart/form-data; boundary={boundary}"),
+            body,
+        )
+        .await;
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert!(answer.contains("framing"), "{what}: {answer}");
+    }
 
     let list = get(&s, &acme, "/v1/artifacts", &[]).await;
     assert_eq!(list.status, 200);
     assert!(ids(&list.json()).is_empty(), "{}", list.json());
     s.stop().await;
+}
+
+/// POSTs `body` over a plain connection, writing it in one task while
+/// reading the answer in another (a server may answer and stop reading
+/// early): the status and the answer's text.
+async fn raw_post(url: &str, bearer: &str, content_type: &str, body: Vec<u8>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let writer = tokio::spawn(async move {
+        // Errors are expected once the server has answered and closed.
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&body).await;
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        rd.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an answer within 30 s");
+    writer.abort();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
 }
 
 fn vm_hwm_kb() -> u64 {

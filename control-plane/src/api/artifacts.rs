@@ -39,6 +39,46 @@ fn bad(message: impl Into<String>) -> CodedError {
     CodedError::new(ErrorCode::InvalidArgument, message)
 }
 
+/// A multipart parse error as the caller's 400, with its cause (the
+/// parser says only "failed to read stream" for a refused body).
+fn multipart_error(e: multer::Error) -> CodedError {
+    match std::error::Error::source(&e) {
+        Some(cause) => bad(format!("multipart/form-data: {e}: {cause}")),
+        None => bad(format!("multipart/form-data: {e}")),
+    }
+}
+
+/// The most a multipart body may carry outside the file's data: preamble,
+/// boundaries, part headers and skipped parts. The multipart parser holds
+/// a part's headers whole until their end, so without this bound a body
+/// of one endless header would be buffered in memory.
+pub const MULTIPART_FRAMING_MAX: u64 = 4 * 1024 * 1024;
+
+/// Counts the bytes handed to the multipart parser outside the file part
+/// and fails the stream past [`MULTIPART_FRAMING_MAX`].
+#[derive(Debug, Default)]
+struct Framing {
+    /// The file part's data is streaming (not counted).
+    in_file: std::sync::atomic::AtomicBool,
+    counted: std::sync::atomic::AtomicU64,
+}
+
+impl Framing {
+    fn take(&self, n: usize) -> Result<(), std::io::Error> {
+        use std::sync::atomic::Ordering;
+        if self.in_file.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let total = self.counted.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        if total > MULTIPART_FRAMING_MAX {
+            return Err(std::io::Error::other(format!(
+                "more than {MULTIPART_FRAMING_MAX} bytes of multipart framing (preamble, part headers, other parts)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Query of `POST /v1/artifacts`.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -126,14 +166,20 @@ pub async fn upload(
         .next()
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"));
     let info = if multipart {
-        let boundary = multer::parse_boundary(content_type)
-            .map_err(|e| bad(format!("multipart/form-data: {e}")))?;
-        let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
+        let boundary = multer::parse_boundary(content_type).map_err(multipart_error)?;
+        let framing = Arc::new(Framing::default());
+        let counter = framing.clone();
+        let body = body.into_data_stream().map(move |chunk| {
+            let chunk = chunk.map_err(std::io::Error::other)?;
+            counter.take(chunk.len())?;
+            Ok::<_, std::io::Error>(chunk)
+        });
+        let mut parts = multer::Multipart::new(body, boundary);
         let field = loop {
             let field = parts
                 .next_field()
                 .await
-                .map_err(|e| bad(format!("multipart/form-data: {e}")))?
+                .map_err(multipart_error)?
                 .ok_or_else(|| bad("multipart/form-data: no file part (a part with a filename, or named `file`)"))?;
             if field.file_name().is_some() || field.name() == Some("file") {
                 break field;
@@ -141,7 +187,7 @@ pub async fn upload(
             // Skipped without being held: drained chunk by chunk.
             let mut field = field;
             while let Some(chunk) = field.next().await {
-                chunk.map_err(|e| bad(format!("multipart/form-data: {e}")))?;
+                chunk.map_err(multipart_error)?;
             }
         };
         let name = q
@@ -149,7 +195,13 @@ pub async fn upload(
             .clone()
             .or_else(|| field.file_name().map(str::to_owned))
             .unwrap_or_else(|| "artifact".into());
+        framing
+            .in_file
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let info = store(&app, &caller, &name, &q, declared, field).await?;
+        framing
+            .in_file
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         // One file per upload: a second one undoes the first.
         let more = loop {
             match parts.next_field().await {
