@@ -17,8 +17,6 @@ use k8s_fixture::{Fixture, FixtureOptions};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-const NEEDS: &str = "needs: runsc and root (make deps; make test-integration)";
-
 struct K8sDataPlane {
     url: String,
     shutdown: CancellationToken,
@@ -98,6 +96,11 @@ fn runtime_pods(fixture: &Fixture, state: &str) -> Vec<String> {
         .collect()
 }
 
+/// `POST /internal/v1/sessions` with `body`.
+async fn create(dp: &str, auth: &str, body: Value) -> (u16, Value) {
+    call_at(dp, "POST", "/internal/v1/sessions", Some(auth), Some(body)).await
+}
+
 async fn step(dp: &str, auth: &str, session: &str, code: &str) -> (u16, Value) {
     call_at(
         dp,
@@ -120,19 +123,11 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 #[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn a_session_runs_in_its_own_pod_and_the_pod_goes_with_it() {
-    let _ = NEEDS;
     let fx = fixture().await;
     let st = state();
     let dp = data_plane(&fx, st.path(), &[]).await;
     let auth = credential("acme");
-    let (status, created) = call_at(
-        &dp.url,
-        "POST",
-        "/internal/v1/sessions",
-        Some(&auth),
-        Some(json!({"runtime": "python"})),
-    )
-    .await;
+    let (status, created) = create(&dp.url, &auth, json!({"runtime": "python"})).await;
     assert_eq!(status, 201, "{created}");
     let id = created["sessionId"].as_str().unwrap().to_owned();
     assert_eq!(created["warm"], false);
@@ -201,14 +196,7 @@ async fn a_warm_pod_is_claimed_and_the_pool_refilled() {
     }
     let warm = runtime_pods(&fx, "warm")[0].clone();
     let auth = credential("acme");
-    let (status, created) = call_at(
-        &dp.url,
-        "POST",
-        "/internal/v1/sessions",
-        Some(&auth),
-        Some(json!({"runtime": "python"})),
-    )
-    .await;
+    let (status, created) = create(&dp.url, &auth, json!({"runtime": "python"})).await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["warm"], true, "{created}");
     let id = created["sessionId"].as_str().unwrap().to_owned();
@@ -235,14 +223,7 @@ async fn a_pod_that_dies_makes_its_session_lost() {
     let st = state();
     let dp = data_plane(&fx, st.path(), &[]).await;
     let auth = credential("acme");
-    let (_, created) = call_at(
-        &dp.url,
-        "POST",
-        "/internal/v1/sessions",
-        Some(&auth),
-        Some(json!({"runtime": "python"})),
-    )
-    .await;
+    let (_, created) = create(&dp.url, &auth, json!({"runtime": "python"})).await;
     let id = created["sessionId"].as_str().unwrap().to_owned();
     let pod = runtime_pods(&fx, "bound")[0].clone();
     fx.kill_pod(&pod).await.unwrap();
@@ -283,14 +264,7 @@ async fn an_unpullable_image_is_a_clear_error_and_leaves_no_pod() {
         &["--runtime-image-python", "registry.invalid/nope:1"],
     )
     .await;
-    let (status, body) = call_at(
-        &dp.url,
-        "POST",
-        "/internal/v1/sessions",
-        Some(&credential("acme")),
-        Some(json!({"runtime": "python"})),
-    )
-    .await;
+    let (status, body) = create(&dp.url, &credential("acme"), json!({"runtime": "python"})).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "sandbox_image_unavailable", "{body}");
     wait_for("the pod to be deleted", || {
@@ -320,12 +294,10 @@ async fn after_a_restart_the_session_is_adopted_and_old_warm_pods_deleted() {
     ];
     let dp = data_plane(&fx, st.path(), &args).await;
     let auth = credential("acme");
-    let (_, created) = call_at(
+    let (_, created) = create(
         &dp.url,
-        "POST",
-        "/internal/v1/sessions",
-        Some(&auth),
-        Some(json!({"runtime": "python", "limits": {"memoryMb": 256}})),
+        &auth,
+        json!({"runtime": "python", "limits": {"memoryMb": 256}}),
     )
     .await;
     let id = created["sessionId"].as_str().unwrap().to_owned();
