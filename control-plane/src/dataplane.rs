@@ -431,12 +431,15 @@ impl DataPlane {
 
     /// Stores an artifact: `body` is passed on to the data plane chunk by
     /// chunk as it arrives, never held whole (the data plane bounds it by
-    /// its `ARTIFACT_MAX_BYTES`: 413 `payload_too_large`).
+    /// its `ARTIFACT_MAX_BYTES`: 413 `payload_too_large`, and by the
+    /// tenant's quota, `quota_bytes` or its `TENANT_MAX_ARTIFACT_BYTES`:
+    /// 429 `tenant_quota_exceeded`).
     pub async fn artifact_upload<S, E>(
         &self,
         tenant: &TenantId,
         name: &str,
         meta: &ArtifactMeta,
+        quota_bytes: Option<u64>,
         body: S,
     ) -> Result<ArtifactInfo, CodedError>
     where
@@ -444,7 +447,7 @@ impl DataPlane {
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
         self.scoped(tenant)?
-            .upload_artifact_meta(name, meta, reqwest::Body::wrap_stream(body))
+            .upload_artifact_within(name, meta, quota_bytes, reqwest::Body::wrap_stream(body))
             .await
             .map_err(dp_error)
     }

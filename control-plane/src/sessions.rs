@@ -767,9 +767,12 @@ impl SessionService {
                 _ => Ok(piece),
             }
         });
+        // The tenant's quota on stored bytes (policy may lower the data
+        // plane's TENANT_MAX_ARTIFACT_BYTES); the data plane enforces it.
+        let quota = self.limits.rates_for(identity).await.max_artifact_bytes;
         let mut result = self
             .dp
-            .artifact_upload(&identity.tenant, name, meta, body)
+            .artifact_upload(&identity.tenant, name, meta, quota, body)
             .await;
         if over.load(Ordering::Relaxed) {
             result = Err(CodedError::new(

@@ -32,6 +32,11 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Stack {
+        Stack::start_with(&[]).await
+    }
+
+    /// With extra control-plane flags.
+    async fn start_with(cp_args: &[&str]) -> Stack {
         let state = tempfile::Builder::new()
             .prefix("cp-artifacts-")
             .tempdir_in("/tmp")
@@ -42,7 +47,7 @@ impl Stack {
         drop(closed);
         let dp = dp_proc(&agent, &state.path().join("dp"), None).await;
         let db = TestDb::new(DatabaseDriver::Sqlite).await;
-        let (cp, _app) = cp_proc(&db, &dp.url, &[]).await;
+        let (cp, _app) = cp_proc(&db, &dp.url, cp_args).await;
         Stack {
             dp,
             cp,
@@ -723,5 +728,53 @@ async fn a_jobs_outputs_are_listed_by_its_id() {
         .await;
     assert_eq!(status, 200);
     assert!(list["artifacts"].as_array().unwrap().is_empty(), "{list}");
+    s.stop().await;
+}
+
+/// The tenant's quota on stored artifact bytes comes from the platform
+/// policy (`rate_limits.maxArtifactBytes`) and holds where the bytes live:
+/// past it an upload is 429 `tenant_quota_exceeded` and nothing is kept;
+/// deleting frees room; another tenant is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_artifact_bytes_quota_comes_from_policy() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = dir.path().join("platform.rego");
+    std::fs::write(
+        &platform,
+        "package sandbox.platform\nimport rego.v1\ndeny := set()\n\
+         rate_limits := {\"maxArtifactBytes\": 1000} if input.identity.tenant == \"acme\"\n",
+    )
+    .unwrap();
+    let s = Stack::start_with(&["--policy-default-path", platform.to_str().unwrap()]).await;
+    let acme = token("acme", &["agent"]);
+    let globex = token("globex", &["agent"]);
+    let first = upload(&s, &acme, "name=a", vec![1; 600]).await;
+    assert_eq!(first.status, 201, "{}", first.json());
+    let over = upload(&s, &acme, "name=b", vec![2; 600]).await;
+    assert_eq!(over.status, 429, "{}", over.json());
+    assert_eq!(over.code(), "tenant_quota_exceeded");
+    assert_eq!(over.json()["details"]["quota"], "artifactBytes");
+    assert_eq!(over.json()["details"]["max"], 1000);
+    let list = get(&s, &acme, "/v1/artifacts", &[]).await;
+    assert_eq!(
+        ids(&list.json()).len(),
+        1,
+        "the refused upload left nothing"
+    );
+    // Another tenant has the data plane's default (10 GiB).
+    assert_eq!(
+        upload(&s, &globex, "name=g", vec![3; 5000]).await.status,
+        201
+    );
+    // Deleting frees the room.
+    let id = first.json()["artifactId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        delete(&s, &acme, &format!("/v1/artifacts/{id}"))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(upload(&s, &acme, "name=c", vec![4; 900]).await.status, 201);
     s.stop().await;
 }

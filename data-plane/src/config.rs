@@ -215,6 +215,11 @@ pub struct Config {
     /// Largest artifact, bytes (-> 413 above).
     #[arg(long, env = "ARTIFACT_MAX_BYTES", default_value_t = 4 * 1024 * 1024 * 1024)]
     pub artifact_max_bytes: u64,
+    /// Quota on a tenant's stored artifact bytes (uploads and job outputs;
+    /// -> 429 `tenant_quota_exceeded` past it). The control plane's policy
+    /// (`rate_limits.maxArtifactBytes`) replaces it per tenant.
+    #[arg(long, env = "TENANT_MAX_ARTIFACT_BYTES", default_value_t = 10 * 1024 * 1024 * 1024)]
+    pub tenant_max_artifact_bytes: u64,
     /// Largest request body, bytes (-> 413 above).
     #[arg(long, env = "DATA_PLANE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,

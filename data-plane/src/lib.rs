@@ -133,7 +133,8 @@ pub async fn serve_with_cluster(
         config.blobs().map_err(anyhow::Error::msg)?,
         kek.clone(),
         config.artifact_max_bytes,
-    );
+    )
+    .with_tenant_quota(config.tenant_max_artifact_bytes);
     let sessions = Arc::new(SessionRouter::new(SessionRouterParts {
         registry,
         backend,

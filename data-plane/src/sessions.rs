@@ -253,6 +253,13 @@ pub fn artifact_error(e: ArtifactError) -> CodedError {
             ErrorCode::PayloadTooLarge,
             format!("the artifact is larger than {max} bytes"),
         ),
+        ArtifactError::QuotaExceeded { max, used } => CodedError::new(
+            ErrorCode::TenantQuotaExceeded,
+            format!(
+                "the tenant's stored artifacts would pass their quota of {max} bytes ({used} stored or in flight): delete artifacts first"
+            ),
+        )
+        .with_details(serde_json::json!({"quota": "artifactBytes", "max": max, "used": used})),
         ArtifactError::Crypto(e) => CodedError::new(ErrorCode::IntegrityError, e.to_string()),
         ArtifactError::Upload(m) => CodedError::new(
             ErrorCode::InvalidArgument,

@@ -251,6 +251,9 @@ pub struct ArtifactQuery {
     pub cursor: Option<String>,
     /// `size` (uploads): the declared byte count.
     pub size: Option<u64>,
+    /// `quotaBytes` (the control plane's uploads to the data plane): the
+    /// tenant's quota on stored artifact bytes, from policy.
+    pub quota_bytes: Option<u64>,
 }
 
 impl ArtifactQuery {
@@ -317,6 +320,14 @@ fn parse_query(raw: Option<&str>, allowed: &[&str]) -> Result<ArtifactQuery, Str
                     .map_err(|_| "size must be a byte count".to_owned())?;
                 if q.size.replace(n).is_some() {
                     return Err("query parameter \"size\" is given twice".into());
+                }
+            }
+            "quotaBytes" => {
+                let n: u64 = v
+                    .parse()
+                    .map_err(|_| "quotaBytes must be a byte count".to_owned())?;
+                if q.quota_bytes.replace(n).is_some() {
+                    return Err("query parameter \"quotaBytes\" is given twice".into());
                 }
             }
             "limit" => {
@@ -440,6 +451,11 @@ pub struct RunJob {
     pub env: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<Vec<String>>,
+    /// The tenant's quota on stored artifact bytes, as the control plane's
+    /// policy sets it (the data plane's `TENANT_MAX_ARTIFACT_BYTES` when
+    /// absent): output files past it are left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_quota_bytes: Option<u64>,
 }
 
 /// `error.type` of a cancelled job's result (`status: killed`), as

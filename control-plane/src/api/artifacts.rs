@@ -138,7 +138,7 @@ pub struct ListQuery {
         (status = 401, body = shared::ErrorBody), (status = 403, description = "policy_denied", body = shared::ErrorBody),
         (status = 404, description = "session_not_found (also another tenant's)", body = shared::ErrorBody),
         (status = 413, description = "payload_too_large: above ARTIFACT_MAX_BYTES or the declared size", body = shared::ErrorBody),
-        (status = 429, description = "tenant_quota_exceeded: too many concurrent transfers", body = shared::ErrorBody),
+        (status = 429, description = "tenant_quota_exceeded: too many concurrent transfers, or the tenant's stored artifact bytes would pass its quota (details.quota artifactBytes)", body = shared::ErrorBody),
         (status = 503, description = "data_plane_unavailable, audit_unavailable", body = shared::ErrorBody)))]
 pub async fn upload(
     State(app): State<Arc<App>>,

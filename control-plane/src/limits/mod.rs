@@ -123,6 +123,9 @@ pub struct Defaults {
     pub requests: Option<Rate>,
     pub creations: Option<Rate>,
     pub max_sessions: i64,
+    /// Stored artifact bytes; `None` leaves the data plane's
+    /// `TENANT_MAX_ARTIFACT_BYTES`, which enforces it where the bytes live.
+    pub max_artifact_bytes: Option<u64>,
 }
 
 impl Defaults {
@@ -132,6 +135,7 @@ impl Defaults {
             requests: Rate::new(c.rate_limit_requests_per_minute, c.rate_limit_burst),
             creations: Rate::new(c.rate_limit_creates_per_minute, c.rate_limit_creates_burst),
             max_sessions: c.tenant_max_sessions,
+            max_artifact_bytes: None,
         }
     }
 }
@@ -140,7 +144,8 @@ impl Defaults {
 ///
 /// ```rego
 /// rate_limits := {"requestsPerMinute": 1200, "burst": 200,
-///                 "createsPerMinute": 30, "createsBurst": 10, "maxSessions": 20}
+///                 "createsPerMinute": 30, "createsBurst": 10, "maxSessions": 20,
+///                 "maxArtifactBytes": 1073741824}
 ///     if input.identity.tenant == "acme"
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -151,6 +156,7 @@ pub struct PolicyRates {
     pub creates_per_minute: Option<u32>,
     pub creates_burst: Option<u32>,
     pub max_sessions: Option<i64>,
+    pub max_artifact_bytes: Option<u64>,
 }
 
 impl PolicyRates {
@@ -203,6 +209,16 @@ impl Defaults {
         {
             max_sessions = max_sessions.min(v);
         }
+        // Both layers can only lower it: the data plane's
+        // TENANT_MAX_ARTIFACT_BYTES is the ceiling (it takes the smaller).
+        let max_artifact_bytes = [
+            self.max_artifact_bytes,
+            platform.max_artifact_bytes,
+            tenant.max_artifact_bytes,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         Defaults {
             requests: merge_rate(
                 self.requests,
@@ -217,6 +233,7 @@ impl Defaults {
                 (tenant.creates_per_minute, tenant.creates_burst),
             ),
             max_sessions,
+            max_artifact_bytes,
         }
     }
 }
@@ -316,6 +333,22 @@ impl Limits {
         }
         cache.insert(tenant.to_owned(), (Instant::now(), rates));
         rates
+    }
+
+    /// A tenant's quota on stored artifact bytes where no caller is at hand
+    /// (a job's dispatch by a worker). The rate-limit rules see the tenant
+    /// (and a subject naming the worker, with no roles): the values are per
+    /// tenant, as their cache already is.
+    pub async fn artifact_quota(&self, tenant: &shared::ids::TenantId) -> Option<u64> {
+        let worker = Identity {
+            tenant: tenant.clone(),
+            subject: "system:job-worker".into(),
+            app: None,
+            agent: None,
+            roles: Vec::new(),
+            bypass: false,
+        };
+        self.rates_for(&worker).await.max_artifact_bytes
     }
 
     /// True when the buckets are shared through Redis.
@@ -510,11 +543,30 @@ mod tests {
             requests: Rate::new(600, 100),
             creations: Rate::new(60, 20),
             max_sessions: 50,
+            max_artifact_bytes: None,
         }
     }
 
     fn rates(v: serde_json::Value) -> PolicyRates {
         PolicyRates::from_json(v)
+    }
+
+    #[test]
+    fn the_artifact_quota_can_only_be_lowered_by_each_layer() {
+        let d = defaults();
+        let none = PolicyRates::default();
+        // No layer sets it: the data plane's default applies.
+        assert_eq!(d.apply(&none, &none).max_artifact_bytes, None);
+        let platform = rates(json!({"maxArtifactBytes": 1000}));
+        assert_eq!(d.apply(&platform, &none).max_artifact_bytes, Some(1000));
+        // A tenant asking for more keeps the platform's value; less applies.
+        let more = rates(json!({"maxArtifactBytes": 5000}));
+        let less = rates(json!({"maxArtifactBytes": 10}));
+        assert_eq!(d.apply(&platform, &more).max_artifact_bytes, Some(1000));
+        assert_eq!(d.apply(&platform, &less).max_artifact_bytes, Some(10));
+        // A tenant value alone is sent; the data plane takes the smaller of
+        // it and its TENANT_MAX_ARTIFACT_BYTES, so it cannot raise it.
+        assert_eq!(d.apply(&none, &more).max_artifact_bytes, Some(5000));
     }
 
     #[test]

@@ -142,6 +142,10 @@ async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &Cancel
         limits: spec.limits.clone(),
         env: spec.env.clone(),
         packages: spec.packages.clone(),
+        artifact_quota_bytes: match TenantId::parse(tenant.as_str()) {
+            Ok(t) => jobs.limits.artifact_quota(&t).await,
+            Err(_) => None,
+        },
     };
     // The call may take as long as the step, plus sandbox start and packages.
     let budget =

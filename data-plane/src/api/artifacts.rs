@@ -26,8 +26,9 @@ fn bad(message: impl Into<String>) -> CodedError {
     CodedError::new(ErrorCode::InvalidArgument, message)
 }
 
-/// `POST /internal/v1/artifacts?name=&sessionId=&jobId=&workflowId=&label=k=v`
-/// with the raw bytes as body.
+/// `POST /internal/v1/artifacts?name=&sessionId=&jobId=&workflowId=&label=k=v&quotaBytes=`
+/// with the raw bytes as body. `quotaBytes` (from the control plane's
+/// policy) replaces `TENANT_MAX_ARTIFACT_BYTES` for this upload.
 pub async fn upload(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -36,7 +37,14 @@ pub async fn upload(
 ) -> Result<Response, CodedError> {
     let q = ArtifactQuery::parse(
         raw.as_deref(),
-        &["name", "sessionId", "jobId", "workflowId", "label"],
+        &[
+            "name",
+            "sessionId",
+            "jobId",
+            "workflowId",
+            "label",
+            "quotaBytes",
+        ],
     )
     .map_err(bad)?;
     let name = q.name.unwrap_or_else(|| "artifact".into());
@@ -50,7 +58,13 @@ pub async fn upload(
     let info = app
         .sessions
         .artifacts()
-        .put_meta(&caller.tenant, &name, &q.meta, body.into_data_stream())
+        .put_meta_within(
+            &caller.tenant,
+            &name,
+            &q.meta,
+            q.quota_bytes,
+            body.into_data_stream(),
+        )
         .await
         .map_err(artifact_error)?;
     tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %info.artifact_id, size = info.size, "artifact stored");

@@ -645,7 +645,8 @@ impl JobService {
         let artifacts = if step.status == StepStatus::Killed {
             Vec::new()
         } else {
-            self.collect(caller, sid, &req.job_id).await?
+            self.collect(caller, sid, &req.job_id, req.artifact_quota_bytes)
+                .await?
         };
         Ok((step, artifacts))
     }
@@ -661,6 +662,7 @@ impl JobService {
         caller: &Caller,
         sid: &str,
         job_id: &str,
+        quota: Option<u64>,
     ) -> Result<Vec<ArtifactInfo>, CodedError> {
         use crate::sessions::PathRead;
         use crate::workspace::artifacts::{ArtifactError, sanitize_name};
@@ -709,13 +711,14 @@ impl JobService {
                         match self
                             .sessions
                             .artifacts()
-                            .put_meta(
+                            .put_meta_within(
                                 &caller.tenant,
                                 &name,
                                 &shared::dataplane::ArtifactMeta {
                                     job_id: Some(job_id.to_string()),
                                     ..Default::default()
                                 },
+                                quota,
                                 body,
                             )
                             .await
@@ -726,6 +729,9 @@ impl JobService {
                             }
                             Err(ArtifactError::TooLarge(max)) => left_out
                                 .push(format!("{name}: larger than {max} bytes, not stored")),
+                            Err(ArtifactError::QuotaExceeded { max, .. }) => left_out.push(
+                                format!("{name}: the tenant's artifact quota ({max} bytes) is used up, not stored"),
+                            ),
                             Err(e) => return Err(artifact_error(e)),
                         }
                     }
@@ -742,13 +748,18 @@ impl JobService {
         if !left_out.is_empty() {
             tracing::info!(job = %job_id, left_out = left_out.len(), "job output truncated");
             let text = Bytes::from(left_out.join("\n") + "\n");
+            // The note (at most a few KiB) is kept even past the quota: it
+            // is what tells the caller that files were left out.
             let info = self
                 .sessions
                 .artifacts()
-                .put(
+                .put_note(
                     &caller.tenant,
                     OUTPUT_TRUNCATED,
-                    None,
+                    &shared::dataplane::ArtifactMeta {
+                        job_id: Some(job_id.to_string()),
+                        ..Default::default()
+                    },
                     futures::stream::iter([Ok::<Bytes, std::io::Error>(text)]),
                 )
                 .await
@@ -802,6 +813,7 @@ mod tests {
             limits: None,
             env: None,
             packages: None,
+            artifact_quota_bytes: None,
         }
     }
 
@@ -969,5 +981,49 @@ mod tests {
         // The replay names the same artifacts.
         let again = jobs.run(&acme, job("job-out", "write")).await.unwrap();
         assert_eq!(again.artifacts, r.artifacts);
+    }
+
+    #[tokio::test]
+    async fn output_past_the_tenant_quota_is_left_out_and_named() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = service(&agent.url, dir.path());
+        let acme = caller("acme");
+        {
+            let mut st = agent.state();
+            st.files.insert("output/a.txt".into(), vec![b'a'; 600]);
+            st.files.insert("output/b.txt".into(), vec![b'b'; 600]);
+        }
+        // Policy's quota for the tenant (1000 bytes): the first file fits.
+        let mut req = job("job-quota", "write");
+        req.artifact_quota_bytes = Some(1000);
+        let r = jobs.run(&acme, req).await.unwrap();
+        let names: Vec<&str> = r.artifacts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["_output_truncated.txt", "a.txt"], "{names:?}");
+        let note = r
+            .artifacts
+            .iter()
+            .find(|a| a.name.starts_with('_'))
+            .unwrap();
+        assert_eq!(note.job_id.as_deref(), Some("job-quota"));
+        let (_, stream) = jobs
+            .sessions
+            .artifacts()
+            .get(
+                &acme.tenant,
+                &shared::ids::ArtifactId::parse(note.artifact_id.as_str()).unwrap(),
+            )
+            .await
+            .unwrap();
+        let parts: Vec<Bytes> = futures::StreamExt::collect::<Vec<_>>(stream)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let text = String::from_utf8(parts.concat()).unwrap();
+        assert!(
+            text.contains("b.txt: the tenant's artifact quota (1000 bytes) is used up"),
+            "{text}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -21,6 +22,7 @@ use tokio::io::AsyncReadExt;
 
 use super::blobs::Blobs;
 use super::crypto::{CHUNK, CryptoError, MAGIC, Opener, Sealer, SecretKey, TAG};
+use super::usage::UsageBook;
 
 /// What an artifact operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,11 @@ pub enum ArtifactError {
     /// The asked range lies outside an artifact of this size.
     #[error("the range is outside the artifact's {0} bytes")]
     Range(u64),
+    /// The tenant's stored artifact bytes would pass its quota.
+    #[error(
+        "the tenant's artifacts would pass their quota of {max} bytes ({used} stored or in flight)"
+    )]
+    QuotaExceeded { max: u64, used: u64 },
 }
 
 /// The one check of an artifact name (uploads, and files collected from a
@@ -91,6 +98,10 @@ pub struct ArtifactStore {
     blobs: Blobs,
     kek: SecretKey,
     max_bytes: u64,
+    /// Stored bytes per tenant, the platform default quota
+    /// (`TENANT_MAX_ARTIFACT_BYTES`).
+    tenant_quota: u64,
+    usage: Arc<UsageBook>,
 }
 
 fn now_ms() -> u64 {
@@ -126,11 +137,11 @@ impl ArtifactStore {
         for d in ["objects", "meta", "keys"] {
             super::blobs::private_dir_all(&root.join(d))?;
         }
-        Ok(ArtifactStore {
-            blobs: Blobs::Fs { root },
+        Ok(ArtifactStore::with_blobs(
+            Blobs::Fs { root },
             kek,
             max_bytes,
-        })
+        ))
     }
 
     /// A store on any backend.
@@ -139,7 +150,44 @@ impl ArtifactStore {
             blobs,
             kek,
             max_bytes,
+            tenant_quota: u64::MAX,
+            usage: Arc::default(),
         }
+    }
+
+    /// The same store with a default quota on each tenant's stored bytes.
+    #[must_use]
+    pub fn with_tenant_quota(mut self, bytes: u64) -> Self {
+        self.tenant_quota = bytes;
+        self
+    }
+
+    /// Stored (and in-flight) artifact bytes of a tenant as this replica
+    /// counts them; counted first when the count is missing or old.
+    pub async fn usage(&self, tenant: &TenantId) -> Result<u64, ArtifactError> {
+        self.count_if_needed(tenant).await?;
+        Ok(self.usage.used(tenant))
+    }
+
+    /// Sums the sizes in the tenant's metadata records when the count is
+    /// missing, old, or stale after a deletion.
+    async fn count_if_needed(&self, tenant: &TenantId) -> Result<(), ArtifactError> {
+        if !self.usage.needs_count(tenant) {
+            return Ok(());
+        }
+        let mut total: u64 = 0;
+        for name in self.blobs.list(&key(&["meta", tenant])?).await? {
+            let Some(Ok(id)) = name.strip_suffix(".json").map(ArtifactId::parse) else {
+                continue;
+            };
+            match self.info(tenant, &id).await {
+                Ok(info) => total = total.saturating_add(info.size),
+                Err(ArtifactError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.usage.set_count(tenant, total);
+        Ok(())
     }
 
     /// The tenant's key, created on first use (exclusively, so concurrent
@@ -197,7 +245,7 @@ impl ArtifactStore {
     }
 
     /// As [`Self::put`], attached to what `meta` names (its ids are the
-    /// caller's to have checked).
+    /// caller's to have checked), under the default tenant quota.
     pub async fn put_meta<S, E>(
         &self,
         tenant: &TenantId,
@@ -209,16 +257,74 @@ impl ArtifactStore {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        self.put_meta_within(tenant, name, meta, None, body).await
+    }
+
+    /// As [`Self::put_meta`], under `quota` (the tenant's quota as the
+    /// control plane's policy sets it) when it is below the default: policy
+    /// can lower the quota, never raise it past `TENANT_MAX_ARTIFACT_BYTES`.
+    /// Bytes are reserved against the quota before they are written, so an
+    /// upload that would pass it stops there and nothing of it remains.
+    pub async fn put_meta_within<S, E>(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        meta: &ArtifactMeta,
+        quota: Option<u64>,
+        body: S,
+    ) -> Result<ArtifactInfo, ArtifactError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let quota = quota.map_or(self.tenant_quota, |q| q.min(self.tenant_quota));
+        self.put_limited(tenant, name, meta, quota, body).await
+    }
+
+    /// As [`Self::put_meta`], counted but never refused by the quota: for
+    /// the few KiB that tell a caller why its files were left out.
+    pub async fn put_note<S, E>(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        meta: &ArtifactMeta,
+        body: S,
+    ) -> Result<ArtifactInfo, ArtifactError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        self.put_limited(tenant, name, meta, u64::MAX, body).await
+    }
+
+    async fn put_limited<S, E>(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        meta: &ArtifactMeta,
+        quota: u64,
+        body: S,
+    ) -> Result<ArtifactInfo, ArtifactError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
         check_name(name)?;
         let id = ArtifactId::parse(format!("art-{}", hex::encode(rand::random::<[u8; 12]>())))
             .map_err(|e| ArtifactError::Io(io::Error::other(e)))?;
-        let result = self.put_inner(&id, tenant, name, meta, body).await;
+        self.count_if_needed(tenant).await?;
+        let mut reserved: u64 = 0;
+        let result = self
+            .put_inner(&id, tenant, name, meta, body, quota, &mut reserved)
+            .await;
+        self.usage.finish(tenant, reserved, result.is_ok());
         if result.is_err() {
             self.remove_all(tenant, &id).await;
         }
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn put_inner<S, E>(
         &self,
         id: &ArtifactId,
@@ -226,6 +332,8 @@ impl ArtifactStore {
         name: &str,
         meta: &ArtifactMeta,
         mut body: S,
+        quota: u64,
+        reserved: &mut u64,
     ) -> Result<ArtifactInfo, ArtifactError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -252,6 +360,14 @@ impl ArtifactStore {
                 if size > self.max_bytes {
                     return Err(ArtifactError::TooLarge(self.max_bytes));
                 }
+                let n = piece.len() as u64;
+                self.usage
+                    .reserve(tenant, n, quota)
+                    .map_err(|o| ArtifactError::QuotaExceeded {
+                        max: o.max,
+                        used: o.used,
+                    })?;
+                *reserved += n;
                 hasher.update(&piece);
                 buf.extend_from_slice(&piece);
                 // A full chunk is sealed as "not last" only once more data exists.
@@ -462,6 +578,7 @@ impl ArtifactStore {
     pub async fn delete(&self, tenant: &TenantId, id: &ArtifactId) -> Result<(), ArtifactError> {
         self.info(tenant, id).await?;
         self.remove_all(tenant, id).await;
+        self.usage.stale(tenant);
         Ok(())
     }
 
@@ -482,6 +599,9 @@ impl ArtifactStore {
                 self.remove_all(tenant, &id).await;
                 n += 1;
             }
+        }
+        if n > 0 {
+            self.usage.stale(tenant);
         }
         Ok(n)
     }
@@ -1113,5 +1233,97 @@ mod tests {
         ] {
             assert_eq!(mode(&root.join(d)), 0o700, "{d:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_tenant_quota_holds_across_uploads_and_frees_on_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kek = SecretKey::generate();
+        let s = ArtifactStore::new(tmp.path().to_path_buf(), kek.clone(), 1 << 20)
+            .unwrap()
+            .with_tenant_quota(1000);
+        let meta = ArtifactMeta::default();
+        let first = s
+            .put_meta(&t("acme"), "a", &meta, body(&[1; 600], 100))
+            .await
+            .unwrap();
+        // 600 stored: 600 more passes 1000 partway through; nothing of it stays.
+        let err = s
+            .put_meta(&t("acme"), "b", &meta, body(&[2; 600], 100))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ArtifactError::QuotaExceeded { max: 1000, used } if used >= 600),
+            "{err}"
+        );
+        assert_eq!(s.blobs.list("meta/acme").await.unwrap().len(), 1);
+        assert_eq!(s.blobs.list("objects/acme").await.unwrap().len(), 1);
+        assert_eq!(s.usage(&t("acme")).await.unwrap(), 600);
+        // Another tenant has its own quota.
+        s.put_meta(&t("globex"), "g", &meta, body(&[3; 1000], 100))
+            .await
+            .unwrap();
+        // Policy may lower the quota for a request, never raise it.
+        assert!(matches!(
+            s.put_meta_within(&t("acme"), "c", &meta, Some(700), body(&[4; 200], 100))
+                .await,
+            Err(ArtifactError::QuotaExceeded { max: 700, .. })
+        ));
+        assert!(matches!(
+            s.put_meta_within(&t("acme"), "d", &meta, Some(1 << 30), body(&[5; 600], 100))
+                .await,
+            Err(ArtifactError::QuotaExceeded { max: 1000, .. })
+        ));
+        // A note is counted but never refused.
+        s.put_note(&t("acme"), "note", &meta, body(&[6; 500], 100))
+            .await
+            .unwrap();
+        assert_eq!(s.usage(&t("acme")).await.unwrap(), 1100);
+        // Deleting frees the bytes.
+        s.delete(&t("acme"), &aid(&first.artifact_id))
+            .await
+            .unwrap();
+        assert_eq!(s.usage(&t("acme")).await.unwrap(), 500);
+        s.put_meta(&t("acme"), "e", &meta, body(&[7; 500], 100))
+            .await
+            .unwrap();
+        // Another replica over the same store counts what is there.
+        let other = ArtifactStore::new(tmp.path().to_path_buf(), kek, 1 << 20)
+            .unwrap()
+            .with_tenant_quota(1000);
+        assert_eq!(other.usage(&t("acme")).await.unwrap(), 1000);
+        assert!(matches!(
+            other
+                .put_meta(&t("acme"), "f", &meta, body(&[8; 1], 1))
+                .await,
+            Err(ArtifactError::QuotaExceeded { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_uploads_cannot_pass_the_quota_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = ArtifactStore::new(tmp.path().to_path_buf(), SecretKey::generate(), 1 << 20)
+            .unwrap()
+            .with_tenant_quota(10_000);
+        let meta = ArtifactMeta::default();
+        let runs = (0..8).map(|i| {
+            let (s, meta) = (s.clone(), meta.clone());
+            async move {
+                s.put_meta(&t("acme"), &format!("p{i}"), &meta, body(&[9; 3000], 256))
+                    .await
+            }
+        });
+        let results = futures::future::join_all(runs).await;
+        let kept: u64 = results.iter().flatten().map(|i| i.size).sum();
+        assert!(kept <= 10_000, "{kept} bytes kept past a 10000-byte quota");
+        assert!(results.iter().any(Result::is_ok), "none was kept");
+        assert!(
+            results
+                .iter()
+                .any(|r| matches!(r, Err(ArtifactError::QuotaExceeded { .. }))),
+            "none was refused"
+        );
+        assert_eq!(s.usage(&t("acme")).await.unwrap(), kept);
     }
 }

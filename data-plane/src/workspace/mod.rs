@@ -3,3 +3,4 @@
 pub mod artifacts;
 pub mod blobs;
 pub mod crypto;
+pub mod usage;

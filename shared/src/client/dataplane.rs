@@ -342,13 +342,27 @@ impl TenantClient {
         meta: &ArtifactMeta,
         body: impl Into<reqwest::Body>,
     ) -> Result<ArtifactInfo, ClientError> {
+        self.upload_artifact_within(name, meta, None, body).await
+    }
+
+    /// As [`Self::upload_artifact_meta`], under the tenant's quota on stored
+    /// artifact bytes (`quotaBytes`; the data plane's default when `None`).
+    pub async fn upload_artifact_within(
+        &self,
+        name: &str,
+        meta: &ArtifactMeta,
+        quota_bytes: Option<u64>,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<ArtifactInfo, ClientError> {
         let mut path = format!("{ARTIFACTS}?name={}", segment(name));
+        let quota = quota_bytes.map(|q| q.to_string());
         push_query(
             &mut path,
             &[
                 ("sessionId", &meta.session_id),
                 ("jobId", &meta.job_id),
                 ("workflowId", &meta.workflow_id),
+                ("quotaBytes", &quota),
             ],
             &meta.labels,
         );
