@@ -1208,7 +1208,10 @@ impl McpTools {
             let id = WorkflowId::parse(w.workflow_id.as_str())
                 .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
             let _slot = app.waiters.enter(&who.tenant)?;
-            w = app.workflows.wait(who, &id, Duration::from_millis(wait)).await?;
+            w = app
+                .workflows
+                .wait(who, &id, Duration::from_millis(wait))
+                .await?;
         }
         let (v, mut t) = self.render_workflow(w);
         if submitted.replayed {
@@ -1227,7 +1230,11 @@ impl McpTools {
             w.status.as_str()
         );
         for step in &mut w.steps {
-            text.push_str(&format!("steps[{}]: {}\n", step.index, step.status.as_str()));
+            text.push_str(&format!(
+                "steps[{}]: {}\n",
+                step.index,
+                step.status.as_str()
+            ));
             if let Some(o) = &mut step.output {
                 cap(&mut o.stdout, per_step, &hint);
                 cap(&mut o.stderr, per_step, &hint);

@@ -101,7 +101,12 @@ async fn claim(wf: &WorkflowService, owner: &str) -> Result<Option<WorkflowRow>,
     Ok(Some(row))
 }
 
-fn worker_event(row: &WorkflowRow, action: &str, outcome: &str, details: serde_json::Value) -> AuditEvent {
+fn worker_event(
+    row: &WorkflowRow,
+    action: &str,
+    outcome: &str,
+    details: serde_json::Value,
+) -> AuditEvent {
     AuditEvent {
         tenant: row.tenant.clone(),
         actor: WORKER_ACTOR.into(),
@@ -116,7 +121,12 @@ fn worker_event(row: &WorkflowRow, action: &str, outcome: &str, details: serde_j
 /// Runs a claimed workflow while its lease holds. If the lease is lost
 /// or the replica shuts down mid-step, the run is dropped where it is:
 /// the next claimer finds the step `running` and fails it (never reruns).
-async fn run(wf: &Arc<WorkflowService>, owner: &str, row: WorkflowRow, shutdown: &CancellationToken) {
+async fn run(
+    wf: &Arc<WorkflowService>,
+    owner: &str,
+    row: WorkflowRow,
+    shutdown: &CancellationToken,
+) {
     let id = row.workflow.workflow_id.clone();
     let work = execute(wf, owner, &row, shutdown);
     let renew = renew_lease(wf, owner, &id);
@@ -303,6 +313,9 @@ async fn execute(
         Sandbox::Fail(v) => return conclude(wf, owner, row, None, v).await,
         Sandbox::Stop => return Ok(()),
         Sandbox::Requeue(reason) => {
+            if storage::workflows::cancel_requested(&wf.db, id).await? {
+                return conclude(wf, owner, row, None, Verdict::cancelled()).await;
+            }
             if row.workflow.attempts >= row.max_attempts {
                 let v = Verdict::failed(failure(
                     ErrorCode::DataPlaneUnavailable.as_str(),
@@ -351,7 +364,14 @@ async fn execute(
         }
         if shutdown.is_cancelled() {
             // Between steps: hand it back, nothing is in flight.
-            return requeue(wf, owner, row, "the control plane shut down", Duration::ZERO).await;
+            return requeue(
+                wf,
+                owner,
+                row,
+                "the control plane shut down",
+                Duration::ZERO,
+            )
+            .await;
         }
         {
             let mut tx = wf.db.begin_write().await?;
@@ -388,10 +408,9 @@ async fn execute(
                     StepStatus::Timeout => {
                         Some(failure("timeout", "the step ran past its timeout"))
                     }
-                    StepStatus::Killed => Some(failure(
-                        "killed",
-                        "the sandbox was killed during the step",
-                    )),
+                    StepStatus::Killed => {
+                        Some(failure("killed", "the sandbox was killed during the step"))
+                    }
                 };
                 let output = WorkflowStepOutput {
                     status: r.status,
@@ -488,7 +507,10 @@ async fn sandbox(
                 // Its variables were the workflow's state: gone with it.
                 return Ok(Sandbox::Fail(Verdict::failed(failure(
                     "session_lost",
-                    format!("the workflow's session {sid} is gone ({}); finished steps are not run again", e.code.as_str()),
+                    format!(
+                        "the workflow's session {sid} is gone ({}); finished steps are not run again",
+                        e.code.as_str()
+                    ),
                 ))));
             }
             // Nothing ran in it yet: a new session will do.
@@ -557,7 +579,10 @@ async fn collect_outputs(
         Err(e) => {
             return Err((
                 stored,
-                failure(e.code.as_str(), format!("listing the workflow's artifacts: {}", e.message)),
+                failure(
+                    e.code.as_str(),
+                    format!("listing the workflow's artifacts: {}", e.message),
+                ),
             ));
         }
     };
@@ -571,10 +596,16 @@ async fn collect_outputs(
         let file = match wf.sessions.read_path(identity, sid, path).await {
             Ok(PathStream::File(f)) => f,
             Ok(PathStream::Dir(_)) => {
-                return Err((stored, fail("output_missing", "is a directory, not a file".into())));
+                return Err((
+                    stored,
+                    fail("output_missing", "is a directory, not a file".into()),
+                ));
             }
             Err(e) if e.code == ErrorCode::FileNotFound => {
-                return Err((stored, fail("output_missing", "no such file in the workspace".into())));
+                return Err((
+                    stored,
+                    fail("output_missing", "no such file in the workspace".into()),
+                ));
             }
             Err(e) => return Err((stored, fail(e.code.as_str(), e.message))),
         };
@@ -599,7 +630,12 @@ async fn collect_outputs(
 /// cannot be written: a sandbox must not outlive its workflow). A session
 /// the data plane no longer has is `gone`.
 async fn teardown(wf: &WorkflowService, row: &WorkflowRow, sid: &SessionId) -> Teardown {
-    let mut ev = worker_event(row, "session.delete", "succeeded", json!({"workflow": row.workflow.workflow_id}));
+    let mut ev = worker_event(
+        row,
+        "session.delete",
+        "succeeded",
+        json!({"workflow": row.workflow.workflow_id}),
+    );
     ev.resource = format!("session/{sid}");
     let unrecorded = wf.audit.record(ev).await.err();
     let Ok(tenant) = TenantId::parse(row.tenant.as_str()) else {
@@ -613,10 +649,12 @@ async fn teardown(wf: &WorkflowService, row: &WorkflowRow, sid: &SessionId) -> T
             outcome: "deleted".into(),
             message: None,
         },
-        Err(e) if matches!(e.code, ErrorCode::SessionNotFound | ErrorCode::SessionLost) => Teardown {
-            outcome: "gone".into(),
-            message: None,
-        },
+        Err(e) if matches!(e.code, ErrorCode::SessionNotFound | ErrorCode::SessionLost) => {
+            Teardown {
+                outcome: "gone".into(),
+                message: None,
+            }
+        }
         Err(e) => {
             tracing::warn!(session = %sid, error = %e, "a workflow's session could not be deleted; its TTL will reap it");
             Teardown {
@@ -626,12 +664,17 @@ async fn teardown(wf: &WorkflowService, row: &WorkflowRow, sid: &SessionId) -> T
         }
     };
     if t.outcome != "failed" {
-        if let Err(e) = storage::sessions::mark_deleted(&wf.db, &row.tenant, sid.as_str(), now_ms()).await {
+        if let Err(e) =
+            storage::sessions::mark_deleted(&wf.db, &row.tenant, sid.as_str(), now_ms()).await
+        {
             tracing::warn!(session = %sid, error = %e, "could not mark the session deleted");
         }
     }
     if let Some(e) = unrecorded {
-        t.message = Some(format!("deleted, but the session.delete event was not written: {}", e.message));
+        t.message = Some(format!(
+            "deleted, but the session.delete event was not written: {}",
+            e.message
+        ));
     }
     t
 }
@@ -703,7 +746,8 @@ async fn requeue(
         json!({"attempts": row.workflow.attempts, "reason": reason, "delayMs": delay.as_millis() as u64}),
     );
     let mut tx = wf.db.begin_write().await?;
-    if !storage::workflows::requeue(&mut tx, id, owner, now + delay.as_millis() as i64, now).await? {
+    if !storage::workflows::requeue(&mut tx, id, owner, now + delay.as_millis() as i64, now).await?
+    {
         return tx.rollback().await;
     }
     audit::append(&mut tx, ev).await?;

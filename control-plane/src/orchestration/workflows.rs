@@ -17,8 +17,7 @@ use shared::ids::{SessionId, WorkflowId};
 use shared::workflow::{
     FileEncoding, MAX_STEP_CODE_BYTES, MAX_STEP_TIMEOUT_MS, MAX_WORKFLOW_FILE_BYTES,
     MAX_WORKFLOW_FILES, MAX_WORKFLOW_FILES_TOTAL, MAX_WORKFLOW_OUTPUTS, MAX_WORKFLOW_PATH_BYTES,
-    MAX_WORKFLOW_STEPS, Workflow, WorkflowList, WorkflowRequest, WorkflowStep,
-    WorkflowStepStatus,
+    MAX_WORKFLOW_STEPS, Workflow, WorkflowList, WorkflowRequest, WorkflowStep, WorkflowStepStatus,
 };
 use tokio::sync::{Notify, broadcast};
 
@@ -143,15 +142,15 @@ pub(crate) fn output_name(path: &str) -> &str {
 pub fn validate_plan(req: &WorkflowRequest) -> Result<(), CodedError> {
     let invalid = |field: &str, msg: String| bad_field(ErrorCode::InvalidArgument, field, msg);
     if req.steps.is_empty() {
-        return Err(invalid("steps", "a workflow needs at least one step".into()));
+        return Err(invalid(
+            "steps",
+            "a workflow needs at least one step".into(),
+        ));
     }
     if req.steps.len() > MAX_WORKFLOW_STEPS {
         return Err(invalid(
             "steps",
-            format!(
-                "{} steps; at most {MAX_WORKFLOW_STEPS}",
-                req.steps.len()
-            ),
+            format!("{} steps; at most {MAX_WORKFLOW_STEPS}", req.steps.len()),
         ));
     }
     for (i, step) in req.steps.iter().enumerate() {
@@ -161,10 +160,7 @@ pub fn validate_plan(req: &WorkflowRequest) -> Result<(), CodedError> {
         if step.code.len() > MAX_STEP_CODE_BYTES {
             return Err(invalid(
                 &format!("steps[{i}].code"),
-                format!(
-                    "{} bytes; at most {MAX_STEP_CODE_BYTES}",
-                    step.code.len()
-                ),
+                format!("{} bytes; at most {MAX_STEP_CODE_BYTES}", step.code.len()),
             ));
         }
         if let Some(t) = step.timeout_ms
@@ -373,8 +369,8 @@ impl WorkflowService {
         let body = serde_json::to_string(&workflow)
             .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
         let ttl_ms = self.settings.idempotency_ttl.as_millis() as i64;
-        let event = AuditEvent::by(identity, "workflow.submit", format!("workflow/{id}")).details(
-            json!({
+        let event =
+            AuditEvent::by(identity, "workflow.submit", format!("workflow/{id}")).details(json!({
                 "runtime": runtime,
                 "labels": labels,
                 "steps": req.steps.len(),
@@ -382,8 +378,7 @@ impl WorkflowService {
                 "outputs": req.outputs.as_ref().map_or(0, Vec::len),
                 "policyVersion": decision.policy_version,
                 "idempotencyKey": key.is_some(),
-            }),
-        );
+            }));
         let tenant = identity.tenant.as_str();
         let outcome: Result<Submitted, CodedError> = async {
             let mut tx = self.db.begin_write().await?;
@@ -793,7 +788,12 @@ mod tests {
             ),
             ..req
         };
-        assert!(validate_plan(&too_many).unwrap_err().message.starts_with("files:"));
+        assert!(
+            validate_plan(&too_many)
+                .unwrap_err()
+                .message
+                .starts_with("files:")
+        );
     }
 
     #[test]

@@ -67,8 +67,10 @@ where
         from_json("workflow labels", &row.try_get::<String, _>("labels")?)?;
     let spec: WorkflowRequest = from_json("workflow spec", &row.try_get::<String, _>("spec")?)?;
     let roles: Vec<String> = from_json("workflow roles", &row.try_get::<String, _>("roles")?)?;
-    let artifacts: Vec<ArtifactInfo> =
-        from_json("workflow artifacts", &row.try_get::<String, _>("artifacts")?)?;
+    let artifacts: Vec<ArtifactInfo> = from_json(
+        "workflow artifacts",
+        &row.try_get::<String, _>("artifacts")?,
+    )?;
     let teardown = match row.try_get::<Option<String>, _>("teardown")? {
         Some(text) => Some(from_json::<Teardown>("workflow teardown", &text)?),
         None => None,
@@ -113,7 +115,10 @@ where
     let status = WorkflowStepStatus::parse(&status)
         .ok_or_else(|| StorageError::corrupt("workflow step status", &status))?;
     let output = match row.try_get::<Option<String>, _>("output")? {
-        Some(text) => Some(from_json::<WorkflowStepOutput>("workflow step output", &text)?),
+        Some(text) => Some(from_json::<WorkflowStepOutput>(
+            "workflow step output",
+            &text,
+        )?),
         None => None,
     };
     Ok(WorkflowStep {
