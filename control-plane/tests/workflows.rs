@@ -665,6 +665,104 @@ async fn cancel_interrupts_the_running_step_and_tears_down() {
     s.stop().await;
 }
 
+/// A workflow whose worker was lost between steps resumes where it was:
+/// the state such a worker leaves (step 0 finished in a live session, step
+/// 1 pending, the lease expired) is planted in the database; a worker
+/// claims it, does not run step 0 again, runs step 1 in the same session
+/// (its variable is still there), and tears the session down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_workflow_lost_between_steps_resumes_in_its_session() {
+    let s = stack(DatabaseDriver::Sqlite, &[]).await;
+    let t = token("acme", &["agent"]);
+    let (status, session) = s
+        .call("POST", "/v1/sessions", Some(&t), Some(json!({})))
+        .await;
+    assert_eq!(status, 201, "{session}");
+    let sid = session["sessionId"].as_str().unwrap().to_owned();
+    let (status, r) = s
+        .call(
+            "POST",
+            &format!("/v1/sessions/{sid}/steps"),
+            Some(&t),
+            Some(json!({"code": "x = 41"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let id = "wf_resumed000000000000001";
+    let spec = json!({"steps": [{"code": "x = 41"}, {"code": "print(x + 1)"}]}).to_string();
+    let planted = json!({"status": "ok", "stdout": "planted\n", "stderr": "", "result": null,
+        "error": null, "durationMs": 1, "truncated": false})
+    .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let db = s.db.connect().await;
+    let control_plane::storage::Db::Sqlite(pool) = &db else {
+        panic!("sqlite")
+    };
+    sqlx::query(
+        "INSERT INTO workflows (id, tenant, subject, app, agent, roles, status, runtime, spec, labels, \
+         session_id, artifacts, attempts, max_attempts, lease_owner, lease_expires_ms, next_run_ms, \
+         cancel_requested, created_ms, updated_ms, started_ms) VALUES ($1, 'acme', 'acme-user', 'tests', \
+         'harness', '[\"agent\"]', 'running', 'python', $2, '{}', $3, '[]', 1, 5, 'a-lost-worker', $4, $5, 0, $5, $5, $5)",
+    )
+    .bind(id)
+    .bind(&spec)
+    .bind(&sid)
+    .bind(now - 1000)
+    .bind(now)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO workflow_steps (workflow_id, tenant, idx, status, output, started_ms, finished_ms) \
+         VALUES ($1, 'acme', 0, 'succeeded', $2, $3, $3), ($1, 'acme', 1, 'pending', NULL, NULL, NULL)",
+    )
+    .bind(id)
+    .bind(&planted)
+    .bind(now)
+    .execute(pool)
+    .await
+    .unwrap();
+    db.close().await;
+    let done = wait_workflow(&s.cp.url, &t, id, 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert_eq!(done["sessionId"], sid.as_str());
+    assert_eq!(statuses(&done), ["succeeded", "succeeded"], "{done}");
+    assert_eq!(
+        done["steps"][0]["output"]["stdout"], "planted\n",
+        "step 0 ran again: {done}"
+    );
+    assert_eq!(done["steps"][1]["output"]["stdout"], "42\n", "{done}");
+    assert_torn_down(&s.cp.url, &t, &done).await;
+    // Two steps were sent to the session: the planted one and step 1.
+    let admin = token("acme", &["admin"]);
+    let (_, audit) = s
+        .call(
+            "GET",
+            "/v1/audit?action=step.run&limit=500",
+            Some(&admin),
+            None,
+        )
+        .await;
+    let runs = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["resource"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("session/{sid}/"))
+        })
+        .count();
+    assert_eq!(runs, 2, "{audit}");
+    s.stop().await;
+}
+
 /// kill -9 of the control plane while a step runs: after a restart the
 /// workflow fails with `workflow_interrupted` naming that step; the step
 /// before it is not run again, the interrupted one is not sent again, the
