@@ -663,18 +663,18 @@ async fn teardown(wf: &WorkflowService, row: &WorkflowRow, sid: &SessionId) -> T
             }
         }
     };
-    if t.outcome != "failed" {
-        if let Err(e) =
+    if t.outcome != "failed"
+        && let Err(e) =
             storage::sessions::mark_deleted(&wf.db, &row.tenant, sid.as_str(), now_ms()).await
-        {
-            tracing::warn!(session = %sid, error = %e, "could not mark the session deleted");
-        }
+    {
+        tracing::warn!(session = %sid, error = %e, "could not mark the session deleted");
     }
     if let Some(e) = unrecorded {
-        t.message = Some(format!(
-            "deleted, but the session.delete event was not written: {}",
-            e.message
-        ));
+        let note = format!("the session.delete event was not written: {}", e.message);
+        t.message = Some(match t.message.take() {
+            Some(m) => format!("{m}; {note}"),
+            None => note,
+        });
     }
     t
 }
