@@ -337,6 +337,11 @@ async fn idempotent_submission_tenancy_listing_and_cancel() {
     let (_, page) = call_at(&s.cp.url, "GET", "/v1/workflows?limit=1", Some(&t), None).await;
     assert_eq!(page["workflows"].as_array().unwrap().len(), 1, "{page}");
     assert_eq!(page["workflows"][0]["workflowId"], second["workflowId"]);
+    assert_eq!(
+        page["workflows"][0]["steps"].as_array().unwrap().len(),
+        2,
+        "{page}"
+    );
     let cursor = page["nextCursor"].as_str().unwrap().to_owned();
     let (_, next) = call_at(
         &s.cp.url,
@@ -433,6 +438,7 @@ async fn the_smallest_plan_runs_and_is_torn_down() {
             .call("GET", "/v1/workflows?status=succeeded", Some(&t), None)
             .await;
         assert_eq!(listed["workflows"][0]["workflowId"], id.as_str());
+        assert_eq!(listed["workflows"][0]["steps"], done["steps"], "{listed}");
         // The lifecycle is audited.
         let admin = token("acme", &["admin"]);
         let (_, audit) = s

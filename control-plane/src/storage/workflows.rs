@@ -224,12 +224,35 @@ pub async fn list(
             .fetch_all(p).await?;
         rows.iter().map(|r| workflow_from(r, Vec::new())).collect::<Result<Vec<_>, _>>()
     })?;
-    let mut out = Vec::with_capacity(rows.len());
-    for mut row in rows {
-        row.workflow.steps = steps_of(db, &row.workflow.workflow_id).await?;
-        out.push(row);
+    if rows.is_empty() {
+        return Ok(rows);
     }
-    Ok(out)
+    // The steps of the whole page in one statement (ids bound, never
+    // spliced: only the placeholders are generated).
+    let marks: Vec<String> = (2..rows.len() + 2).map(|n| format!("${n}")).collect();
+    let sql = format!(
+        "SELECT * FROM workflow_steps WHERE tenant = $1 AND workflow_id IN ({}) ORDER BY workflow_id, idx",
+        marks.join(", ")
+    );
+    let mut by_id: BTreeMap<String, Vec<WorkflowStep>> = BTreeMap::new();
+    on_db!(db, p => {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(tenant);
+        for r in &rows {
+            q = q.bind(r.workflow.workflow_id.as_str());
+        }
+        for r in q.fetch_all(p).await? {
+            let id: String = r.try_get("workflow_id")?;
+            by_id.entry(id).or_default().push(step_from(&r)?);
+        }
+        Ok::<_, StorageError>(())
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|mut row| {
+            row.workflow.steps = by_id.remove(&row.workflow.workflow_id).unwrap_or_default();
+            row
+        })
+        .collect())
 }
 
 /// Cancels the tenant's workflow `id`: a queued one at once (its pending
