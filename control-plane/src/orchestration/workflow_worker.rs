@@ -472,7 +472,17 @@ async fn execute(
     if storage::workflows::cancel_requested(&wf.db, id).await? {
         return conclude(wf, owner, row, Some(&sid), Verdict::cancelled()).await;
     }
-    let verdict = match collect_outputs(wf, row, &identity, &sid).await {
+    let collected = collect_outputs(wf, row, &identity, &sid).await;
+    // A cancel that arrived while the outputs were read (it deletes the
+    // session under them) is a cancel, not an output failure.
+    if storage::workflows::cancel_requested(&wf.db, id).await? {
+        let mut v = Verdict::cancelled();
+        v.artifacts = match collected {
+            Ok(a) | Err((a, _)) => a,
+        };
+        return conclude(wf, owner, row, Some(&sid), v).await;
+    }
+    let verdict = match collected {
         Ok(artifacts) => Verdict {
             status: JobStatus::Succeeded,
             error: None,

@@ -474,7 +474,8 @@ pub struct Finish<'a> {
 }
 
 /// Records a running workflow's final status (its pending steps become
-/// `skipped`) and releases the lease, if `owner` still holds it.
+/// `skipped`, a step left `running` by a lost worker `failed`) and
+/// releases the lease, if `owner` still holds it.
 pub async fn finish(tx: &mut WriteTx, f: &Finish<'_>) -> Result<bool, StorageError> {
     let artifacts = to_json("workflow artifacts", f.artifacts)?;
     let teardown = f
@@ -497,6 +498,14 @@ pub async fn finish(tx: &mut WriteTx, f: &Finish<'_>) -> Result<bool, StorageErr
     if n == 0 {
         return Ok(false);
     }
+    // A step still `running` here was lost with an earlier worker (the
+    // workflow is being cancelled or given up): its outcome is unknown.
+    on_tx!(tx, c => sqlx::query(
+        "UPDATE workflow_steps SET status = 'failed', error_code = 'workflow_interrupted', \
+         error_message = 'its worker was lost while it ran; its outcome is unknown', finished_ms = $1 \
+         WHERE workflow_id = $2 AND status = 'running'")
+        .bind(f.now).bind(f.id)
+        .execute(&mut **c).await.map(|_| ()))?;
     skip_pending(tx, f.id).await?;
     Ok(true)
 }
