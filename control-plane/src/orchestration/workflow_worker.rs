@@ -14,6 +14,7 @@
 //! naming the step. The session is torn down on every terminal path.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
@@ -128,18 +129,39 @@ async fn run(
     shutdown: &CancellationToken,
 ) {
     let id = row.workflow.workflow_id.clone();
-    let work = execute(wf, owner, &row, shutdown);
+    let in_step = AtomicBool::new(false);
+    let work = execute(wf, owner, &row, shutdown, &in_step);
     let renew = renew_lease(wf, owner, &id);
     tokio::pin!(work);
-    tokio::select! {
+    let stopped = tokio::select! {
         r = &mut work => {
             if let Err(e) = r {
                 // The lease will expire and the workflow will be claimed again.
                 tracing::warn!(workflow = %id, error = %e, "recording the workflow's progress failed");
             }
+            false
         }
-        _ = renew => tracing::warn!(workflow = %id, "the workflow's lease was lost; another worker takes over"),
-        _ = shutdown.cancelled() => {}
+        _ = renew => {
+            tracing::warn!(workflow = %id, "the workflow's lease was lost; another worker takes over");
+            false
+        }
+        _ = shutdown.cancelled() => true,
+    };
+    // Shutting down with no step in flight: hand it back now rather than
+    // after the lease (the flag is set before a step is recorded `running`,
+    // so a step that may have been sent is left to the lease).
+    if stopped
+        && !in_step.load(Ordering::SeqCst)
+        && let Err(e) = requeue(
+            wf,
+            owner,
+            &row,
+            "the control plane shut down",
+            Duration::ZERO,
+        )
+        .await
+    {
+        tracing::warn!(workflow = %id, error = %e, "handing the workflow back failed; its lease will expire");
     }
 }
 
@@ -243,6 +265,7 @@ async fn execute(
     owner: &str,
     row: &WorkflowRow,
     shutdown: &CancellationToken,
+    in_step: &AtomicBool,
 ) -> Result<(), StorageError> {
     let id = row.workflow.workflow_id.as_str();
     let Ok(tenant) = TenantId::parse(row.tenant.as_str()) else {
@@ -373,6 +396,7 @@ async fn execute(
             )
             .await;
         }
+        in_step.store(true, Ordering::SeqCst);
         {
             let mut tx = wf.db.begin_write().await?;
             if !storage::workflows::start_step(&mut tx, id, owner, i, now_ms()).await? {
@@ -453,6 +477,7 @@ async fn execute(
             }
             tx.commit().await?;
         }
+        in_step.store(false, Ordering::SeqCst);
         if cancelled {
             return conclude(wf, owner, row, Some(&sid), Verdict::cancelled()).await;
         }
