@@ -86,6 +86,10 @@ pub struct Config {
     /// Jobs dispatched at once by this replica.
     #[arg(long, env = "JOB_WORKERS", default_value_t = 4)]
     pub job_workers: usize,
+    /// Workflows run at once by this replica (each holds one session while
+    /// it runs; leases, attempts and polling are the jobs' settings).
+    #[arg(long, env = "WORKFLOW_WORKERS", default_value_t = 2)]
+    pub workflow_workers: usize,
     /// How long a worker owns a job before another replica may take it over;
     /// renewed while the job runs.
     #[arg(long, env = "JOB_LEASE", default_value = "30s", value_parser = parse_duration)]
@@ -298,6 +302,9 @@ impl Config {
         if self.job_workers == 0 {
             return Err("JOB_WORKERS must be at least 1".into());
         }
+        if self.workflow_workers == 0 {
+            return Err("WORKFLOW_WORKERS must be at least 1".into());
+        }
         if self.job_max_attempts == 0 {
             return Err("JOB_MAX_ATTEMPTS must be at least 1".into());
         }
@@ -442,6 +449,7 @@ mod tests {
                 "DATABASE_DRIVER",
             ),
             (vec!["--job-workers", "0"], "JOB_WORKERS"),
+            (vec!["--workflow-workers", "0"], "WORKFLOW_WORKERS"),
             (vec!["--idempotency-ttl", "1h"], "IDEMPOTENCY_TTL"),
             (vec!["--data-plane-url", "ftp://x"], "DATA_PLANE_URL"),
             (vec!["--mcp-addr", "nonsense"], "MCP_ADDR"),

@@ -34,7 +34,9 @@ use crate::audit::AuditLog;
 use crate::dataplane::DataPlane;
 use crate::identity::{Verifier, VerifierConfig};
 use crate::metrics::Metrics;
-use crate::orchestration::{Dispatcher, JobService, JobSettings};
+use crate::orchestration::{
+    Dispatcher, JobService, JobSettings, WorkflowDispatcher, WorkflowService, WorkflowSettings,
+};
 use crate::policy::PolicyService;
 use crate::sessions::SessionService;
 use crate::storage::Db;
@@ -52,6 +54,8 @@ pub struct App {
     pub dp: DataPlane,
     pub jobs: Arc<JobService>,
     pub sessions: SessionService,
+    /// Workflows: plans run in one session by the workflow workers.
+    pub workflows: Arc<WorkflowService>,
     pub metrics: Arc<Metrics>,
     /// Open long polls and event streams per tenant.
     pub waiters: Arc<waiters::Waiters>,
@@ -134,6 +138,21 @@ impl App {
             audit.clone(),
             limits.clone(),
         );
+        let workflows = WorkflowService::new(
+            db.clone(),
+            policy.clone(),
+            dp.clone(),
+            sessions.clone(),
+            audit.clone(),
+            limits.clone(),
+            WorkflowSettings {
+                max_attempts: config.job_max_attempts,
+                idempotency_ttl: config.idempotency_ttl,
+                lease: config.job_lease,
+                poll_interval: config.job_poll_interval,
+                workers: config.workflow_workers,
+            },
+        );
         let waiters = waiters::Waiters::new(config.tenant_max_waiters);
         let auth_failures = Arc::new(auth_failures::AuthFailures::new(
             config.auth_failure_window,
@@ -151,6 +170,7 @@ impl App {
             dp,
             jobs,
             sessions,
+            workflows,
             metrics,
         }))
     }
@@ -203,6 +223,7 @@ pub async fn serve_all(
     }
     let tracker = TaskTracker::new();
     Dispatcher::start(app.jobs.clone(), &tracker, shutdown.clone());
+    WorkflowDispatcher::start(app.workflows.clone(), &tracker, shutdown.clone());
     tracker.spawn(
         app.auth_failures
             .clone()

@@ -142,6 +142,18 @@ impl SessionService {
         identity: &Identity,
         req: SessionRequest,
     ) -> Result<SessionView, CodedError> {
+        self.create_with(identity, req, true).await
+    }
+
+    /// As [`SessionService::create`]; `take_creation_token` is false for a
+    /// workflow's session, whose submission took the creation token
+    /// already (the session quota is checked either way).
+    pub(crate) async fn create_with(
+        &self,
+        identity: &Identity,
+        req: SessionRequest,
+        take_creation_token: bool,
+    ) -> Result<SessionView, CodedError> {
         crate::orchestration::jobs::validate_packages(req.packages.as_deref())?;
         let runtime = req
             .runtime
@@ -166,7 +178,9 @@ impl SessionService {
         // Quotas after validation and policy, so a refused request costs
         // the tenant no token (crate::limits).
         self.limits.admit_session(identity).await?;
-        self.limits.admit_creation(identity).await?;
+        if take_creation_token {
+            self.limits.admit_creation(identity).await?;
+        }
         let view = self
             .dp
             .create_session(

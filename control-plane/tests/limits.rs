@@ -672,3 +672,70 @@ async fn redis_gone_fails_creation_closed_and_reads_open() {
         list.body
     );
 }
+
+/// A workflow is a sandbox creation (issue 19 §1): it takes a token from
+/// the creation bucket, and the tenant's session quota refuses it as it
+/// refuses a session; a replay of an accepted one costs nothing.
+#[tokio::test]
+async fn workflows_are_creations_and_count_as_sessions() {
+    let dp = stub().await;
+    let plan = || json!({"steps": [{"code": "x = 41"}, {"code": "print(x + 1)"}]});
+    let cp1 = cp(
+        &dp.url,
+        &[
+            "--rate-limit-creates-per-minute",
+            "2",
+            "--rate-limit-creates-burst",
+            "2",
+        ],
+    )
+    .await;
+    for _ in 0..2 {
+        let a = cp1
+            .call("POST", "/v1/workflows", "acme", Some(plan()))
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let a = cp1
+        .call("POST", "/v1/workflows", "acme", Some(plan()))
+        .await;
+    assert_eq!((a.status, a.code()), (429, "rate_limited"), "{}", a.body);
+    assert_eq!(a.body["details"]["limit"], "creations");
+    assert!(a.header("retry-after").is_some());
+    let a = cp1
+        .call("POST", "/v1/sessions", "acme", Some(json!({})))
+        .await;
+    assert_eq!((a.status, a.code()), (429, "rate_limited"), "{}", a.body);
+    // A malformed plan costs no token.
+    let a = cp1
+        .call(
+            "POST",
+            "/v1/workflows",
+            "globex",
+            Some(json!({"steps": []})),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    for _ in 0..2 {
+        let a = cp1
+            .call("POST", "/v1/workflows", "globex", Some(plan()))
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+
+    let cp2 = cp(&dp.url, &["--tenant-max-sessions", "1"]).await;
+    let a = cp2
+        .call("POST", "/v1/sessions", "initech", Some(json!({})))
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = cp2
+        .call("POST", "/v1/workflows", "initech", Some(plan()))
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (429, "tenant_quota_exceeded"),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.body["details"]["quota"], "sessions");
+}

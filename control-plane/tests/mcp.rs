@@ -292,6 +292,8 @@ async fn tools_are_described_and_guarded_like_rest() {
         "list_runtimes",
         "get_artifact",
         "upload_artifact",
+        "run_workflow",
+        "get_workflow",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
@@ -341,6 +343,12 @@ async fn tools_are_described_and_guarded_like_rest() {
             "content",
         ),
         ("list_jobs", json!({"limit": 0}), "limit"),
+        (
+            "run_workflow",
+            json!({"steps": [{"code": "1", "bogus": 1}]}),
+            "bogus",
+        ),
+        ("get_workflow", json!({"workflowId": "../x"}), "workflowId"),
         (
             "upload_artifact",
             json!({"name": "a.bin", "content": "!", "encoding": "base64"}),
@@ -665,6 +673,44 @@ async fn every_tool_against_real_sandboxes() {
     assert_eq!(closed["closed"], true);
     let r = call(&c, "run_step", json!({"sessionId": sid, "code": "x"})).await;
     assert_eq!(err_code(&r), "session_not_found");
+    c.cancel().await.unwrap();
+    g.cancel().await.unwrap();
+    s.stop().await;
+}
+
+/// The MCP tools `run_workflow` and `get_workflow` run the smallest plan
+/// (the same domain function as `POST /v1/workflows`).
+#[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn run_workflow_runs_the_smallest_plan() {
+    let s = full(&[]).await;
+    let c = connect(&s.cp.mcp, &token("acme", &["agent"])).await;
+    let r = call(
+        &c,
+        "run_workflow",
+        json!({"runtime": "python", "steps": [{"code": "x = 41"}, {"code": "print(x + 1)"}], "waitMs": 60000}),
+    )
+    .await;
+    let w = ok(r.clone());
+    assert_eq!(w["status"], "succeeded", "{w}");
+    assert_eq!(w["steps"][1]["output"]["stdout"], "42\n", "{w}");
+    let text = r.content[0].as_text().unwrap().text.clone();
+    assert!(text.contains("steps[1]: succeeded"), "{text}");
+    let id = w["workflowId"].as_str().unwrap();
+    let got = ok(call(&c, "get_workflow", json!({"workflowId": id})).await);
+    assert_eq!(got["workflowId"], id);
+    // A malformed plan: the same code and field as REST.
+    let r = call(&c, "run_workflow", json!({"steps": []})).await;
+    assert_eq!(err_code(&r), "invalid_argument");
+    assert!(
+        structured(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("steps")
+    );
+    let g = connect(&s.cp.mcp, &token("globex", &["agent"])).await;
+    let r = call(&g, "get_workflow", json!({"workflowId": id})).await;
+    assert_eq!(err_code(&r), "workflow_not_found");
     c.cancel().await.unwrap();
     g.cancel().await.unwrap();
     s.stop().await;

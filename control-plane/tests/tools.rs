@@ -395,25 +395,50 @@ async fn tools_session_refusals_match_v1() {
     s.stop().await;
 }
 
+/// `POST /tools/workflows` is `POST /v1/workflows`: the same refusal of a
+/// malformed plan (naming the step), the same policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tools_workflows_is_a_coded_501() {
+async fn tools_workflows_is_v1_workflows() {
     let _serial = SERIAL.lock().await;
     let s = NoSandboxes::start().await;
     let acme = token("acme", &["agent"]);
-    let (status, body) = call_at(
+    for plan in [
+        json!({"steps": []}),
+        json!({"steps": [{"code": "1"}, {"code": ""}]}),
+        json!({"steps": [{"code": "1"}], "files": [{"path": "../x", "content": ""}]}),
+        json!({"runtime": "cobol", "steps": [{"code": "1"}]}),
+    ] {
+        let tools = call_at(
+            &s.tools,
+            "POST",
+            "/tools/workflows",
+            Some(&acme),
+            Some(plan.clone()),
+        )
+        .await;
+        let v1 = call_at(
+            &s.cp.url,
+            "POST",
+            "/v1/workflows",
+            Some(&acme),
+            Some(plan.clone()),
+        )
+        .await;
+        assert_eq!(tools.0, 400, "{plan}: {}", tools.1);
+        assert_eq!(tools.1["code"], v1.1["code"], "{plan}");
+        assert_eq!(tools.1["message"], v1.1["message"], "{plan}");
+    }
+    // A valid plan is queued (nothing can run here).
+    let (status, w) = call_at(
         &s.tools,
         "POST",
         "/tools/workflows",
         Some(&acme),
-        Some(json!({"steps": []})),
+        Some(json!({"steps": [{"code": "x = 41"}, {"code": "print(x + 1)"}]})),
     )
     .await;
-    assert_eq!(status, 501, "{body}");
-    assert_eq!(body["code"], "not_implemented");
-    assert!(
-        body["message"].as_str().unwrap().contains("workflows"),
-        "{body}"
-    );
+    assert_eq!(status, 202, "{w}");
+    assert!(w["workflowId"].as_str().unwrap().starts_with("wf_"));
     // Only POST is routed.
     let (status, body) = call_at(&s.tools, "GET", "/tools/workflows", Some(&acme), None).await;
     assert_eq!(status, 405, "{body}");
@@ -797,6 +822,51 @@ async fn tools_run_code_like_v1() {
         .await;
         assert_eq!(status, 204);
     }
+    tools_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    st.stop().await;
+}
+
+/// `POST /tools/workflows` runs the smallest plan; the result is the same
+/// workflow through `/v1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn tools_workflows_run_the_smallest_plan() {
+    let _serial = SERIAL.lock().await;
+    let st = stack(DatabaseDriver::Sqlite, &[]).await;
+    let (tools, tools_stop) = serve_mcp_port(st.app.clone()).await;
+    let acme = token("acme", &["agent"]);
+    let (status, w) = call_at(
+        &tools,
+        "POST",
+        "/tools/workflows",
+        Some(&acme),
+        Some(json!({"runtime": "python", "steps": [{"code": "x = 41"}, {"code": "print(x + 1)"}]})),
+    )
+    .await;
+    assert_eq!(status, 202, "{w}");
+    let id = w["workflowId"].as_str().unwrap().to_owned();
+    let mut done = Value::Null;
+    for _ in 0..60 {
+        let (status, w) = call_at(
+            &st.cp.url,
+            "GET",
+            &format!("/v1/workflows/{id}?waitMs=2000"),
+            Some(&acme),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{w}");
+        if matches!(
+            w["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            done = w;
+            break;
+        }
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["steps"][1]["output"]["stdout"], "42\n", "{done}");
     tools_stop.cancel();
     tokio::time::sleep(Duration::from_millis(10)).await;
     st.stop().await;

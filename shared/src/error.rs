@@ -87,6 +87,10 @@ pub enum ErrorCode {
     IdempotencyInProgress,
     /// The job has already finished (it cannot be cancelled).
     JobFinished,
+    /// The workflow does not exist (or is not visible to the caller).
+    WorkflowNotFound,
+    /// The workflow has already finished (it cannot be cancelled).
+    WorkflowFinished,
     /// The data plane is unreachable or not ready.
     DataPlaneUnavailable,
     /// The metadata database is unreachable.
@@ -107,7 +111,7 @@ pub enum ErrorCode {
     /// creation is refused (it fails closed).
     RateLimiterUnavailable,
     /// The route is part of the contract but its feature does not exist yet
-    /// (`POST /tools/workflows` until workflows land).
+    /// (controlled egress and secrets, until they exist).
     NotImplemented,
     /// An unexpected failure inside the service (a bug, never bad input).
     Internal,
@@ -136,12 +140,14 @@ impl ErrorCode {
             | Self::FileNotFound
             | Self::ArtifactNotFound
             | Self::JobNotFound
+            | Self::WorkflowNotFound
             | Self::PolicyNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists
             | Self::SessionBusy
             | Self::IdempotencyInProgress
-            | Self::JobFinished => 409,
+            | Self::JobFinished
+            | Self::WorkflowFinished => 409,
             Self::SessionLost => 410,
             Self::PayloadTooLarge => 413,
             Self::RangeNotSatisfiable => 416,
@@ -204,6 +210,8 @@ impl ErrorCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyInProgress => "idempotency_in_progress",
             Self::JobFinished => "job_finished",
+            Self::WorkflowNotFound => "workflow_not_found",
+            Self::WorkflowFinished => "workflow_finished",
             Self::DataPlaneUnavailable => "data_plane_unavailable",
             Self::StorageUnavailable => "storage_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
@@ -311,6 +319,8 @@ mod tests {
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::IdempotencyInProgress,
         ErrorCode::JobFinished,
+        ErrorCode::WorkflowNotFound,
+        ErrorCode::WorkflowFinished,
         ErrorCode::DataPlaneUnavailable,
         ErrorCode::StorageUnavailable,
         ErrorCode::AuditUnavailable,
@@ -375,6 +385,8 @@ mod tests {
             422 idempotency_key_reused
             409 idempotency_in_progress
             409 job_finished
+            404 workflow_not_found
+            409 workflow_finished
             503 data_plane_unavailable
             503 storage_unavailable
             503 audit_unavailable

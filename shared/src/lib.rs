@@ -8,6 +8,7 @@ pub mod env;
 pub mod error;
 pub mod ids;
 pub mod telemetry;
+pub mod workflow;
 
 #[cfg(feature = "server")]
 pub mod metrics;

@@ -26,6 +26,7 @@ pub(crate) mod artifacts;
 pub(crate) mod jobs;
 pub mod ratelimit;
 pub(crate) mod sessions;
+pub(crate) mod workflows;
 
 /// The routes, the middleware and the API description.
 pub fn router(app: Arc<App>) -> Router {
@@ -35,6 +36,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .merge(sessions::routes())
         .merge(artifacts::routes())
+        .merge(workflows::routes())
         .route("/v1/runtimes", get(admin::runtimes))
         .route(
             "/v1/tenants/{tenant}/policy",
@@ -203,6 +205,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         sessions::create, sessions::get_one, sessions::list, sessions::delete,
         sessions::run_step, sessions::list_steps,
         sessions::list_files, sessions::read_file, sessions::write_file, sessions::delete_file,
+        workflows::submit, workflows::get_one, workflows::list, workflows::cancel,
         artifacts::upload, artifacts::list, artifacts::info, artifacts::download, artifacts::delete,
         admin::runtimes, admin::get_policy, admin::put_policy, admin::evaluate_policy,
         admin::audit_list, admin::audit_verify, readyz,
@@ -213,6 +216,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     tags(
         (name = "jobs", description = "One-shot code in a fresh sandbox; idempotent, durable"),
         (name = "sessions", description = "Stateful sandboxes: steps keep their variables"),
+        (name = "workflows", description = "Ordered plans run in one session: inputs, steps, outputs as artifacts, teardown; idempotent, durable"),
         (name = "artifacts", description = "Files stored encrypted: uploaded, or left by jobs in output/"),
         (name = "policy", description = "Rego policy per tenant"),
         (name = "audit", description = "The hash-chained audit log"),

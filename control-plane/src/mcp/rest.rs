@@ -11,7 +11,7 @@
 //! | `GET /tools/jobs/{jobId}`                     | `GET /v1/jobs/{id}`                     |
 //! | `POST /tools/sessions`                        | `POST /v1/sessions`                     |
 //! | `POST /tools/sessions/{sessionId}/steps`      | `POST /v1/sessions/{id}/steps`          |
-//! | `POST /tools/workflows`                       | none yet: 501 `not_implemented`         |
+//! | `POST /tools/workflows`                       | `POST /v1/workflows`                    |
 //! | `POST /tools/artifacts/upload`                | `POST /v1/artifacts` (streamed)         |
 //! | `GET /tools/artifacts/{artifactId}/download`  | `GET /v1/artifacts/{id}`                |
 
@@ -22,11 +22,9 @@ use axum::{
     extract::DefaultBodyLimit,
     routing::{get, post},
 };
-use shared::CodedError;
-use shared::ErrorCode;
 
 use crate::App;
-use crate::api::{artifacts, jobs, sessions};
+use crate::api::{artifacts, jobs, sessions, workflows};
 
 /// The `/tools/*` routes, state applied. Merge them behind the MCP port's
 /// authentication middleware.
@@ -39,7 +37,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/tools/sessions/{sessionId}/steps",
             post(sessions::run_step),
         )
-        .route("/tools/workflows", post(workflows))
+        .route("/tools/workflows", post(workflows::submit))
         // Streamed: the raw body is never held whole, so the JSON body limit
         // below does not apply to it (the data plane's ARTIFACT_MAX_BYTES does).
         .route("/tools/artifacts/upload", post(artifacts::upload))
@@ -49,13 +47,4 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .with_state(app)
-}
-
-/// `POST /tools/workflows`: workflows do not exist yet. A stable 501 (after
-/// authentication) so a client can tell "not yet" from "wrong route".
-async fn workflows() -> CodedError {
-    CodedError::new(
-        ErrorCode::NotImplemented,
-        "workflows are not implemented yet: run steps with POST /tools/sessions/{sessionId}/steps or jobs with POST /tools/jobs",
-    )
 }

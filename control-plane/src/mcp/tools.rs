@@ -31,7 +31,8 @@ use shared::agent::{FileEntry, FileList, StepMode, StepResult};
 use shared::client::{PathStream, StepEvent};
 use shared::controlplane::{Job, JobRequest, JobStatus, SessionRequest, SessionStepRequest};
 use shared::dataplane::{RuntimeList, SessionViewList};
-use shared::ids::{ArtifactId, JobId, SessionId};
+use shared::ids::{ArtifactId, JobId, SessionId, WorkflowId};
+use shared::workflow::{Workflow, WorkflowRequest};
 
 use crate::App;
 use crate::audit::AuditEvent;
@@ -140,6 +141,66 @@ struct ListJobsArgs {
     limit: Option<i64>,
     /// `nextCursor` of the previous page.
     cursor: Option<String>,
+}
+
+/// An input file of `run_workflow`.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkflowFileArg {
+    /// Path relative to the workspace; parent directories are created.
+    path: String,
+    /// The file's content.
+    content: String,
+    /// `utf8` (default) or `base64`.
+    encoding: Option<String>,
+}
+
+/// A step of `run_workflow`.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkflowStepArg {
+    /// Code to run; variables from earlier steps are still defined.
+    code: String,
+    /// Time limit of this step, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+    /// Go on with the next step even if this one fails.
+    #[serde(default)]
+    continue_on_error: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RunWorkflowArgs {
+    /// The steps, run in order in one session (at most 64).
+    steps: Vec<WorkflowStepArg>,
+    /// Runtime name from `list_runtimes` (default `python`).
+    runtime: Option<String>,
+    /// Packages (`name` or `name==version`) from the runtime's allowlist.
+    packages: Option<Vec<String>>,
+    /// Environment variables of the interpreter (not secrets).
+    env: Option<BTreeMap<String, String>>,
+    /// Input files written before the first step.
+    files: Option<Vec<WorkflowFileArg>>,
+    /// Workspace paths stored as artifacts after the last step.
+    outputs: Option<Vec<String>>,
+    /// Free-form labels kept with the workflow.
+    labels: Option<BTreeMap<String, String>>,
+    /// Retry-safe key: the same key and plan run once.
+    idempotency_key: Option<String>,
+    /// How long to wait for the end, ms (default 30000, at most 60000;
+    /// 0 returns at once). Past it the workflow keeps running: poll
+    /// `get_workflow`.
+    wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GetWorkflowArgs {
+    /// The `workflowId` from `run_workflow`.
+    workflow_id: String,
+    /// Wait up to this long (ms, at most 60000) for the workflow to finish.
+    wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -419,6 +480,22 @@ static CATALOG: LazyLock<Vec<Tool>> = LazyLock::new(|| {
             "Your jobs, newest first, optionally filtered by status or label; page with `cursor`.",
             input::<ListJobsArgs>(),
             api_schema("JobList"),
+            hints(true, false, true),
+        ),
+        tool(
+            "run_workflow",
+            "Run a workflow",
+            "Run an ordered plan as one unit in one fresh sandbox session: write input `files`, run `steps` in order (variables persist between them; a failing step stops the rest unless it has `continueOnError`), store `outputs` (workspace paths) as artifacts, then destroy the session. Returns each step's status and output. Waits up to `waitMs` (default 30 s); if still running, poll get_workflow. Pass `idempotencyKey` to make a retry safe. Cost: one sandbox for the workflow's duration.",
+            input::<RunWorkflowArgs>(),
+            api_schema("Workflow"),
+            hints(false, false, false),
+        ),
+        tool(
+            "get_workflow",
+            "Get a workflow",
+            "A workflow started by run_workflow: its status, each step's status and output, and its artifacts. `waitMs` waits for the end.",
+            input::<GetWorkflowArgs>(),
+            api_schema("Workflow"),
             hints(true, false, true),
         ),
         tool(
@@ -821,6 +898,23 @@ impl McpTools {
                 let (v, t) = self.render_job(job, a.output_offset.unwrap_or(0));
                 Ok(ok(v, t, images))
             }
+            "run_workflow" => self.run_workflow(who, parse(args)?).await,
+            "get_workflow" => {
+                let a: GetWorkflowArgs = parse(args)?;
+                let id = WorkflowId::parse(a.workflow_id.as_str())
+                    .map_err(|e| bad(format!("invalid argument `workflowId`: {e}")))?;
+                let w = match a.wait_ms {
+                    Some(ms) if ms > 0 => {
+                        let _slot = app.waiters.enter(&who.tenant)?;
+                        app.workflows
+                            .wait(who, &id, Duration::from_millis(ms.min(MAX_WAIT_MS)))
+                            .await?
+                    }
+                    _ => app.workflows.get(who, &id).await?,
+                };
+                let (v, t) = self.render_workflow(w);
+                Ok(ok(v, t, vec![]))
+            }
             "cancel_job" => {
                 let a: JobIdArgs = parse(args)?;
                 let job = app.jobs.cancel(who, &job_id(&a.job_id)?).await?;
@@ -1086,6 +1180,91 @@ impl McpTools {
             t = format!("(replayed: this idempotencyKey was already used; same job)\n{t}");
         }
         Ok(ok(v, t, images))
+    }
+
+    async fn run_workflow(
+        &self,
+        who: &Identity,
+        a: RunWorkflowArgs,
+    ) -> Result<CallToolResult, CodedError> {
+        let app = &self.app;
+        let key = resolve_key(a.idempotency_key.as_deref(), None)
+            .map_err(|e| bad(format!("invalid argument `idempotencyKey`: {}", e.message)))?;
+        let req: WorkflowRequest = serde_json::from_value(json!({
+            "runtime": a.runtime,
+            "packages": a.packages,
+            "env": a.env,
+            "labels": a.labels,
+            "files": a.files,
+            "steps": a.steps,
+            "outputs": a.outputs,
+        }))
+        .map_err(|e| bad(e.to_string()))?;
+        let submitted = app.workflows.submit(who, key, req).await?;
+        let mut w: Workflow = serde_json::from_str(&submitted.body)
+            .map_err(|e| CodedError::new(ErrorCode::Internal, format!("stored response: {e}")))?;
+        let wait = a.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS);
+        if !w.status.is_final() && wait > 0 {
+            let id = WorkflowId::parse(w.workflow_id.as_str())
+                .map_err(|e| CodedError::new(ErrorCode::Internal, e.to_string()))?;
+            let _slot = app.waiters.enter(&who.tenant)?;
+            w = app
+                .workflows
+                .wait(who, &id, Duration::from_millis(wait))
+                .await?;
+        }
+        let (v, mut t) = self.render_workflow(w);
+        if submitted.replayed {
+            t = format!("(replayed: this idempotencyKey was already used; same workflow)\n{t}");
+        }
+        Ok(ok(v, t, vec![]))
+    }
+
+    /// A workflow with each step's output capped (the budget shared).
+    fn render_workflow(&self, mut w: Workflow) -> (Value, String) {
+        let per_step = (self.max() / w.steps.len().max(1)).max(256);
+        let hint = format!("GET /v1/workflows/{}", w.workflow_id);
+        let mut text = format!(
+            "workflowId: {}\nstatus: {}\n",
+            w.workflow_id,
+            w.status.as_str()
+        );
+        for step in &mut w.steps {
+            text.push_str(&format!(
+                "steps[{}]: {}\n",
+                step.index,
+                step.status.as_str()
+            ));
+            if let Some(o) = &mut step.output {
+                cap(&mut o.stdout, per_step, &hint);
+                cap(&mut o.stderr, per_step, &hint);
+                cap_result(&mut o.result, per_step, &hint);
+                if !o.stdout.is_empty() {
+                    text.push_str(&format!("  stdout: {}\n", o.stdout));
+                }
+                if !o.stderr.is_empty() {
+                    text.push_str(&format!("  stderr: {}\n", o.stderr));
+                }
+            }
+            if let Some(e) = &step.error {
+                text.push_str(&format!("  error {}: {}\n", e.code, e.message));
+            }
+        }
+        for a in &w.artifacts {
+            text.push_str(&format!(
+                "artifact: {} ({} bytes) artifactId={}\n",
+                a.name, a.size, a.artifact_id
+            ));
+        }
+        if let Some(e) = &w.error {
+            text.push_str(&format!("error {}: {}\n", e.code, e.message));
+        }
+        if !w.status.is_final() {
+            text.push_str(
+                "The workflow is still running: call get_workflow with this workflowId (waitMs).\n",
+            );
+        }
+        (to_value(&w), text)
     }
 
     async fn run_step(

@@ -485,7 +485,7 @@ pub(crate) fn validate_packages(packages: Option<&[String]>) -> Result<(), Coded
 }
 
 /// Labels: at most 32, names 1-63 of `[A-Za-z0-9._-]`, values up to 256.
-fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), CodedError> {
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), CodedError> {
     let bad = |m: String| CodedError::new(ErrorCode::InvalidArgument, m);
     if labels.len() > 32 {
         return Err(bad("at most 32 labels".into()));

@@ -5,6 +5,10 @@
 pub mod idempotency;
 pub mod jobs;
 pub mod worker;
+pub mod workflow_worker;
+pub mod workflows;
 
 pub use jobs::{JobFilter, JobService, JobSettings, Submitted};
 pub use worker::Dispatcher;
+pub use workflow_worker::WorkflowDispatcher;
+pub use workflows::{WorkflowFilter, WorkflowService, WorkflowSettings};

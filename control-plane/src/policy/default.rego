@@ -15,6 +15,7 @@ known_actions := {
 	"job.submit", "job.read", "job.cancel",
 	"session.create", "session.read", "session.delete",
 	"step.run", "step.read",
+	"workflow.create", "workflow.read", "workflow.cancel",
 	"file.read", "file.write", "file.delete",
 	"artifact.read", "artifact.write", "artifact.delete",
 	"runtime.list", "audit.read",

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod jobs;
 pub mod policy;
 pub mod sessions;
+pub mod workflows;
 
 use std::str::FromStr;
 use std::time::Duration;
