@@ -90,18 +90,18 @@ async fn traced_request(incoming: IncomingTrace, req: Request, next: Next) -> Re
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() == 55 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
         .map(str::to_owned);
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    let span = tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
-        method = %req.method(), path = %req.uri().path(),
-        otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
-        otel.kind = "server", tenant_id = tracing::field::Empty, job_id = tracing::field::Empty,
-        session_id = tracing::field::Empty, step_id = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty);
-    if crate::telemetry::otel_installed() {
+    let span = if crate::telemetry::otel_installed() {
+        let route = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|p| p.as_str().to_owned());
+        let span = tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
+            method = %req.method(), path = %req.uri().path(),
+            otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
+            otel.kind = "server", tenant_id = tracing::field::Empty, job_id = tracing::field::Empty,
+            session_id = tracing::field::Empty, step_id = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty);
         let tracestate = req
             .headers()
             .get(TRACESTATE_HEADER)
@@ -113,7 +113,12 @@ async fn traced_request(incoming: IncomingTrace, req: Request, next: Next) -> Re
             tracestate,
             incoming,
         );
-    }
+        span
+    } else {
+        // Without OpenTelemetry: the span as it was before it existed here.
+        tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
+            method = %req.method(), path = %req.uri().path())
+    };
     let mut resp = REQUEST_ID
         .scope(
             id.clone(),
@@ -123,9 +128,11 @@ async fn traced_request(incoming: IncomingTrace, req: Request, next: Next) -> Re
             ),
         )
         .await;
-    span.record("http.response.status_code", resp.status().as_u16());
-    if resp.status().is_server_error() {
-        span.record("otel.status_code", "ERROR");
+    if crate::telemetry::otel_installed() {
+        span.record("http.response.status_code", resp.status().as_u16());
+        if resp.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
