@@ -72,7 +72,10 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
                     }
                 }
                 // An empty ExportTraceServiceResponse.
-                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
             }
         }),
     );
@@ -120,7 +123,10 @@ impl Plane {
                 assert!(status.success(), "exit status {status}");
                 return;
             }
-            assert!(Instant::now() < deadline, "the plane did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the plane did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -365,5 +371,9 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
         .find(|l| l["fields"]["message"] == "job finished")
         .unwrap_or_else(|| panic!("no `job finished` line: {log}"));
     assert_eq!(finished["trace_id"], trace.as_str(), "{finished}");
-    assert_eq!(finished["span_id"].as_str().unwrap().len(), 16, "{finished}");
+    assert_eq!(
+        finished["span_id"].as_str().unwrap().len(),
+        16,
+        "{finished}"
+    );
 }

@@ -1048,7 +1048,6 @@ fn hex_id() -> String {
         .collect()
 }
 
-
 /// The span of one step sent to the agent (its ids as attributes; never the
 /// code or its output).
 fn step_span(caller: &Caller, req: &StepRequest) -> tracing::Span {

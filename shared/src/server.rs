@@ -107,12 +107,7 @@ async fn traced_request(incoming: IncomingTrace, req: Request, next: Next) -> Re
             .get(TRACESTATE_HEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.len() <= 512);
-        crate::telemetry::accept_trace_context(
-            &span,
-            traceparent.as_deref(),
-            tracestate,
-            incoming,
-        );
+        crate::telemetry::accept_trace_context(&span, traceparent.as_deref(), tracestate, incoming);
         span
     } else {
         // Without OpenTelemetry: the span as it was before it existed here.
@@ -401,7 +396,10 @@ mod tests {
         let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
         let seen = String::from_utf8(body.to_vec()).unwrap();
         // version-TRACEID-parent-flags
-        (status, seen.split('-').nth(1).unwrap_or_default().to_owned())
+        (
+            status,
+            seen.split('-').nth(1).unwrap_or_default().to_owned(),
+        )
     }
 
     /// Issue 19 §5: with an OpenTelemetry layer, an inner plane's request
@@ -430,7 +428,10 @@ mod tests {
 
         let (status, seen) = trace_seen(with_common_layers(app()), Some(&valid)).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(seen, caller_trace, "an inner plane joins the caller's trace");
+        assert_eq!(
+            seen, caller_trace,
+            "an inner plane joins the caller's trace"
+        );
 
         let (status, seen) = trace_seen(with_edge_layers(app()), Some(&valid)).await;
         assert_eq!(status, StatusCode::OK);

@@ -34,7 +34,10 @@ pub struct TelemetryConfig {
     /// OTLP/HTTP collector base URL (`http://otel-collector:4318`); spans
     /// are posted to `<url>/v1/traces`. Unset: nothing is exported and no
     /// OpenTelemetry layer is installed.
-    #[arg(long = "otel-exporter-otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    #[arg(
+        long = "otel-exporter-otlp-endpoint",
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )]
     pub otlp_endpoint: Option<String>,
     /// OTLP protocol; only `http/protobuf` is built in.
     #[arg(
@@ -154,10 +157,10 @@ impl Telemetry {
     /// Exports what is buffered and stops the exporter (bounded: a
     /// collector that does not answer costs at most a few seconds).
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            if let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
-                tracing::warn!(error = %e, "flushing the trace exporter failed");
-            }
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5))
+        {
+            tracing::warn!(error = %e, "flushing the trace exporter failed");
         }
     }
 }
@@ -231,9 +234,7 @@ pub fn build_subscriber(
                 fmt::layer()
                     .json()
                     .with_current_span(true)
-                    .event_format(WithTraceIds(
-                        fmt::format().json().with_current_span(true),
-                    ))
+                    .event_format(WithTraceIds(fmt::format().json().with_current_span(true)))
                     .with_filter(filter),
             ),
         )
@@ -449,8 +450,14 @@ mod tests {
     #[test]
     fn bad_values_are_refused_naming_the_variable() {
         for (config, variable) in [
-            (exporting_to("collector:4318"), "OTEL_EXPORTER_OTLP_ENDPOINT"),
-            (exporting_to("https://c:4318"), "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            (
+                exporting_to("collector:4318"),
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                exporting_to("https://c:4318"),
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
             (exporting_to("http:///v1"), "OTEL_EXPORTER_OTLP_ENDPOINT"),
             (
                 TelemetryConfig {
@@ -478,7 +485,9 @@ mod tests {
             let err = config.validate().unwrap_err();
             assert!(err.contains(variable), "{err}");
         }
-        exporting_to("http://otel-collector:4318/").validate().unwrap();
+        exporting_to("http://otel-collector:4318/")
+            .validate()
+            .unwrap();
         unset().validate().unwrap();
     }
 
