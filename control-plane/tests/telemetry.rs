@@ -289,6 +289,37 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
         "{done}"
     );
 
+    // A session step, streamed (SSE through both hops): a trace of its own.
+    let resp = http
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let session: serde_json::Value = resp.json().await.unwrap();
+    let sid = session["sessionId"].as_str().unwrap().to_owned();
+    let streamed = http
+        .post(format!("{base}/v1/sessions/{sid}/steps"))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .json(&serde_json::json!({ "code": "print('otel-canary-stream')" }))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(streamed.contains("event: result"), "{streamed}");
+    let resp = http
+        .delete(format!("{base}/v1/sessions/{sid}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+
     // The graceful path of each plane flushes its exporter.
     tokio::task::spawn_blocking(move || {
         cp.stop();
@@ -353,6 +384,32 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
         "{in_trace:#?}"
     );
 
+    // The streamed step: one trace from the control plane to the agent,
+    // not the job's.
+    let step_request = spans
+        .iter()
+        .find(|s| s.service == "control-plane" && s.name == "POST /v1/sessions/{id}/steps")
+        .unwrap_or_else(|| panic!("no span of the step request: {spans:#?}"));
+    assert_eq!(step_request.attributes.get("session_id"), Some(&sid));
+    let step_id = step_request.attributes.get("step_id").cloned().unwrap();
+    assert_ne!(step_request.trace_id, trace);
+    let step_trace: Vec<&Received> = spans
+        .iter()
+        .filter(|s| s.trace_id == step_request.trace_id)
+        .collect();
+    assert!(
+        step_trace.iter().any(|s| s.service == "data-plane"
+            && s.name == "session.step"
+            && s.attributes.get("step_id") == Some(&step_id)),
+        "{step_trace:#?}"
+    );
+    assert!(
+        step_trace.iter().any(|s| s.service == "session-agent"
+            && s.name == "step.run"
+            && s.attributes.get("session_id") == Some(&sid)),
+        "{step_trace:#?}"
+    );
+
     // Never the code or its output in any span.
     for s in &spans {
         for (k, v) in &s.attributes {
@@ -375,5 +432,38 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
         finished["span_id"].as_str().unwrap().len(),
         16,
         "{finished}"
+    );
+}
+
+/// A bad OpenTelemetry value stops start-up (exit 2) with one line naming
+/// the variable, before any socket is bound.
+#[test]
+fn a_bad_otel_value_stops_start_up_naming_the_variable() {
+    for (var, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+            .env(var, value)
+            .env("CONTROL_PLANE_ADDR", "127.0.0.1:0")
+            .env("MCP_ADDR", "")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")
+        .env("MCP_ADDR", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -447,11 +447,13 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra-extra",
             "------------------------------------------------------b",
         ] {
-            let (status, seen) = trace_seen(with_common_layers(app()), Some(bad)).await;
-            assert_eq!(status, StatusCode::OK, "{bad}");
-            assert_eq!(seen.len(), 32, "{bad}: a trace of its own, got {seen:?}");
-            assert_ne!(seen, caller_trace, "{bad}");
-            assert_ne!(seen, "0".repeat(32), "{bad}");
+            for router in [with_common_layers(app()), with_edge_layers(app())] {
+                let (status, seen) = trace_seen(router, Some(bad)).await;
+                assert_eq!(status, StatusCode::OK, "{bad}");
+                assert_eq!(seen.len(), 32, "{bad}: a trace of its own, got {seen:?}");
+                assert_ne!(seen, caller_trace, "{bad}");
+                assert_ne!(seen, "0".repeat(32), "{bad}");
+            }
         }
         let (status, seen) = trace_seen(with_common_layers(app()), None).await;
         assert_eq!(status, StatusCode::OK);
