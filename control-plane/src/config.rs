@@ -197,6 +197,9 @@ pub struct Config {
     /// (only behind a proxy that appends it); else the peer address.
     #[arg(long, env = "AUTH_FAILURE_TRUST_FORWARDED", default_value_t = false, action = clap::ArgAction::Set)]
     pub auth_failure_trust_forwarded: bool,
+    /// OpenTelemetry (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...): see `shared::telemetry`.
+    #[command(flatten)]
+    pub telemetry: shared::telemetry::TelemetryConfig,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `24h` or a bare number of seconds.

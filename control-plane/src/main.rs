@@ -63,7 +63,10 @@ async fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let mut config = control_plane::Config::parse();
-    shared::telemetry::init_tracing();
+    let telemetry = match shared::telemetry::init("control-plane", &config.telemetry) {
+        Ok(t) => t,
+        Err(e) => shared::env::exit_on_config_error("control-plane", e),
+    };
     if let Err(e) = config.use_dev_keys() {
         shared::env::exit_on_config_error("control-plane", e);
     }
@@ -76,5 +79,8 @@ async fn main() -> anyhow::Result<()> {
         shared::server::shutdown_signal().await;
         trigger.cancel();
     });
-    shared::env::exit_on_run_error("control-plane", control_plane::run(config, shutdown).await)
+    let result = control_plane::run(config, shutdown).await;
+    // The servers have drained: export the spans still buffered.
+    telemetry.shutdown();
+    shared::env::exit_on_run_error("control-plane", result)
 }

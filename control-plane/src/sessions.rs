@@ -403,6 +403,10 @@ impl SessionService {
             )
             .await?;
         let step_id = new_id("stp");
+        // The request's span (shared::server) carries the step's ids.
+        tracing::Span::current()
+            .record("session_id", session_id)
+            .record("step_id", step_id.as_str());
         self.audit
             .record(
                 AuditEvent::by(

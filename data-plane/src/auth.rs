@@ -196,6 +196,8 @@ pub async fn require_credential(
             }
         }
     };
+    // The request's span (shared::server) carries the verified tenant.
+    tracing::Span::current().record("tenant_id", caller.tenant.as_str());
     req.extensions_mut().insert(caller);
     next.run(req).await
 }

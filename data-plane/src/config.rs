@@ -236,6 +236,9 @@ pub struct Config {
     /// How long a finished job's outcome is kept (in memory and saved).
     #[arg(long, env = "JOB_RESULT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub job_result_ttl: Duration,
+    /// OpenTelemetry (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...): see `shared::telemetry`.
+    #[command(flatten)]
+    pub telemetry: shared::telemetry::TelemetryConfig,
 }
 
 /// `60s`, `500ms`, `2m`, `1h`, or a bare number of seconds.

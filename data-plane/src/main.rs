@@ -28,7 +28,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut config = data_plane::Config::parse();
-    shared::telemetry::init_tracing();
+    let telemetry = match shared::telemetry::init("data-plane", &config.telemetry) {
+        Ok(t) => t,
+        Err(e) => shared::env::exit_on_config_error("data-plane", e),
+    };
     if let Err(e) = config.use_dev_keys() {
         shared::env::exit_on_config_error("data-plane", e);
     }
@@ -41,5 +44,8 @@ async fn main() -> anyhow::Result<()> {
         shared::server::shutdown_signal().await;
         trigger.cancel();
     });
-    shared::env::exit_on_run_error("data-plane", data_plane::run(config, shutdown).await)
+    let result = data_plane::run(config, shutdown).await;
+    // The servers have drained: export the spans still buffered.
+    telemetry.shutdown();
+    shared::env::exit_on_run_error("data-plane", result)
 }

@@ -894,9 +894,12 @@ impl SessionRouter {
         let route = self.route(caller, id)?;
         let req = Self::step_request(id, step)?;
         let started = std::time::Instant::now();
-        let result = bounded(
-            Self::step_bound(&route, &req),
-            route.agent.step(&req, route.token.as_deref()),
+        let result = tracing::Instrument::instrument(
+            bounded(
+                Self::step_bound(&route, &req),
+                route.agent.step(&req, route.token.as_deref()),
+            ),
+            step_span(caller, &req),
         )
         .await;
         let status = match &result {
@@ -922,9 +925,12 @@ impl SessionRouter {
     ) -> Result<impl Stream<Item = Result<StepEvent, ClientError>> + use<>, CodedError> {
         let route = self.route(caller, id)?;
         let req = Self::step_request(id, step)?;
-        bounded(
-            self.settings.agent_timeout,
-            route.agent.step_stream(&req, route.token.as_deref()),
+        tracing::Instrument::instrument(
+            bounded(
+                self.settings.agent_timeout,
+                route.agent.step_stream(&req, route.token.as_deref()),
+            ),
+            step_span(caller, &req),
         )
         .await
     }
@@ -1047,6 +1053,13 @@ fn hex_id() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The span of one step sent to the agent (its ids as attributes; never the
+/// code or its output).
+fn step_span(caller: &Caller, req: &StepRequest) -> tracing::Span {
+    tracing::info_span!("session.step", tenant_id = %caller.tenant, session_id = %req.session_id,
+        step_id = %req.step_id, otel.kind = "client")
 }
 
 #[cfg(test)]

@@ -167,6 +167,9 @@ pub struct Config {
     /// Longest step timeout, milliseconds.
     #[arg(long, env = "SESSION_AGENT_MAX_TIMEOUT_MS", default_value_t = 600_000)]
     pub max_timeout_ms: u64,
+    /// OpenTelemetry (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...): see `shared::telemetry`.
+    #[command(flatten)]
+    pub telemetry: shared::telemetry::TelemetryConfig,
 }
 
 impl Config {

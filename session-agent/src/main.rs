@@ -20,7 +20,10 @@ async fn main() -> anyhow::Result<()> {
             }),
     )?;
     let mut config = session_agent::Config::parse();
-    shared::telemetry::init_tracing();
+    let telemetry = match shared::telemetry::init("session-agent", &config.telemetry) {
+        Ok(t) => t,
+        Err(e) => shared::env::exit_on_config_error("session-agent", e),
+    };
     if let Err(e) = config.use_dev_keys() {
         shared::env::exit_on_config_error("session-agent", e);
     }
@@ -33,5 +36,8 @@ async fn main() -> anyhow::Result<()> {
         shared::server::shutdown_signal().await;
         trigger.cancel();
     });
-    shared::env::exit_on_run_error("session-agent", session_agent::run(config, shutdown).await)
+    let result = session_agent::run(config, shutdown).await;
+    // The servers have drained: export the spans still buffered.
+    telemetry.shutdown();
+    shared::env::exit_on_run_error("session-agent", result)
 }

@@ -16,12 +16,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CodedError, ErrorBody, ErrorCode};
+use crate::telemetry::IncomingTrace;
 
 /// The request id header, set on every response and propagated downstream.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The W3C trace context header, passed on to the next hop.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The W3C trace state header, passed on with `traceparent`.
+pub const TRACESTATE_HEADER: &str = "tracestate";
 
 tokio::task_local! {
     static REQUEST_ID: String;
@@ -58,8 +62,20 @@ pub fn current_traceparent() -> Option<String> {
 }
 
 /// Middleware: takes `x-request-id` from the request (or makes one), makes it
-/// visible to error bodies and logs, and echoes it on the response.
+/// visible to error bodies and logs, and echoes it on the response. The
+/// request's span joins the caller's trace (`traceparent`) when an
+/// OpenTelemetry layer is installed (see [`crate::telemetry`]).
 pub async fn request_id_layer(req: Request, next: Next) -> Response {
+    traced_request(IncomingTrace::Parent, req, next).await
+}
+
+/// [`request_id_layer`] at the public edge: a caller's `traceparent` is
+/// linked, not joined (the request starts a trace of its own).
+pub async fn edge_request_id_layer(req: Request, next: Next) -> Response {
+    traced_request(IncomingTrace::Link, req, next).await
+}
+
+async fn traced_request(incoming: IncomingTrace, req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -74,17 +90,45 @@ pub async fn request_id_layer(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() == 55 && v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
         .map(str::to_owned);
-    let span = tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
-        method = %req.method(), path = %req.uri().path());
+    let span = if crate::telemetry::otel_installed() {
+        let route = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|p| p.as_str().to_owned());
+        let span = tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
+            method = %req.method(), path = %req.uri().path(),
+            otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
+            otel.kind = "server", tenant_id = tracing::field::Empty, job_id = tracing::field::Empty,
+            session_id = tracing::field::Empty, step_id = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty);
+        let tracestate = req
+            .headers()
+            .get(TRACESTATE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 512);
+        crate::telemetry::accept_trace_context(&span, traceparent.as_deref(), tracestate, incoming);
+        span
+    } else {
+        // Without OpenTelemetry: the span as it was before it existed here.
+        tracing::info_span!("request", request_id = %id, traceparent = traceparent.as_deref().unwrap_or(""),
+            method = %req.method(), path = %req.uri().path())
+    };
     let mut resp = REQUEST_ID
         .scope(
             id.clone(),
             TRACEPARENT.scope(
                 traceparent,
-                tracing::Instrument::instrument(next.run(req), span),
+                tracing::Instrument::instrument(next.run(req), span.clone()),
             ),
         )
         .await;
+    if crate::telemetry::otel_installed() {
+        span.record("http.response.status_code", resp.status().as_u16());
+        if resp.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -259,6 +303,15 @@ pub fn with_common_layers(router: Router) -> Router {
         .layer(axum::middleware::from_fn(request_id_layer))
 }
 
+/// [`with_common_layers`] for a public edge (the control plane's REST and
+/// MCP ports): a caller's trace context is linked, not joined.
+pub fn with_edge_layers(router: Router) -> Router {
+    router
+        .fallback(route_not_found)
+        .layer(axum::middleware::from_fn(method_not_allowed_layer))
+        .layer(axum::middleware::from_fn(edge_request_id_layer))
+}
+
 /// Serves `router` on `listener` with TCP_NODELAY on every accepted socket
 /// until `shutdown` is cancelled, then drains in-flight requests.
 pub async fn serve(
@@ -326,5 +379,85 @@ mod tests {
             "127.0.0.1:1"
         );
         assert!(parse_listen_addr("nope").is_err());
+    }
+
+    /// The trace id a handler sees for a request with `traceparent`.
+    async fn trace_seen(router: Router, traceparent: Option<&str>) -> (StatusCode, String) {
+        use tower::ServiceExt;
+        let mut req = axum::http::Request::builder().uri("/t");
+        if let Some(tp) = traceparent {
+            req = req.header(TRACEPARENT_HEADER, tp);
+        }
+        let resp = router
+            .oneshot(req.body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        let seen = String::from_utf8(body.to_vec()).unwrap();
+        // version-TRACEID-parent-flags
+        (
+            status,
+            seen.split('-').nth(1).unwrap_or_default().to_owned(),
+        )
+    }
+
+    /// Issue 19 §5: with an OpenTelemetry layer, an inner plane's request
+    /// joins the caller's trace; a malformed `traceparent` never errors (the
+    /// request starts a trace of its own); the public edge never joins a
+    /// caller's trace (it links it).
+    #[tokio::test(flavor = "current_thread")]
+    async fn trace_context_is_joined_inside_linked_at_the_edge_and_malformed_is_ignored() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::prelude::*;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        crate::telemetry::mark_installed_for_tests();
+        let app = || {
+            Router::new().route(
+                "/t",
+                axum::routing::get(|| async {
+                    crate::telemetry::current_traceparent().unwrap_or_default()
+                }),
+            )
+        };
+        let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let valid = format!("00-{caller_trace}-00f067aa0ba902b7-01");
+
+        let (status, seen) = trace_seen(with_common_layers(app()), Some(&valid)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            seen, caller_trace,
+            "an inner plane joins the caller's trace"
+        );
+
+        let (status, seen) = trace_seen(with_edge_layers(app()), Some(&valid)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(seen.len(), 32);
+        assert_ne!(seen, caller_trace, "the edge starts a trace of its own");
+
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra-extra",
+            "------------------------------------------------------b",
+        ] {
+            for router in [with_common_layers(app()), with_edge_layers(app())] {
+                let (status, seen) = trace_seen(router, Some(bad)).await;
+                assert_eq!(status, StatusCode::OK, "{bad}");
+                assert_eq!(seen.len(), 32, "{bad}: a trace of its own, got {seen:?}");
+                assert_ne!(seen, caller_trace, "{bad}");
+                assert_ne!(seen, "0".repeat(32), "{bad}");
+            }
+        }
+        let (status, seen) = trace_seen(with_common_layers(app()), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(seen.len(), 32);
+        let _ = provider.shutdown();
     }
 }

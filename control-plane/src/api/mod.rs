@@ -58,7 +58,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics));
     let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
     let http = app.metrics.http.clone();
-    shared::server::with_common_layers(v1.merge(probes).merge(docs).with_state(app).layer(
+    shared::server::with_edge_layers(v1.merge(probes).merge(docs).with_state(app).layer(
         middleware::from_fn_with_state(http, shared::metrics::track_http),
     ))
 }
@@ -143,6 +143,8 @@ pub async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: N
             }
         }
     };
+    // The request's span (shared::server) carries the verified tenant.
+    tracing::Span::current().record("tenant_id", identity.tenant.as_str());
     req.extensions_mut().insert(identity);
     next.run(req).await
 }

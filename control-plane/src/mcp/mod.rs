@@ -84,7 +84,7 @@ pub fn router_with_shutdown(app: Arc<App>, shutdown: CancellationToken) -> Route
         .layer(middleware::from_fn_with_state(app.clone(), guard));
     let probes = Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) }));
     let http = app.metrics.http.clone();
-    shared::server::with_common_layers(guarded.merge(probes).layer(middleware::from_fn_with_state(
+    shared::server::with_edge_layers(guarded.merge(probes).layer(middleware::from_fn_with_state(
         http,
         shared::metrics::track_http,
     )))

@@ -176,6 +176,7 @@ impl JobService {
         })?);
         let now = now_ms();
         let id = new_id("job");
+        tracing::Span::current().record("job_id", id.as_str());
         let labels = req.labels.clone().unwrap_or_default();
         let job = Job {
             job_id: id.clone(),
@@ -200,6 +201,8 @@ impl JobService {
             "idempotencyKey": key.is_some(),
         }));
         let tenant = identity.tenant.as_str();
+        // The worker that dispatches the job continues this request's trace.
+        let trace_parent = shared::telemetry::current_traceparent();
         let outcome: Result<Submitted, CodedError> = async {
             let mut tx = self.db.begin_write().await?;
             if let Some(key) = &key {
@@ -259,6 +262,7 @@ impl JobService {
                     labels: &labels,
                     max_attempts: self.settings.max_attempts,
                     now,
+                    trace_parent: trace_parent.as_deref(),
                 },
             )
             .await?;

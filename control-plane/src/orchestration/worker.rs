@@ -71,7 +71,8 @@ async fn worker_loop(jobs: Arc<JobService>, owner: String, shutdown: Cancellatio
         match claim(&jobs, &owner).await {
             Ok(Some(row)) => {
                 jobs.metrics.jobs_running.inc();
-                run(&jobs, &owner, row, &shutdown).await;
+                let span = dispatch_span(&row);
+                tracing::Instrument::instrument(run(&jobs, &owner, row, &shutdown), span).await;
                 jobs.metrics.jobs_running.dec();
             }
             Ok(None) => {
@@ -90,6 +91,21 @@ async fn worker_loop(jobs: Arc<JobService>, owner: String, shutdown: Cancellatio
             }
         }
     }
+}
+
+/// The span of one dispatch: a child of the request that submitted the job
+/// (its stored `traceparent`), so the data plane's run and the agent's step
+/// join the submission's trace.
+fn dispatch_span(row: &JobRow) -> tracing::Span {
+    let span = tracing::info_span!("job.dispatch", tenant_id = %row.tenant, job_id = %row.job.job_id,
+        attempt = row.job.attempts, otel.kind = "internal");
+    shared::telemetry::accept_trace_context(
+        &span,
+        row.trace_parent.as_deref(),
+        None,
+        shared::telemetry::IncomingTrace::Parent,
+    );
+    span
 }
 
 /// Takes the next runnable job (see [`storage::jobs::claim`]: due or

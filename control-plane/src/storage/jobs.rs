@@ -18,6 +18,8 @@ pub struct JobRow {
     pub spec: JobRequest,
     pub cancel_requested: bool,
     pub max_attempts: u32,
+    /// The submitting request's `traceparent`, if one was recorded.
+    pub trace_parent: Option<String>,
 }
 
 fn job_from<R: Row>(row: &R) -> Result<JobRow, StorageError>
@@ -66,6 +68,7 @@ where
         spec,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
         max_attempts: u32::try_from(row.try_get::<i64, _>("max_attempts")?).unwrap_or(1),
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 
@@ -169,6 +172,8 @@ pub struct NewJob<'a> {
     pub labels: &'a BTreeMap<String, String>,
     pub max_attempts: u32,
     pub now: i64,
+    /// The submitting request's `traceparent` (see [`JobRow::trace_parent`]).
+    pub trace_parent: Option<&'a str>,
 }
 
 /// How many jobs the tenant has queued.
@@ -186,12 +191,13 @@ pub async fn insert(tx: &mut WriteTx, job: &NewJob<'_>) -> Result<(), StorageErr
     let labels = to_json("job labels", job.labels)?;
     on_tx!(tx, c => sqlx::query(
         "INSERT INTO jobs (id, tenant, subject, app, agent, status, runtime, spec, labels, \
-         attempts, max_attempts, next_run_ms, cancel_requested, created_ms, updated_ms) \
-         VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, 0, $9, $10, 0, $11, $12)")
+         attempts, max_attempts, next_run_ms, cancel_requested, created_ms, updated_ms, trace_parent) \
+         VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, 0, $9, $10, 0, $11, $12, $13)")
         .bind(job.id).bind(job.tenant).bind(job.subject)
         .bind(job.app).bind(job.agent).bind(job.runtime)
         .bind(&spec).bind(&labels)
         .bind(i64::from(job.max_attempts)).bind(job.now).bind(job.now).bind(job.now)
+        .bind(job.trace_parent)
         .execute(&mut **c).await.map(|_| ()))?;
     for (name, value) in job.labels {
         on_tx!(tx, c => sqlx::query(

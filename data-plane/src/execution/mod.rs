@@ -392,9 +392,14 @@ impl JobService {
         };
         let this = self.clone();
         let caller = caller.clone();
-        tokio::spawn(async move {
-            this.run_detached(&caller, req, key, tx, control).await;
-        });
+        // The run outlives the request, and stays in its trace.
+        let span = tracing::info_span!("job.run", tenant_id = %caller.tenant, job_id = %req.job_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                this.run_detached(&caller, req, key, tx, control).await;
+            },
+            span,
+        ));
         let vanished = || CodedError::new(ErrorCode::Internal, "the run of this job vanished");
         let done = first
             .wait_for(Option::is_some)

@@ -151,7 +151,11 @@ async fn run_step(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    let (session_id, step_id) = (req.session_id.clone(), req.step_id.clone());
     let run = app.sessions.begin_step(req, token(&headers))?;
+    // The ids are validated now: the step's span carries them (never the
+    // code or its output).
+    let span = tracing::info_span!("step.run", session_id = %session_id, step_id = %step_id);
     let (done_tx, done_rx) = oneshot::channel::<StepResult>();
     let (out_tx, out_rx) = if streaming {
         // Unbounded, yet bounded by the output cap: a slow reader must not
@@ -164,10 +168,13 @@ async fn run_step(
     // The step runs in its own task: a client that disconnects does not
     // leave the interpreter mid-request.
     let mgr = app.sessions.clone();
-    app.sessions.spawn(async move {
-        let result = mgr.run_step(run, out_tx).await;
-        let _ = done_tx.send(result);
-    });
+    app.sessions.spawn(tracing::Instrument::instrument(
+        async move {
+            let result = mgr.run_step(run, out_tx).await;
+            let _ = done_tx.send(result);
+        },
+        span,
+    ));
     let Some(out_rx) = out_rx else {
         let result = done_rx.await.map_err(|_| {
             CodedError::new(ErrorCode::Internal, "the step task ended without a result")

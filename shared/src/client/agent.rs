@@ -274,6 +274,38 @@ mod tests {
         assert!(request.contains(&format!("traceparent: {tp}")), "{request}");
     }
 
+    /// With an OpenTelemetry layer, the next hop gets the calling span's
+    /// context (its spans become that span's children), not the one passed
+    /// on from the caller.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_calling_spans_trace_context_is_injected() {
+        use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        use tracing_subscriber::prelude::*;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        crate::telemetry::mark_installed_for_tests();
+        let body = r#"{"status":"ok","isolation":"none","sessions":0,"warmPool":{},"version":"t"}"#;
+        let (base, request) = crate::client::testing::answer_once(200, body).await;
+        let stale = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned();
+        let client = AgentClient::new(base)
+            .unwrap()
+            .with_context(Some("req-42".into()), Some(stale.clone()));
+        let span = tracing::info_span!("step");
+        let sc = span.context().span().span_context().clone();
+        client.health().instrument(span).await.unwrap();
+        let request = request.await.unwrap();
+        let expected = format!("traceparent: 00-{}-{}-01", sc.trace_id(), sc.span_id());
+        assert!(request.contains(&expected), "{request}");
+        assert!(!request.contains(&stale), "{request}");
+        assert_eq!(request.matches("traceparent:").count(), 1, "{request}");
+        assert!(request.contains("x-request-id: req-42"), "{request}");
+        let _ = provider.shutdown();
+    }
+
     #[tokio::test]
     async fn create_carries_the_admin_credential_and_debug_hides_it() {
         let body = r#"{"code":"unauthorized","message":"no"}"#;

@@ -196,11 +196,20 @@ impl Endpoint {
         e
     }
 
-    /// A request to `path` (already encoded) with the context headers.
+    /// A request to `path` (already encoded) with the context headers. With
+    /// an OpenTelemetry layer, the trace context is the calling span's (the
+    /// next hop's spans are its children), not the one passed on.
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        let trace = crate::telemetry::current_trace_context();
         for (k, v) in &self.context {
+            if trace.is_some() && *k == "traceparent" {
+                continue;
+            }
             rb = rb.header(*k, v);
+        }
+        for (k, v) in trace.into_iter().flatten() {
+            rb = rb.header(k, v);
         }
         rb
     }

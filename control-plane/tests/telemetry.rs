@@ -1,0 +1,469 @@
+//! Issue 19 §5: OpenTelemetry end to end. An OTLP/HTTP receiver runs in this
+//! process on a loopback port; the three binaries (agent, data plane,
+//! control plane) export to it; a job submitted through the REST API must
+//! arrive as one trace with spans from all three processes, its ids as
+//! attributes, and the data plane's JSON log lines must carry that trace id.
+#![allow(clippy::disallowed_methods)] // the test runs the three real binaries
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+
+/// One span as the receiver got it.
+#[derive(Debug, Clone)]
+struct Received {
+    service: String,
+    trace_id: String,
+    name: String,
+    attributes: HashMap<String, String>,
+    /// Trace ids of the span's links.
+    links: Vec<String>,
+}
+
+fn text(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(i)) => i.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        Some(AnyValue::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An OTLP/HTTP (protobuf) trace receiver on an ephemeral loopback port.
+async fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
+    let spans: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).unwrap();
+                let mut out = sink.lock().unwrap();
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .as_ref()
+                        .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                        .map(|a| text(a.value.as_ref()))
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for s in ss.spans {
+                            out.push(Received {
+                                service: service.clone(),
+                                trace_id: hex::encode(&s.trace_id),
+                                name: s.name.clone(),
+                                attributes: s
+                                    .attributes
+                                    .iter()
+                                    .map(|a| (a.key.clone(), text(a.value.as_ref())))
+                                    .collect(),
+                                links: s.links.iter().map(|l| hex::encode(&l.trace_id)).collect(),
+                            });
+                        }
+                    }
+                }
+                // An empty ExportTraceServiceResponse.
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, spans)
+}
+
+/// Another plane's binary, next to this crate's (`make test` builds every
+/// binary first).
+fn sibling_binary(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_control-plane")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p session-agent -p data-plane`, or run `make test`)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+fn free_ports() -> [u16; 3] {
+    let l: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    [0, 1, 2].map(|i| l[i].local_addr().unwrap().port())
+}
+
+/// A plane's process; stopped with SIGTERM (its graceful path, which
+/// flushes the exporter), killed if the test ends first.
+struct Plane(Option<std::process::Child>);
+
+impl Plane {
+    /// SIGTERM, then wait for the exit (bounded).
+    fn stop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "exit status {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the plane did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn wait_http(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
+    let dir = tempfile::Builder::new()
+        .prefix("cp-otel-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let cwd = dir.path();
+    let (otlp, spans) = receiver().await;
+    let [agent_port, dp_port, cp_port] = free_ports();
+    let isolation = std::env::var("SESSION_ISOLATION").unwrap_or_else(|_| "gvisor".into());
+    let dp_log = cwd.join("data-plane.log");
+    // Every plane on the development keys of one directory (.local/).
+    let spawn = |bin: &str, envs: &[(&str, String)], log: Option<&std::path::Path>| {
+        let mut cmd = Command::new(bin);
+        cmd.current_dir(cwd)
+            .env_remove("AUTH_JWT_SECRET")
+            .env_remove("DATA_PLANE_JWT_SECRET")
+            .env_remove("SESSION_AGENT_ADMIN_TOKEN")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env("ENV", "dev")
+            .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "json")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        match log {
+            Some(path) => {
+                cmd.stdout(std::fs::File::create(path).unwrap());
+            }
+            None => {
+                cmd.stdout(Stdio::null());
+            }
+        }
+        Plane(Some(cmd.spawn().unwrap()))
+    };
+    let state = |name: &str| cwd.join(name).display().to_string();
+    let mut agent = spawn(
+        &sibling_binary("session-agent"),
+        &[
+            ("SESSION_AGENT_ADDR", format!("127.0.0.1:{agent_port}")),
+            ("SESSION_ISOLATION", isolation),
+            ("SESSION_AGENT_STATE_DIR", state("agent")),
+        ],
+        None,
+    );
+    wait_http(&format!("http://127.0.0.1:{agent_port}/v1/health")).await;
+    let mut dp = spawn(
+        &sibling_binary("data-plane"),
+        &[
+            (
+                "SESSION_AGENT_ENDPOINT",
+                format!("http://127.0.0.1:{agent_port}"),
+            ),
+            ("SESSION_RUNTIME_BACKEND", "local".into()),
+            ("DATA_PLANE_ADDR", format!("127.0.0.1:{dp_port}")),
+            ("ARTIFACT_ROOT", state("artifacts")),
+        ],
+        Some(&dp_log),
+    );
+    wait_http(&format!("http://127.0.0.1:{dp_port}/healthz")).await;
+    let mut cp = spawn(
+        env!("CARGO_BIN_EXE_control-plane"),
+        &[
+            ("DATA_PLANE_URL", format!("http://127.0.0.1:{dp_port}")),
+            ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
+            ("MCP_ADDR", String::new()),
+        ],
+        None,
+    );
+    let base = format!("http://127.0.0.1:{cp_port}");
+    wait_http(&format!("{base}/readyz")).await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .current_dir(cwd)
+        .env_remove("AUTH_JWT_SECRET")
+        .env("ENV", "dev")
+        .args(["token", "--tenant", "otel-tenant", "--roles", "agent"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    // An outside caller's trace context: linked by the public edge, never
+    // joined.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let code = "print('otel-canary-' + str(6 * 7))";
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&token)
+        .header(
+            "traceparent",
+            format!("00-{caller_trace}-00f067aa0ba902b7-01"),
+        )
+        .json(&serde_json::json!({ "code": code }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let job: serde_json::Value = resp.json().await.unwrap();
+    let id = job["jobId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let j: serde_json::Value = http
+            .get(format!("{base}/v1/jobs/{id}?waitMs=5000"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if matches!(
+            j["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "job still {j}");
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        done["output"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("otel-canary-42"),
+        "{done}"
+    );
+
+    // A session step, streamed (SSE through both hops): a trace of its own.
+    let resp = http
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let session: serde_json::Value = resp.json().await.unwrap();
+    let sid = session["sessionId"].as_str().unwrap().to_owned();
+    let streamed = http
+        .post(format!("{base}/v1/sessions/{sid}/steps"))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .json(&serde_json::json!({ "code": "print('otel-canary-stream')" }))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(streamed.contains("event: result"), "{streamed}");
+    let resp = http
+        .delete(format!("{base}/v1/sessions/{sid}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+
+    // The graceful path of each plane flushes its exporter.
+    tokio::task::spawn_blocking(move || {
+        cp.stop();
+        dp.stop();
+        agent.stop();
+    })
+    .await
+    .unwrap();
+
+    let spans = spans.lock().unwrap().clone();
+    let submit = spans
+        .iter()
+        .find(|s| s.service == "control-plane" && s.name == "POST /v1/jobs")
+        .unwrap_or_else(|| panic!("no span of the submission: {spans:#?}"));
+    assert_eq!(submit.attributes.get("job_id"), Some(&id), "{submit:?}");
+    assert_eq!(
+        submit.attributes.get("tenant_id").map(String::as_str),
+        Some("otel-tenant"),
+        "{submit:?}"
+    );
+    let trace = submit.trace_id.clone();
+    assert_ne!(trace, caller_trace, "the edge joined an outside trace");
+    assert!(
+        submit.links.contains(&caller_trace.to_owned()),
+        "the caller's trace is linked: {submit:?}"
+    );
+
+    let in_trace: Vec<&Received> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    let services: BTreeSet<&str> = in_trace.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services,
+        BTreeSet::from(["control-plane", "data-plane", "session-agent"]),
+        "{in_trace:#?}"
+    );
+    let find = |service: &str, name: &str| {
+        in_trace
+            .iter()
+            .find(|s| s.service == service && s.name == name)
+            .unwrap_or_else(|| panic!("no {service} span {name} in the job's trace: {in_trace:#?}"))
+    };
+    let dispatch = find("control-plane", "job.dispatch");
+    assert_eq!(dispatch.attributes.get("job_id"), Some(&id));
+    let run = find("data-plane", "job.run");
+    assert_eq!(run.attributes.get("job_id"), Some(&id));
+    assert_eq!(
+        run.attributes.get("tenant_id").map(String::as_str),
+        Some("otel-tenant")
+    );
+    let step = find("data-plane", "session.step");
+    let session = step.attributes.get("session_id").cloned().unwrap();
+    assert!(session.starts_with("ses"), "{step:?}");
+    // A job's one step carries the job's id.
+    assert_eq!(step.attributes.get("step_id"), Some(&id));
+    let agent_step = find("session-agent", "step.run");
+    assert_eq!(agent_step.attributes.get("session_id"), Some(&session));
+    assert_eq!(agent_step.attributes.get("step_id"), Some(&id));
+    // The agent's request spans joined too (POST /v1/sessions, /v1/steps).
+    assert!(
+        in_trace
+            .iter()
+            .any(|s| s.service == "session-agent" && s.name == "POST /v1/steps"),
+        "{in_trace:#?}"
+    );
+
+    // The streamed step: one trace from the control plane to the agent,
+    // not the job's.
+    let step_request = spans
+        .iter()
+        .find(|s| s.service == "control-plane" && s.name == "POST /v1/sessions/{id}/steps")
+        .unwrap_or_else(|| panic!("no span of the step request: {spans:#?}"));
+    assert_eq!(step_request.attributes.get("session_id"), Some(&sid));
+    let step_id = step_request.attributes.get("step_id").cloned().unwrap();
+    assert_ne!(step_request.trace_id, trace);
+    let step_trace: Vec<&Received> = spans
+        .iter()
+        .filter(|s| s.trace_id == step_request.trace_id)
+        .collect();
+    assert!(
+        step_trace.iter().any(|s| s.service == "data-plane"
+            && s.name == "session.step"
+            && s.attributes.get("step_id") == Some(&step_id)),
+        "{step_trace:#?}"
+    );
+    assert!(
+        step_trace.iter().any(|s| s.service == "session-agent"
+            && s.name == "step.run"
+            && s.attributes.get("session_id") == Some(&sid)),
+        "{step_trace:#?}"
+    );
+
+    // Never the code or its output in any span.
+    for s in &spans {
+        for (k, v) in &s.attributes {
+            assert!(
+                !v.contains("otel-canary") && !v.contains("6 * 7"),
+                "{k}={v} in {s:?}"
+            );
+        }
+    }
+
+    // The data plane's JSON log lines inside the job carry its trace id.
+    let log = std::fs::read_to_string(&dp_log).unwrap();
+    let finished = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "job finished")
+        .unwrap_or_else(|| panic!("no `job finished` line: {log}"));
+    assert_eq!(finished["trace_id"], trace.as_str(), "{finished}");
+    assert_eq!(
+        finished["span_id"].as_str().unwrap().len(),
+        16,
+        "{finished}"
+    );
+}
+
+/// A bad OpenTelemetry value stops start-up (exit 2) with one line naming
+/// the variable, before any socket is bound.
+#[test]
+fn a_bad_otel_value_stops_start_up_naming_the_variable() {
+    for (var, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+            .env(var, value)
+            .env("CONTROL_PLANE_ADDR", "127.0.0.1:0")
+            .env("MCP_ADDR", "")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")
+        .env("MCP_ADDR", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
