@@ -154,93 +154,146 @@ async fn wait_http(url: &str) {
     }
 }
 
+/// The three planes on loopback, exporting to a receiver in this process,
+/// and a token of `tenant` for the control plane's REST API.
+struct Planes {
+    _dir: tempfile::TempDir,
+    spans: Arc<Mutex<Vec<Received>>>,
+    base: String,
+    token: String,
+    dp_log: std::path::PathBuf,
+    cp: Plane,
+    dp: Plane,
+    agent: Plane,
+}
+
+impl Planes {
+    async fn start(tenant: &str) -> Planes {
+        let dir = tempfile::Builder::new()
+            .prefix("cp-otel-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let cwd = dir.path();
+        let (otlp, spans) = receiver().await;
+        let [agent_port, dp_port, cp_port] = free_ports();
+        let isolation = std::env::var("SESSION_ISOLATION").unwrap_or_else(|_| "gvisor".into());
+        let dp_log = cwd.join("data-plane.log");
+        // Every plane on the development keys of one directory (.local/).
+        let spawn = |bin: &str, envs: &[(&str, String)], log: Option<&std::path::Path>| {
+            let mut cmd = Command::new(bin);
+            cmd.current_dir(cwd)
+                .env_remove("AUTH_JWT_SECRET")
+                .env_remove("DATA_PLANE_JWT_SECRET")
+                .env_remove("SESSION_AGENT_ADMIN_TOKEN")
+                .env_remove("OTEL_SERVICE_NAME")
+                .env("ENV", "dev")
+                .env("RUST_LOG", "info")
+                .env("LOG_FORMAT", "json")
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp);
+            for (k, v) in envs {
+                cmd.env(k, v);
+            }
+            match log {
+                Some(path) => {
+                    cmd.stdout(std::fs::File::create(path).unwrap());
+                }
+                None => {
+                    cmd.stdout(Stdio::null());
+                }
+            }
+            Plane(Some(cmd.spawn().unwrap()))
+        };
+        let state = |name: &str| cwd.join(name).display().to_string();
+        let agent = spawn(
+            &sibling_binary("session-agent"),
+            &[
+                ("SESSION_AGENT_ADDR", format!("127.0.0.1:{agent_port}")),
+                ("SESSION_ISOLATION", isolation),
+                ("SESSION_AGENT_STATE_DIR", state("agent")),
+            ],
+            None,
+        );
+        wait_http(&format!("http://127.0.0.1:{agent_port}/v1/health")).await;
+        let dp = spawn(
+            &sibling_binary("data-plane"),
+            &[
+                (
+                    "SESSION_AGENT_ENDPOINT",
+                    format!("http://127.0.0.1:{agent_port}"),
+                ),
+                ("SESSION_RUNTIME_BACKEND", "local".into()),
+                ("DATA_PLANE_ADDR", format!("127.0.0.1:{dp_port}")),
+                ("ARTIFACT_ROOT", state("artifacts")),
+            ],
+            Some(&dp_log),
+        );
+        wait_http(&format!("http://127.0.0.1:{dp_port}/healthz")).await;
+        let cp = spawn(
+            env!("CARGO_BIN_EXE_control-plane"),
+            &[
+                ("DATA_PLANE_URL", format!("http://127.0.0.1:{dp_port}")),
+                ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
+                ("MCP_ADDR", String::new()),
+            ],
+            None,
+        );
+        let base = format!("http://127.0.0.1:{cp_port}");
+        wait_http(&format!("{base}/readyz")).await;
+
+        let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .current_dir(cwd)
+            .env_remove("AUTH_JWT_SECRET")
+            .env("ENV", "dev")
+            .args(["token", "--tenant", tenant, "--roles", "agent"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        Planes {
+            _dir: dir,
+            spans,
+            base,
+            token,
+            dp_log,
+            cp,
+            dp,
+            agent,
+        }
+    }
+
+    /// Stops the planes on their graceful path (which flushes each
+    /// exporter); every span received, and the data plane's log.
+    async fn stop(self) -> (Vec<Received>, String) {
+        let Planes {
+            _dir,
+            spans,
+            dp_log,
+            mut cp,
+            mut dp,
+            mut agent,
+            ..
+        } = self;
+        tokio::task::spawn_blocking(move || {
+            cp.stop();
+            dp.stop();
+            agent.stop();
+        })
+        .await
+        .unwrap();
+        let log = std::fs::read_to_string(&dp_log).unwrap();
+        (spans.lock().unwrap().clone(), log)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
-    let dir = tempfile::Builder::new()
-        .prefix("cp-otel-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let cwd = dir.path();
-    let (otlp, spans) = receiver().await;
-    let [agent_port, dp_port, cp_port] = free_ports();
-    let isolation = std::env::var("SESSION_ISOLATION").unwrap_or_else(|_| "gvisor".into());
-    let dp_log = cwd.join("data-plane.log");
-    // Every plane on the development keys of one directory (.local/).
-    let spawn = |bin: &str, envs: &[(&str, String)], log: Option<&std::path::Path>| {
-        let mut cmd = Command::new(bin);
-        cmd.current_dir(cwd)
-            .env_remove("AUTH_JWT_SECRET")
-            .env_remove("DATA_PLANE_JWT_SECRET")
-            .env_remove("SESSION_AGENT_ADMIN_TOKEN")
-            .env_remove("OTEL_SERVICE_NAME")
-            .env("ENV", "dev")
-            .env("RUST_LOG", "info")
-            .env("LOG_FORMAT", "json")
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp);
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        match log {
-            Some(path) => {
-                cmd.stdout(std::fs::File::create(path).unwrap());
-            }
-            None => {
-                cmd.stdout(Stdio::null());
-            }
-        }
-        Plane(Some(cmd.spawn().unwrap()))
-    };
-    let state = |name: &str| cwd.join(name).display().to_string();
-    let mut agent = spawn(
-        &sibling_binary("session-agent"),
-        &[
-            ("SESSION_AGENT_ADDR", format!("127.0.0.1:{agent_port}")),
-            ("SESSION_ISOLATION", isolation),
-            ("SESSION_AGENT_STATE_DIR", state("agent")),
-        ],
-        None,
-    );
-    wait_http(&format!("http://127.0.0.1:{agent_port}/v1/health")).await;
-    let mut dp = spawn(
-        &sibling_binary("data-plane"),
-        &[
-            (
-                "SESSION_AGENT_ENDPOINT",
-                format!("http://127.0.0.1:{agent_port}"),
-            ),
-            ("SESSION_RUNTIME_BACKEND", "local".into()),
-            ("DATA_PLANE_ADDR", format!("127.0.0.1:{dp_port}")),
-            ("ARTIFACT_ROOT", state("artifacts")),
-        ],
-        Some(&dp_log),
-    );
-    wait_http(&format!("http://127.0.0.1:{dp_port}/healthz")).await;
-    let mut cp = spawn(
-        env!("CARGO_BIN_EXE_control-plane"),
-        &[
-            ("DATA_PLANE_URL", format!("http://127.0.0.1:{dp_port}")),
-            ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-            ("MCP_ADDR", String::new()),
-        ],
-        None,
-    );
-    let base = format!("http://127.0.0.1:{cp_port}");
-    wait_http(&format!("{base}/readyz")).await;
-
-    let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-        .current_dir(cwd)
-        .env_remove("AUTH_JWT_SECRET")
-        .env("ENV", "dev")
-        .args(["token", "--tenant", "otel-tenant", "--roles", "agent"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let planes = Planes::start("otel-tenant").await;
+    let (base, token) = (planes.base.clone(), planes.token.clone());
 
     // An outside caller's trace context: linked by the public edge, never
     // joined.
@@ -321,15 +374,7 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
     assert_eq!(resp.status().as_u16(), 204);
 
     // The graceful path of each plane flushes its exporter.
-    tokio::task::spawn_blocking(move || {
-        cp.stop();
-        dp.stop();
-        agent.stop();
-    })
-    .await
-    .unwrap();
-
-    let spans = spans.lock().unwrap().clone();
+    let (spans, log) = planes.stop().await;
     let submit = spans
         .iter()
         .find(|s| s.service == "control-plane" && s.name == "POST /v1/jobs")
@@ -421,7 +466,6 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
     }
 
     // The data plane's JSON log lines inside the job carry its trace id.
-    let log = std::fs::read_to_string(&dp_log).unwrap();
     let finished = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -433,6 +477,147 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
         16,
         "{finished}"
     );
+}
+
+/// Issue 19 §5 for workflows: the smallest plan's worker continues the
+/// POST's trace (kept on the workflow's row), so its session, both steps
+/// and the teardown arrive from all three processes under the POST's trace
+/// id, the worker's spans carrying the workflow's, tenant's and session's
+/// ids and the step's index, never the plan's code or output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_workflows_spans_from_all_three_processes_share_the_posts_trace() {
+    let planes = Planes::start("otel-wf-tenant").await;
+    let (base, token) = (planes.base.clone(), planes.token.clone());
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{base}/v1/workflows"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "runtime": "python",
+            "steps": [{"code": "x = 41"}, {"code": "print('otel-canary-' + str(x + 1))"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let wf: serde_json::Value = resp.json().await.unwrap();
+    let id = wf["workflowId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let done = loop {
+        let w: serde_json::Value = http
+            .get(format!("{base}/v1/workflows/{id}?waitMs=5000"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if matches!(
+            w["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "workflow still {w}");
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        done["steps"][1]["output"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("otel-canary-42"),
+        "{done}"
+    );
+    let sid = done["sessionId"].as_str().unwrap().to_owned();
+
+    let (spans, _) = planes.stop().await;
+    let submit = spans
+        .iter()
+        .find(|s| s.service == "control-plane" && s.name == "POST /v1/workflows")
+        .unwrap_or_else(|| panic!("no span of the submission: {spans:#?}"));
+    assert_eq!(
+        submit.attributes.get("workflow_id"),
+        Some(&id),
+        "{submit:?}"
+    );
+    assert_eq!(
+        submit.attributes.get("tenant_id").map(String::as_str),
+        Some("otel-wf-tenant"),
+        "{submit:?}"
+    );
+    let trace = submit.trace_id.clone();
+    let in_trace: Vec<&Received> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    let services: BTreeSet<&str> = in_trace.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services,
+        BTreeSet::from(["control-plane", "data-plane", "session-agent"]),
+        "{in_trace:#?}"
+    );
+    let run = in_trace
+        .iter()
+        .find(|s| s.service == "control-plane" && s.name == "workflow.run")
+        .unwrap_or_else(|| panic!("no workflow.run in the POST's trace: {in_trace:#?}"));
+    assert_eq!(run.attributes.get("workflow_id"), Some(&id), "{run:?}");
+    assert_eq!(
+        run.attributes.get("tenant_id").map(String::as_str),
+        Some("otel-wf-tenant")
+    );
+    assert_eq!(run.attributes.get("session_id"), Some(&sid), "{run:?}");
+    // One worker span per step, in the POST's trace, each with its index;
+    // the step ids they carry are the ones the data plane and the agent ran.
+    for index in ["0", "1"] {
+        let step = in_trace
+            .iter()
+            .find(|s| {
+                s.service == "control-plane"
+                    && s.name == "workflow.step"
+                    && s.attributes.get("step_index").map(String::as_str) == Some(index)
+            })
+            .unwrap_or_else(|| panic!("no workflow.step {index}: {in_trace:#?}"));
+        assert_eq!(step.attributes.get("workflow_id"), Some(&id), "{step:?}");
+        assert_eq!(step.attributes.get("session_id"), Some(&sid), "{step:?}");
+        assert_eq!(
+            step.attributes.get("tenant_id").map(String::as_str),
+            Some("otel-wf-tenant")
+        );
+        let step_id = step.attributes.get("step_id").cloned().unwrap();
+        assert!(
+            in_trace.iter().any(|s| s.service == "data-plane"
+                && s.name == "session.step"
+                && s.attributes.get("step_id") == Some(&step_id)),
+            "{in_trace:#?}"
+        );
+        assert!(
+            in_trace.iter().any(|s| s.service == "session-agent"
+                && s.name == "step.run"
+                && s.attributes.get("step_id") == Some(&step_id)
+                && s.attributes.get("session_id") == Some(&sid)),
+            "{in_trace:#?}"
+        );
+    }
+    // The session's creation and its teardown are in the trace too.
+    assert!(
+        in_trace
+            .iter()
+            .any(|s| s.service == "session-agent" && s.name == "POST /v1/sessions"),
+        "{in_trace:#?}"
+    );
+    assert!(
+        in_trace
+            .iter()
+            .any(|s| s.service == "data-plane" && s.name.starts_with("DELETE ")),
+        "{in_trace:#?}"
+    );
+    for s in &spans {
+        for (k, v) in &s.attributes {
+            assert!(
+                !v.contains("otel-canary") && !v.contains("x + 1") && !v.contains("x = 41"),
+                "{k}={v} in {s:?}"
+            );
+        }
+    }
 }
 
 /// A bad OpenTelemetry value stops start-up (exit 2) with one line naming

@@ -100,6 +100,7 @@ async fn traced_request(incoming: IncomingTrace, req: Request, next: Next) -> Re
             otel.name = %format_args!("{} {}", req.method(), route.as_deref().unwrap_or("")),
             otel.kind = "server", tenant_id = tracing::field::Empty, job_id = tracing::field::Empty,
             session_id = tracing::field::Empty, step_id = tracing::field::Empty,
+            workflow_id = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty);
         let tracestate = req

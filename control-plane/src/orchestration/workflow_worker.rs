@@ -62,7 +62,10 @@ impl WorkflowDispatcher {
 async fn worker_loop(wf: Arc<WorkflowService>, owner: String, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         match claim(&wf, &owner).await {
-            Ok(Some(row)) => run(&wf, &owner, row, &shutdown).await,
+            Ok(Some(row)) => {
+                let span = run_span(&row);
+                tracing::Instrument::instrument(run(&wf, &owner, row, &shutdown), span).await;
+            }
             Ok(None) => {
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
@@ -79,6 +82,34 @@ async fn worker_loop(wf: Arc<WorkflowService>, owner: String, shutdown: Cancella
             }
         }
     }
+}
+
+/// The span of one run of a workflow: a child of the request that
+/// submitted it (its stored `traceparent`), so the session, the steps and
+/// the teardown, in all three processes, join the submission's trace.
+/// Ids only: never the plan's code, env or outputs.
+fn run_span(row: &WorkflowRow) -> tracing::Span {
+    let span = tracing::info_span!("workflow.run", tenant_id = %row.tenant,
+        workflow_id = %row.workflow.workflow_id, attempt = row.workflow.attempts,
+        session_id = tracing::field::Empty, otel.kind = "internal");
+    if let Some(sid) = &row.workflow.session_id {
+        span.record("session_id", sid.as_str());
+    }
+    shared::telemetry::accept_trace_context(
+        &span,
+        row.trace_parent.as_deref(),
+        None,
+        shared::telemetry::IncomingTrace::Parent,
+    );
+    span
+}
+
+/// The span of one step of a run (a child of [`run_span`]'s); the
+/// sessions service records the step's `step_id` on it.
+fn step_span(row: &WorkflowRow, sid: &SessionId, index: u32) -> tracing::Span {
+    tracing::info_span!("workflow.step", tenant_id = %row.tenant,
+        workflow_id = %row.workflow.workflow_id, session_id = %sid, step_index = index,
+        step_id = tracing::field::Empty, otel.kind = "internal")
 }
 
 /// Takes the next runnable workflow; the claim and its `workflow.start`
@@ -332,7 +363,10 @@ async fn execute(
         .iter()
         .all(|s| s.status == WorkflowStepStatus::Pending);
     let sid = match sandbox(wf, owner, row, &identity, session, fresh).await? {
-        Sandbox::Ready(sid) => sid,
+        Sandbox::Ready(sid) => {
+            tracing::Span::current().record("session_id", sid.as_str());
+            sid
+        }
         Sandbox::Fail(v) => return conclude(wf, owner, row, None, v).await,
         Sandbox::Stop => return Ok(()),
         Sandbox::Requeue(reason) => {
@@ -404,9 +438,8 @@ async fn execute(
             }
             tx.commit().await?;
         }
-        let outcome = wf
-            .sessions
-            .step(
+        let outcome = tracing::Instrument::instrument(
+            wf.sessions.step(
                 &identity,
                 &sid,
                 SessionStepRequest {
@@ -415,8 +448,10 @@ async fn execute(
                     mode: None,
                     event: None,
                 },
-            )
-            .await;
+            ),
+            step_span(row, &sid, i),
+        )
+        .await;
         let cancelled = storage::workflows::cancel_requested(&wf.db, id).await?;
         let (error, output) = match outcome {
             Ok(r) => {

@@ -340,6 +340,7 @@ impl WorkflowService {
         })?);
         let now = now_ms();
         let id = new_id("wf");
+        tracing::Span::current().record("workflow_id", id.as_str());
         let labels = req.labels.clone().unwrap_or_default();
         let workflow = Workflow {
             workflow_id: id.clone(),
@@ -380,6 +381,8 @@ impl WorkflowService {
                 "idempotencyKey": key.is_some(),
             }));
         let tenant = identity.tenant.as_str();
+        // The worker that runs the workflow continues this request's trace.
+        let trace_parent = shared::telemetry::current_traceparent();
         let outcome: Result<Submitted, CodedError> = async {
             let mut tx = self.db.begin_write().await?;
             if let Some(key) = &key {
@@ -438,6 +441,7 @@ impl WorkflowService {
                     labels: &labels,
                     max_attempts: self.settings.max_attempts,
                     now,
+                    trace_parent: trace_parent.as_deref(),
                 },
             )
             .await?;

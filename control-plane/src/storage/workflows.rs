@@ -28,6 +28,8 @@ pub struct WorkflowRow {
     pub spec: WorkflowRequest,
     pub cancel_requested: bool,
     pub max_attempts: u32,
+    /// The submitting request's `traceparent`, if one was recorded.
+    pub trace_parent: Option<String>,
 }
 
 fn failure<R: Row>(row: &R) -> Result<Option<JobFailure>, StorageError>
@@ -100,6 +102,7 @@ where
         spec,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
         max_attempts: u32::try_from(row.try_get::<i64, _>("max_attempts")?).unwrap_or(1),
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 
@@ -145,6 +148,8 @@ pub struct NewWorkflow<'a> {
     pub labels: &'a BTreeMap<String, String>,
     pub max_attempts: u32,
     pub now: i64,
+    /// The submitting request's `traceparent` (see [`WorkflowRow::trace_parent`]).
+    pub trace_parent: Option<&'a str>,
 }
 
 /// Inserts a `queued` workflow, due now, and one `pending` row per step.
@@ -154,11 +159,11 @@ pub async fn insert(tx: &mut WriteTx, w: &NewWorkflow<'_>) -> Result<(), Storage
     let roles = to_json("workflow roles", w.roles)?;
     on_tx!(tx, c => sqlx::query(
         "INSERT INTO workflows (id, tenant, subject, app, agent, roles, status, runtime, spec, labels, \
-         artifacts, attempts, max_attempts, next_run_ms, cancel_requested, created_ms, updated_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, '[]', 0, $10, $11, 0, $12, $13)")
+         artifacts, attempts, max_attempts, next_run_ms, cancel_requested, created_ms, updated_ms, trace_parent) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, '[]', 0, $10, $11, 0, $12, $13, $14)")
         .bind(w.id).bind(w.tenant).bind(w.subject).bind(w.app).bind(w.agent).bind(&roles)
         .bind(w.runtime).bind(&spec).bind(&labels)
-        .bind(i64::from(w.max_attempts)).bind(w.now).bind(w.now).bind(w.now)
+        .bind(i64::from(w.max_attempts)).bind(w.now).bind(w.now).bind(w.now).bind(w.trace_parent)
         .execute(&mut **c).await.map(|_| ()))?;
     for idx in 0..w.spec.steps.len() {
         on_tx!(tx, c => sqlx::query(
