@@ -6,6 +6,8 @@
 #![allow(clippy::disallowed_methods)] // the test runs the three real binaries
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -597,11 +599,12 @@ async fn a_workflows_spans_from_all_three_processes_share_the_posts_trace() {
             "{in_trace:#?}"
         );
     }
-    // The session's creation and its teardown are in the trace too.
+    // The session's creation (the agent's span names it) and its teardown
+    // are in the trace too.
     assert!(
-        in_trace
-            .iter()
-            .any(|s| s.service == "session-agent" && s.name == "POST /v1/sessions"),
+        in_trace.iter().any(|s| s.service == "session-agent"
+            && s.name == "POST /v1/sessions"
+            && s.attributes.get("session_id") == Some(&sid)),
         "{in_trace:#?}"
     );
     assert!(
@@ -651,4 +654,91 @@ fn a_bad_otel_value_stops_start_up_naming_the_variable() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Issue 19 §5 on the MCP port: its request spans carry the verified
+/// tenant, as the REST port's do (its requests pass `mcp::guard`, then the
+/// REST API's authentication); a refused caller's span has none. A tool
+/// call runs under an `mcp.tool` span in the request's trace, with the
+/// tenant and the tool's name (where the services record the ids they make).
+#[tokio::test(flavor = "current_thread")]
+async fn mcp_port_spans_carry_the_tenant() {
+    use tower::ServiceExt;
+    let capture = shared::telemetry::testing::SpanCapture::start();
+    let db = common::TestDb::new(control_plane::config::DatabaseDriver::Sqlite).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let config =
+        <control_plane::Config as clap::Parser>::parse_from(common::cp_args(&db, &closed, &[]));
+    let app = control_plane::App::build_with_db(config, db.connect().await).unwrap();
+    let router = control_plane::mcp::router(app);
+    let call = |auth: Option<&str>, body: serde_json::Value| {
+        let mut req = axum::http::Request::post("/mcp")
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if let Some(token) = auth {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let router = router.clone();
+        async move {
+            let resp = router
+                .oneshot(req.body(axum::body::Body::from(body.to_string())).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}});
+    let tok = common::token("otel-mcp-tenant", &["agent"]);
+    let (status, body) = call(Some(&tok), init.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let list = serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "list_jobs", "arguments": {}}});
+    let (status, body) = call(Some(&tok), list).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"isError\":false"), "{body}");
+    let (status, body) = call(None, init).await;
+    assert_eq!(status, 401, "{body}");
+
+    let requests = capture.wait_named("POST /mcp", 3).await;
+    assert_eq!(requests.len(), 3, "{requests:#?}");
+    for r in &requests {
+        let tenant = r.attributes.get("tenant_id").map(String::as_str);
+        match r
+            .attributes
+            .get("http.response.status_code")
+            .map(String::as_str)
+        {
+            Some("200") => assert_eq!(tenant, Some("otel-mcp-tenant"), "{r:?}"),
+            Some("401") => assert_eq!(tenant, None, "{r:?}"),
+            other => panic!("status {other:?}: {r:?}"),
+        }
+    }
+    let tools = capture.wait_named("mcp.tool list_jobs", 1).await;
+    let [tool] = tools.as_slice() else {
+        panic!("one mcp.tool span: {:#?}", capture.spans());
+    };
+    assert_eq!(
+        tool.attributes.get("tenant_id").map(String::as_str),
+        Some("otel-mcp-tenant")
+    );
+    assert_eq!(
+        tool.attributes.get("tool").map(String::as_str),
+        Some("list_jobs")
+    );
+    assert!(
+        requests.iter().any(|r| r.trace_id == tool.trace_id),
+        "the tool's span is in its request's trace: {requests:#?} {tool:?}"
+    );
+    drop(capture);
+    db.cleanup().await;
 }

@@ -382,6 +382,9 @@ pub fn mark_installed_for_tests() {
     OTEL_INSTALLED.store(true, Ordering::Relaxed);
 }
 
+#[doc(hidden)]
+pub mod testing;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

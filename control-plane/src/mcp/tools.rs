@@ -1505,7 +1505,16 @@ impl ServerHandler for McpTools {
             return Ok(tool_error(e).into());
         }
         let args = request.arguments.unwrap_or_default();
-        let result = match self.dispatch(&who, &name, args, &context).await {
+        // rmcp runs the call in a task of its own, under its own span: the
+        // ids the services record on the current span (job, session, step,
+        // workflow) land on this one, a child of the request's.
+        let span = tracing::info_span!("mcp.tool", otel.name = %format_args!("mcp.tool {name}"),
+            otel.kind = "internal", tool = %name, tenant_id = %who.tenant,
+            job_id = tracing::field::Empty, workflow_id = tracing::field::Empty,
+            session_id = tracing::field::Empty, step_id = tracing::field::Empty);
+        let dispatched =
+            tracing::Instrument::instrument(self.dispatch(&who, &name, args, &context), span);
+        let result = match dispatched.await {
             Ok(r) => r,
             Err(e) => tool_error(e),
         };

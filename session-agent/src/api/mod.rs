@@ -20,7 +20,7 @@ use shared::CodedError;
 use shared::ErrorCode;
 use shared::agent::{
     ADMIN_TOKEN_HEADER, CreateSessionRequest, FileList, Health, OutputChunk, SESSION_TOKEN_HEADER,
-    SessionList, StepRequest, StepResult, sse_event,
+    SessionList, StepRequest, StepResult, sse_event, validate_id,
 };
 use shared::server::ApiJson;
 use tokio::sync::{mpsc, oneshot};
@@ -87,6 +87,11 @@ async fn create_session(
     // validation and starts no sandbox.
     app.sessions.authorize_create(admin_token(&headers))?;
     let ApiJson(req) = body?;
+    // The request's span carries the session's id once it is known to be
+    // one (an invalid id is refused below and never becomes an attribute).
+    if validate_id("sessionId", &req.session_id).is_ok() {
+        tracing::Span::current().record("session_id", req.session_id.as_str());
+    }
     // When both are given, the header must be the token being registered.
     if let (Some(h), Some(b)) = (token(&headers), req.token.as_deref())
         && h != b
