@@ -99,11 +99,11 @@ fn sibling_binary(name: &str) -> String {
     path.display().to_string()
 }
 
-fn free_ports() -> [u16; 3] {
-    let l: Vec<std::net::TcpListener> = (0..3)
+fn free_ports() -> [u16; 4] {
+    let l: Vec<std::net::TcpListener> = (0..4)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    [0, 1, 2].map(|i| l[i].local_addr().unwrap().port())
+    [0, 1, 2, 3].map(|i| l[i].local_addr().unwrap().port())
 }
 
 /// A plane's process; stopped with SIGTERM (its graceful path, which
@@ -162,6 +162,8 @@ struct Planes {
     _dir: tempfile::TempDir,
     spans: Arc<Mutex<Vec<Received>>>,
     base: String,
+    /// The control plane's MCP port.
+    mcp: String,
     token: String,
     dp_log: std::path::PathBuf,
     cp: Plane,
@@ -177,7 +179,7 @@ impl Planes {
             .unwrap();
         let cwd = dir.path();
         let (otlp, spans) = receiver().await;
-        let [agent_port, dp_port, cp_port] = free_ports();
+        let [agent_port, dp_port, cp_port, mcp_port] = free_ports();
         let isolation = std::env::var("SESSION_ISOLATION").unwrap_or_else(|_| "gvisor".into());
         let dp_log = cwd.join("data-plane.log");
         // Every plane on the development keys of one directory (.local/).
@@ -235,11 +237,12 @@ impl Planes {
             &[
                 ("DATA_PLANE_URL", format!("http://127.0.0.1:{dp_port}")),
                 ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-                ("MCP_ADDR", String::new()),
+                ("MCP_ADDR", format!("127.0.0.1:{mcp_port}")),
             ],
             None,
         );
         let base = format!("http://127.0.0.1:{cp_port}");
+        let mcp = format!("http://127.0.0.1:{mcp_port}");
         wait_http(&format!("{base}/readyz")).await;
 
         let out = Command::new(env!("CARGO_BIN_EXE_control-plane"))
@@ -259,6 +262,7 @@ impl Planes {
             _dir: dir,
             spans,
             base,
+            mcp,
             token,
             dp_log,
             cp,
@@ -654,6 +658,72 @@ fn a_bad_otel_value_stops_start_up_naming_the_variable() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Issue 19 §5 through the MCP port: a `run_code` tool call's job joins
+/// the MCP request's trace, and the job's id lands on the call's
+/// `mcp.tool` span (rmcp runs the tool under a span of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn an_mcp_tool_calls_job_joins_the_mcp_requests_trace() {
+    let planes = Planes::start("otel-mcp-tenant").await;
+    let http = reqwest::Client::new();
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "run_code", "arguments": {"code": "print('otel-canary-' + str(6 * 7))"}}});
+    let resp = http
+        .post(format!("{}/mcp", planes.mcp))
+        .bearer_auth(&planes.token)
+        .header("accept", "application/json, text/event-stream")
+        .json(&call)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let job = &body["result"]["structuredContent"];
+    assert_eq!(job["status"], "succeeded", "{body}");
+    let id = job["jobId"].as_str().unwrap().to_owned();
+
+    let (spans, _) = planes.stop().await;
+    let tool = spans
+        .iter()
+        .find(|s| s.service == "control-plane" && s.name == "mcp.tool run_code")
+        .unwrap_or_else(|| panic!("no mcp.tool span: {spans:#?}"));
+    assert_eq!(tool.attributes.get("job_id"), Some(&id), "{tool:?}");
+    assert_eq!(
+        tool.attributes.get("tenant_id").map(String::as_str),
+        Some("otel-mcp-tenant")
+    );
+    let in_trace: Vec<&Received> = spans
+        .iter()
+        .filter(|s| s.trace_id == tool.trace_id)
+        .collect();
+    assert!(
+        in_trace.iter().any(|s| s.service == "control-plane"
+            && s.name == "POST /mcp"
+            && s.attributes.get("tenant_id").map(String::as_str) == Some("otel-mcp-tenant")),
+        "{in_trace:#?}"
+    );
+    assert!(
+        in_trace.iter().any(|s| s.service == "control-plane"
+            && s.name == "job.dispatch"
+            && s.attributes.get("job_id") == Some(&id)),
+        "{in_trace:#?}"
+    );
+    assert!(
+        in_trace
+            .iter()
+            .any(|s| s.service == "session-agent" && s.name == "step.run"),
+        "{in_trace:#?}"
+    );
+    for s in &spans {
+        for (k, v) in &s.attributes {
+            assert!(
+                !v.contains("otel-canary") && !v.contains("6 * 7"),
+                "{k}={v} in {s:?}"
+            );
+        }
+    }
 }
 
 /// Issue 19 §5 on the MCP port: its request spans carry the verified
