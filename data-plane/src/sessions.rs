@@ -195,6 +195,8 @@ pub struct SessionRouter {
     settings: SessionSettings,
     records: Mutex<HashMap<String, SessionRecord>>,
     transfers: Transfers,
+    /// Where secret values come from (`crate::secrets`).
+    secrets: crate::secrets::SecretSource,
 }
 
 /// What a session-scoped call needs from its record.
@@ -309,7 +311,14 @@ impl SessionRouter {
             },
             settings,
             records: Mutex::new(HashMap::new()),
+            secrets: crate::secrets::SecretSource::None,
         }
+    }
+
+    /// Resolves named secrets from `source` (none without it).
+    pub fn with_secrets(mut self, source: crate::secrets::SecretSource) -> Self {
+        self.secrets = source;
+        self
     }
 
     /// A transfer slot of the caller's tenant, held while bytes flow; 429
@@ -439,6 +448,17 @@ impl SessionRouter {
             }
             _ => None,
         };
+        // Secret values for the caller's tenant, before anything exists: a
+        // name without a value is 404 `secret_not_found` naming it.
+        let secrets = match req.secrets.as_deref() {
+            Some(names) if !names.is_empty() => {
+                shared::secrets::check_no_env_clash(names, req.env.as_ref()).map_err(|m| {
+                    CodedError::new(ErrorCode::InvalidArgument, format!("secrets: {m}"))
+                })?;
+                Some(self.secrets.resolve(&caller.tenant, names).await?)
+            }
+            _ => None,
+        };
         let id = format!("ses-{}", hex_id());
         // Expired sessions go first (their artifacts shredded), so they do
         // not count against the quota.
@@ -508,6 +528,7 @@ impl SessionRouter {
             ttl_seconds: req.ttl_seconds,
             idle_timeout_seconds: None,
             packages_dir,
+            secrets,
         };
         let started = std::time::Instant::now();
         // A pod backend bounds its own start by the ready timeout and then
@@ -1147,6 +1168,8 @@ pub(crate) mod fake_agent {
         pub step_error: Option<ErrorCode>,
         /// Every session's workspace: path -> content (`output/a.txt`).
         pub files: BTreeMap<String, Vec<u8>>,
+        /// The secrets of each accepted create, by session id.
+        pub secrets: BTreeMap<String, shared::secrets::SecretEnv>,
     }
 
     type Shared = Arc<Mutex<FakeState>>;
@@ -1280,6 +1303,9 @@ pub(crate) mod fake_agent {
             restarts: 0,
         };
         s.creates += 1;
+        if let Some(secrets) = req.secrets.clone() {
+            s.secrets.insert(req.session_id.clone(), secrets);
+        }
         s.sessions.insert(
             req.session_id,
             FakeSession {
@@ -1514,6 +1540,7 @@ mod tests {
             limits: None,
             env: None,
             packages: None,
+            secrets: None,
         }
     }
 

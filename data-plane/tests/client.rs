@@ -50,6 +50,7 @@ fn job(id: &str, code: &str) -> RunJob {
         limits: None,
         env: None,
         packages: None,
+        secrets: None,
     }
 }
 

@@ -142,6 +142,7 @@ async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &Cancel
         limits: spec.limits.clone(),
         env: spec.env.clone(),
         packages: spec.packages.clone(),
+        secrets: spec.secrets.clone(),
     };
     // The call may take as long as the step, plus sandbox start and packages.
     let budget =

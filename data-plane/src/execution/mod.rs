@@ -547,6 +547,7 @@ impl JobService {
                     limits: req.limits.clone(),
                     env: req.env.clone(),
                     packages: req.packages.clone(),
+                    secrets: req.secrets.clone(),
                 },
             )
             .await;
@@ -802,6 +803,7 @@ mod tests {
             limits: None,
             env: None,
             packages: None,
+            secrets: None,
         }
     }
 

@@ -318,6 +318,7 @@ fn settings(warm: &[(&str, usize)], ready: Duration) -> K8sSettings {
         environment: "production".into(),
         ready_timeout: ready,
         warm_pool: warm.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect(),
+        secrets_name: None,
     }
 }
 
@@ -361,6 +362,7 @@ fn request(session: &str) -> CreateSessionRequest {
         ttl_seconds: None,
         idle_timeout_seconds: None,
         packages_dir: None,
+        secrets: None,
     }
 }
 
