@@ -875,7 +875,7 @@ deny contains msg if {
     let detail = |action: &str| {
         events
             .iter()
-            .find(|e| e["action"] == action)
+            .find(|e| e["action"] == action && e["outcome"] == "succeeded")
             .map(|e| e["details"]["secrets"].clone())
     };
     assert_eq!(detail("session.create"), Some(json!(["DB_PASSWORD", "API_KEY"])), "{audit}");
