@@ -1544,6 +1544,56 @@ mod tests {
         }
     }
 
+    /// Named secrets: each tenant's own value goes to the agent in the
+    /// create call, nowhere else; a missing one is 404 naming it, and no
+    /// sandbox is asked for.
+    #[tokio::test]
+    async fn secrets_are_resolved_per_tenant_and_only_sent_to_the_agent() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("secrets");
+        for (t, v) in [("acme", "acme-value-1"), ("globex", "globex-value-1")] {
+            std::fs::create_dir_all(src.join(t)).unwrap();
+            std::fs::write(src.join(t).join("API_TOKEN"), v).unwrap();
+        }
+        let router = fake_agent::router(&agent.url, dir.path(), 4)
+            .with_secrets(crate::secrets::SecretSource::Dir(src));
+        let with = |names: &[&str]| CreateSession {
+            secrets: Some(names.iter().map(|n| (*n).to_owned()).collect()),
+            ..python()
+        };
+        let a = router.create(&caller("acme"), with(&["API_TOKEN"])).await.unwrap();
+        let g = router.create(&caller("globex"), with(&["API_TOKEN"])).await.unwrap();
+        {
+            let st = agent.state();
+            assert_eq!(st.secrets[&a.session_id]["API_TOKEN"].expose(), "acme-value-1");
+            assert_eq!(st.secrets[&g.session_id]["API_TOKEN"].expose(), "globex-value-1");
+        }
+        let shown = format!("{a:?} {g:?} {}", serde_json::to_string(&a).unwrap());
+        assert!(!shown.contains("value-1"), "{shown}");
+        let creates = agent.state().creates;
+        for (names, code) in [
+            (vec!["API_TOKEN", "NOPE"], ErrorCode::SecretNotFound),
+            (vec!["api_token"], ErrorCode::InvalidArgument),
+        ] {
+            let e = router.create(&caller("acme"), with(&names)).await.unwrap_err();
+            assert_eq!(e.code, code, "{e}");
+            assert!(!e.message.contains("value-1"), "{e}");
+        }
+        let clash = CreateSession {
+            env: Some([("API_TOKEN".to_owned(), "x".to_owned())].into()),
+            ..with(&["API_TOKEN"])
+        };
+        let e = router.create(&caller("acme"), clash).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        // A tenant without a value of its own gets none, whatever exists.
+        let e = router.create(&caller("initech"), with(&["API_TOKEN"])).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::SecretNotFound, "{e}");
+        assert!(e.message.contains("API_TOKEN"), "{e}");
+        assert_eq!(agent.state().creates, creates, "no sandbox was asked for");
+        assert_eq!(router.list(&caller("acme")).len(), 1);
+    }
+
     #[tokio::test]
     async fn another_tenants_session_is_not_found_and_never_reaches_the_agent() {
         let agent = FakeAgent::start().await;
