@@ -809,7 +809,11 @@ deny contains msg if {
 "#,
     )
     .unwrap();
-    let cp = cp(&stub.url, &["--policy-default-path", platform.to_str().unwrap()]).await;
+    let cp = cp(
+        &stub.url,
+        &["--policy-default-path", platform.to_str().unwrap()],
+    )
+    .await;
     let acme = token("acme", &["agent"]);
     let globex = token("globex", &["agent"]);
     let creates = |stub: &Stub| -> Vec<Value> {
@@ -840,19 +844,39 @@ deny contains msg if {
             }
             let a = cp.call("POST", path, Some(&acme), Some(body)).await;
             let message = a.coded(400, "invalid_argument");
-            assert!(message.starts_with("secrets: ") && message.contains(needle), "{message}");
+            assert!(
+                message.starts_with("secrets: ") && message.contains(needle),
+                "{message}"
+            );
         }
     }
     // A name the platform does not allow for this tenant: 403, nothing started.
     for (who, name) in [(&globex, "DB_PASSWORD"), (&acme, "OTHER")] {
         let a = cp
-            .call("POST", "/v1/sessions", Some(who), Some(json!({"secrets": [name]})))
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(who),
+                Some(json!({"secrets": [name]})),
+            )
             .await;
         a.coded(403, "policy_denied");
-        assert!(a.body["details"]["reasons"][0].as_str().unwrap().contains(name), "{}", a.body);
-        cp.call("POST", "/v1/jobs", Some(who), Some(json!({"code": "1", "secrets": [name]})))
-            .await
-            .coded(403, "policy_denied");
+        assert!(
+            a.body["details"]["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains(name),
+            "{}",
+            a.body
+        );
+        cp.call(
+            "POST",
+            "/v1/jobs",
+            Some(who),
+            Some(json!({"code": "1", "secrets": [name]})),
+        )
+        .await
+        .coded(403, "policy_denied");
     }
     assert!(creates(&stub).is_empty(), "{:?}", creates(&stub));
     let jobs = cp.call("GET", "/v1/jobs", Some(&acme), None).await.body;
@@ -860,17 +884,35 @@ deny contains msg if {
 
     // Allowed: the names (only) go to the data plane and into the audit.
     let a = cp
-        .call("POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["DB_PASSWORD", "API_KEY"]})))
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["DB_PASSWORD", "API_KEY"]})),
+        )
         .await;
     assert_eq!(a.status, 201, "{}", a.body);
     let sent = creates(&stub);
     assert_eq!(sent.len(), 1);
-    assert_eq!(sent[0]["secrets"], json!(["DB_PASSWORD", "API_KEY"]), "{}", sent[0]);
+    assert_eq!(
+        sent[0]["secrets"],
+        json!(["DB_PASSWORD", "API_KEY"]),
+        "{}",
+        sent[0]
+    );
     let a = cp
-        .call("POST", "/v1/jobs", Some(&acme), Some(json!({"code": "1", "secrets": ["API_KEY"]})))
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(&acme),
+            Some(json!({"code": "1", "secrets": ["API_KEY"]})),
+        )
         .await;
     assert_eq!(a.status, 202, "{}", a.body);
-    let audit = cp.call("GET", "/v1/audit", Some(&token("acme", &["admin"])), None).await.body;
+    let audit = cp
+        .call("GET", "/v1/audit", Some(&token("acme", &["admin"])), None)
+        .await
+        .body;
     let events = audit["events"].as_array().unwrap();
     let detail = |action: &str| {
         events
@@ -878,7 +920,11 @@ deny contains msg if {
             .find(|e| e["action"] == action && e["outcome"] == "succeeded")
             .map(|e| e["details"]["secrets"].clone())
     };
-    assert_eq!(detail("session.create"), Some(json!(["DB_PASSWORD", "API_KEY"])), "{audit}");
+    assert_eq!(
+        detail("session.create"),
+        Some(json!(["DB_PASSWORD", "API_KEY"])),
+        "{audit}"
+    );
     assert_eq!(detail("job.submit"), Some(json!(["API_KEY"])), "{audit}");
 
     // A tenant policy narrows: acme refuses its own API_KEY.
@@ -892,11 +938,21 @@ deny contains msg if {
         )
         .await;
     assert_eq!(a.status, 200, "{}", a.body);
-    cp.call("POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["API_KEY"]})))
-        .await
-        .coded(403, "policy_denied");
+    cp.call(
+        "POST",
+        "/v1/sessions",
+        Some(&acme),
+        Some(json!({"secrets": ["API_KEY"]})),
+    )
+    .await
+    .coded(403, "policy_denied");
     let a = cp
-        .call("POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["DB_PASSWORD"]})))
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["DB_PASSWORD"]})),
+        )
         .await;
     assert_eq!(a.status, 201, "{}", a.body);
     assert_eq!(creates(&stub).len(), 2);

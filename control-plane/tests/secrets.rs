@@ -88,7 +88,10 @@ impl Seen {
         body: Option<Value>,
     ) -> (u16, Value) {
         let (status, text) = self.call(base, method, path, auth, body, None).await;
-        (status, serde_json::from_str(&text).unwrap_or(json!({"raw": text})))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(json!({"raw": text})),
+        )
     }
 }
 
@@ -138,7 +141,11 @@ async fn canary_stack(driver: DatabaseDriver) -> (Canary, String, tempfile::Temp
     let secrets = tempfile::tempdir().unwrap();
     for (tenant, v) in [("acme", &value), ("globex", &globex_value)] {
         std::fs::create_dir_all(secrets.path().join(tenant)).unwrap();
-        std::fs::write(secrets.path().join(tenant).join("API_TOKEN"), format!("{v}\n")).unwrap();
+        std::fs::write(
+            secrets.path().join(tenant).join("API_TOKEN"),
+            format!("{v}\n"),
+        )
+        .unwrap();
     }
     let policy = secrets.path().join("platform.rego");
     std::fs::write(&policy, POLICY).unwrap();
@@ -155,7 +162,12 @@ async fn canary_stack(driver: DatabaseDriver) -> (Canary, String, tempfile::Temp
     )
     .await;
     let db = TestDb::new(driver).await;
-    let (cp, app) = cp_proc(&db, &dp.url, &["--policy-default-path", policy.to_str().unwrap()]).await;
+    let (cp, app) = cp_proc(
+        &db,
+        &dp.url,
+        &["--policy-default-path", policy.to_str().unwrap()],
+    )
+    .await;
     let stack = Stack {
         agent,
         dp,
@@ -184,16 +196,28 @@ async fn exercise(c: &mut Canary, globex_value: &str) {
     // A session with the secret: the interpreter has the value (checked by
     // its hash, so the test's own code never holds it).
     let (status, s) = seen
-        .json(&cp, "POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["API_TOKEN"]})))
+        .json(
+            &cp,
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["API_TOKEN"]})),
+        )
         .await;
     assert_eq!(status, 201, "{s}");
     let sid = s["sessionId"].as_str().unwrap().to_owned();
     let step = format!("/v1/sessions/{sid}/steps");
     let run = |code: &str| json!({"code": code});
     let (status, r) = seen
-        .json(&cp, "POST", &step, Some(&acme), Some(run(
-            "import hashlib, os\nhashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest()",
-        )))
+        .json(
+            &cp,
+            "POST",
+            &step,
+            Some(&acme),
+            Some(run(
+                "import hashlib, os\nhashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest()",
+            )),
+        )
         .await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["result"], json!(sha256_hex(&c.value)), "{r}");
@@ -208,13 +232,22 @@ async fn exercise(c: &mut Canary, globex_value: &str) {
     assert_eq!(r["stderr"], "***\n", "{r}");
     assert_eq!(r["result"], "***", "{r}");
     let (_, r) = seen
-        .json(&cp, "POST", &step, Some(&acme), Some(run(
-            "import os\nraise ValueError('bad token ' + os.environ['API_TOKEN'])",
-        )))
+        .json(
+            &cp,
+            "POST",
+            &step,
+            Some(&acme),
+            Some(run(
+                "import os\nraise ValueError('bad token ' + os.environ['API_TOKEN'])",
+            )),
+        )
         .await;
     assert_eq!(r["status"], "error", "{r}");
     assert_eq!(r["error"]["message"], "bad token ***", "{r}");
-    assert!(r["error"]["traceback"].as_str().unwrap().contains("***"), "{r}");
+    assert!(
+        r["error"]["traceback"].as_str().unwrap().contains("***"),
+        "{r}"
+    );
 
     // Streamed, the value split across two writes (two chunks): masked.
     let (status, sse) = seen
@@ -230,28 +263,48 @@ async fn exercise(c: &mut Canary, globex_value: &str) {
         .filter_map(|v| v["data"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(streamed, "a *** b\n", "{sse}");
-    assert!(sse.contains(r#""stdout":"a *** b\n""#), "the result event: {sse}");
+    assert!(
+        sse.contains(r#""stdout":"a *** b\n""#),
+        "the result event: {sse}"
+    );
 
     // Steps history and audit are read back (and searched later).
     let (status, _) = seen.json(&cp, "GET", &step, Some(&acme), None).await;
     assert_eq!(status, 200);
     let (status, _) = seen
-        .json(&cp, "DELETE", &format!("/v1/sessions/{sid}"), Some(&acme), None)
+        .json(
+            &cp,
+            "DELETE",
+            &format!("/v1/sessions/{sid}"),
+            Some(&acme),
+            None,
+        )
         .await;
     assert_eq!(status, 204);
 
     // A job that prints it and one that raises it.
     for (code, want) in [
         ("import os\nprint(os.environ['API_TOKEN'])", "succeeded"),
-        ("import os\nraise RuntimeError(os.environ['API_TOKEN'])", "failed"),
+        (
+            "import os\nraise RuntimeError(os.environ['API_TOKEN'])",
+            "failed",
+        ),
     ] {
         let (status, j) = seen
-            .json(&cp, "POST", "/v1/jobs", Some(&acme), Some(json!({"code": code, "secrets": ["API_TOKEN"]})))
+            .json(
+                &cp,
+                "POST",
+                "/v1/jobs",
+                Some(&acme),
+                Some(json!({"code": code, "secrets": ["API_TOKEN"]})),
+            )
             .await;
         assert_eq!(status, 202, "{j}");
         let id = j["jobId"].as_str().unwrap().to_owned();
         let job = wait_job(&cp, &acme, &id, 120).await;
-        let (_, job2) = seen.json(&cp, "GET", &format!("/v1/jobs/{id}"), Some(&acme), None).await;
+        let (_, job2) = seen
+            .json(&cp, "GET", &format!("/v1/jobs/{id}"), Some(&acme), None)
+            .await;
         assert_eq!(job, job2);
         assert_eq!(job["status"], want, "{job}");
         if want == "succeeded" {
@@ -264,45 +317,104 @@ async fn exercise(c: &mut Canary, globex_value: &str) {
     // A name the policy allows but the source lacks: 404 naming it, no
     // session; as a job it fails with the same code, having run nothing.
     let (status, e) = seen
-        .json(&cp, "POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["API_TOKEN", "MISSING"]})))
+        .json(
+            &cp,
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["API_TOKEN", "MISSING"]})),
+        )
         .await;
-    assert_eq!((status, e["code"].as_str()), (404, Some("secret_not_found")), "{e}");
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (404, Some("secret_not_found")),
+        "{e}"
+    );
     assert!(e["message"].as_str().unwrap().contains("MISSING"), "{e}");
     let (_, j) = seen
-        .json(&cp, "POST", "/v1/jobs", Some(&acme), Some(json!({"code": "print(1)", "secrets": ["MISSING"]})))
+        .json(
+            &cp,
+            "POST",
+            "/v1/jobs",
+            Some(&acme),
+            Some(json!({"code": "print(1)", "secrets": ["MISSING"]})),
+        )
         .await;
     let job = wait_job(&cp, &acme, j["jobId"].as_str().unwrap(), 120).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "secret_not_found", "{job}");
-    assert!(job.get("output").is_none_or(Value::is_null), "nothing ran: {job}");
+    assert!(
+        job.get("output").is_none_or(Value::is_null),
+        "nothing ran: {job}"
+    );
     // Not allowed by policy: 403; a bad name: 400.
     let (status, e) = seen
-        .json(&cp, "POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["OTHER"]})))
+        .json(
+            &cp,
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["OTHER"]})),
+        )
         .await;
-    assert_eq!((status, e["code"].as_str()), (403, Some("policy_denied")), "{e}");
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (403, Some("policy_denied")),
+        "{e}"
+    );
     let (status, e) = seen
-        .json(&cp, "POST", "/v1/sessions", Some(&acme), Some(json!({"secrets": ["api_token"]})))
+        .json(
+            &cp,
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["api_token"]})),
+        )
         .await;
-    assert_eq!((status, e["code"].as_str()), (400, Some("invalid_argument")), "{e}");
-    let (_, list) = seen.json(&cp, "GET", "/v1/sessions", Some(&acme), None).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{e}"
+    );
+    let (_, list) = seen
+        .json(&cp, "GET", "/v1/sessions", Some(&acme), None)
+        .await;
     assert_eq!(list["sessions"].as_array().map(Vec::len), Some(0), "{list}");
 
     // Tenants: the same name is globex's own value for globex, never acme's.
     let globex = token("globex", &["agent"]);
     let (status, s) = seen
-        .json(&cp, "POST", "/v1/sessions", Some(&globex), Some(json!({"secrets": ["API_TOKEN"]})))
+        .json(
+            &cp,
+            "POST",
+            "/v1/sessions",
+            Some(&globex),
+            Some(json!({"secrets": ["API_TOKEN"]})),
+        )
         .await;
     assert_eq!(status, 201, "{s}");
     let gid = s["sessionId"].as_str().unwrap().to_owned();
     let (_, r) = seen
-        .json(&cp, "POST", &format!("/v1/sessions/{gid}/steps"), Some(&globex), Some(run(
-            "import hashlib, os\nhashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest()",
-        )))
+        .json(
+            &cp,
+            "POST",
+            &format!("/v1/sessions/{gid}/steps"),
+            Some(&globex),
+            Some(run(
+                "import hashlib, os\nhashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest()",
+            )),
+        )
         .await;
     assert_eq!(r["result"], json!(sha256_hex(globex_value)), "{r}");
     assert_ne!(r["result"], json!(sha256_hex(&c.value)));
-    seen.json(&cp, "DELETE", &format!("/v1/sessions/{gid}"), Some(&globex), None)
-        .await;
+    seen.json(
+        &cp,
+        "DELETE",
+        &format!("/v1/sessions/{gid}"),
+        Some(&globex),
+        None,
+    )
+    .await;
 }
 
 // One function per place a value must never reach.
@@ -318,10 +430,20 @@ async fn search_audit(c: &mut Canary) {
     let admin = token("acme", &["admin"]);
     let (status, audit) = c
         .seen
-        .call(&c.stack.cp.url.clone(), "GET", "/v1/audit?limit=1000", Some(&admin), None, None)
+        .call(
+            &c.stack.cp.url.clone(),
+            "GET",
+            "/v1/audit?limit=1000",
+            Some(&admin),
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, 200, "{audit}");
-    assert!(audit.contains("API_TOKEN"), "the names are audited: {audit}");
+    assert!(
+        audit.contains("API_TOKEN"),
+        "the names are audited: {audit}"
+    );
     assert_absent("the audit log", audit.as_bytes(), &c.value);
 }
 
@@ -392,15 +514,25 @@ fn search_data_plane_state(c: &Canary) {
 
 fn search_logs(c: &Canary) {
     let logs = logs().lock().unwrap();
-    assert!(logs.len() > 1000, "logs were captured ({} bytes)", logs.len());
+    assert!(
+        logs.len() > 1000,
+        "logs were captured ({} bytes)",
+        logs.len()
+    );
     let text = String::from_utf8_lossy(&logs);
-    assert!(text.contains("session created"), "debug logs of the planes are here");
+    assert!(
+        text.contains("session created"),
+        "debug logs of the planes are here"
+    );
     assert_absent("the logs", &logs, &c.value);
 }
 
 async fn search_metrics(c: &mut Canary) {
     for base in [c.stack.cp.url.clone(), c.stack.dp.url.clone()] {
-        let (status, text) = c.seen.call(&base, "GET", "/metrics", None, None, None).await;
+        let (status, text) = c
+            .seen
+            .call(&base, "GET", "/metrics", None, None, None)
+            .await;
         assert_eq!(status, 200, "{base}/metrics: {text}");
         assert_absent(&format!("{base}/metrics"), text.as_bytes(), &c.value);
     }

@@ -655,13 +655,30 @@ mod tests {
     fn secret_sources_are_checked_naming_the_variable() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_str().unwrap();
-        assert!(parse(&["--jwt-secret", SECRET, "--secrets-dir", dir]).validate().is_ok());
+        assert!(
+            parse(&["--jwt-secret", SECRET, "--secrets-dir", dir])
+                .validate()
+                .is_ok()
+        );
         for (args, var) in [
             (vec!["--secrets-dir", "/nonexistent/secrets"], "SECRETS_DIR"),
-            (vec!["--runtime-secrets-name", "s"], "SESSION_RUNTIME_BACKEND=k8s"),
-            (vec!["--backend", "k8s", "--runtime-secrets-name", "Bad_Name"], "RUNTIME_SECRETS_NAME"),
             (
-                vec!["--backend", "k8s", "--runtime-secrets-name", "s", "--secrets-dir", dir],
+                vec!["--runtime-secrets-name", "s"],
+                "SESSION_RUNTIME_BACKEND=k8s",
+            ),
+            (
+                vec!["--backend", "k8s", "--runtime-secrets-name", "Bad_Name"],
+                "RUNTIME_SECRETS_NAME",
+            ),
+            (
+                vec![
+                    "--backend",
+                    "k8s",
+                    "--runtime-secrets-name",
+                    "s",
+                    "--secrets-dir",
+                    dir,
+                ],
                 "not both",
             ),
         ] {
@@ -670,7 +687,14 @@ mod tests {
             let e = parse(&all).validate().unwrap_err();
             assert!(e.contains(var), "{e}");
         }
-        let k8s = ["--jwt-secret", SECRET, "--backend", "k8s", "--runtime-secrets-name", "sandbox-secrets"];
+        let k8s = [
+            "--jwt-secret",
+            SECRET,
+            "--backend",
+            "k8s",
+            "--runtime-secrets-name",
+            "sandbox-secrets",
+        ];
         assert!(parse(&k8s).validate().is_ok());
     }
 

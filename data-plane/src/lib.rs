@@ -144,7 +144,7 @@ pub async fn serve_with_cluster(
         kek.clone(),
         config.artifact_max_bytes,
     );
-    let sessions = Arc::new(SessionRouter::new(SessionRouterParts {
+    let sessions = SessionRouter::new(SessionRouterParts {
         registry,
         backend,
         artifacts,
@@ -164,7 +164,8 @@ pub async fn serve_with_cluster(
             config.dependency_index.clone(),
             config.dependency_cache.clone(),
         ),
-    }).with_secrets(secret_source));
+    });
+    let sessions = Arc::new(sessions.with_secrets(secret_source));
     sessions
         .recover()
         .await

@@ -44,7 +44,9 @@ pub(crate) fn value_of(name: &str, mut raw: Vec<u8>) -> Result<SecretValue, Code
         tracing::error!(secret = %name, "the secret source's value is unusable: {why}");
         CodedError::new(
             ErrorCode::SecretNotFound,
-            format!("secret {name:?} has no usable value for this tenant ({why}); nothing was started"),
+            format!(
+                "secret {name:?} has no usable value for this tenant ({why}); nothing was started"
+            ),
         )
     };
     if raw.ends_with(b"\n") {

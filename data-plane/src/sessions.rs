@@ -1562,12 +1562,24 @@ mod tests {
             secrets: Some(names.iter().map(|n| (*n).to_owned()).collect()),
             ..python()
         };
-        let a = router.create(&caller("acme"), with(&["API_TOKEN"])).await.unwrap();
-        let g = router.create(&caller("globex"), with(&["API_TOKEN"])).await.unwrap();
+        let a = router
+            .create(&caller("acme"), with(&["API_TOKEN"]))
+            .await
+            .unwrap();
+        let g = router
+            .create(&caller("globex"), with(&["API_TOKEN"]))
+            .await
+            .unwrap();
         {
             let st = agent.state();
-            assert_eq!(st.secrets[&a.session_id]["API_TOKEN"].expose(), "acme-value-1");
-            assert_eq!(st.secrets[&g.session_id]["API_TOKEN"].expose(), "globex-value-1");
+            assert_eq!(
+                st.secrets[&a.session_id]["API_TOKEN"].expose(),
+                "acme-value-1"
+            );
+            assert_eq!(
+                st.secrets[&g.session_id]["API_TOKEN"].expose(),
+                "globex-value-1"
+            );
         }
         let shown = format!("{a:?} {g:?} {}", serde_json::to_string(&a).unwrap());
         assert!(!shown.contains("value-1"), "{shown}");
@@ -1576,7 +1588,10 @@ mod tests {
             (vec!["API_TOKEN", "NOPE"], ErrorCode::SecretNotFound),
             (vec!["api_token"], ErrorCode::InvalidArgument),
         ] {
-            let e = router.create(&caller("acme"), with(&names)).await.unwrap_err();
+            let e = router
+                .create(&caller("acme"), with(&names))
+                .await
+                .unwrap_err();
             assert_eq!(e.code, code, "{e}");
             assert!(!e.message.contains("value-1"), "{e}");
         }
@@ -1587,7 +1602,10 @@ mod tests {
         let e = router.create(&caller("acme"), clash).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
         // A tenant without a value of its own gets none, whatever exists.
-        let e = router.create(&caller("initech"), with(&["API_TOKEN"])).await.unwrap_err();
+        let e = router
+            .create(&caller("initech"), with(&["API_TOKEN"]))
+            .await
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::SecretNotFound, "{e}");
         assert!(e.message.contains("API_TOKEN"), "{e}");
         assert_eq!(agent.state().creates, creates, "no sandbox was asked for");

@@ -402,10 +402,19 @@ async fn a_secret_is_read_through_the_api_and_never_reaches_the_pod_object() {
     )
     .await;
     let st = state();
-    let dp = data_plane(&fx, st.path(), &["--runtime-secrets-name", "sandbox-secrets"]).await;
+    let dp = data_plane(
+        &fx,
+        st.path(),
+        &["--runtime-secrets-name", "sandbox-secrets"],
+    )
+    .await;
     let acme = credential("acme");
-    let (status, created) =
-        create(&dp.url, &acme, json!({"runtime": "python", "secrets": ["API_TOKEN"]})).await;
+    let (status, created) = create(
+        &dp.url,
+        &acme,
+        json!({"runtime": "python", "secrets": ["API_TOKEN"]}),
+    )
+    .await;
     assert_eq!(status, 201, "{created}");
     let id = created["sessionId"].as_str().unwrap().to_owned();
     let hash = |v: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(v.as_bytes()));
@@ -417,7 +426,13 @@ async fn a_secret_is_read_through_the_api_and_never_reaches_the_pod_object() {
     )
     .await;
     assert_eq!(r["result"], json!(hash(&canary)), "acme's own value: {r}");
-    let (_, r) = step(&dp.url, &acme, &id, "import os\nprint(os.environ['API_TOKEN'])").await;
+    let (_, r) = step(
+        &dp.url,
+        &acme,
+        &id,
+        "import os\nprint(os.environ['API_TOKEN'])",
+    )
+    .await;
     assert_eq!(r["stdout"], "***\n", "{r}");
     // The pod's own environment (what /proc/1/environ shows) lacks it.
     let (_, r) = step(
@@ -437,7 +452,10 @@ async fn a_secret_is_read_through_the_api_and_never_reaches_the_pod_object() {
     assert!(reads >= 1, "the Secret was read through the API");
     for pod in fx.pods() {
         let text = serde_json::to_string(&pod).unwrap();
-        assert!(!text.contains(&canary) && !text.contains("API_TOKEN"), "{text}");
+        assert!(
+            !text.contains(&canary) && !text.contains("API_TOKEN"),
+            "{text}"
+        );
     }
     for r in fx.requests() {
         let text = format!("{r:?}");
@@ -468,7 +486,11 @@ async fn a_secret_is_read_through_the_api_and_never_reaches_the_pod_object() {
         json!({"runtime": "python", "secrets": ["API_TOKEN"]}),
     )
     .await;
-    assert_eq!((status, e["code"].as_str()), (404, Some("secret_not_found")), "{e}");
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (404, Some("secret_not_found")),
+        "{e}"
+    );
     assert!(e["message"].as_str().unwrap().contains("API_TOKEN"), "{e}");
     assert_eq!(fx.pods().len(), pods, "no pod for a missing secret");
     dp.stop().await;

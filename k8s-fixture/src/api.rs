@@ -269,12 +269,11 @@ fn name_hash(s: &str) -> u64 {
 
 /// A Secret of [`crate::FixtureOptions::secrets`] (values base64 in `data`).
 fn get_secret(r: &Request<'_>, ns: &str, name: &str) -> Result<Response, ApiError> {
-    let data = r
-        .fx
-        .options
-        .secrets
-        .get(&(ns.to_owned(), name.to_owned()))
-        .ok_or_else(|| ApiError::not_found("secrets", name))?;
+    let data =
+        r.fx.options
+            .secrets
+            .get(&(ns.to_owned(), name.to_owned()))
+            .ok_or_else(|| ApiError::not_found("secrets", name))?;
     let secret = k8s_openapi::api::core::v1::Secret {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name.to_owned()),

@@ -329,7 +329,8 @@ async fn secrets_are_served_read_only_as_configured() {
     // Another name or namespace: 404 NotFound like the API server.
     let (code, reason, _) = api_error(secrets.get("other").await);
     assert_eq!((code, reason.as_str()), (404, "NotFound"));
-    let elsewhere: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(fx.client(), "default");
+    let elsewhere: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(fx.client(), "default");
     assert_eq!(api_error(elsewhere.get("sandbox-secrets").await).0, 404);
     assert_eq!(secrets.get_opt("other").await.unwrap(), None);
     fx.shutdown().await;

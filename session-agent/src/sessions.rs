@@ -909,10 +909,7 @@ fn unreachable_kernel() -> crate::kernels::ExecOutcome {
 
 /// Secrets: names as every plane checks them, values bounded and without
 /// NUL, no name also in `env`. The message names, never shows, a value.
-fn validate_secrets(
-    secrets: &SecretEnv,
-    env: &BTreeMap<String, String>,
-) -> Result<(), CodedError> {
+fn validate_secrets(secrets: &SecretEnv, env: &BTreeMap<String, String>) -> Result<(), CodedError> {
     let names: Vec<String> = secrets.keys().cloned().collect();
     let bad = |m: String| CodedError::new(ErrorCode::InvalidArgument, format!("secrets: {m}"));
     shared::secrets::check_names(&names).map_err(bad)?;
@@ -963,7 +960,10 @@ async fn forward_masked(
             let _ = sink.send(ev);
         }
     }
-    for ev in [OutputEvent::Stdout(out.finish()), OutputEvent::Stderr(err.finish())] {
+    for ev in [
+        OutputEvent::Stdout(out.finish()),
+        OutputEvent::Stderr(err.finish()),
+    ] {
         if !matches!(&ev, OutputEvent::Stdout(d) | OutputEvent::Stderr(d) if d.is_empty()) {
             let _ = sink.send(ev);
         }

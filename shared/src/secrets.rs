@@ -32,8 +32,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !b.is_empty()
         && b.len() <= MAX_SECRET_NAME_LEN
         && b[0].is_ascii_uppercase()
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
     if ok {
         Ok(())
@@ -246,7 +245,10 @@ mod tests {
     use super::*;
 
     fn masker(values: &[&str]) -> Masker {
-        let v: Vec<SecretValue> = values.iter().map(|s| SecretValue::new((*s).into())).collect();
+        let v: Vec<SecretValue> = values
+            .iter()
+            .map(|s| SecretValue::new((*s).into()))
+            .collect();
         Masker::new(&v)
     }
 

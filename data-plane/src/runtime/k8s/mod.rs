@@ -364,7 +364,8 @@ impl K8sBackend {
         let Some(secret) = self.settings().secrets_name.as_deref() else {
             return Ok(None);
         };
-        let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.settings().namespace);
+        let api: Api<Secret> =
+            Api::namespaced(self.inner.client.clone(), &self.settings().namespace);
         let found = with_retry(|| api.get_opt(secret)).await.map_err(|e| {
             // The error names the Secret, never a value (a GET error has none).
             tracing::warn!(error = %e, secret, "Kubernetes API: reading the secrets Secret failed");
