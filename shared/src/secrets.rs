@@ -292,7 +292,7 @@ mod tests {
     fn a_value_never_prints() {
         let v = SecretValue::new("hunter2-canary".into());
         let env: SecretEnv = BTreeMap::from([("PW".to_owned(), v.clone())]);
-        let shown = format!("{v:?} {env:?} {:?}", Masker::new(&[v.clone()]));
+        let shown = format!("{v:?} {env:?} {:?}", Masker::new(std::slice::from_ref(&v)));
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains(MASK));
         // It does serialize (the one hop to the agent) and round-trips.
