@@ -503,6 +503,7 @@ async fn data_plane_answers_map_to_the_control_planes_codes() {
         (429, "capacity_exhausted", 429, "capacity_exhausted"),
         (403, "dependency_not_allowed", 403, "dependency_not_allowed"),
         (424, "dependency_unavailable", 424, "dependency_unavailable"),
+        (404, "secret_not_found", 404, "secret_not_found"),
         (503, "sandbox_unavailable", 503, "sandbox_unavailable"),
         (400, "limit_exceeded", 400, "limit_exceeded"),
         // The data plane refusing our credential: our misconfiguration.

@@ -76,7 +76,11 @@ async fn a_secret_reaches_only_the_interpreter_and_comes_back_masked() {
         )
         .await;
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(value.as_bytes()));
-    assert_eq!(r.result, Some(serde_json::json!([value.len(), digest])), "{r:?}");
+    assert_eq!(
+        r.result,
+        Some(serde_json::json!([value.len(), digest])),
+        "{r:?}"
+    );
     let r = agent
         .step(
             "py",
@@ -87,10 +91,17 @@ async fn a_secret_reaches_only_the_interpreter_and_comes_back_masked() {
     assert_eq!(r.stderr, "***\n", "{r:?}");
     assert_eq!(r.result, Some(serde_json::json!({"***": ["***"]})), "{r:?}");
     let r = agent
-        .step("py", &t, "import os\nraise KeyError(os.environ['API_TOKEN'])")
+        .step(
+            "py",
+            &t,
+            "import os\nraise KeyError(os.environ['API_TOKEN'])",
+        )
         .await;
     let e = r.error.unwrap();
-    assert!(e.message.contains("***") && !e.message.contains(&value), "{e:?}");
+    assert!(
+        e.message.contains("***") && !e.message.contains(&value),
+        "{e:?}"
+    );
     assert!(!e.traceback.contains(&value), "{e:?}");
     let r = agent
         .step(
@@ -145,13 +156,25 @@ async fn bad_secrets_are_refused_and_create_nothing() {
         };
         match agent.client.create_session(&req).await {
             Err(ClientError::Api { status, body }) => {
-                assert_eq!((status, body.code), (400, ErrorCode::InvalidArgument), "{body:?}");
+                assert_eq!(
+                    (status, body.code),
+                    (400, ErrorCode::InvalidArgument),
+                    "{body:?}"
+                );
                 assert!(body.message.starts_with("secrets: "), "{body:?}");
                 assert!(!body.message.contains("xxxx"), "{body:?}");
             }
             other => panic!("case {i}: {other:?}"),
         }
     }
-    assert!(agent.client.list_sessions(None).await.unwrap().sessions.is_empty());
+    assert!(
+        agent
+            .client
+            .list_sessions(None)
+            .await
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
     agent.stop().await;
 }
