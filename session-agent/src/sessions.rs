@@ -715,24 +715,31 @@ impl SessionManager {
             max_output: usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX),
         };
         let output_before = session.workspace.output_snapshot();
-        // With secrets, the stream passes through a masker on its way out.
-        let (sink, forwarder) = match sink {
+        // With secrets, the stream passes through a masker on its way out,
+        // run beside the step (no task of its own); it ends, flushing what
+        // it held back, once the step drops its sender.
+        let (sink, forward) = match sink {
             Some(outer) if !session.masker.is_empty() => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let task = tokio::spawn(forward_masked(session.masker.clone(), rx, outer));
-                (Some(tx), Some(task))
+                let forward = forward_masked(session.masker.clone(), rx, outer);
+                (Some(tx), Some(forward))
             }
             other => (other, None),
         };
-        let mut outcome = match run.kernel.as_mut() {
-            Some(kernel) => kernel.execute(&exec, sink.as_ref(), &session.ended).await,
-            None => unreachable_kernel(),
+        let (kernel, ended) = (run.kernel.as_mut(), &session.ended);
+        let exec = &exec;
+        let step = async move {
+            let outcome = match kernel {
+                Some(kernel) => kernel.execute(exec, sink.as_ref(), ended).await,
+                None => unreachable_kernel(),
+            };
+            drop(sink);
+            outcome
         };
-        drop(sink);
-        if let Some(task) = forwarder {
-            // Flushes what was held back before the result is sent.
-            let _ = task.await;
-        }
+        let mut outcome = match forward {
+            Some(forward) => tokio::join!(step, forward).0,
+            None => step.await,
+        };
         mask_result(&session.masker, &mut outcome);
         let mut state_lost = false;
         if outcome.kernel_dead {
