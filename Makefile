@@ -35,7 +35,7 @@ test-k8s-cluster: ## the k8s backend against the cluster KUBECONFIG points at (c
 	$(CARGO) test -p data-plane --test k8s_cluster -- --ignored --nocapture
 
 test-bwrap: deps ## the session agent's sandbox tests under bubblewrap, the fallback isolation
-	SESSION_ISOLATION=bwrap $(CARGO) test -p session-agent --test kernels --test api --test hostile --test lifecycle --no-fail-fast -- --include-ignored --nocapture
+	SESSION_ISOLATION=bwrap $(CARGO) test -p session-agent --test kernels --test api --test hostile --test lifecycle --test secrets --no-fail-fast -- --include-ignored --nocapture
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -380,9 +380,19 @@ def contract(set_name: str, objects: list[dict[str, Any]], values: dict[str, Any
         ("", "pods"): {"create", "get", "list", "watch", "delete", "patch"},
         ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "update"},
     }
+    # With runtime.secretsName: `get` on that one Secret, by name (issue 19 §4).
+    secrets_name = values["runtime"].get("secretsName") or ""
+    if secrets_name:
+        want_rules[("", "secrets")] = {"get"}
     if roles:
         got = {(g, r): set(rule["verbs"]) for rule in roles[0]["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
         check(got == want_rules, f"Role rules: {got}")
+        for rule in roles[0]["rules"]:
+            if "secrets" in rule["resources"]:
+                check(rule.get("resourceNames") == [secrets_name], f"the Secret rule is not named: {rule}")
+    if dp:
+        got_name = env.get("RUNTIME_SECRETS_NAME", {}).get("value", "")
+        check(got_name == secrets_name, f"RUNTIME_SECRETS_NAME {got_name!r} is not runtime.secretsName")
     for cr in find(objects, "ClusterRole"):
         for rule in cr["rules"]:
             check(rule.get("verbs") == ["get"] and bool(rule.get("resourceNames")),

@@ -655,6 +655,7 @@ async fn agent_churn(agent: &Agent, n: usize, concurrency: usize) -> anyhow::Res
                     ttl_seconds: None,
                     idle_timeout_seconds: None,
                     packages_dir: None,
+                    secrets: None,
                 };
                 client.create_session(&req).await?;
                 let step = shared::agent::StepRequest {

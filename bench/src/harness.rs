@@ -147,6 +147,7 @@ impl Agent {
             ttl_seconds: None,
             idle_timeout_seconds: None,
             packages_dir: None,
+            secrets: None,
         };
         self.client
             .create_session(&req)

@@ -17,6 +17,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod orchestration;
 pub mod policy;
+pub mod secrets;
 pub mod sessions;
 pub mod storage;
 pub mod waiters;

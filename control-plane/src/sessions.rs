@@ -155,6 +155,7 @@ impl SessionService {
         take_creation_token: bool,
     ) -> Result<SessionView, CodedError> {
         crate::orchestration::jobs::validate_packages(req.packages.as_deref())?;
+        crate::secrets::validate(req.secrets.as_deref(), req.env.as_ref())?;
         let runtime = req
             .runtime
             .clone()
@@ -174,7 +175,7 @@ impl SessionService {
                 policy_request(&req),
             )
             .await?;
-        crate::policy::refuse_unbuilt(req.egress.as_deref(), req.secrets.as_deref())?;
+        crate::policy::refuse_unbuilt(req.egress.as_deref())?;
         // Quotas after validation and policy, so a refused request costs
         // the tenant no token (crate::limits).
         self.limits.admit_session(identity).await?;
@@ -192,6 +193,7 @@ impl SessionService {
                     limits: req.limits.clone(),
                     env: req.env.clone(),
                     packages: req.packages.clone(),
+                    secrets: req.secrets.clone(),
                 },
             )
             .await?;
@@ -205,6 +207,7 @@ impl SessionService {
             "isolation": view.isolation,
             "warm": view.warm,
             "packages": req.packages.clone().unwrap_or_default(),
+            "secrets": req.secrets.clone().unwrap_or_default(),
             "policyVersion": decision.policy_version,
         }));
         let record = NewSession {

@@ -296,10 +296,16 @@ async fn bad_input_gets_coded_4xx_and_leaves_nothing() {
             "invalid_argument",
         ),
         (
-            r#"{"code": "1", "secrets": ["db"]}"#.to_owned(),
+            r#"{"code": "1", "secrets": ["DB"]}"#.to_owned(),
             "application/json",
             403,
             "policy_denied",
+        ),
+        (
+            r#"{"code": "1", "secrets": ["db"]}"#.to_owned(),
+            "application/json",
+            400,
+            "invalid_argument",
         ),
     ] {
         let resp = post(body.clone(), ct).await.unwrap();

@@ -503,6 +503,7 @@ async fn data_plane_answers_map_to_the_control_planes_codes() {
         (429, "capacity_exhausted", 429, "capacity_exhausted"),
         (403, "dependency_not_allowed", 403, "dependency_not_allowed"),
         (424, "dependency_unavailable", 424, "dependency_unavailable"),
+        (404, "secret_not_found", 404, "secret_not_found"),
         (503, "sandbox_unavailable", 503, "sandbox_unavailable"),
         (400, "limit_exceeded", 400, "limit_exceeded"),
         // The data plane refusing our credential: our misconfiguration.
@@ -694,8 +695,9 @@ async fn policy_denials_and_bad_ids_stop_before_the_data_plane() {
     let acme = token("acme", &["agent"]);
     for (path, body) in [
         ("/v1/sessions", json!({"egress": ["example.com"]})),
-        ("/v1/sessions", json!({"secrets": ["db-password"]})),
+        ("/v1/sessions", json!({"secrets": ["DB_PASSWORD"]})),
         ("/v1/jobs", json!({"code": "1", "egress": ["example.com"]})),
+        ("/v1/jobs", json!({"code": "1", "secrets": ["DB_PASSWORD"]})),
     ] {
         let a = cp.call("POST", path, Some(&acme), Some(body)).await;
         a.coded(403, "policy_denied");
@@ -742,12 +744,12 @@ async fn policy_denials_and_bad_ids_stop_before_the_data_plane() {
     assert!(reached.is_empty(), "{reached:?}");
 }
 
-/// A platform policy that allows egress and secrets does not make them
-/// silently disappear: until controlled egress and secret injection exist,
-/// such a request is 501 `not_implemented` naming the field, and nothing
-/// reaches the data plane or the queue.
+/// A platform policy that allows egress does not make it silently
+/// disappear: until controlled egress exists, such a request is 501
+/// `not_implemented` naming the field, and nothing reaches the data plane or
+/// the queue.
 #[tokio::test]
-async fn egress_or_secrets_that_policy_allows_are_refused_clearly_not_dropped() {
+async fn egress_that_policy_allows_is_refused_clearly_not_dropped() {
     let stub = Stub::start().await;
     let dir = tempfile::tempdir().unwrap();
     let permissive = dir.path().join("platform.rego");
@@ -762,27 +764,13 @@ async fn egress_or_secrets_that_policy_allows_are_refused_clearly_not_dropped() 
     )
     .await;
     let acme = token("acme", &["agent"]);
-    for (path, body, field) in [
-        ("/v1/sessions", json!({"egress": ["pypi.org"]}), "egress"),
-        (
-            "/v1/sessions",
-            json!({"secrets": ["db-password"]}),
-            "secrets",
-        ),
-        (
-            "/v1/jobs",
-            json!({"code": "1", "egress": ["pypi.org"]}),
-            "egress",
-        ),
-        (
-            "/v1/jobs",
-            json!({"code": "1", "secrets": ["db-password"]}),
-            "secrets",
-        ),
+    for (path, body) in [
+        ("/v1/sessions", json!({"egress": ["pypi.org"]})),
+        ("/v1/jobs", json!({"code": "1", "egress": ["pypi.org"]})),
     ] {
         let a = cp.call("POST", path, Some(&acme), Some(body)).await;
         let message = a.coded(501, "not_implemented");
-        assert!(message.starts_with(field), "{message}");
+        assert!(message.starts_with("egress"), "{message}");
     }
     // Nothing reached the data plane; the same request without them does.
     let creates = |stub: &Stub| {
@@ -797,6 +785,178 @@ async fn egress_or_secrets_that_policy_allows_are_refused_clearly_not_dropped() 
     assert_eq!(creates(&stub), 1);
     let jobs = cp.call("GET", "/v1/jobs", Some(&acme), None).await.body;
     assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+}
+
+/// Secrets (issue 19 §4): a platform policy allows names per tenant, a
+/// tenant policy can only narrow, bad names are a 400 before policy, and an
+/// allowed session carries the names (never a value: the control plane has
+/// none) to the data plane; the names are audited.
+#[tokio::test]
+async fn secret_names_are_checked_allowed_per_tenant_and_forwarded() {
+    let stub = Stub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let platform = dir.path().join("platform.rego");
+    std::fs::write(
+        &platform,
+        r#"package sandbox.platform
+
+allowed_secrets := {"acme": {"DB_PASSWORD", "API_KEY"}}
+
+deny contains msg if {
+	some name in object.get(input.request, "secrets", [])
+	not object.get(allowed_secrets, input.identity.tenant, set())[name]
+	msg := sprintf("secret %q is not allowed for this tenant", [name])
+}
+"#,
+    )
+    .unwrap();
+    let cp = cp(
+        &stub.url,
+        &["--policy-default-path", platform.to_str().unwrap()],
+    )
+    .await;
+    let acme = token("acme", &["agent"]);
+    let globex = token("globex", &["agent"]);
+    let creates = |stub: &Stub| -> Vec<Value> {
+        stub.seen()
+            .into_iter()
+            .filter(|s| s.method == "POST" && s.path == "/internal/v1/sessions")
+            .map(|s| s.body)
+            .collect()
+    };
+    // Bad names: 400 before policy, nothing reaches the data plane.
+    let many: Vec<String> = (0..17).map(|i| format!("S{i}")).collect();
+    for (body, needle) in [
+        (json!({"secrets": ["db_password"]}), "must match"),
+        (json!({"secrets": ["DB-PASSWORD"]}), "must match"),
+        (json!({"secrets": ["../../etc/passwd"]}), "must match"),
+        (json!({"secrets": [""]}), "must match"),
+        (json!({"secrets": many}), "at most 16"),
+        (json!({"secrets": ["API_KEY", "API_KEY"]}), "twice"),
+        (
+            json!({"secrets": ["API_KEY"], "env": {"API_KEY": "x"}}),
+            "both a secret and an env",
+        ),
+    ] {
+        for path in ["/v1/sessions", "/v1/jobs"] {
+            let mut body = body.clone();
+            if path == "/v1/jobs" {
+                body["code"] = json!("1");
+            }
+            let a = cp.call("POST", path, Some(&acme), Some(body)).await;
+            let message = a.coded(400, "invalid_argument");
+            assert!(
+                message.starts_with("secrets: ") && message.contains(needle),
+                "{message}"
+            );
+        }
+    }
+    // A name the platform does not allow for this tenant: 403, nothing started.
+    for (who, name) in [(&globex, "DB_PASSWORD"), (&acme, "OTHER")] {
+        let a = cp
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(who),
+                Some(json!({"secrets": [name]})),
+            )
+            .await;
+        a.coded(403, "policy_denied");
+        assert!(
+            a.body["details"]["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains(name),
+            "{}",
+            a.body
+        );
+        cp.call(
+            "POST",
+            "/v1/jobs",
+            Some(who),
+            Some(json!({"code": "1", "secrets": [name]})),
+        )
+        .await
+        .coded(403, "policy_denied");
+    }
+    assert!(creates(&stub).is_empty(), "{:?}", creates(&stub));
+    let jobs = cp.call("GET", "/v1/jobs", Some(&acme), None).await.body;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+
+    // Allowed: the names (only) go to the data plane and into the audit.
+    let a = cp
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["DB_PASSWORD", "API_KEY"]})),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    let sent = creates(&stub);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0]["secrets"],
+        json!(["DB_PASSWORD", "API_KEY"]),
+        "{}",
+        sent[0]
+    );
+    let a = cp
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(&acme),
+            Some(json!({"code": "1", "secrets": ["API_KEY"]})),
+        )
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let audit = cp
+        .call("GET", "/v1/audit", Some(&token("acme", &["admin"])), None)
+        .await
+        .body;
+    let events = audit["events"].as_array().unwrap();
+    let detail = |action: &str| {
+        events
+            .iter()
+            .find(|e| e["action"] == action && e["outcome"] == "succeeded")
+            .map(|e| e["details"]["secrets"].clone())
+    };
+    assert_eq!(
+        detail("session.create"),
+        Some(json!(["DB_PASSWORD", "API_KEY"])),
+        "{audit}"
+    );
+    assert_eq!(detail("job.submit"), Some(json!(["API_KEY"])), "{audit}");
+
+    // A tenant policy narrows: acme refuses its own API_KEY.
+    let admin = token("acme", &["admin"]);
+    let a = cp
+        .call(
+            "PUT",
+            "/v1/tenants/acme/policy",
+            Some(&admin),
+            Some(json!({"rego": "package sandbox.tenant\n\ndeny contains \"no API_KEY here\" if \"API_KEY\" in input.request.secrets\n"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    cp.call(
+        "POST",
+        "/v1/sessions",
+        Some(&acme),
+        Some(json!({"secrets": ["API_KEY"]})),
+    )
+    .await
+    .coded(403, "policy_denied");
+    let a = cp
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(&acme),
+            Some(json!({"secrets": ["DB_PASSWORD"]})),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(creates(&stub).len(), 2);
 }
 
 /// Jobs are queued in the database (no worker runs here): the same key and

@@ -239,6 +239,14 @@ pub struct Config {
     /// OpenTelemetry (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...): see `shared::telemetry`.
     #[command(flatten)]
     pub telemetry: shared::telemetry::TelemetryConfig,
+    /// Secret values as files `<dir>/<tenant>/<NAME>` (development; local
+    /// backend). Without it and RUNTIME_SECRETS_NAME, a named secret is 404.
+    #[arg(long, env = "SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// The Kubernetes Secret in RUNTIME_NAMESPACE holding secret values as
+    /// keys `<tenant>.<NAME>` (`k8s` backend; the Role needs `get` on it).
+    #[arg(long, env = "RUNTIME_SECRETS_NAME")]
+    pub runtime_secrets_name: Option<String>,
 }
 
 /// `60s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
@@ -458,6 +466,32 @@ impl Config {
         if self.tenant_max_transfers == 0 {
             return Err("TENANT_MAX_TRANSFERS must be at least 1".into());
         }
+        self.validate_secrets()
+    }
+
+    /// One secret source at most, each with the backend it serves.
+    fn validate_secrets(&self) -> Result<(), String> {
+        use crate::runtime::k8s::objects::is_dns_subdomain;
+        if let Some(name) = &self.runtime_secrets_name {
+            if self.backend != BackendKind::K8s {
+                return Err(
+                    "RUNTIME_SECRETS_NAME needs SESSION_RUNTIME_BACKEND=k8s (use SECRETS_DIR with the local backend)".into(),
+                );
+            }
+            if !is_dns_subdomain(name) {
+                return Err(format!(
+                    "RUNTIME_SECRETS_NAME={name:?} is not a valid Secret name"
+                ));
+            }
+            if self.secrets_dir.is_some() {
+                return Err("set SECRETS_DIR or RUNTIME_SECRETS_NAME, not both".into());
+            }
+        }
+        if let Some(dir) = &self.secrets_dir
+            && !dir.is_dir()
+        {
+            return Err(format!("SECRETS_DIR={} is not a directory", dir.display()));
+        }
         Ok(())
     }
 
@@ -623,6 +657,53 @@ mod tests {
             k1.to_hex(),
             "the same key on the next start"
         );
+    }
+
+    #[test]
+    fn secret_sources_are_checked_naming_the_variable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_str().unwrap();
+        assert!(
+            parse(&["--jwt-secret", SECRET, "--secrets-dir", dir])
+                .validate()
+                .is_ok()
+        );
+        for (args, var) in [
+            (vec!["--secrets-dir", "/nonexistent/secrets"], "SECRETS_DIR"),
+            (
+                vec!["--runtime-secrets-name", "s"],
+                "SESSION_RUNTIME_BACKEND=k8s",
+            ),
+            (
+                vec!["--backend", "k8s", "--runtime-secrets-name", "Bad_Name"],
+                "RUNTIME_SECRETS_NAME",
+            ),
+            (
+                vec![
+                    "--backend",
+                    "k8s",
+                    "--runtime-secrets-name",
+                    "s",
+                    "--secrets-dir",
+                    dir,
+                ],
+                "not both",
+            ),
+        ] {
+            let mut all = vec!["--jwt-secret", SECRET];
+            all.extend(args);
+            let e = parse(&all).validate().unwrap_err();
+            assert!(e.contains(var), "{e}");
+        }
+        let k8s = [
+            "--jwt-secret",
+            SECRET,
+            "--backend",
+            "k8s",
+            "--runtime-secrets-name",
+            "sandbox-secrets",
+        ];
+        assert!(parse(&k8s).validate().is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod execution;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;
+pub mod secrets;
 pub mod sessions;
 pub mod workspace;
 
@@ -104,6 +105,7 @@ pub async fn serve_with_cluster(
                 environment: config.environment.clone(),
                 ready_timeout: config.ready_timeout,
                 warm_pool: config.warm_pool_sizes().map_err(anyhow::Error::msg)?,
+                secrets_name: config.runtime_secrets_name.clone(),
             };
             let (backend, lost) = runtime::k8s::K8sBackend::start(
                 client,
@@ -117,6 +119,14 @@ pub async fn serve_with_cluster(
             (RuntimeBackend::K8s(backend), Some(lost))
         }
     };
+    let secret_source = match (&backend, &config.secrets_dir) {
+        (RuntimeBackend::K8s(k8s), _) if config.runtime_secrets_name.is_some() => {
+            secrets::SecretSource::K8s(k8s.clone())
+        }
+        (_, Some(dir)) => secrets::SecretSource::Dir(dir.clone()),
+        _ => secrets::SecretSource::None,
+    };
+    tracing::info!(source = %secret_source.describe(), "secret source");
     let metrics = metrics::Metrics::new();
     let kek = config.load_kek().map_err(anyhow::Error::msg)?;
     let store = match config.registry {
@@ -135,7 +145,7 @@ pub async fn serve_with_cluster(
         config.artifact_max_bytes,
     )
     .with_tenant_quota(config.tenant_max_artifact_bytes);
-    let sessions = Arc::new(SessionRouter::new(SessionRouterParts {
+    let sessions = SessionRouter::new(SessionRouterParts {
         registry,
         backend,
         artifacts,
@@ -155,7 +165,8 @@ pub async fn serve_with_cluster(
             config.dependency_index.clone(),
             config.dependency_cache.clone(),
         ),
-    }));
+    });
+    let sessions = Arc::new(sessions.with_secrets(secret_source));
     sessions
         .recover()
         .await

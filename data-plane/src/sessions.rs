@@ -195,6 +195,8 @@ pub struct SessionRouter {
     settings: SessionSettings,
     records: Mutex<HashMap<String, SessionRecord>>,
     transfers: Transfers,
+    /// Where secret values come from (`crate::secrets`).
+    secrets: crate::secrets::SecretSource,
 }
 
 /// What a session-scoped call needs from its record.
@@ -316,7 +318,14 @@ impl SessionRouter {
             },
             settings,
             records: Mutex::new(HashMap::new()),
+            secrets: crate::secrets::SecretSource::None,
         }
+    }
+
+    /// Resolves named secrets from `source` (none without it).
+    pub fn with_secrets(mut self, source: crate::secrets::SecretSource) -> Self {
+        self.secrets = source;
+        self
     }
 
     /// A transfer slot of the caller's tenant, held while bytes flow; 429
@@ -446,6 +455,17 @@ impl SessionRouter {
             }
             _ => None,
         };
+        // Secret values for the caller's tenant, before anything exists: a
+        // name without a value is 404 `secret_not_found` naming it.
+        let secrets = match req.secrets.as_deref() {
+            Some(names) if !names.is_empty() => {
+                shared::secrets::check_no_env_clash(names, req.env.as_ref()).map_err(|m| {
+                    CodedError::new(ErrorCode::InvalidArgument, format!("secrets: {m}"))
+                })?;
+                Some(self.secrets.resolve(&caller.tenant, names).await?)
+            }
+            _ => None,
+        };
         let id = format!("ses-{}", hex_id());
         // Expired sessions go first (their artifacts shredded), so they do
         // not count against the quota.
@@ -515,6 +535,7 @@ impl SessionRouter {
             ttl_seconds: req.ttl_seconds,
             idle_timeout_seconds: None,
             packages_dir,
+            secrets,
         };
         let started = std::time::Instant::now();
         // A pod backend bounds its own start by the ready timeout and then
@@ -1167,6 +1188,8 @@ pub(crate) mod fake_agent {
         pub step_error: Option<ErrorCode>,
         /// Every session's workspace: path -> content (`output/a.txt`).
         pub files: BTreeMap<String, Vec<u8>>,
+        /// The secrets of each accepted create, by session id.
+        pub secrets: BTreeMap<String, shared::secrets::SecretEnv>,
     }
 
     type Shared = Arc<Mutex<FakeState>>;
@@ -1300,6 +1323,9 @@ pub(crate) mod fake_agent {
             restarts: 0,
         };
         s.creates += 1;
+        if let Some(secrets) = req.secrets.clone() {
+            s.secrets.insert(req.session_id.clone(), secrets);
+        }
         s.sessions.insert(
             req.session_id,
             FakeSession {
@@ -1534,7 +1560,76 @@ mod tests {
             limits: None,
             env: None,
             packages: None,
+            secrets: None,
         }
+    }
+
+    /// Named secrets: each tenant's own value goes to the agent in the
+    /// create call, nowhere else; a missing one is 404 naming it, and no
+    /// sandbox is asked for.
+    #[tokio::test]
+    async fn secrets_are_resolved_per_tenant_and_only_sent_to_the_agent() {
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("secrets");
+        for (t, v) in [("acme", "acme-value-1"), ("globex", "globex-value-1")] {
+            std::fs::create_dir_all(src.join(t)).unwrap();
+            std::fs::write(src.join(t).join("API_TOKEN"), v).unwrap();
+        }
+        let router = fake_agent::router(&agent.url, dir.path(), 4)
+            .with_secrets(crate::secrets::SecretSource::Dir(src));
+        let with = |names: &[&str]| CreateSession {
+            secrets: Some(names.iter().map(|n| (*n).to_owned()).collect()),
+            ..python()
+        };
+        let a = router
+            .create(&caller("acme"), with(&["API_TOKEN"]))
+            .await
+            .unwrap();
+        let g = router
+            .create(&caller("globex"), with(&["API_TOKEN"]))
+            .await
+            .unwrap();
+        {
+            let st = agent.state();
+            assert_eq!(
+                st.secrets[&a.session_id]["API_TOKEN"].expose(),
+                "acme-value-1"
+            );
+            assert_eq!(
+                st.secrets[&g.session_id]["API_TOKEN"].expose(),
+                "globex-value-1"
+            );
+        }
+        let shown = format!("{a:?} {g:?} {}", serde_json::to_string(&a).unwrap());
+        assert!(!shown.contains("value-1"), "{shown}");
+        let creates = agent.state().creates;
+        for (names, code) in [
+            (vec!["API_TOKEN", "NOPE"], ErrorCode::SecretNotFound),
+            (vec!["api_token"], ErrorCode::InvalidArgument),
+        ] {
+            let e = router
+                .create(&caller("acme"), with(&names))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, code, "{e}");
+            assert!(!e.message.contains("value-1"), "{e}");
+        }
+        let clash = CreateSession {
+            env: Some([("API_TOKEN".to_owned(), "x".to_owned())].into()),
+            ..with(&["API_TOKEN"])
+        };
+        let e = router.create(&caller("acme"), clash).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        // A tenant without a value of its own gets none, whatever exists.
+        let e = router
+            .create(&caller("initech"), with(&["API_TOKEN"]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::SecretNotFound, "{e}");
+        assert!(e.message.contains("API_TOKEN"), "{e}");
+        assert_eq!(agent.state().creates, creates, "no sandbox was asked for");
+        assert_eq!(router.list(&caller("acme")).len(), 1);
     }
 
     #[tokio::test]

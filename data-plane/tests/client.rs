@@ -51,6 +51,7 @@ fn job(id: &str, code: &str) -> RunJob {
         env: None,
         packages: None,
         artifact_quota_bytes: None,
+        secrets: None,
     }
 }
 

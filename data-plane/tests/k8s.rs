@@ -380,3 +380,149 @@ async fn start_up_refuses_a_missing_namespace_or_runtime_class_naming_it() {
     assert!(e.contains("RBAC") && e.contains("watch pods"), "{e}");
     assert!(fx.pods().is_empty(), "nothing was created");
 }
+
+/// Secrets in the `k8s` backend (issue 19 §4): the data plane reads the
+/// `RUNTIME_SECRETS_NAME` Secret through the API, hands the caller's
+/// tenant's value to the pod's agent, which sets it in the interpreter's
+/// environment only: no pod object, no request the API server saw, carries
+/// the value; printed, it is masked.
+#[tokio::test]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_secret_is_read_through_the_api_and_never_reaches_the_pod_object() {
+    let canary = format!("k8s-canary-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let other = format!("k8s-other-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let fx = Fixture::start(
+        FixtureOptions::default()
+            .isolation(&k8s_fixture::isolation_from_env())
+            .secret(
+                "agent-sandbox-runtime",
+                "sandbox-secrets",
+                &[("acme.API_TOKEN", &canary), ("globex.API_TOKEN", &other)],
+            ),
+    )
+    .await;
+    let st = state();
+    let dp = data_plane(
+        &fx,
+        st.path(),
+        &["--runtime-secrets-name", "sandbox-secrets"],
+    )
+    .await;
+    let acme = credential("acme");
+    let (status, created) = create(
+        &dp.url,
+        &acme,
+        json!({"runtime": "python", "secrets": ["API_TOKEN"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["sessionId"].as_str().unwrap().to_owned();
+    let hash = |v: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(v.as_bytes()));
+    let (_, r) = step(
+        &dp.url,
+        &acme,
+        &id,
+        "import hashlib, os\nhashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest()",
+    )
+    .await;
+    assert_eq!(r["result"], json!(hash(&canary)), "acme's own value: {r}");
+    let (_, r) = step(
+        &dp.url,
+        &acme,
+        &id,
+        "import os\nprint(os.environ['API_TOKEN'])",
+    )
+    .await;
+    assert_eq!(r["stdout"], "***\n", "{r}");
+    // The pod's own environment (what /proc/1/environ shows) lacks it.
+    let (_, r) = step(
+        &dp.url,
+        &acme,
+        &id,
+        "open('/proc/1/environ', 'rb').read().count(b'API_TOKEN=')",
+    )
+    .await;
+    assert_eq!(r["result"], json!(0), "{r}");
+    // Nothing the API server holds or received carries the value.
+    let reads = fx
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/secrets/sandbox-secrets"))
+        .count();
+    assert!(reads >= 1, "the Secret was read through the API");
+    for pod in fx.pods() {
+        let text = serde_json::to_string(&pod).unwrap();
+        assert!(
+            !text.contains(&canary) && !text.contains("API_TOKEN"),
+            "{text}"
+        );
+    }
+    for r in fx.requests() {
+        let text = format!("{r:?}");
+        assert!(!text.contains(&canary), "{text}");
+    }
+    // Another tenant gets its own value under the same name; a tenant
+    // without a key gets 404 naming the name, and no pod.
+    let (status, g) = create(
+        &dp.url,
+        &credential("globex"),
+        json!({"runtime": "python", "secrets": ["API_TOKEN"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{g}");
+    let gid = g["sessionId"].as_str().unwrap();
+    let (_, r) = step(
+        &dp.url,
+        &credential("globex"),
+        gid,
+        "import hashlib, os\nhashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest()",
+    )
+    .await;
+    assert_eq!(r["result"], json!(hash(&other)), "{r}");
+    let pods = fx.pods().len();
+    let (status, e) = create(
+        &dp.url,
+        &credential("initech"),
+        json!({"runtime": "python", "secrets": ["API_TOKEN"]}),
+    )
+    .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (404, Some("secret_not_found")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("API_TOKEN"), "{e}");
+    assert_eq!(fx.pods().len(), pods, "no pod for a missing secret");
+    dp.stop().await;
+    fx.shutdown().await;
+}
+
+#[tokio::test]
+async fn start_up_refuses_a_secret_it_may_not_read_naming_it() {
+    let fx = Fixture::start(FixtureOptions::default().deny("get", "secrets")).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = data_plane::Config::parse_from([
+        "data-plane",
+        "--jwt-secret",
+        SECRET,
+        "--backend",
+        "k8s",
+        "--runtime-secrets-name",
+        "sandbox-secrets",
+    ]);
+    let e = data_plane::serve_with_cluster(
+        listener,
+        config,
+        CancellationToken::new(),
+        Some(fx.client()),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("RBAC") && e.contains("RUNTIME_SECRETS_NAME") && e.contains("sandbox-secrets"),
+        "{e}"
+    );
+    assert!(fx.pods().is_empty(), "nothing was created");
+    fx.shutdown().await;
+}

@@ -255,6 +255,7 @@ async fn orphan_sandboxes_are_destroyed_at_recovery() {
         ttl_seconds: None,
         idle_timeout_seconds: None,
         packages_dir: None,
+        secrets: None,
     };
     client.create_session(&orphan).await.unwrap();
     assert_eq!(

@@ -179,6 +179,10 @@ fn route(r: &Request<'_>, segments: &[&str]) -> Result<Response, ApiError> {
                 _ => Err(ApiError::method_not_allowed(m.as_str())),
             }
         }
+        ["api", "v1", "namespaces", ns, "secrets", name] => match *m {
+            Method::GET => get_secret(r, ns, name),
+            _ => Err(ApiError::method_not_allowed(m.as_str())),
+        },
         ["apis", "node.k8s.io", "v1", "runtimeclasses", name] => match *m {
             Method::GET => get_runtime_class(r, name),
             _ => Err(ApiError::method_not_allowed(m.as_str())),
@@ -261,6 +265,32 @@ fn name_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     }) & 0xffff_ffff_ffff
+}
+
+/// A Secret of [`crate::FixtureOptions::secrets`] (values base64 in `data`).
+fn get_secret(r: &Request<'_>, ns: &str, name: &str) -> Result<Response, ApiError> {
+    let data =
+        r.fx.options
+            .secrets
+            .get(&(ns.to_owned(), name.to_owned()))
+            .ok_or_else(|| ApiError::not_found("secrets", name))?;
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            uid: Some(format!("00000000-0000-4000-a000-{:012x}", name_hash(name))),
+            resource_version: Some("1".into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.clone(), k8s_openapi::ByteString(v.clone())))
+                .collect(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    Ok(ok(&secret))
 }
 
 fn get_runtime_class(r: &Request<'_>, name: &str) -> Result<Response, ApiError> {

@@ -87,6 +87,9 @@ pub struct FixtureOptions {
     /// How long a pod with an unknown image shows `ErrImagePull` before
     /// `ImagePullBackOff` (default 200 ms).
     pub pull_backoff_after: Duration,
+    /// Secrets that exist, read-only: `(namespace, name)` -> key -> value
+    /// (default none). `GET` serves them; nothing writes them.
+    pub secrets: BTreeMap<(String, String), BTreeMap<String, Vec<u8>>>,
 }
 
 impl Default for FixtureOptions {
@@ -102,6 +105,7 @@ impl Default for FixtureOptions {
             denied: BTreeSet::new(),
             bookmark_interval: Duration::from_secs(1),
             pull_backoff_after: Duration::from_millis(200),
+            secrets: BTreeMap::new(),
         }
     }
 }
@@ -122,6 +126,17 @@ impl FixtureOptions {
     /// Makes SelfSubjectAccessReviews deny `verb` on `resource`.
     pub fn deny(mut self, verb: &str, resource: &str) -> Self {
         self.denied.insert((verb.to_owned(), resource.to_owned()));
+        self
+    }
+
+    /// Adds a Secret `name` in `namespace` with these keys and values.
+    pub fn secret(mut self, namespace: &str, name: &str, data: &[(&str, &str)]) -> Self {
+        self.secrets.insert(
+            (namespace.to_owned(), name.to_owned()),
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+        );
         self
     }
 

@@ -313,6 +313,30 @@ async fn start_up_checks_namespace_runtime_class_and_access_reviews() {
 }
 
 #[tokio::test]
+async fn secrets_are_served_read_only_as_configured() {
+    let fx = Fixture::start(FixtureOptions::default().secret(
+        NS,
+        "sandbox-secrets",
+        &[("acme.API_TOKEN", "v1\n"), ("globex.API_TOKEN", "v2")],
+    ))
+    .await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(fx.client(), NS);
+    let s = secrets.get("sandbox-secrets").await.unwrap();
+    let data = s.data.unwrap();
+    assert_eq!(data["acme.API_TOKEN"].0, b"v1\n");
+    assert_eq!(data["globex.API_TOKEN"].0, b"v2");
+    assert_eq!(s.metadata.namespace.as_deref(), Some(NS));
+    // Another name or namespace: 404 NotFound like the API server.
+    let (code, reason, _) = api_error(secrets.get("other").await);
+    assert_eq!((code, reason.as_str()), (404, "NotFound"));
+    let elsewhere: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(fx.client(), "default");
+    assert_eq!(api_error(elsewhere.get("sandbox-secrets").await).0, 404);
+    assert_eq!(secrets.get_opt("other").await.unwrap(), None);
+    fx.shutdown().await;
+}
+
+#[tokio::test]
 async fn network_policies_by_server_side_apply() {
     let fx = Fixture::start(FixtureOptions::default()).await;
     let api: Api<NetworkPolicy> = Api::namespaced(fx.client(), NS);

@@ -24,6 +24,7 @@ use crate::isolation::{Launcher, SandboxSpec};
 use crate::kernels::{ExecRequest, Interpreters, Kernel, OutputEvent};
 use crate::pool::{WarmPool, WarmSandbox};
 use crate::workspace::Workspace;
+use shared::secrets::{Masker, SecretEnv};
 
 /// Minimum length of a session token: a 256-bit token is 43 characters in
 /// base64url and 64 in hex. Length is only a floor; the data plane generates
@@ -174,6 +175,10 @@ pub struct Session {
     pub limits: EffectiveLimits,
     token: Option<TokenDigest>,
     env: BTreeMap<String, String>,
+    /// Secret values (interpreter environment only; kept for restarts).
+    secrets: SecretEnv,
+    /// Replaces the secret values in everything a step returns.
+    masker: Masker,
     pub workspace: Workspace,
     /// Installed packages mounted read-only (kept for restarts).
     packages: Option<PathBuf>,
@@ -388,6 +393,8 @@ impl SessionManager {
             None => None,
         };
         validate_env(&env)?;
+        let secrets = req.secrets.clone().unwrap_or_default();
+        validate_secrets(&secrets, &env)?;
         let ttl = req
             .ttl_seconds
             .map(Duration::from_secs)
@@ -447,7 +454,7 @@ impl SessionManager {
             slots.insert(req.session_id.clone(), Slot::Creating);
         }
         match self
-            .provision(runtime, limits, &env, packages.clone())
+            .provision(runtime, limits, (&env, &secrets), packages.clone())
             .await
         {
             Ok((warm, sandbox)) => {
@@ -458,6 +465,8 @@ impl SessionManager {
                     limits,
                     token,
                     env,
+                    masker: Masker::new(secrets.values()),
+                    secrets,
                     workspace: sandbox.workspace,
                     packages,
                     kernel: Arc::new(AsyncMutex::new(Some(sandbox.kernel))),
@@ -509,7 +518,7 @@ impl SessionManager {
         &self,
         runtime: Runtime,
         limits: EffectiveLimits,
-        env: &BTreeMap<String, String>,
+        (env, secrets): (&BTreeMap<String, String>, &SecretEnv),
         packages: Option<PathBuf>,
     ) -> Result<(bool, WarmSandbox), CodedError> {
         // A single-use agent's pool held its one pre-started interpreter:
@@ -522,7 +531,11 @@ impl SessionManager {
             && packages.is_none()
             && let Some(mut warm) = self.pool.claim(runtime)
         {
-            match warm.kernel.set_env(env, self.settings.ready_timeout).await {
+            match warm
+                .kernel
+                .set_env(env, secrets, self.settings.ready_timeout)
+                .await
+            {
                 Ok(()) => return Ok((true, warm)),
                 Err(e) => {
                     tracing::warn!(error = %e, "a warm sandbox was dead; starting a cold one");
@@ -540,10 +553,10 @@ impl SessionManager {
                     format!("could not start the sandbox: {e}"),
                 )
             })?;
-        if !env.is_empty()
+        if !(env.is_empty() && secrets.is_empty())
             && let Err(e) = sandbox
                 .kernel
-                .set_env(env, self.settings.ready_timeout)
+                .set_env(env, secrets, self.settings.ready_timeout)
                 .await
         {
             sandbox.kernel.destroy().await;
@@ -702,11 +715,32 @@ impl SessionManager {
             max_output: usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX),
         };
         let output_before = session.workspace.output_snapshot();
-        let outcome = match run.kernel.as_mut() {
-            Some(kernel) => kernel.execute(&exec, sink.as_ref(), &session.ended).await,
-            None => unreachable_kernel(),
+        // With secrets, the stream passes through a masker on its way out,
+        // run beside the step (no task of its own); it ends, flushing what
+        // it held back, once the step drops its sender.
+        let (sink, forward) = match sink {
+            Some(outer) if !session.masker.is_empty() => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let forward = forward_masked(session.masker.clone(), rx, outer);
+                (Some(tx), Some(forward))
+            }
+            other => (other, None),
         };
-        drop(sink);
+        let (kernel, ended) = (run.kernel.as_mut(), &session.ended);
+        let exec = &exec;
+        let step = async move {
+            let outcome = match kernel {
+                Some(kernel) => kernel.execute(exec, sink.as_ref(), ended).await,
+                None => unreachable_kernel(),
+            };
+            drop(sink);
+            outcome
+        };
+        let mut outcome = match forward {
+            Some(forward) => tokio::join!(step, forward).0,
+            None => step.await,
+        };
+        mask_result(&session.masker, &mut outcome);
         let mut state_lost = false;
         if outcome.kernel_dead {
             state_lost = true;
@@ -761,7 +795,10 @@ impl SessionManager {
         .await;
         match started {
             Ok(mut k) => {
-                if let Err(e) = k.set_env(&session.env, self.settings.ready_timeout).await {
+                if let Err(e) = k
+                    .set_env(&session.env, &session.secrets, self.settings.ready_timeout)
+                    .await
+                {
                     tracing::warn!(session = %session.id, error = %e, "restarted interpreter refused its environment");
                     k.destroy().await;
                     return None;
@@ -874,6 +911,69 @@ fn unreachable_kernel() -> crate::kernels::ExecOutcome {
         error: None,
         truncated: false,
         kernel_dead: true,
+    }
+}
+
+/// Secrets: names as every plane checks them, values bounded and without
+/// NUL, no name also in `env`. The message names, never shows, a value.
+fn validate_secrets(secrets: &SecretEnv, env: &BTreeMap<String, String>) -> Result<(), CodedError> {
+    let names: Vec<String> = secrets.keys().cloned().collect();
+    let bad = |m: String| CodedError::new(ErrorCode::InvalidArgument, format!("secrets: {m}"));
+    shared::secrets::check_names(&names).map_err(bad)?;
+    shared::secrets::check_no_env_clash(&names, Some(env)).map_err(bad)?;
+    for (name, value) in secrets {
+        let v = value.expose();
+        if v.is_empty() || v.len() > shared::secrets::MAX_SECRET_VALUE_BYTES || v.contains('\0') {
+            return Err(bad(format!(
+                "the value of {name} must be 1-{} bytes without NUL",
+                shared::secrets::MAX_SECRET_VALUE_BYTES
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Masks what a step returns: output, error and result.
+fn mask_result(masker: &Masker, r: &mut crate::kernels::ExecOutcome) {
+    if masker.is_empty() {
+        return;
+    }
+    masker.mask_in_place(&mut r.stdout);
+    masker.mask_in_place(&mut r.stderr);
+    if let Some(e) = r.error.as_mut() {
+        masker.mask_in_place(&mut e.kind);
+        masker.mask_in_place(&mut e.message);
+        masker.mask_in_place(&mut e.traceback);
+    }
+    if let Some(v) = r.result.as_mut() {
+        masker.mask_json(v);
+    }
+}
+
+/// Forwards streamed output to `sink`, masked: a value split between two
+/// chunks is held back until the next chunk (or the end) shows it whole.
+async fn forward_masked(
+    masker: Masker,
+    mut rx: mpsc::UnboundedReceiver<OutputEvent>,
+    sink: mpsc::UnboundedSender<OutputEvent>,
+) {
+    let (mut out, mut err) = (masker.stream(), masker.stream());
+    while let Some(ev) = rx.recv().await {
+        let ev = match ev {
+            OutputEvent::Stdout(d) => OutputEvent::Stdout(out.push(&d)),
+            OutputEvent::Stderr(d) => OutputEvent::Stderr(err.push(&d)),
+        };
+        if !matches!(&ev, OutputEvent::Stdout(d) | OutputEvent::Stderr(d) if d.is_empty()) {
+            let _ = sink.send(ev);
+        }
+    }
+    for ev in [
+        OutputEvent::Stdout(out.finish()),
+        OutputEvent::Stderr(err.finish()),
+    ] {
+        if !matches!(&ev, OutputEvent::Stdout(d) | OutputEvent::Stderr(d) if d.is_empty()) {
+            let _ = sink.send(ev);
+        }
     }
 }
 

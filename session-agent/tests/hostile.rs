@@ -580,6 +580,7 @@ async fn only_the_data_planes_credential_creates_sessions() {
     let t = token();
     let req = shared::agent::CreateSessionRequest {
         packages_dir: Some(pkg_dir),
+        secrets: None,
         ..common::create_request("pkgs", "python", &t)
     };
     agent.client.create_session(&req).await.unwrap();

@@ -697,3 +697,47 @@ fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+/// Pod mode (cleared environment, the pod's pre-started interpreter): a
+/// secret given at creation is in the interpreter's live environment only,
+/// not in the environment it was started with, and printed it is masked.
+#[tokio::test]
+async fn a_secret_in_a_warm_pod_is_only_in_the_live_environment_and_masked() {
+    let admin = token();
+    let agent = start_pod_agent_with(&admin, &["--warm-pool", "python=1"]).await;
+    for _ in 0..400 {
+        let h = agent.client.health().await.expect("health");
+        if h.warm_pool.get("python") == Some(&1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let value = format!("pod-canary-{}", token());
+    let tok = token();
+    let req = shared::agent::CreateSessionRequest {
+        secrets: Some(
+            [(
+                "API_TOKEN".to_owned(),
+                shared::secrets::SecretValue::new(value.clone()),
+            )]
+            .into(),
+        ),
+        ..create_request("pod-secret", "python", &tok)
+    };
+    let info = agent.client.create_session(&req).await.expect("create");
+    assert!(info.warm, "{info:?}");
+    let r = agent
+        .client
+        .step(
+            &step_request(
+                "pod-secret",
+                "import os\nprint(os.environ['API_TOKEN'])\nk = os.environ['API_TOKEN'].encode()\n[len(k), open('/proc/self/environ', 'rb').read().count(k)]",
+            ),
+            Some(&tok),
+        )
+        .await
+        .expect("step");
+    assert_eq!(r.stdout, "***\n", "{r:?}");
+    assert_eq!(r.result, Some(serde_json::json!([value.len(), 0])), "{r:?}");
+    agent.stop().await;
+}

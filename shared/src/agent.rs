@@ -112,6 +112,11 @@ pub struct CreateSessionRequest {
     /// the interpreter's import path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages_dir: Option<String>,
+    /// Secret values by name (resolved by the data plane): set only in the
+    /// interpreter's environment, never in a file, an argument or a log,
+    /// and masked in everything a step returns. `Debug` prints `***`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<crate::secrets::SecretEnv>,
 }
 
 /// A session as the agent reports it. Never carries the token.

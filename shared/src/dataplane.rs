@@ -57,6 +57,11 @@ pub struct CreateSession {
     /// allowlist and installed read-only before the session is handed out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packages: Option<Vec<String>>,
+    /// Names of secrets (`crate::secrets::check_names`) whose values the
+    /// data plane resolves for the credential's tenant and hands to the
+    /// interpreter's environment. Names only: values never cross this API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<String>>,
 }
 
 /// A session as the data plane reports it: never its agent token.
@@ -456,6 +461,9 @@ pub struct RunJob {
     /// absent): output files past it are left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_quota_bytes: Option<u64>,
+    /// Names of secrets, as in [`CreateSession::secrets`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<String>>,
 }
 
 /// `error.type` of a cancelled job's result (`status: killed`), as

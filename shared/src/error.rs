@@ -53,6 +53,9 @@ pub enum ErrorCode {
     DependencyNotAllowed,
     /// An allowed package cannot be installed (no matching wheel, no index).
     DependencyUnavailable,
+    /// A secret the request names has no value for the caller's tenant in
+    /// the data plane's secret source (the message names it).
+    SecretNotFound,
     /// The artifact does not exist (or is not visible to the caller).
     ArtifactNotFound,
     /// The job does not exist (or is not visible to the caller).
@@ -141,6 +144,7 @@ impl ErrorCode {
             | Self::ArtifactNotFound
             | Self::JobNotFound
             | Self::WorkflowNotFound
+            | Self::SecretNotFound
             | Self::PolicyNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::SessionExists
@@ -194,6 +198,7 @@ impl ErrorCode {
             Self::WorkspaceFull => "workspace_full",
             Self::DependencyNotAllowed => "dependency_not_allowed",
             Self::DependencyUnavailable => "dependency_unavailable",
+            Self::SecretNotFound => "secret_not_found",
             Self::ArtifactNotFound => "artifact_not_found",
             Self::JobNotFound => "job_not_found",
             Self::IntegrityError => "integrity_error",
@@ -303,6 +308,7 @@ mod tests {
         ErrorCode::WorkspaceFull,
         ErrorCode::DependencyNotAllowed,
         ErrorCode::DependencyUnavailable,
+        ErrorCode::SecretNotFound,
         ErrorCode::ArtifactNotFound,
         ErrorCode::JobNotFound,
         ErrorCode::IntegrityError,
@@ -369,6 +375,7 @@ mod tests {
             507 workspace_full
             403 dependency_not_allowed
             424 dependency_unavailable
+            404 secret_not_found
             404 artifact_not_found
             404 job_not_found
             500 integrity_error

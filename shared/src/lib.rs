@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod env;
 pub mod error;
 pub mod ids;
+pub mod secrets;
 pub mod telemetry;
 pub mod workflow;
 

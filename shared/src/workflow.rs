@@ -43,7 +43,8 @@ pub struct WorkflowRequest {
     /// Environment variables for the interpreter (not secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
-    /// Named secrets; refused until secret injection exists.
+    /// Named secrets (env var names), checked against policy and resolved by
+    /// the data plane for the workflow's session, as a session's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<Vec<String>>,
     /// Hosts to reach; refused until controlled egress exists.

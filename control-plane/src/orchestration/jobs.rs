@@ -149,6 +149,7 @@ impl JobService {
             validate_labels(labels)?;
         }
         validate_packages(req.packages.as_deref())?;
+        crate::secrets::validate(req.secrets.as_deref(), req.env.as_ref())?;
         let runtime = req
             .runtime
             .clone()
@@ -167,7 +168,7 @@ impl JobService {
                 },
             )
             .await?;
-        crate::policy::refuse_unbuilt(req.egress.as_deref(), req.secrets.as_deref())?;
+        crate::policy::refuse_unbuilt(req.egress.as_deref())?;
         let hash = fingerprint(&serde_json::to_value(&req).map_err(|e| {
             CodedError::new(
                 ErrorCode::Internal,
@@ -197,6 +198,7 @@ impl JobService {
         let event = AuditEvent::by(identity, "job.submit", format!("job/{id}")).details(json!({
             "runtime": runtime,
             "labels": labels,
+            "secrets": req.secrets.clone().unwrap_or_default(),
             "policyVersion": decision.policy_version,
             "idempotencyKey": key.is_some(),
         }));

@@ -162,6 +162,7 @@ async fn run(jobs: &Arc<JobService>, owner: &str, row: JobRow, shutdown: &Cancel
             Ok(t) => jobs.limits.artifact_quota(&t).await,
             Err(_) => None,
         },
+        secrets: spec.secrets.clone(),
     };
     // The call may take as long as the step, plus sandbox start and packages.
     let budget =

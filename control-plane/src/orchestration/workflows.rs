@@ -172,6 +172,13 @@ pub fn validate_plan(req: &WorkflowRequest) -> Result<(), CodedError> {
             ));
         }
     }
+    // Secret names, as a session's (crate::secrets): the env var names
+    // the code reads; values never come here.
+    if let Some(names) = req.secrets.as_deref() {
+        shared::secrets::check_names(names)
+            .and_then(|()| shared::secrets::check_no_env_clash(names, req.env.as_ref()))
+            .map_err(|m| invalid("secrets", m))?;
+    }
     let files = req.files.as_deref().unwrap_or_default();
     if files.len() > MAX_WORKFLOW_FILES {
         return Err(invalid(
@@ -331,7 +338,7 @@ impl WorkflowService {
                 },
             )
             .await?;
-        crate::policy::refuse_unbuilt(req.egress.as_deref(), req.secrets.as_deref())?;
+        crate::policy::refuse_unbuilt(req.egress.as_deref())?;
         let hash = fingerprint(&serde_json::to_value(&req).map_err(|e| {
             CodedError::new(
                 ErrorCode::Internal,
@@ -688,6 +695,16 @@ mod tests {
                 json!({"steps": [step("1"), step("1"), step("1"), step(&"x".repeat(MAX_STEP_CODE_BYTES + 1))]}),
                 ErrorCode::InvalidArgument,
                 "steps[3].code",
+            ),
+            (
+                json!({"steps": [step("1")], "secrets": ["db_password"]}),
+                ErrorCode::InvalidArgument,
+                "secrets",
+            ),
+            (
+                json!({"steps": [step("1")], "secrets": ["TOKEN"], "env": {"TOKEN": "x"}}),
+                ErrorCode::InvalidArgument,
+                "secrets",
             ),
             (
                 json!({"steps": [{"code": "1", "timeoutMs": 0}]}),

@@ -34,8 +34,15 @@ deny contains msg if {
 	msg := sprintf("network egress is denied by default (asked for %v)", [input.request.egress])
 }
 
-# Secrets are not handed to sandboxes until secret injection exists.
+# Secrets by name, per tenant: none by default. A platform that hands
+# secrets to sandboxes replaces this policy (POLICY_DEFAULT_PATH) with one
+# that lists, per tenant, the names it may ask for, e.g.
+#   allowed_secrets := {"acme": {"DB_PASSWORD"}}
+# The values live in the data plane's secret source, scoped by tenant.
+allowed_secrets := {}
+
 deny contains msg if {
-	count(object.get(input.request, "secrets", [])) > 0
-	msg := "secrets are not enabled for this tenant"
+	some name in object.get(input.request, "secrets", [])
+	not object.get(allowed_secrets, input.identity.tenant, set())[name]
+	msg := sprintf("secret %q is not allowed for this tenant", [name])
 }

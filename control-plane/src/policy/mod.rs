@@ -465,25 +465,15 @@ fn literal_args(after: &str) -> Option<Vec<i64>> {
 /// bounds). Depends on the source only, never on an input.
 /// What policy may allow but this build cannot do yet is refused with a
 /// clear code after policy has allowed it, never silently dropped: egress
-/// (until controlled egress exists the sandbox has no network) and secrets
-/// (until secret injection exists). Called by every path that starts code.
-pub fn refuse_unbuilt(
-    egress: Option<&[String]>,
-    secrets: Option<&[String]>,
-) -> Result<(), CodedError> {
+/// (until controlled egress exists the sandbox has no network). Secrets
+/// that policy allows are built (`crate::secrets`, the data plane's secret
+/// source). Called by every path that starts code.
+pub fn refuse_unbuilt(egress: Option<&[String]>) -> Result<(), CodedError> {
     if let Some(hosts) = egress.filter(|e| !e.is_empty()) {
         return Err(CodedError::new(
             ErrorCode::NotImplemented,
             format!(
                 "egress: policy allows {hosts:?}, but controlled egress is not available yet; sandboxes have no network"
-            ),
-        ));
-    }
-    if let Some(names) = secrets.filter(|s| !s.is_empty()) {
-        return Err(CodedError::new(
-            ErrorCode::NotImplemented,
-            format!(
-                "secrets: policy allows {names:?}, but secret injection is not available yet; nothing was started"
             ),
         ));
     }
@@ -1078,10 +1068,13 @@ deny contains "agents get at most 256 MiB" if {
         assert!(!d.allow);
         assert!(d.reasons[0].contains("egress is denied"), "{d:?}");
         let d = policy
-            .evaluate(&me, &ask("session.create", json!({"secrets": ["db"]})))
+            .evaluate(&me, &ask("session.create", json!({"secrets": ["DB"]})))
             .await
             .unwrap();
-        assert!(d.reasons[0].contains("secrets"), "{d:?}");
+        assert!(
+            d.reasons[0].contains(r#"secret "DB" is not allowed"#),
+            "{d:?}"
+        );
         let d = policy
             .evaluate(&me, &ask("cluster.destroy", json!({})))
             .await

@@ -157,13 +157,23 @@ pub async fn agent_proc(state: &std::path::Path, extra: &[&str]) -> Proc {
 /// A data plane in front of `agent_url`; `addr` pins its port (to restart
 /// it on the same address), else an ephemeral one.
 pub async fn dp_proc(agent_url: &str, state: &std::path::Path, addr: Option<&str>) -> Proc {
+    dp_proc_with(agent_url, state, addr, &[]).await
+}
+
+/// [`dp_proc`] with extra arguments (`--secrets-dir`, ...).
+pub async fn dp_proc_with(
+    agent_url: &str,
+    state: &std::path::Path,
+    addr: Option<&str>,
+    extra: &[&str],
+) -> Proc {
     let listener = tokio::net::TcpListener::bind(addr.unwrap_or("127.0.0.1:0"))
         .await
         .unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let root = state.join("artifacts").display().to_string();
     let registry = state.join("registry").display().to_string();
-    let config = data_plane::Config::parse_from([
+    let mut args = vec![
         "data-plane",
         "--jwt-secret",
         DP_SECRET,
@@ -179,7 +189,9 @@ pub async fn dp_proc(agent_url: &str, state: &std::path::Path, addr: Option<&str
         "file",
         "--registry-path",
         &registry,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let config = data_plane::Config::parse_from(args);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(data_plane::serve(listener, config, shutdown.clone()));
     wait_up(&url, "/healthz").await;

@@ -552,6 +552,7 @@ impl JobService {
                     limits: req.limits.clone(),
                     env: req.env.clone(),
                     packages: req.packages.clone(),
+                    secrets: req.secrets.clone(),
                 },
             )
             .await;
@@ -819,6 +820,7 @@ mod tests {
             env: None,
             packages: None,
             artifact_quota_bytes: None,
+            secrets: None,
         }
     }
 

@@ -17,10 +17,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::agent::{EffectiveLimits, Runtime, StepError, StepMode, StepStatus};
+use shared::secrets::SecretEnv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 use crate::isolation::{LaunchError, Launcher, Sandbox, SandboxSpec};
 
@@ -200,7 +202,10 @@ impl Kernel {
             obuf: vec![0u8; 64 * 1024].into_boxed_slice(),
             ebuf: vec![0u8; 64 * 1024].into_boxed_slice(),
         };
-        match kernel.set_env(&BTreeMap::new(), ready_timeout).await {
+        match kernel
+            .set_env(&BTreeMap::new(), &SecretEnv::new(), ready_timeout)
+            .await
+        {
             Ok(()) => Ok(kernel),
             Err(e) => {
                 kernel.destroy().await;
@@ -214,26 +219,43 @@ impl Kernel {
         &self.sandbox.id
     }
 
-    /// Sets environment variables in the interpreter. Also the readiness
-    /// probe: an empty map round-trips through the driver.
+    /// Sets environment variables (and secrets) in the interpreter: over
+    /// its stdin, so a value is never in a command line, a file or the
+    /// sandbox's initial environment (`/proc/<pid>/environ`). Also the
+    /// readiness probe: an empty map round-trips through the driver.
     pub async fn set_env(
         &mut self,
         env: &BTreeMap<String, String>,
+        secrets: &SecretEnv,
         timeout: Duration,
     ) -> Result<(), KernelError> {
         let nonce = new_nonce();
-        let payload = match self.runtime {
+        let all: BTreeMap<&str, &str> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(secrets.iter().map(|(k, v)| (k.as_str(), v.expose())))
+            .collect();
+        // The request holds secret values: wiped once written.
+        let payload = Zeroizing::new(match self.runtime {
             Runtime::Python | Runtime::Node => {
-                json_line(&json!({"op": "env", "nonce": nonce, "env": env}))
+                let mut line = serde_json::to_vec(&EnvRequest {
+                    op: "env",
+                    nonce: &nonce,
+                    env: &all,
+                })
+                .unwrap_or_default();
+                line.push(b'\n');
+                line
             }
             Runtime::Bash => {
-                let code: String = env
-                    .iter()
-                    .map(|(k, v)| format!("export {k}='{}'\n", v.replace('\'', "'\\''")))
-                    .collect();
+                let code = Zeroizing::new(
+                    all.iter()
+                        .map(|(k, v)| format!("export {k}='{}'\n", v.replace('\'', "'\\''")))
+                        .collect::<String>(),
+                );
                 bash_request(&nonce, &code)
             }
-        };
+        });
         let raw = self
             .run_request(&payload, &nonce, timeout, 64 * 1024, None, None)
             .await;
@@ -522,6 +544,14 @@ impl Kernel {
         drop((stdin, stdout, stderr));
         sandbox.destroy().await;
     }
+}
+
+/// The driver's `env` request.
+#[derive(serde::Serialize)]
+struct EnvRequest<'a> {
+    op: &'static str,
+    nonce: &'a str,
+    env: &'a BTreeMap<&'a str, &'a str>,
 }
 
 fn json_line(v: &Value) -> Vec<u8> {

@@ -249,6 +249,7 @@ pub fn create_request(id: &str, runtime: &str, token: &str) -> CreateSessionRequ
         ttl_seconds: None,
         idle_timeout_seconds: None,
         packages_dir: None,
+        secrets: None,
     }
 }
 

@@ -325,6 +325,7 @@ mod tests {
             ttl_seconds: None,
             idle_timeout_seconds: None,
             packages_dir: None,
+            secrets: None,
         };
         let e = client.create_session(&req).await.unwrap_err();
         assert_eq!(e.code(), Some(crate::ErrorCode::Unauthorized));

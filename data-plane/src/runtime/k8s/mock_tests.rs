@@ -318,6 +318,7 @@ fn settings(warm: &[(&str, usize)], ready: Duration) -> K8sSettings {
         environment: "production".into(),
         ready_timeout: ready,
         warm_pool: warm.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect(),
+        secrets_name: None,
     }
 }
 
@@ -361,6 +362,7 @@ fn request(session: &str) -> CreateSessionRequest {
         ttl_seconds: None,
         idle_timeout_seconds: None,
         packages_dir: None,
+        secrets: None,
     }
 }
 
@@ -589,9 +591,24 @@ async fn tenant_input_never_reaches_the_pod_object() {
         memory_mb: Some(256),
         ..Default::default()
     });
+    // A secret value: to the agent's create call only, never the pod.
+    req.secrets = Some(
+        [(
+            "API_TOKEN".to_owned(),
+            shared::secrets::SecretValue::new("XSECRETX-value".into()),
+        )]
+        .into(),
+    );
     b.provision(&req, "acme").await.unwrap();
     let pod = calls(&s, "POST", PODS)[0].body.clone();
     let text = pod.to_string();
+    assert!(
+        !text.contains("XSECRETX") && !text.contains("API_TOKEN"),
+        "{text}"
+    );
+    for call in requests(&s) {
+        assert!(!call.body.to_string().contains("XSECRETX"), "{}", call.path);
+    }
     for k in crafted
         .iter()
         .filter(|k| !k.starts_with("agentsandbox.dev/"))
@@ -618,6 +635,10 @@ async fn tenant_input_never_reaches_the_pod_object() {
     assert_eq!(
         log.creates.last().unwrap().1.env.as_ref().unwrap().len(),
         crafted.len()
+    );
+    assert_eq!(
+        log.creates.last().unwrap().1.secrets.as_ref().unwrap()["API_TOKEN"].expose(),
+        "XSECRETX-value"
     );
 }
 

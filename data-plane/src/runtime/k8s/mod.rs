@@ -35,7 +35,7 @@ use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -75,6 +75,9 @@ pub struct K8sSettings {
     pub ready_timeout: Duration,
     /// Warm pods per runtime.
     pub warm_pool: BTreeMap<String, usize>,
+    /// The Secret in `namespace` holding secret values as `<tenant>.<NAME>`
+    /// keys (`RUNTIME_SECRETS_NAME`; `crate::secrets`).
+    pub secrets_name: Option<String>,
 }
 
 /// A warm pod, ready to be claimed.
@@ -346,6 +349,47 @@ impl K8sBackend {
 
     fn settings(&self) -> &K8sSettings {
         &self.inner.settings
+    }
+
+    /// The value of secret `name` for `tenant`: the key `<tenant>.<NAME>` of
+    /// the `RUNTIME_SECRETS_NAME` Secret, read through the API at each call
+    /// (a rotated value is used by the next session). `None` when there is
+    /// no such key (or no Secret). Both parts are validated, and neither
+    /// holds a `.`, so one tenant's key is never another's.
+    pub async fn read_secret(
+        &self,
+        tenant: &shared::ids::TenantId,
+        name: &str,
+    ) -> Result<Option<shared::secrets::SecretValue>, shared::CodedError> {
+        let Some(secret) = self.settings().secrets_name.as_deref() else {
+            return Ok(None);
+        };
+        let api: Api<Secret> =
+            Api::namespaced(self.inner.client.clone(), &self.settings().namespace);
+        let found = with_retry(|| api.get_opt(secret)).await.map_err(|e| {
+            // The error names the Secret, never a value (a GET error has none).
+            tracing::warn!(error = %e, secret, "Kubernetes API: reading the secrets Secret failed");
+            shared::CodedError::new(
+                ErrorCode::SandboxUnavailable,
+                "the Kubernetes API could not be read for the session's secrets; nothing was started",
+            )
+        })?;
+        let Some(mut found) = found else {
+            tracing::warn!(secret, "RUNTIME_SECRETS_NAME: the Secret does not exist");
+            return Ok(None);
+        };
+        let key = format!("{tenant}.{name}");
+        let value = found.data.as_mut().and_then(|d| d.remove(&key));
+        // The rest of the Secret (other names, other tenants) is wiped, not
+        // just dropped.
+        if let Some(data) = found.data.as_mut() {
+            for v in data.values_mut() {
+                zeroize::Zeroize::zeroize(&mut v.0);
+            }
+        }
+        value
+            .map(|v| crate::secrets::value_of(name, v.0))
+            .transpose()
     }
 
     async fn apply_network_policy(&self) -> Result<(), String> {
@@ -1099,6 +1143,34 @@ const RBAC: &[(&str, &str, &[&str])] = &[
     ("networking.k8s.io", "networkpolicies", &["get", "patch"]),
 ];
 
+/// Whether the service account may `verb` `resource` (named `name`, when
+/// given) in the runtime namespace: one SelfSubjectAccessReview.
+async fn allowed(
+    reviews: &Api<SelfSubjectAccessReview>,
+    namespace: &str,
+    (group, resource, verb, name): (&str, &str, &str, Option<&str>),
+) -> Result<bool, String> {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(group.into()),
+                namespace: Some(namespace.into()),
+                resource: Some(resource.into()),
+                verb: Some(verb.into()),
+                name: name.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let post = PostParams::default();
+    let answer = with_retry(|| reviews.create(&post, &review))
+        .await
+        .map_err(|e| format!("checking RBAC ({verb} {resource}): {e}"))?;
+    Ok(answer.status.is_some_and(|st| st.allowed))
+}
+
 /// The start-up checks: the namespace and RuntimeClass exist, and the
 /// service account may do everything the backend does.
 async fn check_cluster(client: &kube::Client, s: &K8sSettings) -> Result<(), String> {
@@ -1127,30 +1199,22 @@ async fn check_cluster(client: &kube::Client, s: &K8sSettings) -> Result<(), Str
     let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     for (group, resource, verbs) in RBAC {
         for verb in *verbs {
-            let review = SelfSubjectAccessReview {
-                spec: SelfSubjectAccessReviewSpec {
-                    resource_attributes: Some(ResourceAttributes {
-                        group: Some((*group).into()),
-                        namespace: Some(s.namespace.clone()),
-                        resource: Some((*resource).into()),
-                        verb: Some((*verb).into()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let post = PostParams::default();
-            let answer = with_retry(|| reviews.create(&post, &review))
-                .await
-                .map_err(|e| format!("checking RBAC ({verb} {resource}): {e}"))?;
-            if !answer.status.is_some_and(|st| st.allowed) {
+            if !allowed(&reviews, &s.namespace, (group, resource, verb, None)).await? {
                 return Err(format!(
                     "RBAC: the data plane's service account may not {verb} {resource} in namespace {:?} (see deploy/helm: the data plane's Role)",
                     s.namespace
                 ));
             }
         }
+    }
+    // Secrets: `get` on the one Secret (RUNTIME_SECRETS_NAME), no other.
+    if let Some(name) = s.secrets_name.as_deref()
+        && !allowed(&reviews, &s.namespace, ("", "secrets", "get", Some(name))).await?
+    {
+        return Err(format!(
+            "RBAC: the data plane's service account may not get secret {name:?} (RUNTIME_SECRETS_NAME) in namespace {:?} (see deploy/helm: the data plane's Role)",
+            s.namespace
+        ));
     }
     Ok(())
 }
