@@ -27,6 +27,9 @@ struct Received {
     attributes: HashMap<String, String>,
     /// Trace ids of the span's links.
     links: Vec<String>,
+    /// The whole span as received (attributes, events and their
+    /// attributes, status message), for searches a field list would miss.
+    dump: String,
 }
 
 fn text(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -69,6 +72,7 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
                                     .map(|a| (a.key.clone(), text(a.value.as_ref())))
                                     .collect(),
                                 links: s.links.iter().map(|l| hex::encode(&l.trace_id)).collect(),
+                                dump: format!("{s:?}"),
                             });
                         }
                     }
@@ -173,6 +177,12 @@ struct Planes {
 
 impl Planes {
     async fn start(tenant: &str) -> Planes {
+        Planes::start_with(tenant, None).await
+    }
+
+    /// With `secret` (name, value) in the data plane's `SECRETS_DIR` for
+    /// `tenant`, and a platform policy allowing that name to it.
+    async fn start_with(tenant: &str, secret: Option<(&str, &str)>) -> Planes {
         let dir = tempfile::Builder::new()
             .prefix("cp-otel-")
             .tempdir_in("/tmp")
@@ -208,6 +218,21 @@ impl Planes {
             Plane(Some(cmd.spawn().unwrap()))
         };
         let state = |name: &str| cwd.join(name).display().to_string();
+        if let Some((name, value)) = secret {
+            let d = cwd.join("secrets").join(tenant);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(name), value).unwrap();
+            std::fs::write(
+                cwd.join("platform.rego"),
+                format!(
+                    "package sandbox.platform\n\nallowed_secrets := {{\"{tenant}\": {{\"{name}\"}}}}\n\n\
+                     deny contains msg if {{\n\tsome n in object.get(input.request, \"secrets\", [])\n\
+                     \tnot object.get(allowed_secrets, input.identity.tenant, set())[n]\n\
+                     \tmsg := sprintf(\"secret %q is not allowed\", [n])\n}}\n"
+                ),
+            )
+            .unwrap();
+        }
         let agent = spawn(
             &sibling_binary("session-agent"),
             &[
@@ -228,7 +253,10 @@ impl Planes {
                 ("SESSION_RUNTIME_BACKEND", "local".into()),
                 ("DATA_PLANE_ADDR", format!("127.0.0.1:{dp_port}")),
                 ("ARTIFACT_ROOT", state("artifacts")),
-            ],
+            ]
+            .into_iter()
+            .chain(secret.map(|_| ("SECRETS_DIR", state("secrets"))))
+            .collect::<Vec<_>>(),
             Some(&dp_log),
         );
         wait_http(&format!("http://127.0.0.1:{dp_port}/healthz")).await;
@@ -238,7 +266,10 @@ impl Planes {
                 ("DATA_PLANE_URL", format!("http://127.0.0.1:{dp_port}")),
                 ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
                 ("MCP_ADDR", format!("127.0.0.1:{mcp_port}")),
-            ],
+            ]
+            .into_iter()
+            .chain(secret.map(|_| ("POLICY_DEFAULT_PATH", state("platform.rego"))))
+            .collect::<Vec<_>>(),
             None,
         );
         let base = format!("http://127.0.0.1:{cp_port}");
@@ -490,6 +521,131 @@ async fn a_jobs_spans_from_all_three_processes_share_one_trace() {
 /// and the teardown arrive from all three processes under the POST's trace
 /// id, the worker's spans carrying the workflow's, tenant's and session's
 /// ids and the step's index, never the plan's code or output.
+/// The secrets canary's "traces" place (issue 19 §4; the other places are
+/// searched by `tests/secrets.rs`): a job, a streamed session step and a
+/// workflow that print or raise a secret's value export spans from all
+/// three processes, and no span (attributes, events, status) holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn a_secrets_value_reaches_no_span() {
+    let value = format!("canary-{}", hex::encode(rand::random::<[u8; 12]>()));
+    let planes = Planes::start_with("otel-secret-tenant", Some(("API_TOKEN", &value))).await;
+    let (base, token) = (planes.base.clone(), planes.token.clone());
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let get = |path: String| http.get(format!("{base}{path}")).bearer_auth(&token).send();
+    // Jobs: one prints it, one raises it.
+    for code in [
+        "import os\nprint(os.environ['API_TOKEN'])",
+        "import os\nraise RuntimeError(os.environ['API_TOKEN'])",
+    ] {
+        let r = post(
+            "/v1/jobs",
+            serde_json::json!({"code": code, "secrets": ["API_TOKEN"]}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let id = r.json::<serde_json::Value>().await.unwrap()["jobId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let j: serde_json::Value = get(format!("/v1/jobs/{id}?waitMs=5000"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if matches!(j["status"].as_str(), Some("succeeded" | "failed")) {
+                assert!(!j.to_string().contains(&value), "{j}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "job still {j}");
+        }
+    }
+    // A session whose step streams it (SSE through both hops).
+    let r = post(
+        "/v1/sessions",
+        serde_json::json!({"secrets": ["API_TOKEN"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let sid = r.json::<serde_json::Value>().await.unwrap()["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let streamed = http
+        .post(format!("{base}/v1/sessions/{sid}/steps"))
+        .bearer_auth(&token)
+        .header("accept", "text/event-stream")
+        .json(&serde_json::json!({"code": "import os\nprint(os.environ['API_TOKEN'])"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(streamed.contains("***"), "{streamed}");
+    assert!(!streamed.contains(&value), "{streamed}");
+    // A workflow whose second step prints it.
+    let r = post(
+        "/v1/workflows",
+        serde_json::json!({"secrets": ["API_TOKEN"], "steps": [
+            {"code": "import os\nt = os.environ['API_TOKEN']"}, {"code": "print(t)"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let wid = r.json::<serde_json::Value>().await.unwrap()["workflowId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let w: serde_json::Value = get(format!("/v1/workflows/{wid}?waitMs=5000"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !matches!(w["status"].as_str(), Some("queued" | "running")) {
+            assert_eq!(w["status"], "succeeded", "{w}");
+            assert_eq!(w["steps"][1]["output"]["stdout"], "***\n", "{w}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "workflow still {w}");
+    }
+
+    let (spans, dp_log) = planes.stop().await;
+    let services: std::collections::BTreeSet<&str> =
+        spans.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services,
+        ["control-plane", "data-plane", "session-agent"].into(),
+        "spans from all three processes were searched"
+    );
+    for s in &spans {
+        assert!(
+            !s.dump.contains(&value),
+            "the secret's value is in a {} span {:?}",
+            s.service,
+            s.name
+        );
+    }
+    assert!(
+        !dp_log.contains(&value),
+        "the value is in the data plane's log"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs: runsc and root (make deps; make test-integration)"]
 async fn a_workflows_spans_from_all_three_processes_share_the_posts_trace() {
