@@ -51,6 +51,9 @@ pub struct Metrics {
     pub jobs_running: Gauge,
     pub warm_pool_idle: Family<RuntimeLabel, Gauge>,
     pub artifact_bytes: Family<DirectionLabel, Counter>,
+    /// Uploads and job output files refused by a tenant's stored-bytes quota
+    /// (not by tenant: unbounded label cardinality; the control plane audits who).
+    pub artifact_quota_refusals: Counter,
     /// Allowlist decisions by runtime and `status` = allow | deny.
     pub dependency_decisions: Family<StepLabels, Counter>,
 }
@@ -65,6 +68,7 @@ impl Metrics {
         let jobs_running = Gauge::default();
         let warm_pool_idle = Family::<RuntimeLabel, Gauge>::default();
         let artifact_bytes = Family::<DirectionLabel, Counter>::default();
+        let artifact_quota_refusals = Counter::default();
         let dependency_decisions = Family::<StepLabels, Counter>::default();
         http.register(&mut registry);
         registry.register(
@@ -94,6 +98,11 @@ impl Metrics {
             artifact_bytes.clone(),
         );
         registry.register(
+            "artifact_quota_refusals",
+            "Artifacts refused by the tenant's stored-bytes quota (uploads and job output files)",
+            artifact_quota_refusals.clone(),
+        );
+        registry.register(
             "dependency_decisions",
             "Dependency allowlist decisions (status = allow | deny)",
             dependency_decisions.clone(),
@@ -107,6 +116,7 @@ impl Metrics {
             jobs_running,
             warm_pool_idle,
             artifact_bytes,
+            artifact_quota_refusals,
             dependency_decisions,
         })
     }

@@ -66,7 +66,15 @@ pub async fn upload(
             body.into_data_stream(),
         )
         .await
-        .map_err(artifact_error)?;
+        .map_err(|e| {
+            if matches!(
+                e,
+                crate::workspace::artifacts::ArtifactError::QuotaExceeded { .. }
+            ) {
+                app.sessions.metrics().artifact_quota_refusals.inc();
+            }
+            artifact_error(e)
+        })?;
     tracing::info!(target: "audit", tenant = %caller.tenant, artifact = %info.artifact_id, size = info.size, "artifact stored");
     app.sessions
         .metrics()

@@ -735,9 +735,12 @@ impl JobService {
                             }
                             Err(ArtifactError::TooLarge(max)) => left_out
                                 .push(format!("{name}: larger than {max} bytes, not stored")),
-                            Err(ArtifactError::QuotaExceeded { max, .. }) => left_out.push(
-                                format!("{name}: the tenant's artifact quota ({max} bytes) is used up, not stored"),
-                            ),
+                            Err(ArtifactError::QuotaExceeded { max, .. }) => {
+                                self.sessions.metrics().artifact_quota_refusals.inc();
+                                left_out.push(format!(
+                                    "{name}: the tenant's artifact quota ({max} bytes) is used up, not stored"
+                                ));
+                            }
                             Err(e) => return Err(artifact_error(e)),
                         }
                     }
@@ -1032,5 +1035,6 @@ mod tests {
             text.contains("b.txt: the tenant's artifact quota (1000 bytes) is used up"),
             "{text}"
         );
+        assert_eq!(jobs.sessions.metrics().artifact_quota_refusals.get(), 1);
     }
 }
