@@ -90,6 +90,10 @@ pub struct Config {
     /// it runs; leases, attempts and polling are the jobs' settings).
     #[arg(long, env = "WORKFLOW_WORKERS", default_value_t = 2)]
     pub workflow_workers: usize,
+    /// Workflows of one tenant running at once (all replicas); its others
+    /// wait while other tenants' workflows are claimed.
+    #[arg(long, env = "WORKFLOW_TENANT_MAX_RUNNING", default_value_t = 1)]
+    pub workflow_tenant_max_running: i64,
     /// How long a worker owns a job before another replica may take it over;
     /// renewed while the job runs.
     #[arg(long, env = "JOB_LEASE", default_value = "30s", value_parser = parse_duration)]
@@ -320,6 +324,10 @@ impl Config {
         for (name, v) in [
             ("JOB_TENANT_MAX_QUEUED", self.job_tenant_max_queued),
             ("JOB_TENANT_MAX_RUNNING", self.job_tenant_max_running),
+            (
+                "WORKFLOW_TENANT_MAX_RUNNING",
+                self.workflow_tenant_max_running,
+            ),
             ("TENANT_MAX_WAITERS", self.tenant_max_waiters as i64),
             ("POLICY_MAX_CONCURRENT", self.policy_max_concurrent as i64),
             (

@@ -152,6 +152,7 @@ impl App {
                 lease: config.job_lease,
                 poll_interval: config.job_poll_interval,
                 workers: config.workflow_workers,
+                tenant_max_running: config.workflow_tenant_max_running,
             },
         );
         let waiters = waiters::Waiters::new(config.tenant_max_waiters);

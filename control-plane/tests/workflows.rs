@@ -848,7 +848,10 @@ async fn a_killed_control_plane_never_runs_a_step_twice() {
                     .starts_with(&format!("session/{sid}/"))
             })
             .count();
-        assert_eq!(runs, 2, "{audit}");
+        // Step 1 is recorded `running` before its `step.run` is written
+        // ahead and sent: a kill between the two leaves one event. Never a
+        // third (the interrupted step is not sent again).
+        assert!((1..=2).contains(&runs), "{runs} step.run events: {audit}");
         let (_, finishes) = call_at(
             &cp2.url,
             "GET",
@@ -920,4 +923,54 @@ impl Drop for CpProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A hostile tenant's long workflows cannot hold every worker: one tenant
+/// runs at most WORKFLOW_TENANT_MAX_RUNNING (default 1) at once, so with
+/// two workers another tenant's workflow runs while the first tenant's
+/// second one waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs: runsc and root (make deps; make test-integration)"]
+async fn one_tenants_workflows_cannot_take_every_worker() {
+    let s = stack(DatabaseDriver::Sqlite, &["--workflow-workers", "2"]).await;
+    let a = token("acme", &["agent"]);
+    let slow = json!({"steps": [{"code": "import time\ntime.sleep(30)"}]});
+    let mut slow_ids = Vec::new();
+    for _ in 0..2 {
+        let (status, w) = s
+            .call("POST", "/v1/workflows", Some(&a), Some(slow.clone()))
+            .await;
+        assert_eq!(status, 202, "{w}");
+        slow_ids.push(w["workflowId"].as_str().unwrap().to_owned());
+    }
+    wait_step_running(&s.cp.url, &a, &slow_ids[0], 0).await;
+    let b = token("globex", &["agent"]);
+    let (status, w) = s
+        .call("POST", "/v1/workflows", Some(&b), Some(smallest()))
+        .await;
+    assert_eq!(status, 202, "{w}");
+    let id = w["workflowId"].as_str().unwrap().to_owned();
+    let done = wait_workflow(&s.cp.url, &b, &id, 25).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // The first tenant's second workflow is still waiting for its turn.
+    let (_, second) = s
+        .call(
+            "GET",
+            &format!("/v1/workflows/{}", slow_ids[1]),
+            Some(&a),
+            None,
+        )
+        .await;
+    assert_eq!(second["status"], "queued", "{second}");
+    for id in &slow_ids {
+        s.call(
+            "POST",
+            &format!("/v1/workflows/{id}/cancel"),
+            Some(&a),
+            None,
+        )
+        .await;
+        wait_workflow(&s.cp.url, &a, id, 60).await;
+    }
+    s.stop().await;
 }

@@ -118,7 +118,15 @@ async fn claim(wf: &WorkflowService, owner: &str) -> Result<Option<WorkflowRow>,
     let now = now_ms();
     let lease_until = now + wf.settings.lease.as_millis() as i64;
     let mut tx = wf.db.begin_write().await?;
-    let Some(row) = storage::workflows::claim(&mut tx, owner, lease_until, now).await? else {
+    let Some(row) = storage::workflows::claim(
+        &mut tx,
+        owner,
+        lease_until,
+        now,
+        wf.settings.tenant_max_running,
+    )
+    .await?
+    else {
         tx.rollback().await?;
         return Ok(None);
     };

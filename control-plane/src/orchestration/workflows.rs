@@ -43,6 +43,8 @@ pub struct WorkflowSettings {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub workers: usize,
+    /// Workflows one tenant may have running (WORKFLOW_TENANT_MAX_RUNNING).
+    pub tenant_max_running: i64,
 }
 
 /// Filters of `GET /v1/workflows`.

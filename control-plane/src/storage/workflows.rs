@@ -301,15 +301,26 @@ pub async fn claim(
     owner: &str,
     lease_until: i64,
     now: i64,
+    tenant_max_running: i64,
 ) -> Result<Option<WorkflowRow>, StorageError> {
+    // Fair across tenants, as the jobs' claim: a tenant at its cap of
+    // running workflows is skipped, the one with the fewest goes first.
+    macro_rules! running_of_tenant {
+        () => {
+            "(SELECT COUNT(*) FROM workflows r WHERE r.tenant = w.tenant AND r.status = 'running' AND r.lease_expires_ms >= $3)"
+        };
+    }
     macro_rules! claim_sql {
         ($lock:literal) => {
             concat!(
                 "UPDATE workflows SET status = 'running', lease_owner = $1, lease_expires_ms = $2, ",
                 "attempts = attempts + 1, started_ms = COALESCE(started_ms, $3), updated_ms = $3 ",
-                "WHERE id = (SELECT w.id FROM workflows w WHERE (w.status = 'queued' AND w.next_run_ms <= $3) ",
-                "OR (w.status = 'running' AND w.lease_expires_ms < $3) ",
-                "ORDER BY w.next_run_ms, w.created_ms LIMIT 1",
+                "WHERE id = (SELECT w.id FROM workflows w WHERE ((w.status = 'queued' AND w.next_run_ms <= $3) ",
+                "OR (w.status = 'running' AND w.lease_expires_ms < $3)) AND ",
+                running_of_tenant!(),
+                " < $4 ORDER BY ",
+                running_of_tenant!(),
+                ", w.next_run_ms, w.created_ms LIMIT 1",
                 $lock,
                 ") RETURNING *"
             )
@@ -321,7 +332,7 @@ pub async fn claim(
     };
     let row = on_tx!(tx, c => {
         let row = sqlx::query(sql)
-            .bind(owner).bind(lease_until).bind(now)
+            .bind(owner).bind(lease_until).bind(now).bind(tenant_max_running)
             .fetch_optional(&mut **c).await?;
         row.as_ref().map(|r| workflow_from(r, Vec::new())).transpose()
     })?;
